@@ -1,0 +1,50 @@
+"""Shared pytest fixtures.
+
+``synthetic_root``: a small embedded data set (generated once per session, into a temporary
+directory) registered under the standard names (``synthetic_voc_trainval`` ...). Tests that read
+the registered datasets should request ``synthetic_datasets``, which re-registers that root in case
+another test pointed the names elsewhere.
+"""
+
+import pytest
+
+from moco.synthetic import SyntheticSpec, ensure_generated
+
+# Small enough to generate in about a second, large enough that every class occurs in both
+# detection splits (the top object of image i has class i % 10) and the VOC loader can read them.
+SMALL_SPEC = SyntheticSpec(
+    seed=0,
+    cls_image_size=64,
+    cls_train_per_class=3,
+    cls_val_per_class=3,
+    det_image_size=128,
+    det_trainval_images=12,
+    det_test_images=12,
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_spec() -> SyntheticSpec:
+    """The spec ``synthetic_root`` was generated from."""
+    return SMALL_SPEC
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    """Path (str) of a generated small synthetic root; also registered in Detectron2 when available."""
+    root = str(tmp_path_factory.mktemp("data") / "moco_det_synthetic")
+    ensure_generated(root, SMALL_SPEC)
+    try:
+        from detection.datasets import register_synthetic
+    except ImportError:  # pure-MoCo tests need no Detectron2
+        return root
+    register_synthetic(root)
+    return root
+
+
+@pytest.fixture
+def synthetic_datasets(synthetic_root) -> dict:
+    """Registers ``synthetic_root`` under the standard names; returns {name: annotation file}."""
+    from detection.datasets import register_synthetic
+
+    return register_synthetic(synthetic_root)
