@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -207,18 +208,21 @@ def _object_masks(parts, h: int, w: int) -> Tuple[np.ndarray, bool]:
     return inside.copy(), bool(inside.sum() < full.sum())
 
 
-def _coords(h: int, w: int, cx: float, cy: float, angle: float):
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+def _coords(window, cx: float, cy: float, angle: float):
+    x0, y0, x1, y1 = window
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     xx -= cx
     yy -= cy
     c, s = math.cos(angle), math.sin(angle)
     return xx * c + yy * s, -xx * s + yy * c
 
 
-def _texture(family: str, rng: np.random.Generator, h, w, cx, cy, angle, size) -> np.ndarray:
-    """A {0,1} pattern of the given family in the object's frame; period scales with its size."""
+def _texture(family: str, rng: np.random.Generator, window, cx, cy, angle, size) -> np.ndarray:
+    """A {0,1} pattern of the family over ``window`` (x0, y0, x1, y1 exclusive) in the object's
+    frame; the period scales with the object's size."""
     p = max(3.0, size * rng.uniform(0.14, 0.26))
-    u, v = _coords(h, w, cx, cy, angle + rng.uniform(-0.3, 0.3))
+    u, v = _coords(window, cx, cy, angle + rng.uniform(-0.3, 0.3))
+    h, w = u.shape
     u = u + rng.uniform(0, p)
     v = v + rng.uniform(0, p)
     if family == "stripes":
@@ -264,10 +268,18 @@ def _colour_pair(rng: np.random.Generator, avoid: Optional[np.ndarray] = None):
     return a.astype(np.float32), b.astype(np.float32)
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, pattern: np.ndarray, colours, alpha: float = 1.0):
-    a, b = colours
-    fill = pattern[..., None] * a + (1.0 - pattern[..., None]) * b
-    img[mask] = alpha * fill[mask] + (1.0 - alpha) * img[mask]
+def _window(mask: np.ndarray):
+    """Bounding window (x0, y0, x1, y1 exclusive) of a non-empty mask: texture only what is painted."""
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask, dtype=np.uint8))
+    return x, y, x + max(w, 1), y + max(h, 1)
+
+
+def _paint(img, mask, window, pattern, colours, alpha: float = 1.0):
+    """Blend a two-colour pattern (covering ``window``) into ``img`` where ``mask`` is set."""
+    x0, y0, x1, y1 = window
+    sub, m = img[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    t = pattern[m][:, None]
+    sub[m] = alpha * (t * colours[0] + (1.0 - t) * colours[1]) + (1.0 - alpha) * sub[m]
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -289,8 +301,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         pts = np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], 1)
         mask = _rasterize([(pts, False)], h, w)
         fam = TEXTURE_FAMILIES[int(rng.integers(len(TEXTURE_FAMILIES)))]
-        pattern = _texture(fam, rng, h, w, cx, cy, rng.uniform(0, np.pi), 2 * r)
-        _paint(img, mask, pattern, _colour_pair(rng), alpha=rng.uniform(0.25, 0.55))
+        win = _window(mask)
+        pattern = _texture(fam, rng, win, cx, cy, rng.uniform(0, np.pi), 2 * r)
+        _paint(img, mask, win, pattern, _colour_pair(rng), alpha=rng.uniform(0.25, 0.55))
     for _ in range(int(rng.integers(2, 7))):
         p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
@@ -320,10 +333,10 @@ def _sample_object(rng, cls: int, h: int, w: int, size: float, cx: float, cy: fl
 
 
 def _draw_object(rng, img: np.ndarray, obj: dict, mask: np.ndarray):
-    h, w = img.shape[:2]
     fam = TEXTURE_OF_CLASS[CLASS_NAMES[obj["cls"]]]
-    pattern = _texture(fam, rng, h, w, obj["cx"], obj["cy"], obj["angle"], obj["size"])
-    _paint(img, mask, pattern, _colour_pair(rng, avoid=img[mask].mean(0) if mask.any() else None))
+    win = _window(mask)
+    pattern = _texture(fam, rng, win, obj["cx"], obj["cy"], obj["angle"], obj["size"])
+    _paint(img, mask, win, pattern, _colour_pair(rng, avoid=img[mask].mean(0) if mask.any() else None))
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
@@ -555,11 +568,16 @@ def _coco_json(spec: SyntheticSpec, split: str, records) -> dict:
     }
 
 
-def _run(fn, jobs, workers: int):
-    if workers <= 1 or len(jobs) < 64:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, jobs, chunksize=16))
+@contextmanager
+def _mapper(workers: int, num_jobs: int):
+    """A map function: serial for small sets, else over a process pool (results keep job order)."""
+    if workers <= 1 or num_jobs < 64:
+        yield lambda fn, jobs: [fn(j) for j in jobs]
+        return
+    # spawn, not fork: forking a process whose OpenCV/BLAS thread pools are running can deadlock
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield lambda fn, jobs: list(pool.map(fn, jobs, chunksize=16))
 
 
 def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1) -> dict:
@@ -585,8 +603,9 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
                 for c in range(len(CLASS_NAMES)) for i in range(per_class[split])]  # fmt: skip
     sizes = {"trainval": spec.det_trainval_images, "test": spec.det_test_images}
     det_jobs = [(root, spec, split, i) for split in VOC_SPLITS for i in range(sizes[split])]
-    _run(_write_classification, cls_jobs, workers)
-    records = _run(_write_detection, det_jobs, workers)
+    with _mapper(workers, len(cls_jobs) + len(det_jobs)) as run:
+        run(_write_classification, cls_jobs)
+        records = run(_write_detection, det_jobs)
 
     counts = {f"imagefolder_{s}_images": per_class[s] * len(CLASS_NAMES) for s in CLS_SPLITS}
     offset = 0
