@@ -41,7 +41,7 @@ def _ground_truth_as_predictions(dicts, with_masks=False):
         inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         if with_masks:
             masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in anns]
-            inst.pred_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+            inst.pred_masks = torch.from_numpy(np.stack(masks).astype(bool))
         inputs.append({"image_id": d["image_id"], "height": h, "width": w, "file_name": d["file_name"]})
         outputs.append({"instances": inst})
     return inputs, outputs
@@ -103,7 +103,7 @@ def test_repoint_to_another_root_and_refuse_foreign_names(synthetic_root, tmp_pa
         DatasetCatalog.remove("synthetic_voc_test")
         MetadataCatalog.remove("synthetic_voc_test")
         DatasetCatalog.register("synthetic_voc_test", lambda: [])  # someone else's dataset
-        with pytest.raises(ValueError, match="synthetic_voc_test is already registered, not by register_synthetic"):
+        with pytest.raises(ValueError, match="synthetic_voc_test is already registered, not by register_"):
             register_synthetic(synthetic_root)
         DatasetCatalog.remove("synthetic_voc_test")
     finally:
@@ -112,7 +112,8 @@ def test_repoint_to_another_root_and_refuse_foreign_names(synthetic_root, tmp_pa
 
 
 def test_voc_and_coco_loaders_agree(synthetic_datasets, synthetic_spec):
-    for split, n in (("trainval", synthetic_spec.det_trainval_images), ("test", synthetic_spec.det_test_images)):
+    spec = synthetic_spec
+    for split, n in (("trainval", spec.det_trainval_images), ("test", spec.det_test_images)):
         voc = DatasetCatalog.get(f"synthetic_voc_{split}")
         coco = DatasetCatalog.get(f"synthetic_coco_{split}")
         assert len(voc) == len(coco) == n

@@ -78,7 +78,8 @@ def test_spec_validation_names_the_field():
 
 
 def test_imagefolder_layout(synthetic_root, synthetic_spec):
-    for split, n in (("train", synthetic_spec.cls_train_per_class), ("val", synthetic_spec.cls_val_per_class)):
+    spec = synthetic_spec
+    for split, n in (("train", spec.cls_train_per_class), ("val", spec.cls_val_per_class)):
         d = os.path.join(synthetic_root, "imagefolder", split)
         assert sorted(os.listdir(d)) == sorted(CLASS_NAMES)
         for name in CLASS_NAMES:
@@ -86,9 +87,10 @@ def test_imagefolder_layout(synthetic_root, synthetic_spec):
             assert len(files) == n and all(f.endswith(".jpg") for f in files)
             img = cv2.imread(os.path.join(d, name, files[0]))
             assert img.shape == (synthetic_spec.cls_image_size, synthetic_spec.cls_image_size, 3)
-    manifest = json.load(open(os.path.join(synthetic_root, "spec.json")))
+    with open(os.path.join(synthetic_root, "spec.json")) as f:
+        manifest = json.load(f)
     assert manifest["spec"] == synthetic_spec.to_dict()
-    assert manifest["counts"]["imagefolder_train_images"] == len(CLASS_NAMES) * synthetic_spec.cls_train_per_class
+    assert manifest["counts"]["imagefolder_train_images"] == len(CLASS_NAMES) * spec.cls_train_per_class
 
 
 def test_classification_images_are_not_blank_and_differ():
@@ -102,7 +104,8 @@ def test_classification_images_are_not_blank_and_differ():
 
 def test_voc_xml_has_every_field_and_boxes_inside(synthetic_root, synthetic_spec):
     seen = {"trainval": set(), "test": set()}
-    for split, n in (("trainval", synthetic_spec.det_trainval_images), ("test", synthetic_spec.det_test_images)):
+    spec = synthetic_spec
+    for split, n in (("trainval", spec.det_trainval_images), ("test", spec.det_test_images)):
         ids = _image_set(synthetic_root, split)
         assert len(ids) == n
         for file_id in ids:
@@ -139,7 +142,8 @@ def test_coco_matches_voc_and_masks_are_exact(synthetic_root):
             anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
             coco_objs = sorted(
                 (coco.cats[a["category_id"]]["name"],
-                 (a["bbox"][0] + 1, a["bbox"][1] + 1, a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]))
+                 (a["bbox"][0] + 1, a["bbox"][1] + 1,
+                  a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]))
                 for a in anns
             )  # fmt: skip
             assert coco_objs == sorted((o["name"], o["box"]) for o in voc)
@@ -255,7 +259,8 @@ def test_cli_generates_and_reports(tmp_path):
              "--workers", "1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "trainval 3 images" in r.stdout
-    manifest = json.load(open(os.path.join(root, "spec.json")))
+    with open(os.path.join(root, "spec.json")) as f:
+        manifest = json.load(f)
     assert manifest["spec"]["seed"] == 5 and manifest["spec"]["det_image_size"] == 64
     assert manifest["counts"]["imagefolder_train_images"] == 2 * len(CLASS_NAMES)
 

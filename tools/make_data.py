@@ -38,7 +38,8 @@ def parse_args(argv=None):
         p.add_argument(flag, dest=field, type=int, default=getattr(_DEFAULT, field),
                        help=f"SyntheticSpec.{field} (default: %(default)s)")  # fmt: skip
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="rendering processes; the output does not depend on it (default: %(default)s)")  # fmt: skip
+                   help="rendering processes; the output does not depend on it "
+                        "(default: %(default)s)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="regenerate even if the root is up to date")
     return p.parse_args(argv)
 
