@@ -1,0 +1,174 @@
+"""Shuffle BN: keep the key encoder's BatchNorm from leaking which sample is the positive.
+
+Without it, a query and its positive key are normalised with statistics of the same batch and the
+model "cheats" through them (MoCo paper, Sec. 3.3). Modes (``MODEL.SHUFFLE_BN``):
+
+- ``ddp``: the paper's Shuffle BN. Keys are gathered from all processes, permuted by a random
+  permutation drawn on rank 0 and broadcast, each process encodes its slice, and the inverse
+  permutation restores the order (official ``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp``).
+- ``split``: one-process emulation of G devices (official MoCo CIFAR demo). Every BatchNorm2d
+  becomes a :class:`SplitBatchNorm` whose training statistics are per sub-batch, and the keys are
+  shuffled within the batch so a sample's key lands in another sub-batch than its query
+  (probability 1 - 1/G per sample).
+- ``sync``: ``torch.nn.SyncBatchNorm`` in both encoders, no shuffle. torch's SyncBatchNorm rejects
+  CPU tensors whenever a process group is initialised (``nn/modules/batchnorm.py``: "SyncBatchNorm
+  expected input tensor to be on GPU ..."), so CPU multi-process (gloo) runs cannot use it; in one
+  process without a process group it is plain BN.
+- ``off``: plain BatchNorm, no shuffle.
+- ``auto`` (resolved by :func:`resolve_shuffle_bn`): ``ddp`` when world size > 1, else ``split``.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHUFFLE_BN_MODES = ("ddp", "split", "sync", "off")
+
+
+def get_world_size():
+    """Number of processes in the default group (1 when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def resolve_shuffle_bn(mode, world_size=None):
+    """One of SHUFFLE_BN_MODES; ``auto`` is ``ddp`` for world size > 1, else ``split``.
+
+    ``world_size`` defaults to the current process group's (1 without torch.distributed).
+    """
+    if mode == "auto":
+        world_size = get_world_size() if world_size is None else world_size
+        return "ddp" if world_size > 1 else "split"
+    if mode not in SHUFFLE_BN_MODES:
+        raise ValueError(
+            f"unknown shuffle_bn mode {mode!r} (MODEL.SHUFFLE_BN); "
+            f"choose one of: auto, {', '.join(SHUFFLE_BN_MODES)}"
+        )
+    return mode
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed over ``num_splits`` sub-batches.
+
+    Following the official MoCo CIFAR demo, the batch (N, C, H, W) is reshaped to
+    (N/G, C*G, H, W), so sub-batch j is the strided slice ``input[j::G]``. Running statistics are
+    updated per sub-batch and folded back as their mean over sub-batches. In eval mode this is
+    plain BatchNorm2d with the shared running statistics. Subclassing BatchNorm2d keeps its
+    state_dict keys, so official checkpoints load unchanged.
+    """
+
+    def __init__(self, num_features, num_splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if int(num_splits) < 1:
+            raise ValueError(f"SplitBatchNorm: num_splits must be >= 1, got {num_splits}")
+        self.num_splits = int(num_splits)
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if not self.training and self.running_mean is not None:
+            return super().forward(input)
+        N, C, H, W = input.shape
+        G = self.num_splits
+        if N % G != 0:
+            raise ValueError(
+                f"SplitBatchNorm: batch size {N} is not divisible by num_splits={G} "
+                "(MODEL.SPLIT_BN_GROUPS); use a per-process batch that is a multiple of it"
+            )
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+        tracked = self.training and self.running_mean is not None
+        mean_split = self.running_mean.repeat(G) if tracked else None
+        var_split = self.running_var.repeat(G) if tracked else None
+        weight = self.weight.repeat(G) if self.weight is not None else None
+        bias = self.bias.repeat(G) if self.bias is not None else None
+        out = F.batch_norm(
+            input.reshape(N // G, C * G, H, W), mean_split, var_split, weight, bias,
+            True, factor, self.eps,
+        ).reshape(N, C, H, W)
+        if tracked:
+            with torch.no_grad():
+                self.running_mean.copy_(mean_split.view(G, C).mean(dim=0))
+                self.running_var.copy_(var_split.view(G, C).mean(dim=0))
+        return out
+
+    def extra_repr(self):
+        return super().extra_repr() + f", num_splits={self.num_splits}"
+
+
+def convert_split_batchnorm(module, num_splits):
+    """Replace every BatchNorm2d in ``module`` by a SplitBatchNorm with the same parameters/buffers."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
+        ref = module.weight if module.weight is not None else module.running_mean
+        new = SplitBatchNorm(
+            module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+            affine=module.affine, track_running_stats=module.track_running_stats,
+            device=ref.device if ref is not None else None,
+            dtype=ref.dtype if ref is not None else None,
+        )
+        new.load_state_dict(module.state_dict())
+        if module.affine:
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_split_batchnorm(child, num_splits)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """all_gather along dim 0 without gradient (official). Every process must pass the same shape."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle_single(x):
+    """Random permutation of the batch in this process; returns (x[perm], inverse permutation)."""
+    idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+    return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+
+@torch.no_grad()
+def batch_unshuffle_single(x, idx_unshuffle):
+    return x[idx_unshuffle]
+
+
+def _require_ddp():
+    if get_world_size() < 2:
+        raise ValueError(
+            "shuffle_bn='ddp' needs an initialised torch.distributed process group with world "
+            "size > 1; use 'split' (or 'auto') for one process"
+        )
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x):
+    """Shuffle the global batch across processes; returns (this rank's slice, inverse permutation)."""
+    _require_ddp()
+    x_gather = concat_all_gather(x)
+    num_procs = x_gather.shape[0] // x.shape[0]
+    idx_shuffle = torch.randperm(x_gather.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)  # every rank must use rank 0's permutation
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    idx_this = idx_shuffle.view(num_procs, -1)[dist.get_rank()]
+    return x_gather[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x, idx_unshuffle):
+    """Inverse of :func:`batch_shuffle_ddp`: this rank gets back the outputs of its own samples."""
+    _require_ddp()
+    x_gather = concat_all_gather(x)
+    num_procs = x_gather.shape[0] // x.shape[0]
+    idx_this = idx_unshuffle.view(num_procs, -1)[dist.get_rank()]
+    return x_gather[idx_this]
