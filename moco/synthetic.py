@@ -18,8 +18,9 @@ sensor noise are applied last.
 Detection annotation rules (the visible part of an object is what VOC and COCO annotate):
   * objects are drawn in order, later ones on top; an object's visible mask is its in-image mask
     minus the masks of the objects kept above it;
-  * an object with less than ``MIN_VISIBLE_FRACTION`` of its in-image area visible, or fewer than
-    ``MIN_VISIBLE_PIXELS`` visible pixels, is *not drawn at all* (so nothing unannotated remains);
+  * an occluded object with less than ``MIN_VISIBLE_FRACTION`` of its in-image area visible, or
+    fewer than ``MIN_VISIBLE_PIXELS`` visible pixels, is *not drawn at all* (so nothing unannotated
+    remains);
   * a kept object with less than ``DIFFICULT_VISIBLE_FRACTION`` visible is ``difficult`` in VOC
     (ignored by the VOC evaluator, used in training by Detectron2); COCO has no such flag, so it is
     an ordinary annotation there -- both versions hold the same boxes;
@@ -446,7 +447,8 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
         visible = obj["mask"] & ~covered
         npix = int(visible.sum())
         frac = npix / max(int(obj["mask"].sum()), 1)
-        if npix < MIN_VISIBLE_PIXELS or frac < MIN_VISIBLE_FRACTION:
+        # the top object is unoccluded by construction; keep it even if tiny (class coverage)
+        if obj is not placed[-1] and (npix < MIN_VISIBLE_PIXELS or frac < MIN_VISIBLE_FRACTION):
             continue
         polygons = mask_to_polygons(visible)
         if not polygons:
