@@ -1,0 +1,221 @@
+"""Pretrained ResNet checkpoints -> Detectron2 weights pickle, by the official MoCo key rule.
+
+Accepted inputs (read with ``torch.load(weights_only=True)`` only):
+
+* ``moco``: official MoCo v1/v2 checkpoints and this toolkit's (``state_dict`` with
+  ``module.encoder_q.<torchvision key>``; ``encoder_k``, queue and the fc / MLP head are dropped);
+* ``mocov3``: MoCo v3 ResNet checkpoints (``module.base_encoder.*``; momentum encoder, predictor
+  and the projector in ``fc`` are dropped);
+* ``torchvision``: a supervised torchvision ResNet state dict, plain or under ``state_dict`` /
+  ``model`` (an optional DDP ``module.`` prefix is removed).
+
+Key rule (official ``convert-pretrain-to-detectron2.py``): keys without ``layer`` get ``stem.``;
+``layer1..4`` -> ``res2..5``; ``bn1..3`` -> ``conv1..3.norm``; ``downsample.0`` -> ``shortcut``;
+``downsample.1`` -> ``shortcut.norm``. Detectron2 then matches these names into any ResNet
+backbone (C4 with res5 in the ROI head, or FPN) by its matching heuristics. BasicBlock (R18/34)
+and Bottleneck (R50+) ResNets both follow this rule.
+
+Output: ``{"model": {name: numpy array}, "__author__": "moco-det", "matching_heuristics": True}``,
+pickled atomically (temp file in the target folder, fsync, ``os.replace``).
+"""
+
+import os
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import load_weights_only
+
+__all__ = [
+    "FORMATS",
+    "ConversionResult",
+    "load_source_state_dict",
+    "detect_format",
+    "extract_backbone",
+    "rename_key",
+    "convert_state_dict",
+    "save_d2_weights",
+    "convert_checkpoint",
+]
+
+AUTHOR = "moco-det"
+
+# format -> prefixes under which the backbone (a torchvision ResNet) is stored, most specific first
+_BACKBONE_PREFIXES = {
+    "moco": ("module.encoder_q.", "encoder_q."),
+    "mocov3": ("module.base_encoder.", "base_encoder."),
+    "torchvision": ("module.", ""),
+}
+FORMATS = tuple(_BACKBONE_PREFIXES)
+
+# blocks per stage -> depth, for a readable summary and a hint on MODEL.RESNETS settings
+_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
+
+
+@dataclass
+class ConversionResult:
+    format: str
+    converted: int
+    dropped: int
+    block: str  # "basic" or "bottleneck"
+    blocks_per_stage: tuple
+    depth: int | None  # None for a non-standard layout
+    dropped_examples: list = field(default_factory=list)
+
+    def summary(self, src, dst):
+        arch = f"ResNet-{self.depth}" if self.depth else f"ResNet ({self.block}, {self.blocks_per_stage})"
+        return (
+            f"{src}: {self.format} checkpoint, {arch}; converted {self.converted} tensors, "
+            f"dropped {self.dropped} (non-backbone: momentum encoder, queue, fc/MLP head) -> {dst}"
+        )
+
+
+def load_source_state_dict(path):
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and return its state dict."""
+    obj = load_weights_only(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            return dict(inner)
+    return dict(obj)
+
+
+def detect_format(state_dict, source="<checkpoint>"):
+    """Return one of :data:`FORMATS` by the key prefixes present."""
+    keys = list(state_dict)
+    for fmt in ("moco", "mocov3"):
+        if any(k.startswith(p) for p in _BACKBONE_PREFIXES[fmt] for k in keys):
+            return fmt
+    if any(k in ("conv1.weight", "module.conv1.weight") for k in keys):
+        return "torchvision"
+    sample = ", ".join(keys[:5]) or "no keys"
+    raise ValueError(
+        f"{source}: found no ResNet backbone (no encoder_q./base_encoder. keys and no conv1.weight; "
+        f"first keys: {sample}); pass --format if the layout is known"
+    )
+
+
+def extract_backbone(state_dict, fmt, source="<checkpoint>"):
+    """Return ``(backbone, dropped)``: torchvision-named backbone tensors, and dropped key names."""
+    if fmt not in _BACKBONE_PREFIXES:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    prefixes = _BACKBONE_PREFIXES[fmt]
+    # the first prefix any key carries wins, so "module.encoder_q." is never read as "encoder_q."
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), None)
+    if fmt == "torchvision" and prefix == "module." and "conv1.weight" in state_dict:
+        prefix = ""
+    backbone, dropped = OrderedDict(), []
+    for key, value in state_dict.items():
+        if prefix is None or not key.startswith(prefix):
+            dropped.append(key)
+            continue
+        name = key[len(prefix):]
+        if name.startswith("fc.") or name == "fc":  # classifier (supervised) / projection head (MoCo)
+            dropped.append(key)
+            continue
+        if not torch.is_tensor(value):
+            raise ValueError(f"{source}: backbone entry {key!r} is a {type(value).__name__}, not a tensor")
+        backbone[name] = value
+    _check_resnet(backbone, fmt, source)
+    return backbone, dropped
+
+
+def _check_resnet(backbone, fmt, source):
+    missing = [k for k in ("conv1.weight", "bn1.weight") if k not in backbone]
+    missing += [f"layer{i}.*" for i in range(1, 5) if not any(k.startswith(f"layer{i}.") for k in backbone)]
+    if missing:
+        raise ValueError(
+            f"{source}: no ResNet backbone in the {fmt} layout (missing {', '.join(missing)}); "
+            "check the file, or force the layout with --format"
+        )
+
+
+def rename_key(key):
+    """Official MoCo rule: torchvision ResNet key -> Detectron2 ResNet key."""
+    if "layer" not in key:
+        key = "stem." + key
+    for t in (1, 2, 3, 4):
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    key = key.replace("downsample.0", "shortcut")
+    return key.replace("downsample.1", "shortcut.norm")
+
+
+def _architecture(backbone):
+    blocks = []
+    for stage in range(1, 5):
+        ids = {int(m.group(1)) for k in backbone if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(len(ids))
+    block = "bottleneck" if "layer1.0.conv3.weight" in backbone else "basic"
+    return block, tuple(blocks), _DEPTHS.get((block, tuple(blocks)))
+
+
+def _to_numpy(t):
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return t.numpy()
+
+
+def convert_state_dict(state_dict, fmt=None, source="<checkpoint>"):
+    """Convert a loaded state dict. Returns ``(model, result)``: D2-named numpy arrays and a summary."""
+    fmt = fmt or detect_format(state_dict, source)
+    backbone, dropped = extract_backbone(state_dict, fmt, source)
+    model = OrderedDict()
+    for key, value in backbone.items():
+        new_key = rename_key(key)
+        if new_key in model:  # cannot happen for a torchvision ResNet; guards odd inputs
+            raise ValueError(f"{source}: keys collide after renaming at {new_key!r}")
+        model[new_key] = _to_numpy(value)
+    block, blocks, depth = _architecture(backbone)
+    result = ConversionResult(fmt, len(model), len(dropped), block, blocks, depth, dropped[:10])
+    return model, result
+
+
+def save_d2_weights(model, path):
+    """Write ``{"model": model, "__author__": ..., "matching_heuristics": True}`` atomically."""
+    path = os.fspath(path)
+    if not path.endswith(".pkl"):
+        # Detectron2 reads a file as a weights pickle only by this extension
+        raise ValueError(f"{path}: the output must end with .pkl (Detectron2 picks the reader by extension)")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    payload = {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(payload, f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def convert_checkpoint(src, dst, fmt=None):
+    """Read ``src`` (weights only), convert, write ``dst`` atomically; return :class:`ConversionResult`."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: output would overwrite the input checkpoint; choose another path")
+    state_dict = load_source_state_dict(src)
+    model, result = convert_state_dict(state_dict, fmt, source=src)
+    save_d2_weights(model, dst)
+    return result

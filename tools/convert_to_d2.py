@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Convert a pretrained ResNet checkpoint to Detectron2 weights.
+
+    python tools/convert_to_d2.py checkpoint_0199.pth.tar moco_r50.pkl
+    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \
+        MODEL.WEIGHTS moco_r50.pkl
+
+Reads official MoCo v1/v2 and this toolkit's checkpoints, MoCo v3 ResNet checkpoints and
+torchvision ResNet state dicts (weights only; see detection/convert.py).
+"""
+
+import argparse
+import pickle
+import sys
+
+from detection.convert import FORMATS, convert_checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
+    parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="input layout (default: detected from the keys)")
+    args = parser.parse_args(argv)
+    try:
+        result = convert_checkpoint(args.input, args.output, args.format)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        print(f"convert_to_d2: error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary(args.input, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
