@@ -1,0 +1,82 @@
+"""Detection configs: Detectron2's ``get_cfg()`` + a YAML file + ``KEY VALUE`` overrides.
+
+Adjustments made here, and why:
+
+* ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
+* In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
+  computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
+  of size 1. ``naiveSyncBN`` is left alone: Detectron2's ``NaiveSyncBatchNorm`` already falls back
+  to plain BN when the world size is 1. State-dict keys are the same, so checkpoints are unaffected.
+
+Importing this module registers ``Res5ROIHeadsExtraNorm`` (the paper's C4 ROI head).
+"""
+
+import logging
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+
+from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+
+__all__ = ["load_cfg", "setup_cfg", "NORM_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+# every config key that names a normalization layer for get_norm()
+NORM_KEYS = (
+    ("MODEL", "RESNETS", "NORM"),
+    ("MODEL", "FPN", "NORM"),
+    ("MODEL", "ROI_BOX_HEAD", "NORM"),
+    ("MODEL", "ROI_MASK_HEAD", "NORM"),
+    ("MODEL", "SEM_SEG_HEAD", "NORM"),
+    ("MODEL", "RETINANET", "NORM"),
+)
+_SINGLE_PROCESS_NORM = {"SyncBN": "BN", "nnSyncBN": "BN"}
+
+
+def _single_process_norms(cfg):
+    for path in NORM_KEYS:
+        node = cfg
+        for name in path[:-1]:
+            node = node[name]
+        old = node[path[-1]]
+        if old in _SINGLE_PROCESS_NORM:
+            node[path[-1]] = _SINGLE_PROCESS_NORM[old]
+            logger.info("%s: %s -> %s (single process)", ".".join(path), old, node[path[-1]])
+
+
+def load_cfg(config_file, opts=(), world_size=1):
+    """Build a frozen config from ``config_file`` and ``opts`` (``[KEY, VALUE, ...]``).
+
+    ``world_size`` is the number of training processes the config will run with.
+    """
+    if not config_file:
+        raise ValueError("--config-file is required (e.g. configs/detection/embedded_voc_R_18_FPN.yaml)")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    cfg = get_cfg()
+    try:
+        cfg.merge_from_file(config_file)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise ValueError(f"{config_file}: invalid config ({e})") from None
+    try:
+        cfg.merge_from_list(list(opts or []))
+    except (KeyError, AssertionError, ValueError) as e:
+        raise ValueError(f"command-line overrides {list(opts)}: {e}") from None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    if world_size == 1:
+        _single_process_norms(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def setup_cfg(args):
+    """``load_cfg`` from parsed ``default_argument_parser`` args, then Detectron2's ``default_setup``
+    (logger, config.yaml in OUTPUT_DIR, seeding)."""
+    world_size = args.num_gpus * args.num_machines
+    cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    default_setup(cfg, args)
+    return cfg
