@@ -1,0 +1,249 @@
+"""Paper-style transfer tables from detection runs: mean ± std over trials, delta to a baseline.
+
+Input: labeled groups of run folders, each holding the ``final_metrics.json`` that
+``detection.trainer`` writes. Per group (one pretraining) and metric: the mean over trials, the
+sample standard deviation (ddof=1, shown only when n > 1) and the difference of the mean to the
+baseline group's mean, e.g. ``55.9±0.2 (+2.4)`` as in the MoCo paper's tables.
+
+Columns: VOC: AP50, AP, AP75 (Detectron2's VOC evaluator, "bbox"); COCO: AP^bb, AP^bb_50,
+AP^bb_75, AP^mk, AP^mk_50, AP^mk_75 (mask columns only when the runs have masks).
+Outputs: Markdown, CSV and a PNG bar chart (matplotlib, Agg backend).
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = [
+    "VOC_COLUMNS",
+    "COCO_BOX_COLUMNS",
+    "COCO_MASK_COLUMNS",
+    "Stat",
+    "Row",
+    "Table",
+    "parse_groups",
+    "load_metrics",
+    "summarize",
+    "format_cell",
+    "to_markdown",
+    "write_csv",
+    "plot_table",
+    "write_report",
+]
+
+METRICS_FILE = "final_metrics.json"
+# (column name, result section, key in Detectron2's results)
+VOC_COLUMNS = (("AP50", "bbox", "AP50"), ("AP", "bbox", "AP"), ("AP75", "bbox", "AP75"))
+COCO_BOX_COLUMNS = (("AP^bb", "bbox", "AP"), ("AP^bb_50", "bbox", "AP50"), ("AP^bb_75", "bbox", "AP75"))
+COCO_MASK_COLUMNS = (("AP^mk", "segm", "AP"), ("AP^mk_50", "segm", "AP50"), ("AP^mk_75", "segm", "AP75"))
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # sample std (ddof=1); None when n == 1
+    n: int
+
+    @classmethod
+    def of(cls, values):
+        n = len(values)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+        return cls(mean, std, n)
+
+
+@dataclass
+class Row:
+    label: str
+    runs: list  # run folders
+    stats: list  # Stat per column
+    deltas: list | None  # mean - baseline mean per column; None for the baseline / no baseline
+
+
+@dataclass
+class Table:
+    task: str  # "voc" or "coco"
+    columns: list  # column names
+    rows: list
+    baseline: str | None
+
+
+def _has_glob(pattern):
+    return any(c in pattern for c in "*?[")
+
+
+def parse_groups(specs):
+    """``["supervised=out/sup_*", "moco=out/m_1", "out/m_2"]`` -> {label: [run folders]}.
+
+    A token ``LABEL=PATTERN`` starts a group; a token without ``=`` adds to the previous group
+    (what a shell leaves after expanding ``LABEL=a b*``). Patterns are expanded here (sorted), so
+    quoting them is fine.
+    """
+    groups = OrderedDict()
+    label = None
+    for spec in specs:
+        if "=" in spec and not os.path.exists(spec):
+            label, pattern = spec.split("=", 1)
+            label = label.strip()
+            if not label:
+                raise ValueError(f"group {spec!r}: empty label; write LABEL=RUN_DIR_PATTERN")
+            if label in groups:
+                raise ValueError(f"group {label!r} given twice; put all its runs in one LABEL=... group")
+            groups[label] = []
+        else:
+            pattern = spec
+            if label is None:
+                raise ValueError(f"{spec!r}: runs must follow a label, e.g. supervised={spec}")
+        if not pattern:
+            continue
+        matches = sorted(glob.glob(pattern)) if _has_glob(pattern) else [pattern]
+        if not matches:
+            raise ValueError(f"group {label!r}: pattern {pattern!r} matched nothing")
+        groups[label].extend(matches)
+    if not groups:
+        raise ValueError("no groups given; write e.g. supervised='out/sup_*' moco_v2='out/moco_*'")
+    for name, runs in groups.items():
+        if not runs:
+            raise ValueError(f"group {name!r} is empty; give it run folders, e.g. {name}=out/run_*")
+    return groups
+
+
+def load_metrics(run_dir):
+    """Read ``run_dir/final_metrics.json`` (a run folder, or the file itself)."""
+    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (did the run in {run_dir} finish its evaluation?)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("task") not in ("voc", "coco") or "metrics" not in data:
+        raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
+    return data
+
+
+def _value(data, section, key, path):
+    try:
+        value = data["metrics"][section][key]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: no metrics.{section}.{key}") from None
+    if value is None:
+        raise ValueError(f"{path}: metrics.{section}.{key} is null (no score)")
+    return float(value)
+
+
+def summarize(groups, baseline=None):
+    """Build a :class:`Table` from {label: [run folders]}; deltas against ``baseline``'s row."""
+    loaded = OrderedDict((label, [(run, load_metrics(run)) for run in runs]) for label, runs in groups.items())
+    tasks = {data["task"]: run for runs in loaded.values() for run, data in runs}
+    if len(tasks) > 1:
+        raise ValueError(
+            "runs mix VOC and COCO results (e.g. " + ", ".join(f"{run}: {t}" for t, run in tasks.items())
+            + "); report them in separate tables"
+        )
+    task = next(iter(tasks))
+    if task == "voc":
+        columns = VOC_COLUMNS
+    else:
+        with_masks = {run: "segm" in data["metrics"] for runs in loaded.values() for run, data in runs}
+        if len(set(with_masks.values())) > 1:
+            box_only = [run for run, has in with_masks.items() if not has]
+            raise ValueError(f"some COCO runs have no mask results ({', '.join(box_only)}); mix not allowed")
+        columns = COCO_BOX_COLUMNS + (COCO_MASK_COLUMNS if all(with_masks.values()) else ())
+    if baseline is not None and baseline not in loaded:
+        raise ValueError(f"--baseline {baseline!r} is not one of the groups ({', '.join(loaded)})")
+
+    rows = []
+    for label, runs in loaded.items():
+        stats = [
+            Stat.of([_value(data, section, key, run) for run, data in runs]) for _, section, key in columns
+        ]
+        rows.append(Row(label, [run for run, _ in runs], stats, None))
+    if baseline is not None:
+        base = next(r for r in rows if r.label == baseline)
+        for row in rows:
+            if row is not base:
+                row.deltas = [s.mean - b.mean for s, b in zip(row.stats, base.stats)]
+    return Table(task, [name for name, _, _ in columns], rows, baseline)
+
+
+def format_cell(stat, delta=None, digits=1):
+    """``55.9±0.2 (+2.4)``; no ``±`` part when n == 1, no delta part when ``delta`` is None."""
+    text = f"{stat.mean:.{digits}f}"
+    if stat.std is not None:
+        text += f"±{stat.std:.{digits}f}"
+    if delta is not None:
+        text += f" ({delta:+.{digits}f})"
+    return text
+
+
+def to_markdown(table, digits=1):
+    header = ["pretraining", "n"] + table.columns
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in table.rows:
+        n = row.stats[0].n
+        deltas = row.deltas or [None] * len(row.stats)
+        cells = [format_cell(s, d, digits) for s, d in zip(row.stats, deltas)]
+        lines.append("| " + " | ".join([row.label, str(n)] + cells) + " |")
+    note = f"{'VOC' if table.task == 'voc' else 'COCO'}: mean±std (sample std, n runs)"
+    if table.baseline:
+        note += f"; (+x) = mean minus the {table.baseline} mean"
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def write_csv(table, path):
+    header = ["pretraining", "n"]
+    for name in table.columns:
+        header += [f"{name}_mean", f"{name}_std", f"{name}_delta"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in table.rows:
+            deltas = row.deltas or [None] * len(row.stats)
+            values = [row.label, row.stats[0].n]
+            for stat, delta in zip(row.stats, deltas):
+                values += [f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}",
+                           "" if delta is None else f"{delta:.4f}"]  # fmt: skip
+            writer.writerow(values)
+
+
+def plot_table(table, path, title=None):
+    """Grouped bars (one group per metric, one bar per pretraining) with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(table.rows)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(table.columns) * max(1, k / 2), 3.6))
+    for i, row in enumerate(table.rows):
+        xs = [j + (i - (k - 1) / 2) * width for j in range(len(table.columns))]
+        means = [s.mean for s in row.stats]
+        errs = [math.nan if s.std is None else s.std for s in row.stats]  # NaN: no bar for n == 1
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=f"{row.label} (n={row.stats[0].n})")
+    ax.set_xticks(range(len(table.columns)))
+    ax.set_xticklabels(table.columns)
+    ax.set_ylabel("AP (%)")
+    ax.set_title(title or ("VOC detection" if table.task == "voc" else "COCO detection / segmentation"))
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(table, output_dir, name="transfer", title=None):
+    """Write ``name.md``, ``name.csv`` and ``name.png`` into ``output_dir``; return their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+    with open(paths["md"], "w") as f:
+        f.write(to_markdown(table))
+    write_csv(table, paths["csv"])
+    plot_table(table, paths["png"], title)
+    return paths

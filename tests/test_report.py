@@ -1,0 +1,139 @@
+"""Report: mean ± sample std over trials and deltas to the baseline, checked against hand computation."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+
+from detection.report import format_cell, parse_groups, summarize, to_markdown, write_report, Stat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# VOC runs (AP50, AP, AP75) per pretraining
+VOC_RUNS = {
+    "supervised": [(81.0, 53.3, 58.6), (81.6, 53.7, 59.0)],
+    "moco_v2": [(82.2, 56.8, 63.2), (82.4, 57.0, 63.6), (82.6, 57.2, 64.0)],
+    "random": [(60.2, 33.8, 33.1)],
+}
+# by hand: supervised means 81.3 / 53.5 / 58.8, sample stds sqrt(2*0.3^2)=0.424, sqrt(2*0.2^2)=0.283 (x2)
+# moco_v2 means 82.4 / 57.0 / 63.6, stds 0.2 / 0.2 / 0.4; deltas +1.1 / +3.5 / +4.8
+# random (n=1): no std; deltas -21.1 / -19.7 / -25.7
+EXPECTED_VOC_ROWS = [
+    "| supervised | 2 | 81.3±0.4 | 53.5±0.3 | 58.8±0.3 |",
+    "| moco_v2 | 3 | 82.4±0.2 (+1.1) | 57.0±0.2 (+3.5) | 63.6±0.4 (+4.8) |",
+    "| random | 1 | 60.2 (-21.1) | 33.8 (-19.7) | 33.1 (-25.7) |",
+]
+
+
+def _write_run(folder, task, metrics):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "final_metrics.json"), "w") as f:
+        json.dump({"task": task, "metrics": metrics, "seed": 0, "iterations": 10}, f)
+
+
+@pytest.fixture
+def voc_runs(tmp_path):
+    for label, runs in VOC_RUNS.items():
+        for i, (ap50, ap, ap75) in enumerate(runs):
+            _write_run(tmp_path / f"{label}_{i}", "voc", {"bbox": {"AP": ap, "AP50": ap50, "AP75": ap75}})
+    return tmp_path
+
+
+def _groups(root):
+    return [f"{label}={root}/{label}_*" for label in VOC_RUNS]
+
+
+def test_voc_table_matches_hand_computation(voc_runs):
+    table = summarize(parse_groups(_groups(voc_runs)), baseline="supervised")
+    assert table.task == "voc" and table.columns == ["AP50", "AP", "AP75"]
+    sup, moco, rand = table.rows
+    assert [s.mean for s in sup.stats] == pytest.approx([81.3, 53.5, 58.8])
+    assert [s.std for s in sup.stats] == pytest.approx([0.4242641, 0.2828427, 0.2828427])
+    assert [s.std for s in moco.stats] == pytest.approx([0.2, 0.2, 0.4])
+    assert moco.deltas == pytest.approx([1.1, 3.5, 4.8])
+    assert rand.stats[0].std is None and rand.stats[0].n == 1
+    assert sup.deltas is None
+    lines = to_markdown(table).splitlines()
+    assert lines[0] == "| pretraining | n | AP50 | AP | AP75 |"
+    assert lines[2:5] == EXPECTED_VOC_ROWS
+
+
+def test_report_files(voc_runs, tmp_path):
+    table = summarize(parse_groups(_groups(voc_runs)), baseline="supervised")
+    paths = write_report(table, str(tmp_path / "report"))
+    with open(paths["md"]) as f:
+        assert f.read().splitlines()[2:5] == EXPECTED_VOC_ROWS
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pretraining"] for r in rows] == ["supervised", "moco_v2", "random"]
+    assert [r["n"] for r in rows] == ["2", "3", "1"]
+    assert float(rows[1]["AP_mean"]) == pytest.approx(57.0) and float(rows[1]["AP75_std"]) == pytest.approx(0.4)
+    assert float(rows[1]["AP_delta"]) == pytest.approx(3.5) and rows[0]["AP_delta"] == ""
+    assert rows[2]["AP50_std"] == "" and float(rows[2]["AP75_delta"]) == pytest.approx(-25.7)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(paths["png"])
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_coco_columns_and_cells(tmp_path):
+    def m(bb, mk):
+        return {"bbox": {"AP": bb, "AP50": bb + 20, "AP75": bb + 4}, "segm": {"AP": mk, "AP50": mk + 21, "AP75": mk + 2}}
+
+    _write_run(tmp_path / "sup_0", "coco", m(40.0, 34.6))
+    _write_run(tmp_path / "sup_1", "coco", m(40.0, 34.8))
+    _write_run(tmp_path / "moco_0", "coco", m(40.7, 35.4))
+    table = summarize(parse_groups([f"supervised={tmp_path}/sup_*", f"moco={tmp_path}/moco_*"]), baseline="supervised")
+    assert table.columns == ["AP^bb", "AP^bb_50", "AP^bb_75", "AP^mk", "AP^mk_50", "AP^mk_75"]
+    sup, moco = table.rows
+    assert format_cell(sup.stats[0]) == "40.0±0.0" and format_cell(sup.stats[3]) == "34.7±0.1"
+    assert format_cell(moco.stats[0], moco.deltas[0]) == "40.7 (+0.7)"
+    assert format_cell(moco.stats[3], moco.deltas[3]) == "35.4 (+0.7)"
+    # box-only COCO runs get box columns only
+    _write_run(tmp_path / "box_0", "coco", {"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}})
+    assert summarize({"b": [str(tmp_path / "box_0")]}).columns == ["AP^bb", "AP^bb_50", "AP^bb_75"]
+    with pytest.raises(ValueError, match="no mask results.*box_0"):
+        summarize({"a": [str(tmp_path / "sup_0")], "b": [str(tmp_path / "box_0")]})
+
+
+def test_format_cell_rules():
+    assert format_cell(Stat(55.94, 0.21, 5), 2.43) == "55.9±0.2 (+2.4)"
+    assert format_cell(Stat(55.94, None, 1), -0.04) == "55.9 (-0.0)"
+    assert format_cell(Stat(55.94, None, 1)) == "55.9"
+
+
+def test_errors_are_named(voc_runs, tmp_path):
+    with pytest.raises(ValueError, match="'supervised': pattern .*nothing_\\*.* matched nothing"):
+        parse_groups([f"supervised={tmp_path}/nothing_*"])
+    with pytest.raises(ValueError, match="group 'moco' is empty"):
+        parse_groups([f"supervised={voc_runs}/supervised_*", "moco="])
+    os.makedirs(tmp_path / "unfinished")
+    with pytest.raises(FileNotFoundError, match="unfinished/final_metrics.json"):
+        summarize(parse_groups([f"a={tmp_path}/unfinished"]))
+    _write_run(tmp_path / "coco_0", "coco", {"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}})
+    with pytest.raises(ValueError, match="mix VOC and COCO"):
+        summarize(parse_groups([f"voc={voc_runs}/supervised_*", f"coco={tmp_path}/coco_0"]))
+    with pytest.raises(ValueError, match="--baseline 'imagenet' is not one of the groups"):
+        summarize(parse_groups(_groups(voc_runs)), baseline="imagenet")
+
+
+def _report_cli():
+    spec = importlib.util.spec_from_file_location("report_cli", os.path.join(ROOT, "tools", "report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli(voc_runs, tmp_path, capsys):
+    main = _report_cli()
+    out = tmp_path / "out"
+    assert main(_groups(voc_runs) + ["--baseline", "supervised", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(row in printed for row in EXPECTED_VOC_ROWS)
+    assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]
+    assert main([f"a={tmp_path}/none_*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("report: error:") and len(err.strip().splitlines()) == 1

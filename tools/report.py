@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Paper-style table of detection transfer runs (mean±std over trials, delta to a baseline).
+
+    python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \
+        --output-dir out/report
+
+Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
+final_metrics.json. Prints the Markdown table; writes transfer.md / .csv / .png to --output-dir.
+"""
+
+import argparse
+import sys
+
+from detection.report import parse_groups, summarize, to_markdown, write_report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders")
+    parser.add_argument("--baseline", default=None, help="label whose means the deltas are taken against")
+    parser.add_argument("--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here")
+    parser.add_argument("--title", default=None, help="chart title")
+    args = parser.parse_args(argv)
+    try:
+        table = summarize(parse_groups(args.groups), baseline=args.baseline)
+        print(to_markdown(table), end="")
+        if args.output_dir:
+            paths = write_report(table, args.output_dir, title=args.title)
+            print("wrote " + ", ".join(paths.values()))
+    except (OSError, ValueError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
