@@ -1,0 +1,260 @@
+"""MoCo pretraining checkpoints: the official format, atomic writes, weights_only loads.
+
+A file is ``{"epoch", "arch", "state_dict", "optimizer"}`` exactly as facebookresearch/moco writes
+it (state_dict keys ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``,
+``module.queue_ptr``: always with the DDP ``module.`` prefix, also from a one-process run), plus what
+an exact resume needs: ``iteration``, ``scheduler`` (LRMultiplier state), ``sampler_seed``,
+``rng_states`` (torch / CUDA / numpy / python RNG of every rank, as tensors and plain types) and
+``config`` (YAML text). Everything is tensors, numbers, strings and containers, so the file loads
+with ``torch.load(weights_only=True)``; nothing is ever loaded otherwise (pickles run code).
+
+Files are named ``checkpoint_{epoch:04d}.pth.tar`` with the official 0-based index of the last
+finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 200``); the file
+``last_checkpoint`` in the same folder names the newest one. Both are written to a temporary file in
+the same folder, flushed, fsync'ed and moved into place with ``os.replace``.
+"""
+
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+OFFICIAL_KEYS = ("epoch", "arch", "state_dict", "optimizer")
+DDP_PREFIX = "module."
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file needs unpickling of arbitrary objects (code); it was not loaded."""
+
+
+def checkpoint_filename(epoch):
+    """Official name for the state after ``epoch`` finished epochs (1-based count)."""
+    if epoch < 1:
+        raise ValueError(f"checkpoint epoch must be >= 1 (finished epochs), got {epoch}")
+    return f"checkpoint_{epoch - 1:04d}.pth.tar"
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform/filesystem: the replace is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj, path):
+    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_last_checkpoint(folder, filename):
+    atomic_write_text(os.path.join(folder, LAST_CHECKPOINT), filename)
+
+
+def read_last_checkpoint(folder):
+    """Path named by ``folder/last_checkpoint``, or None when there is no pointer."""
+    pointer = os.path.join(folder, LAST_CHECKPOINT)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        name = f.read().strip()
+    if not name:
+        raise ValueError(f"{pointer} is empty; delete it or pass --resume PATH")
+    return name if os.path.isabs(name) else os.path.join(folder, name)
+
+
+def resolve_resume(resume, output_dir):
+    """``--resume`` value -> checkpoint path or None (start fresh).
+
+    "" / None: no resume. "auto": the last checkpoint of ``output_dir`` if there is one.
+    A folder: its last checkpoint (error if none). A file: itself (error if missing).
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        return read_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if os.path.isdir(resume):
+        path = read_last_checkpoint(resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume {resume}: folder has no {LAST_CHECKPOINT} file")
+        return path
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return resume
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file.
+
+    A file that holds anything but tensors and plain containers (e.g. a pickled object whose
+    unpickling would run code) raises :class:`UnsafeCheckpointError`; the payload is never run.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        operand = re.search(r"Unsupported operand \S+", str(e))
+        if found is None and (operand or "Weights only load failed" not in str(e)):
+            # not a pickle stream torch understands: corrupt or not a checkpoint at all
+            reason = operand.group(0) if operand else _first_line(e)
+            raise ValueError(f"{path} is not a readable torch checkpoint ({reason})") from None
+        what = f"it references {found.group(1)}" if found else "non-tensor objects"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs unsafe unpickling ({what}); only tensors and plain "
+            "containers are accepted (torch.load weights_only=True). Re-save a trusted file's "
+            "tensors as a plain dict to use it"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def strip_prefix(state_dict, prefix):
+    """Keys starting with ``prefix``, with it removed (others dropped)."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def model_state_dict(model):
+    """Official ``state_dict``: the unwrapped MoCo module's keys with the ``module.`` prefix."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return {DDP_PREFIX + k: v for k, v in model.state_dict().items()}
+
+
+def load_model_state(model, state_dict, path="<checkpoint>"):
+    """Load an official ``state_dict`` (with or without ``module.``) into an unwrapped MoCo, strictly."""
+    model = getattr(model, "module", model)
+    if all(k.startswith(DDP_PREFIX) for k in state_dict):
+        state_dict = strip_prefix(state_dict, DDP_PREFIX)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: state_dict does not match the model ({len(missing)} missing, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); check "
+            "MODEL.ARCH / MODEL.MLP / MODEL.DIM against the checkpoint"
+        )
+    shapes = [k for k in own if tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise ValueError(
+            f"{path}: {len(shapes)} tensors differ in shape from the model, e.g. {k}: "
+            f"{tuple(state_dict[k].shape)} in the file vs {tuple(own[k].shape)}; check MODEL.K / "
+            "MODEL.DIM / MODEL.ARCH"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state as tensors and plain types (weights_only-loadable)
+
+
+def capture_rng_state():
+    """This process's torch, CUDA, numpy and python RNG states."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "algorithm": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((
+        n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+        n["cached_gaussian"],
+    ))  # fmt: skip
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# the payload
+
+
+def build_checkpoint(model, optimizer, epoch, arch, **resume_state):
+    """Official keys first, then the resume state (``iteration``, ``scheduler``, ...)."""
+    ckpt = {
+        "epoch": int(epoch),
+        "arch": str(arch),
+        "state_dict": model_state_dict(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+    ckpt.update(resume_state)
+    return ckpt
+
+
+def save_checkpoint(ckpt, output_dir):
+    """Write ``ckpt`` as ``checkpoint_{epoch-1:04d}.pth.tar`` and point ``last_checkpoint`` to it."""
+    name = checkpoint_filename(ckpt["epoch"])
+    path = os.path.join(output_dir, name)
+    atomic_save(ckpt, path)
+    write_last_checkpoint(output_dir, name)
+    return path

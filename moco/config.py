@@ -1,0 +1,164 @@
+"""Every MoCo pretraining default in one place: ``get_cfg()`` returns an fvcore ``CfgNode``.
+
+Defaults are the MoCo v1 paper's (ResNet-50, dim 128, K 65536, m 0.999, T 0.07, SGD lr 0.03 for a
+global batch of 256, momentum 0.9, wd 1e-4, 200 epochs, lr x0.1 at epochs 120 and 160). YAML files
+under ``configs/pretrain/`` override them (``_BASE_`` inheritance), the official ``main_moco.py``
+flags override the YAML (:func:`apply_official_args`) and trailing ``KEY VALUE`` pairs come last.
+
+Conventions: ``SOLVER.IMS_PER_BATCH`` is the *global* batch (all processes) and
+``DATALOADER.NUM_WORKERS`` is per process, as in Detectron2; epochs count the schedule.
+"""
+
+import math
+import os
+
+from fvcore.common.config import CfgNode as CN
+
+
+def get_cfg():
+    """A fresh copy of the defaults."""
+    return _C.clone()
+
+
+_C = CN()
+_C.VERSION = 1
+
+_C.MODEL = CN()
+_C.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name (moco.builder.resnet_encoder)
+_C.MODEL.DIM = 128  # feature dimension of the contrastive head
+_C.MODEL.K = 65536  # queue size; must be a multiple of SOLVER.IMS_PER_BATCH
+_C.MODEL.M = 0.999  # key encoder momentum
+_C.MODEL.T = 0.07  # softmax temperature
+_C.MODEL.MLP = False  # MoCo v2 2-layer MLP head
+# Shuffle BN: "auto" (ddp when world size > 1, else split), "ddp", "split", "sync", "off".
+_C.MODEL.SHUFFLE_BN = "auto"
+_C.MODEL.SPLIT_BN_GROUPS = 8  # sub-batches of "split" (MoCo CIFAR demo: 8)
+# "auto": this process's GPU if CUDA is available, else CPU; or "cpu", "cuda", "cuda:N".
+_C.MODEL.DEVICE = "auto"
+_C.MODEL.CHANNELS_LAST = False  # memory format of the image batches and encoders (faster on CPU)
+
+_C.INPUT = CN()
+_C.INPUT.AUG_PLUS = False  # MoCo v2 augmentation (blur, jitter p=0.8)
+_C.INPUT.CROP_SIZE = 224
+
+_C.DATA = CN()
+# Folder with train/<class>/ images (ImageFolder). "$DETECTRON2_DATASETS" expands with the
+# default "datasets" (see moco.data.resolve_data_path).
+_C.DATA.ROOT = ""
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 4  # per process (official -j 32 per 8-GPU node)
+
+_C.SOLVER = CN()
+_C.SOLVER.IMS_PER_BATCH = 256  # global batch
+_C.SOLVER.BASE_LR = 0.03  # for the global batch above; not rescaled automatically (as official)
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.EPOCHS = 200
+_C.SOLVER.START_EPOCH = 0  # first epoch of a run that does not resume (official --start-epoch)
+_C.SOLVER.STEPS = (120, 160)  # epochs where lr is multiplied by GAMMA (ignored with COS)
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.COS = False  # lr * 0.5 * (1 + cos(pi * epoch / EPOCHS)), per epoch
+_C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs; the last epoch is always saved
+# bfloat16 autocast for the encoders (CPU and CUDA, no loss scaling needed); logits stay fp32.
+_C.SOLVER.AMP = False
+
+_C.KNN = CN()
+_C.KNN.DATA = ""  # folder with train/ and val/ (labeled); "" = no kNN monitor
+_C.KNN.K = 200  # InstDisc weighted kNN
+_C.KNN.T = 0.1
+_C.KNN.PERIOD = 1  # epochs between measurements (the last epoch always); 0 = monitor off
+_C.KNN.BATCH_SIZE = 256  # per process, feature extraction
+
+_C.OUTPUT_DIR = "./output/pretrain"
+_C.SEED = -1  # < 0: a random seed per run; >= 0: SEED + rank seeds torch/numpy/random
+_C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)
+
+
+def load_cfg(config_file=None, opts=None):
+    """Defaults, then ``config_file`` (YAML with optional ``_BASE_``), then ``KEY VALUE`` opts."""
+    cfg = get_cfg()
+    if config_file:
+        merge_config_file(cfg, config_file)
+    if opts:
+        merge_opts(cfg, opts)
+    return cfg
+
+
+def merge_config_file(cfg, path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        cfg.merge_from_file(path)
+    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
+        raise ValueError(f"config file {path}: {_reason(e)} (keys: moco/config.py)") from None
+
+
+def merge_opts(cfg, opts):
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
+        raise ValueError(f"config override {' '.join(map(str, opts))}: {_reason(e)} "
+                         "(keys: moco/config.py)") from None
+
+
+def _reason(exc):
+    text = exc.args[0] if exc.args else type(exc).__name__
+    return " ".join(str(text).split())
+
+
+# official main_moco.py flag -> config key (for flags that map one to one)
+_FLAG_TO_KEY = {
+    "arch": "MODEL.ARCH",
+    "epochs": "SOLVER.EPOCHS",
+    "start_epoch": "SOLVER.START_EPOCH",
+    "lr": "SOLVER.BASE_LR",
+    "schedule": "SOLVER.STEPS",
+    "momentum": "SOLVER.MOMENTUM",
+    "wd": "SOLVER.WEIGHT_DECAY",
+    "print_freq": "LOG_PERIOD",
+    "seed": "SEED",
+    "moco_dim": "MODEL.DIM",
+    "moco_k": "MODEL.K",
+    "moco_m": "MODEL.M",
+    "moco_t": "MODEL.T",
+    "mlp": "MODEL.MLP",
+    "aug_plus": "INPUT.AUG_PLUS",
+    "cos": "SOLVER.COS",
+    "data": "DATA.ROOT",
+    "output_dir": "OUTPUT_DIR",
+    "knn_data": "KNN.DATA",
+}
+
+
+def _set(cfg, key, value):
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+        value = tuple(value)
+    node[leaf] = value
+
+
+def apply_official_args(cfg, args, procs_per_machine, num_machines):
+    """Override ``cfg`` with the official ``main_moco.py`` flags that were given (not None).
+
+    Semantics of the official script (one process per GPU, ``--world-size`` = number of nodes):
+    ``-b`` is the batch of one node, so the global batch is ``b * num_machines``; ``-j`` is the
+    data-loading workers of one node, so each process gets ``ceil(j / procs_per_machine)``;
+    ``--gpu N`` pins the single process to GPU N.
+    """
+    for flag, key in _FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set(cfg, key, value)
+    if getattr(args, "batch_size", None) is not None:
+        cfg.SOLVER.IMS_PER_BATCH = int(args.batch_size) * int(num_machines)
+    if getattr(args, "workers", None) is not None:
+        cfg.DATALOADER.NUM_WORKERS = int(math.ceil(int(args.workers) / int(procs_per_machine)))
+    if getattr(args, "gpu", None) is not None:
+        cfg.MODEL.DEVICE = f"cuda:{int(args.gpu)}"
+    return cfg

@@ -1,0 +1,133 @@
+"""Image-folder datasets and loaders for MoCo pretraining, the kNN monitor and linear evaluation.
+
+Pretraining reads ``DATA.ROOT/train/<class>/*`` (labels unused) with two augmented crops per image;
+each process loads ``global batch / world size`` images per step from a ``DistributedSampler``
+(``drop_last``, ``set_epoch`` every epoch, as official), so one epoch is exactly
+``len(dataset) // global batch`` steps on every process. Evaluation loaders shard the dataset in
+order with Detectron2's ``InferenceSampler``.
+"""
+
+import itertools
+import os
+
+import torch
+from detectron2.data.build import worker_init_reset_seed
+from detectron2.data.samplers import InferenceSampler
+from detectron2.utils import comm
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+from moco.augment import TwoCropsTransform, eval_transform, moco_v1_transform, moco_v2_transform
+
+_DATASETS_VAR = "$DETECTRON2_DATASETS"
+
+
+def resolve_data_path(path):
+    """Expand ``$DETECTRON2_DATASETS`` (default "datasets", as Detectron2) and ``~`` in ``path``."""
+    if _DATASETS_VAR in path:
+        path = path.replace(_DATASETS_VAR, os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    return os.path.expanduser(path)
+
+
+def image_folder(root, split, transform, what):
+    """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag)."""
+    if not root:
+        raise ValueError(f"{what} is not set: give a folder with {split}/<class>/ images")
+    folder = os.path.join(resolve_data_path(root), split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"{what}={root}: {folder} is not a folder (expected the ImageFolder layout "
+            f"{split}/<class>/<image>)"
+        )
+    try:
+        return ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
+        raise FileNotFoundError(f"{what}={root}: {e}") from None
+
+
+def pretrain_transform(cfg):
+    base = moco_v2_transform if cfg.INPUT.AUG_PLUS else moco_v1_transform
+    return TwoCropsTransform(base(cfg.INPUT.CROP_SIZE))
+
+
+def build_pretrain_dataset(cfg):
+    return image_folder(cfg.DATA.ROOT, "train", pretrain_transform(cfg), "DATA.ROOT (DATA)")
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (drop_last) that can begin an epoch part-way, for resuming."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)  # fmt: skip
+        self.start_index = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+class EpochLoader:
+    """Endless iterable of batches, epoch after epoch, starting at iteration ``start_iter``.
+
+    Each epoch yields exactly ``iters_per_epoch`` batches: with drop_last in both the sampler
+    (``len // world`` samples per process) and the loader, that is ``len // global batch``.
+    """
+
+    def __init__(self, loader, sampler, iters_per_epoch, start_iter=0):
+        self.loader, self.sampler = loader, sampler
+        self.iters_per_epoch, self.start_iter = int(iters_per_epoch), int(start_iter)
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_iter, self.iters_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            self.sampler.start_index = skip * self.loader.batch_size
+            yield from itertools.islice(self.loader, self.iters_per_epoch - skip)
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, drop_last, pin_memory, **kwargs):
+    """DataLoader with persistent workers seeded by Detectron2's worker_init_reset_seed."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init_reset_seed, **kwargs,
+    )  # fmt: skip
+
+
+def build_pretrain_loader(cfg, dataset, iters_per_epoch, start_iter, seed, pin_memory=False):
+    """EpochLoader over this process's share of ``dataset`` (per-process batch = global / world)."""
+    world, rank = comm.get_world_size(), comm.get_rank()
+    sampler = EpochSampler(dataset, world, rank, seed)
+    loader = make_loader(
+        dataset, cfg.SOLVER.IMS_PER_BATCH // world, sampler, cfg.DATALOADER.NUM_WORKERS,
+        drop_last=True, pin_memory=pin_memory,
+    )  # fmt: skip
+    return EpochLoader(loader, sampler, iters_per_epoch, start_iter)
+
+
+def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False):
+    """This process's contiguous shard of ``dataset``, in order (Detectron2's InferenceSampler)."""
+    return make_loader(dataset, batch_size, InferenceSampler(len(dataset)), num_workers,
+                   drop_last=False, pin_memory=pin_memory)  # fmt: skip
+
+
+def build_labeled_datasets(root, crop_size, what, train_transform=None):
+    """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``."""
+    val_tf = eval_transform(crop=crop_size)
+    train = image_folder(root, "train", train_transform or val_tf, what)
+    val = image_folder(root, "val", val_tf, what)
+    if train.classes != val.classes:
+        raise ValueError(
+            f"{what}={root}: train/ and val/ have different classes "
+            f"({len(train.classes)} vs {len(val.classes)}); they must name the same class folders"
+        )
+    return train, val
+
+
+def tensor_batch_to(batch, device, channels_last=False):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return batch.to(device, non_blocking=True, memory_format=memory_format)

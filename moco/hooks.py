@@ -1,0 +1,97 @@
+"""Pretraining hooks on Detectron2's hook system: per-epoch LR, epoch checkpoints, kNN monitor.
+
+- LR: the official ``adjust_learning_rate`` multiplier of every epoch (step: x GAMMA at each epoch
+  in STEPS; cosine: ``0.5 * (1 + cos(pi * epoch / EPOCHS))``), held constant within the epoch, as
+  an fvcore ``MultiStepParamScheduler`` driven by Detectron2's ``LRMultiplier`` /
+  ``hooks.LRScheduler``.
+- :class:`EpochCheckpointer`: Detectron2's ``PeriodicCheckpointer`` writes its own format
+  non-atomically, so checkpoints in the official format go through this hook.
+- kNN monitor: Detectron2's ``EvalHook`` running :func:`moco.knn.knn_evaluate`; the results are
+  the scalars ``knn_top1`` / ``knn_top5`` of the event storage (metrics.json, TensorBoard).
+"""
+
+import logging
+import math
+
+from detectron2.engine.hooks import EvalHook, HookBase
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from moco.data import build_eval_loader, build_labeled_datasets
+from moco.knn import knn_evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def epoch_lr_factors(epochs, steps=(), gamma=0.1, cos=False):
+    """Multiplier of the base LR for each epoch 0..epochs-1 (official main_moco.py formula)."""
+    if cos:
+        return [0.5 * (1.0 + math.cos(math.pi * e / epochs)) for e in range(epochs)]
+    return [gamma ** sum(e >= s for s in steps) for e in range(epochs)]
+
+
+class _EpochMultiStep(MultiStepParamScheduler):
+    # fvcore adds 1e-6 to the training fraction before picking the epoch; with ~1e6 iterations
+    # (200 ImageNet epochs) that moves each epoch boundary one iteration early. 1e-9 keeps float
+    # rounding covered without shifting boundaries for any realistic iteration count.
+    WHERE_EPSILON = 1e-9
+
+
+def build_lr_multiplier(cfg):
+    """fvcore ParamScheduler over the training fraction, constant within each epoch."""
+    s = cfg.SOLVER
+    factors = epoch_lr_factors(s.EPOCHS, tuple(s.STEPS), s.GAMMA, s.COS)
+    milestones = [e for e in range(1, s.EPOCHS) if factors[e] != factors[e - 1]]
+    values = [factors[0]] + [factors[e] for e in milestones]
+    return _EpochMultiStep(values, num_updates=s.EPOCHS, milestones=milestones)
+
+
+class EpochCheckpointer(HookBase):
+    """Calls ``trainer.save_checkpoint(epoch)`` every ``period`` epochs and after the last one.
+
+    Runs on every process (the RNG states of all ranks are gathered); only rank 0 writes.
+    ``period`` 0 saves only the last epoch.
+    """
+
+    def __init__(self, iters_per_epoch, period):
+        self.iters_per_epoch, self.period = int(iters_per_epoch), int(period)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter % self.iters_per_epoch:
+            return
+        epoch = next_iter // self.iters_per_epoch
+        if next_iter >= self.trainer.max_iter or (self.period > 0 and epoch % self.period == 0):
+            self.trainer.save_checkpoint(epoch)
+
+
+def build_knn_hook(trainer, cfg):
+    """EvalHook measuring kNN accuracy every KNN.PERIOD epochs and after the last, or None.
+
+    ``trainer`` provides ``moco`` (unwrapped MoCo), ``device``, ``iters_per_epoch`` and
+    ``knn_history`` (list the results are appended to).
+    """
+    if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
+        return None
+    train_set, val_set = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE,
+                                                "KNN.DATA (--knn-data)")  # fmt: skip
+    pin = trainer.device.type == "cuda"
+    workers = cfg.DATALOADER.NUM_WORKERS
+    train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    val_loader = build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    num_classes = len(train_set.classes)
+    trainer.knn_num_classes = num_classes
+
+    def evaluate():
+        epoch = min(trainer.iter + 1, trainer.max_iter) // trainer.iters_per_epoch
+        res = knn_evaluate(
+            trainer.moco.encoder_q, train_loader, val_loader, num_classes, trainer.device,
+            k=cfg.KNN.K, t=cfg.KNN.T, channels_last=cfg.MODEL.CHANNELS_LAST, amp=cfg.SOLVER.AMP,
+        )  # fmt: skip
+        logger.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%% (chance %.2f%%; %d train / %d val)",
+                    epoch, res["top1"], res["top5"], 100.0 / num_classes, len(train_set),
+                    len(val_set))  # fmt: skip
+        trainer.knn_history.append({"epoch": epoch, "iteration": min(trainer.iter + 1, trainer.max_iter),
+                                    "top1": res["top1"], "top5": res["top5"]})  # fmt: skip
+        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+
+    return EvalHook(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate)

@@ -1,0 +1,82 @@
+"""InstDisc weighted kNN against a hand computation."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from moco.knn import knn_correct, knn_evaluate, knn_scores
+
+
+def _unit(deg):
+    r = math.radians(deg)
+    return [math.cos(r), math.sin(r)]
+
+
+def test_knn_scores_equal_hand_computation():
+    # bank on the unit circle at these angles, with these labels
+    angles = [0, 10, 80, 90, 180]
+    labels = [0, 1, 1, 2, 0]
+    bank = torch.tensor([_unit(a) for a in angles], dtype=torch.float64)
+    bank_labels = torch.tensor(labels)
+    query = torch.tensor([_unit(5)], dtype=torch.float64)
+    k, t = 3, 0.1
+    # by hand: similarities cos(5-a); top-3 neighbours are 0, 10 and 80 degrees
+    sims = {a: math.cos(math.radians(5 - a)) for a in angles}
+    top = sorted(angles, key=lambda a: -sims[a])[:k]
+    assert top == [0, 10, 80]
+    expected = [0.0, 0.0, 0.0]
+    for a in top:
+        expected[labels[angles.index(a)]] += math.exp(sims[a] / t)
+    scores = knn_scores(query, bank, bank_labels, num_classes=3, k=k, t=t)
+    assert scores.shape == (1, 3)
+    assert scores[0].tolist() == pytest.approx(expected, rel=1e-12)
+    # class 1 (10 and 80 degrees) outvotes class 0 (0 degrees) only through the weights
+    assert expected[1] > expected[0]
+    assert int(scores.argmax()) == 1
+
+    # k larger than the bank uses the whole bank
+    all_scores = knn_scores(query, bank, bank_labels, num_classes=3, k=200, t=t)
+    full = [0.0, 0.0, 0.0]
+    for a, y in zip(angles, labels):
+        full[y] += math.exp(sims[a] / t)
+    assert all_scores[0].tolist() == pytest.approx(full, rel=1e-12)
+
+
+def test_knn_correct_counts_top1_and_top5():
+    bank = torch.eye(6)
+    bank_labels = torch.arange(6)
+    # query 1 is nearest to class 1 but labeled 5, its second-nearest class
+    queries = torch.nn.functional.normalize(torch.eye(6)[[0, 1, 2]] + 0.5 * torch.eye(6)[[0, 5, 2]] * torch.tensor([[0.0], [1.0], [0.0]]), dim=1)
+    labels = torch.tensor([0, 5, 2])
+    c1, c5 = knn_correct(queries, labels, bank, bank_labels, num_classes=6, k=6, t=0.1, chunk=2)
+    assert (c1, c5) == (2, 3)
+
+
+def test_knn_evaluate_uses_encoder_features_and_restores_mode():
+    # 2-D points in two clusters; the "encoder" is a fixed linear map (features get normalised)
+    torch.manual_seed(0)
+    x_train = torch.cat([torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
+                         torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0])])  # fmt: skip
+    y_train = torch.tensor([0] * 20 + [1] * 20)
+    x_val = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.0, 0.9]])
+    y_val = torch.tensor([0, 1, 1])
+    enc = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        enc.weight.copy_(torch.eye(2))
+    enc.train()
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=7)
+    val = DataLoader(TensorDataset(x_val, y_val), batch_size=2)
+    res = knn_evaluate(enc, train, val, num_classes=2, device=torch.device("cpu"), k=5, t=0.1)
+    assert enc.training
+    # by hand: normalised val points; the third (angle ~42 deg) is closer to class 0's direction
+    bank = torch.nn.functional.normalize(x_train, dim=1)
+    expected_correct = 0
+    for xv, yv in zip(torch.nn.functional.normalize(x_val, dim=1), y_val):
+        sims = bank @ xv
+        idx = sims.topk(5).indices
+        votes = [sum(math.exp(float(sims[i]) / 0.1) for i in idx if int(y_train[i]) == c) for c in (0, 1)]
+        expected_correct += int(max(range(2), key=lambda c: votes[c]) == int(yv))
+    assert res["top1"] == pytest.approx(100.0 * expected_correct / 3)
+    assert res["top5"] == pytest.approx(100.0)
