@@ -1,0 +1,218 @@
+"""Detection fine-tuning with Detectron2's ``DefaultTrainer`` (the official ``train_net.py`` flow).
+
+What this adds to Detectron2:
+
+* evaluator by the test set's ``evaluator_type``: ``pascal_voc`` -> ``PascalVOCDetectionEvaluator``
+  (AP, AP50, AP75 under "bbox"); ``coco`` -> ``COCOEvaluator`` with bbox, plus segm when masks are on;
+* weights and resume checkpoints are read by :class:`SafeDetectionCheckpointer` (no code execution);
+* the embedded datasets (``synthetic_*``) are registered when a config names them (root:
+  ``default_synthetic_root()``, i.e. ``$DETECTRON2_DATASETS/moco_det_synthetic``);
+* ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads.
+
+CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
+``DefaultTrainer`` wraps the model in DDP with GPU device ids.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import weakref
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultTrainer, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+
+from .checkpoint import SafeDetectionCheckpointer
+from .config import load_cfg, setup_cfg
+from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
+
+__all__ = [
+    "DetectionTrainer",
+    "FINAL_METRICS",
+    "prepare_datasets",
+    "main",
+    "run",
+    "write_final_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+FINAL_METRICS = "final_metrics.json"
+_TASKS = {"pascal_voc": "voc", "coco": "coco"}
+
+
+class DetectionTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with evaluator choice by dataset type and the safe checkpointer."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        kind = evaluator_type(dataset_name)
+        if kind == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer and then calls build_hooks,
+        # whose PeriodicCheckpointer captures self.checkpointer: swap it in first.
+        self.checkpointer = SafeDetectionCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+
+def prepare_datasets(cfg):
+    """Register the embedded datasets the config names (if not yet registered) and check classes."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    registered = set(DatasetCatalog.list())
+    if any(n in SYNTHETIC_DATASETS and n not in registered for n in names):
+        register_synthetic(None)
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            raise ValueError(f"DATASETS: {name!r} is not a registered dataset")
+    for name in cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise ValueError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {name} has "
+                f"{len(classes)} classes; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}"
+            )
+    for name in cfg.DATASETS.TEST:
+        evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
+
+
+def _finite(obj):
+    # COCOeval reports NaN for empty area ranges; JSON has no NaN, so write null
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item"):  # numpy scalars
+        return _finite(obj.item())
+    return obj
+
+
+def _atomic_write_json(path, data):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_final_metrics(cfg, args, results, **extra):
+    """Write ``OUTPUT_DIR/final_metrics.json`` from ``DefaultTrainer.test`` results; return its path.
+
+    ``metrics`` holds the first test set's scores ({"bbox": {"AP", "AP50", "AP75", ...}, "segm": ...});
+    ``datasets`` holds every test set's.
+    """
+    test_sets = list(cfg.DATASETS.TEST)
+    if not test_sets or results is None:
+        raise ValueError("no evaluation results: set DATASETS.TEST to score the model")
+    # DefaultTrainer.test unwraps the per-dataset dict when there is one test set
+    per_dataset = {test_sets[0]: results} if len(test_sets) == 1 else dict(results)
+    primary = test_sets[0]
+    data = {
+        "task": _TASKS[evaluator_type(primary)],
+        "dataset": primary,
+        "metrics": per_dataset[primary],
+        "datasets": per_dataset,
+        "config_file": os.path.abspath(args.config_file),
+        "weights": cfg.MODEL.WEIGHTS,
+        "seed": cfg.SEED,
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "device": cfg.MODEL.DEVICE,
+        "world_size": comm.get_world_size(),
+        "eval_only": bool(args.eval_only),
+        "opts": list(args.opts),
+    }
+    data.update(extra)
+    path = os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)
+    _atomic_write_json(path, _finite(data))
+    logger.info("final metrics written to %s", path)
+    return path
+
+
+def _num_images(names):
+    return sum(len(DatasetCatalog.get(n)) for n in names)
+
+
+def main(args):
+    """One process's work: train (or evaluate) and write ``final_metrics.json``; returns results."""
+    cfg = setup_cfg(args)
+    prepare_datasets(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: the backbone starts from random initialization")
+    if args.eval_only:
+        model = DetectionTrainer.build_model(cfg)
+        checkpoint = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        start = time.perf_counter()
+        results = DetectionTrainer.test(cfg, model)
+        seconds = time.perf_counter() - start
+        extra = {"eval_seconds": seconds, "test_images": _num_images(cfg.DATASETS.TEST)}
+        extra["s_per_test_image"] = seconds / max(1, extra["test_images"])
+        if "iteration" in checkpoint:
+            extra["iterations"] = int(checkpoint["iteration"]) + 1
+    else:
+        trainer = DetectionTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        start = time.perf_counter()
+        trainer.train()
+        extra = {"train_seconds": time.perf_counter() - start}
+        times = trainer.storage.history("time").values() if "time" in trainer.storage.histories() else []
+        if times:  # IterationTimer's per-iteration time, hooks (PreciseBN, eval) excluded
+            extra["s_per_iter"] = sum(t for t, _ in times) / len(times)
+        # DefaultTrainer's EvalHook stores the last evaluation here (it always runs after training)
+        results = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process():
+        write_final_metrics(cfg, args, results, **extra)
+    return results
+
+
+def run(args):
+    """Validate the command line in this process, then ``launch`` :func:`main` (the CLI entry)."""
+    world_size = args.num_gpus * args.num_machines
+    if args.num_gpus < 1:
+        raise ValueError(f"--num-gpus {args.num_gpus}: must be at least 1")
+    if world_size > 1 and torch.cuda.device_count() < args.num_gpus:
+        raise ValueError(
+            f"--num-gpus {args.num_gpus} --num-machines {args.num_machines}: this machine has "
+            f"{torch.cuda.device_count()} CUDA GPUs; Detectron2's DefaultTrainer needs one GPU per "
+            "process (on CPU use --num-gpus 1 --num-machines 1)"
+        )
+    # fail here with one clear line rather than inside every spawned worker
+    cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    prepare_datasets(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate a detector (Detectron2's standard command line).
+
+    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \
+        --num-gpus 8 MODEL.WEIGHTS moco_r50.pkl OUTPUT_DIR out/voc_moco_1
+    python tools/train_net.py --config-file configs/detection/embedded_voc_R_18_FPN.yaml
+    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS out/model_final.pth
+
+Writes OUTPUT_DIR/final_metrics.json (read by tools/report.py). See detection/trainer.py.
+"""
+
+import pickle
+import sys
+
+from detectron2.engine import default_argument_parser
+
+from detection.trainer import run
+
+
+def main(argv=None):
+    args = default_argument_parser(epilog=__doc__).parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        print(f"train_net: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
