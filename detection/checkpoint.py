@@ -125,8 +125,9 @@ def load_weights_only(path):
             f"{path}: refusing to load: it holds more than tensors and plain containers "
             f"({detail}); only weights files are accepted (torch.load weights_only=True)"
         ) from None
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated / not a torch.save file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):

@@ -15,6 +15,7 @@ import logging
 import os
 
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
@@ -59,8 +60,9 @@ def load_cfg(config_file, opts=(), world_size=1):
     cfg = get_cfg()
     try:
         cfg.merge_from_file(config_file)
-    except (KeyError, AssertionError, ValueError) as e:
-        raise ValueError(f"{config_file}: invalid config ({e})") from None
+    except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
+        raise ValueError(f"{config_file}: invalid config ({reason})") from None
     try:
         cfg.merge_from_list(list(opts or []))
     except (KeyError, AssertionError, ValueError) as e:

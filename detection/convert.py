@@ -83,7 +83,14 @@ class ConversionResult:
 
 def load_source_state_dict(path):
     """Read a checkpoint with ``torch.load(weights_only=True)`` and return its state dict."""
-    obj = load_weights_only(path)
+    try:
+        obj = load_weights_only(path)
+    except pickle.UnpicklingError as e:
+        if os.fspath(path).endswith(".pkl"):
+            raise pickle.UnpicklingError(
+                f"{e}; a .pkl is usually Detectron2 weights already: pass it as MODEL.WEIGHTS"
+            ) from None
+        raise
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
     for key in ("state_dict", "model"):

@@ -244,8 +244,11 @@ def test_refusals_leave_existing_output_untouched(tmp_path):
         convert_checkpoint(tmp_path / "tv.pth", tmp_path / "out.pth")
     with pytest.raises(ValueError, match="--format"):
         convert_checkpoint(tmp_path / "tv.pth", out, fmt="moco")  # forced layout that is absent
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "tv.pth").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"truncated\.pth: not a readable torch checkpoint"):
+        convert_checkpoint(tmp_path / "truncated.pth", out)
     assert out.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["out.pkl", "partial.pth", "tv.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["out.pkl", "partial.pth", "truncated.pth", "tv.pth"]
 
 
 class _WriteMarker:

@@ -131,6 +131,10 @@ def test_bad_config_input_is_named(tmp_path):
         load_cfg(path, ["MODEL.NOT_A_KEY", "1"])
     with pytest.raises(ValueError, match="overrides"):
         load_cfg(path, ["SOLVER.MAX_ITER"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("MODEL:\n  ROI_HEADS: [\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: invalid config \([^\n]*\)$"):
+        load_cfg(str(broken))
 
 
 def test_extra_norm_head_needs_a_norm():

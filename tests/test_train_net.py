@@ -92,6 +92,20 @@ def test_coco_mask_run_reports_bbox_and_segm(synthetic_datasets, tmp_path):
     assert os.path.isfile(os.path.join(out, "inference", "synthetic_coco_test", "coco_instances_results.json"))
 
 
+def test_trainer_reads_weights_through_the_safe_checkpointer(synthetic_datasets, tmp_path):
+    from detectron2.engine import hooks
+
+    from detection.checkpoint import SafeDetectionCheckpointer
+    from detection.config import load_cfg
+    from detection.trainer import DetectionTrainer
+
+    cfg = load_cfg(VOC_CFG, TINY + ["OUTPUT_DIR", str(tmp_path), "TEST.PRECISE_BN.ENABLED", "False"])
+    trainer = DetectionTrainer(cfg)
+    assert isinstance(trainer.checkpointer, SafeDetectionCheckpointer)
+    periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)
+
+
 def _cli():
     spec = importlib.util.spec_from_file_location("train_net_cli", os.path.join(ROOT, "tools", "train_net.py"))
     module = importlib.util.module_from_spec(spec)
