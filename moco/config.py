@@ -68,6 +68,7 @@ _C.KNN.DATA = ""  # folder with train/ and val/ (labeled); "" = no kNN monitor
 _C.KNN.K = 200  # InstDisc weighted kNN
 _C.KNN.T = 0.1
 _C.KNN.PERIOD = 1  # epochs between measurements (the last epoch always); 0 = monitor off
+_C.KNN.AT_START = False  # also measure before the first step (the untrained encoder's baseline)
 _C.KNN.BATCH_SIZE = 256  # per process, feature extraction
 
 _C.OUTPUT_DIR = "./output/pretrain"

@@ -321,12 +321,12 @@ class PretrainTrainer(SimpleTrainer):
         self.sampler_seed = int(seed)
         loader = build_pretrain_loader(cfg, dataset, self.iters_per_epoch, start_iter,
                                        self.sampler_seed, pin_memory=self.device.type == "cuda")  # fmt: skip
+        # DDP keeps buffers (queue, BN statistics) in sync from rank 0, as official
         ddp = create_ddp_model(
-            self.moco, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=True,
-        )  # fmt: skip
+            self.moco, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
         super().__init__(ddp, loader, optimizer)
-        self.start_iter = self.iter = start_iter
+        self.start_iter = self.iter = self.completed_iters = start_iter
         self.max_iter = max_iter
         self.knn_history, self.knn_num_classes = [], None
         self.last_checkpoint = resume_path
@@ -408,6 +408,7 @@ class PretrainTrainer(SimpleTrainer):
         if comm.is_main_process():
             self.storage.put_scalars(**{k: float(v) for k, v in acc.items()})
         self.optimizer.step()
+        self.completed_iters = self.iter + 1
         self._step_seconds += time.perf_counter() - start
 
     def save_checkpoint(self, epoch):

@@ -64,11 +64,23 @@ class EpochCheckpointer(HookBase):
             self.trainer.save_checkpoint(epoch)
 
 
-def build_knn_hook(trainer, cfg):
-    """EvalHook measuring kNN accuracy every KNN.PERIOD epochs and after the last, or None.
+class KNNMonitor(EvalHook):
+    """Detectron2's EvalHook, plus an optional measurement before the first step (epoch 0)."""
 
-    ``trainer`` provides ``moco`` (unwrapped MoCo), ``device``, ``iters_per_epoch`` and
-    ``knn_history`` (list the results are appended to).
+    def __init__(self, eval_period, eval_function, at_start=False):
+        super().__init__(eval_period, eval_function)
+        self._at_start = at_start
+
+    def before_train(self):
+        if self._at_start and self.trainer.iter == 0:
+            self._do_eval()
+
+
+def build_knn_hook(trainer, cfg):
+    """kNN monitor every KNN.PERIOD epochs and after the last (and at start with KNN.AT_START).
+
+    ``trainer`` provides ``moco`` (unwrapped MoCo), ``device``, ``iters_per_epoch``,
+    ``completed_iters`` and ``knn_history`` (list the results are appended to). None when off.
     """
     if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
         return None
@@ -82,16 +94,18 @@ def build_knn_hook(trainer, cfg):
     trainer.knn_num_classes = num_classes
 
     def evaluate():
-        epoch = min(trainer.iter + 1, trainer.max_iter) // trainer.iters_per_epoch
+        done = trainer.completed_iters
         res = knn_evaluate(
             trainer.moco.encoder_q, train_loader, val_loader, num_classes, trainer.device,
             k=cfg.KNN.K, t=cfg.KNN.T, channels_last=cfg.MODEL.CHANNELS_LAST, amp=cfg.SOLVER.AMP,
         )  # fmt: skip
-        logger.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%% (chance %.2f%%; %d train / %d val)",
+        epoch = done // trainer.iters_per_epoch if done % trainer.iters_per_epoch == 0 else \
+            done / trainer.iters_per_epoch
+        logger.info("epoch %g: kNN top-1 %.2f%%, top-5 %.2f%% (chance %.2f%%; %d train / %d val)",
                     epoch, res["top1"], res["top5"], 100.0 / num_classes, len(train_set),
                     len(val_set))  # fmt: skip
-        trainer.knn_history.append({"epoch": epoch, "iteration": min(trainer.iter + 1, trainer.max_iter),
-                                    "top1": res["top1"], "top5": res["top5"]})  # fmt: skip
+        trainer.knn_history.append({"epoch": epoch, "iteration": done, "top1": res["top1"],
+                                    "top5": res["top5"]})  # fmt: skip
         return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
 
-    return EvalHook(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate)
+    return KNNMonitor(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate, cfg.KNN.AT_START)

@@ -37,6 +37,7 @@ def tiny_cfg(root, out, **overrides):
     cfg.SOLVER.CHECKPOINT_PERIOD = 1
     cfg.KNN.DATA = os.path.join(root, "imagefolder")
     cfg.KNN.BATCH_SIZE = 16
+    cfg.KNN.AT_START = True
     cfg.LOG_PERIOD = 1
     cfg.SEED = 0
     cfg.OUTPUT_DIR = str(out)
@@ -73,8 +74,8 @@ def test_engine_writes_metrics_checkpoints_and_summary(trained):
         epoch = r["iteration"] // ipe
         assert r["lr"] == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * epoch / EPOCHS)))
     knn_rows = [r for r in rows if "knn_top1" in r]
-    assert len(knn_rows) == EPOCHS
-    assert [h["epoch"] for h in summary["knn"]] == [1, 2]
+    assert len(knn_rows) == EPOCHS + 1
+    assert [h["epoch"] for h in summary["knn"]] == [0, 1, 2]
     assert all(0 <= h["top1"] <= 100 for h in summary["knn"])
     assert summary["knn_chance"] == pytest.approx(10.0)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
