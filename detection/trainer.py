@@ -172,8 +172,8 @@ def main(args):
         seconds = time.perf_counter() - start
         extra = {"eval_seconds": seconds, "test_images": _num_images(cfg.DATASETS.TEST)}
         extra["s_per_test_image"] = seconds / max(1, extra["test_images"])
-        if "iteration" in checkpoint:
-            extra["iterations"] = int(checkpoint["iteration"]) + 1
+        # a training checkpoint knows its iteration; converted weights (.pkl) were never fine-tuned
+        extra["iterations"] = int(checkpoint["iteration"]) + 1 if "iteration" in checkpoint else 0
     else:
         trainer = DetectionTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
