@@ -2,10 +2,24 @@
 
 All transforms take PIL images. Random draws use torch's RNG (torchvision's transforms do too),
 so ``torch.manual_seed`` and DataLoader worker seeding make a pipeline reproducible.
+
+``fast=True`` (``moco_v1_transform(..., fast=True)``, ``moco_v2_transform(..., fast=True)``) keeps
+the same transforms, order, parameters and random draws (same seed -> same crop, jitter factors,
+blur sigma) and swaps the three slow implementations measured in torchvision's PIL path: the hue
+shift (OpenCV's HSV conversion instead of PIL's), the Gaussian blur (OpenCV's Gaussian kernel
+instead of PIL's box-filter approximation, same sigma) and ToTensor + Normalize (one step).
+:class:`JpegDraftLoader` decodes JPEGs at a reduced DCT scale only when every crop that
+RandomResizedCrop can draw still has at least ``crop_size`` pixels per side.
 """
 
+import math
+import os
+
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,31 +56,164 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def moco_v1_transform(crop_size=224):
-    """MoCo v1 / InstDisc augmentation."""
+_cv2_pid = None
+
+
+def _cv2_one_thread():
+    """One OpenCV thread in the process running the fast transforms (once per process).
+
+    A data worker augments one small image at a time; OpenCV's default thread pool then only
+    competes with the training threads for the same cores.
+    """
+    global _cv2_pid
+    if _cv2_pid != os.getpid():
+        cv2.setNumThreads(1)
+        _cv2_pid = os.getpid()
+
+
+class FastGaussianBlur(GaussianBlur):
+    """:class:`GaussianBlur` (same sigma draw) with OpenCV's Gaussian kernel (3 sigma support).
+
+    PIL's GaussianBlur approximates the Gaussian by three box blurs; OpenCV convolves with the
+    sampled Gaussian itself, about 4x faster at 224 px. Edges are replicated as in PIL.
+    """
+
+    def __call__(self, img):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"GaussianBlur expects a PIL image, got {type(img).__name__}")
+        sigma = torch.empty(()).uniform_(*self.sigma).item()
+        if img.mode not in ("RGB", "L"):
+            return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        _cv2_one_thread()
+        out = cv2.GaussianBlur(np.asarray(img), (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
+        return Image.fromarray(out, img.mode)
+
+
+def adjust_hue_fast(img, hue_factor):
+    """torchvision's PIL ``adjust_hue`` (hue as a byte, shifted modulo 256) on OpenCV's HSV.
+
+    Same shift of the same 8-bit hue; OpenCV's RGB<->HSV rounding differs from PIL's by a few
+    grey levels at most, about 8x faster. Non-RGB images go to torchvision.
+    """
+    if not isinstance(img, Image.Image) or img.mode != "RGB":
+        return TF.adjust_hue(img, hue_factor)
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    _cv2_one_thread()
+    hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)  # hue in 0..255 for 0..360 deg
+    shift = int(np.int8(hue_factor * 255).astype(np.uint8))  # torchvision's byte shift
+    hsv[..., 0] += np.uint8(shift)  # uint8 arithmetic wraps modulo 256, as torchvision's
+    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL), "RGB")
+
+
+class FastColorJitter(T.ColorJitter):
+    """torchvision's ColorJitter (same parameter draws and random order) with :func:`adjust_hue_fast`."""
+
+    def forward(self, img):
+        fn_idx, b, c, s, h = self.get_params(self.brightness, self.contrast, self.saturation,
+                                             self.hue)  # fmt: skip
+        for fn_id in fn_idx:
+            if fn_id == 0 and b is not None:
+                img = TF.adjust_brightness(img, b)
+            elif fn_id == 1 and c is not None:
+                img = TF.adjust_contrast(img, c)
+            elif fn_id == 2 and s is not None:
+                img = TF.adjust_saturation(img, s)
+            elif fn_id == 3 and h is not None:
+                img = adjust_hue_fast(img, h)
+        return img
+
+
+class ToNormalizedTensor:
+    """ToTensor + Normalize(mean, std) in one step: uint8 HWC PIL image -> float CHW tensor."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        # (x / 255 - mean) / std == x * scale + shift
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(-1, 1, 1)
+        self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(-1, 1, 1)
+
+    def __call__(self, img):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"ToNormalizedTensor expects a PIL image, got {type(img).__name__}")
+        x = TF.pil_to_tensor(img.convert("RGB") if img.mode != "RGB" else img).contiguous()
+        return torch.addcmul(self._shift, x.float(), self._scale)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def _to_tensor(fast):
+    return [ToNormalizedTensor()] if fast else [T.ToTensor(), imagenet_normalize()]
+
+
+def moco_v1_transform(crop_size=224, fast=False):
+    """MoCo v1 / InstDisc augmentation (``fast``: same augmentation, faster implementations)."""
     _check_size("crop_size", crop_size)
+    jitter = FastColorJitter if fast else T.ColorJitter
     return T.Compose([
         T.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
         T.RandomGrayscale(p=0.2),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        jitter(0.4, 0.4, 0.4, 0.4),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        imagenet_normalize(),
+        *_to_tensor(fast),
     ])
 
 
-def moco_v2_transform(crop_size=224):
+def moco_v2_transform(crop_size=224, fast=False):
     """MoCo v2 "aug+": v1 plus jitter with p 0.8 (hue 0.1) and Gaussian blur with p 0.5."""
     _check_size("crop_size", crop_size)
+    jitter = FastColorJitter if fast else T.ColorJitter
+    blur = FastGaussianBlur if fast else GaussianBlur
     return T.Compose([
         T.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomApply([jitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=0.5),
+        T.RandomApply([blur(sigma=(0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        imagenet_normalize(),
+        *_to_tensor(fast),
     ])
+
+
+class JpegDraftLoader:
+    """ImageFolder ``loader``: RGB PIL image; JPEGs decoded at 1/2, 1/4 or 1/8 scale when allowed.
+
+    The reduction is the largest one for which the smallest crop RandomResizedCrop can draw
+    (area ``min_scale``, aspect ``min_ratio``) still has ``crop_size`` pixels on its shorter side,
+    so no crop is upsampled more than from the full-size image. Crop geometry is relative (area
+    fraction, aspect), so the crop distribution is unchanged. Other formats load as usual.
+    """
+
+    def __init__(self, crop_size, min_scale=0.2, min_ratio=3.0 / 4.0):
+        _check_size("crop_size", crop_size)
+        self.crop_size, self.min_scale, self.min_ratio = crop_size, float(min_scale), float(min_ratio)
+
+    def reduction(self, width, height):
+        """DCT scale denominator (1, 2, 4 or 8) used for a ``width`` x ``height`` JPEG."""
+        smallest_side = math.sqrt(self.min_scale * self.min_ratio * width * height)
+        d = 1
+        while d < 8 and smallest_side / (2 * d) >= self.crop_size:
+            d *= 2
+        return d
+
+    def __call__(self, path):
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.format == "JPEG":
+                d = self.reduction(*img.size)
+                if d > 1:
+                    img.draft("RGB", (img.size[0] // d, img.size[1] // d))
+            return img.convert("RGB")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(crop_size={self.crop_size})"
+
+
+def pretrain_transform(crop_size=224, aug_plus=False, fast=False):
+    """Two crops of the MoCo v1 (``aug_plus=False``) or v2 augmentation."""
+    make = moco_v2_transform if aug_plus else moco_v1_transform
+    return TwoCropsTransform(make(crop_size, fast=fast))
 
 
 class TwoCropsTransform:

@@ -4,7 +4,16 @@ Keys of ``MoCo(...).state_dict()`` are ``encoder_q.<torchvision key>``, ``encode
 and ``queue_ptr`` (``fc.0.*`` / ``fc.2.*`` with the MLP head), so an official checkpoint's
 ``state_dict`` with the ``module.`` prefix stripped loads with ``strict=True`` in every Shuffle BN
 mode (SplitBatchNorm and SyncBatchNorm keep BatchNorm2d's keys).
+
+The queue is not copied per step. The official code computes the negatives from
+``self.queue.clone().detach()`` because the enqueue at the end of ``forward`` overwrites N of them
+before ``backward`` needs them. Here ``l_neg`` is :class:`_NegativeLogits`, whose backward briefly
+puts the overwritten columns back (an undo log of the N-column writes made since its forward), so
+the gradient uses exactly the forward-time negatives; any other in-place change of the queue
+between forward and backward raises instead of giving a wrong gradient.
 """
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -14,6 +23,8 @@ import torchvision
 
 from moco.shuffle_bn import (
     batch_shuffle_ddp,
+    blocked_order,
+    blocked_split_batchnorm,
     batch_shuffle_single,
     batch_unshuffle_ddp,
     batch_unshuffle_single,
@@ -22,6 +33,58 @@ from moco.shuffle_bn import (
     get_world_size,
     resolve_shuffle_bn,
 )
+
+
+class _UndoLog:
+    """In-place writes to ``queue`` since one forward: (column index, old columns), oldest first."""
+
+    __slots__ = ("queue", "entries", "expected_version", "peers", "__weakref__")
+
+    def __init__(self, queue, peers):
+        self.queue, self.entries, self.peers = queue, [], peers
+        self.expected_version = queue._version
+        peers.add(self)
+
+
+def _bump_versions(peers, queue, delta):
+    for log in list(peers):
+        if log.queue is queue:
+            log.expected_version += delta
+
+
+class _NegativeLogits(torch.autograd.Function):
+    """``q @ queue`` whose backward sees the queue as it was at forward time, without a copy."""
+
+    @staticmethod
+    def forward(ctx, q, queue, log):
+        ctx.log = log
+        return q.mm(queue)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log = ctx.log
+        queue = log.queue
+        if queue._version != log.expected_version:
+            raise RuntimeError(
+                "MoCo: the queue was modified in place between forward and backward by something "
+                "other than MoCo's enqueue (e.g. load_state_dict or queue.copy_); the gradient "
+                "would use the wrong negatives, so run the forward again after the change"
+            )
+        before = queue._version
+        with torch.no_grad():
+            redo = []
+            for idx, old in reversed(log.entries):  # undo newest first
+                redo.append((idx, queue.index_select(1, idx)))
+                queue.index_copy_(1, idx, old)
+            grad_q = grad.mm(queue.t())
+            for idx, current in reversed(redo):
+                queue.index_copy_(1, idx, current)
+        _bump_versions(log.peers, queue, queue._version - before)
+        return grad_q, None, None
+
+
+def _is_channels_last(x):
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def resnet_encoder(arch):
@@ -44,6 +107,8 @@ class MoCo(nn.Module):
         super().__init__()
         self.K, self.m, self.T = int(K), float(m), float(T)
         self.shuffle_bn = resolve_shuffle_bn(shuffle_bn)
+        self.split_bn_groups = int(split_bn_groups)
+        self._undo_logs = weakref.WeakSet()  # of forwards whose graph may still run backward
         self.encoder_q = base_encoder(num_classes=dim)
         self.encoder_k = base_encoder(num_classes=dim)
         if mlp:  # MoCo v2 head: fc -> Sequential(Linear(d, d), ReLU, fc), keys fc.0.* / fc.2.*
@@ -78,8 +143,25 @@ class MoCo(nn.Module):
         # K % batch == 0 (checked in forward), so the slot never wraps; the index stays on the
         # device to avoid a host sync per step.
         idx = self.queue_ptr + torch.arange(keys.shape[0], device=self.queue.device)
-        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        queue = self.queue
+        logs = [log for log in list(self._undo_logs) if log.queue is queue]
+        for log in logs:  # the N columns about to be overwritten, for pending backwards
+            log.entries.append((idx, queue.index_select(1, idx)))
+        before = queue._version
+        queue.index_copy_(1, idx, keys.T.to(queue.dtype))
+        _bump_versions(self._undo_logs, queue, queue._version - before)
         self.queue_ptr.add_(keys.shape[0]).remainder_(self.K)
+
+    def _encode(self, encoder, x):
+        """``encoder(x)``. Split BN on channels_last input runs on blocked sub-batches: the encoder
+        sees ``x[blocked_order]``, so block j holds the strided sub-batch j and results are those
+        of the strided split, in x's order."""
+        if self.shuffle_bn != "split" or not _is_channels_last(x):
+            return encoder(x)
+        order = blocked_order(x.shape[0], self.split_bn_groups, x.device)
+        with blocked_split_batchnorm(encoder):
+            out = encoder(x[order])
+        return out[torch.argsort(order)]
 
     def _check_inputs(self, im_q, im_k):
         if im_q.shape[0] != im_k.shape[0]:
@@ -101,24 +183,24 @@ class MoCo(nn.Module):
 
     def forward(self, im_q, im_k):
         self._check_inputs(im_q, im_k)
-        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        q = F.normalize(self._encode(self.encoder_q, im_q).float(), dim=1)
         with torch.no_grad():
             self._momentum_update_key_encoder()  # before computing k, as the official code
             if self.shuffle_bn == "ddp":
                 im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
             elif self.shuffle_bn == "split":
                 im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
+            k = F.normalize(self._encode(self.encoder_k, im_k).float(), dim=1)
             if self.shuffle_bn == "ddp":
                 k = batch_unshuffle_ddp(k, idx_unshuffle)
             elif self.shuffle_bn == "split":
                 k = batch_unshuffle_single(k, idx_unshuffle)
-        # Autograd keeps the negatives for q's gradient and the in-place enqueue below overwrites
-        # N of them before backward, so snapshot the queue when a backward can follow.
-        queue = self.queue.clone() if q.requires_grad else self.queue
         with torch.autocast(q.device.type, enabled=False):  # logits/T in fp32 even under AMP
             l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-            l_neg = torch.einsum("nc,ck->nk", q, queue)
+            if q.requires_grad:  # the enqueue below overwrites negatives this backward needs
+                l_neg = _NegativeLogits.apply(q, self.queue, _UndoLog(self.queue, self._undo_logs))
+            else:
+                l_neg = q.mm(self.queue)
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._dequeue_and_enqueue(k)
