@@ -25,8 +25,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from detectron2.engine import SimpleTrainer, hooks
-from detectron2.engine.defaults import create_ddp_model, default_writers
+from detectron2.engine import SimpleTrainer
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.launch import launch
 from detectron2.solver.lr_scheduler import LRMultiplier
 from detectron2.utils import comm
@@ -35,8 +35,9 @@ from detectron2.utils.logger import setup_logger
 
 from moco import checkpoint as ckpt_lib
 from moco.builder import MoCo, resnet_encoder
+from moco.shuffle_bn import resolve_shuffle_bn
 from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path, tensor_batch_to
-from moco.hooks import EpochCheckpointer, build_knn_hook, build_lr_multiplier
+from moco.hooks import build_epoch_hooks, build_lr_multiplier
 
 logger = logging.getLogger("moco")
 
@@ -196,7 +197,13 @@ def validate_cfg(cfg, world_size):
             f"SOLVER.IMS_PER_BATCH = {batch}: the queue takes whole batches (official assert "
             f"K % batch_size == 0); use e.g. MODEL.K {max(1, cfg.MODEL.K // batch) * batch}"
         )
-    mode = shuffle_bn_mode(cfg, world_size)
+    if not 0.0 <= cfg.MODEL.M <= 1.0 or cfg.MODEL.T <= 0 or cfg.MODEL.DIM < 1:
+        raise ValueError(f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
+                         f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}")  # fmt: skip
+    mode = resolve_shuffle_bn(shuffle_bn_mode(cfg, world_size))  # rejects unknown names
+    if mode == "sync" and world_size > 1 and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("MODEL.SHUFFLE_BN=sync needs CUDA with several processes (torch's "
+                         "SyncBatchNorm rejects CPU tensors); use 'ddp' or 'auto'")  # fmt: skip
     if mode == "ddp" and world_size < 2:
         raise ValueError("MODEL.SHUFFLE_BN=ddp shuffles across processes and needs >= 2; use "
                          "'auto' or 'split' for one process")  # fmt: skip
@@ -219,11 +226,10 @@ def validate_cfg(cfg, world_size):
     if not os.path.isdir(train_dir):
         raise FileNotFoundError(f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
                                 "(expected train/<class>/<image>)")  # fmt: skip
-    for what, root in (("KNN.DATA (--knn-data)", cfg.KNN.DATA),):
-        if root and cfg.KNN.PERIOD > 0:
-            for split in ("train", "val"):
-                if not os.path.isdir(os.path.join(resolve_data_path(root), split)):
-                    raise FileNotFoundError(f"{what} = {root} has no {split}/ folder")
+    if cfg.KNN.DATA and cfg.KNN.PERIOD > 0:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(resolve_data_path(cfg.KNN.DATA), split)):
+                raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
 
 
 def resolve_device(cfg):
@@ -376,17 +382,13 @@ class PretrainTrainer(SimpleTrainer):
             "rng_states": ckpt.get("rng_states"),
         }
 
+    @property
+    def encoder(self):
+        """The network whose L2-normalised output the kNN monitor scores (MoCo's query encoder)."""
+        return self.moco.encoder_q
+
     def build_hooks(self):
-        cfg = self.cfg
-        ret = [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler)]
-        knn = build_knn_hook(self, cfg)
-        if knn is not None:
-            ret.append(knn)
-        ret.append(EpochCheckpointer(self.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
-        if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
-            ret.append(hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter),
-                                            period=cfg.LOG_PERIOD))  # fmt: skip
-        return ret
+        return build_epoch_hooks(self, self.cfg)
 
     def run_step(self):
         assert self.model.training, "[PretrainTrainer] model was changed to eval mode!"

@@ -13,7 +13,10 @@
 import logging
 import math
 
+from detectron2.engine import hooks
+from detectron2.engine.defaults import default_writers
 from detectron2.engine.hooks import EvalHook, HookBase
+from detectron2.utils import comm
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from moco.data import build_eval_loader, build_labeled_datasets
@@ -79,7 +82,7 @@ class KNNMonitor(EvalHook):
 def build_knn_hook(trainer, cfg):
     """kNN monitor every KNN.PERIOD epochs and after the last (and at start with KNN.AT_START).
 
-    ``trainer`` provides ``moco`` (unwrapped MoCo), ``device``, ``iters_per_epoch``,
+    ``trainer`` provides ``encoder`` (the network scored), ``device``, ``iters_per_epoch``,
     ``completed_iters`` and ``knn_history`` (list the results are appended to). None when off.
     """
     if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
@@ -96,7 +99,7 @@ def build_knn_hook(trainer, cfg):
     def evaluate():
         done = trainer.completed_iters
         res = knn_evaluate(
-            trainer.moco.encoder_q, train_loader, val_loader, num_classes, trainer.device,
+            trainer.encoder, train_loader, val_loader, num_classes, trainer.device,
             k=cfg.KNN.K, t=cfg.KNN.T, channels_last=cfg.MODEL.CHANNELS_LAST, amp=cfg.SOLVER.AMP,
         )  # fmt: skip
         epoch = done // trainer.iters_per_epoch if done % trainer.iters_per_epoch == 0 else \
@@ -109,3 +112,20 @@ def build_knn_hook(trainer, cfg):
         return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
 
     return KNNMonitor(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate, cfg.KNN.AT_START)
+
+
+def build_epoch_hooks(trainer, cfg):
+    """The hooks of an epoch-based pretraining run (MoCo or the supervised baseline), in order.
+
+    ``trainer`` provides ``optimizer``, ``scheduler``, ``iters_per_epoch``, ``max_iter``,
+    ``save_checkpoint(epoch)`` and what :func:`build_knn_hook` needs.
+    """
+    ret = [hooks.IterationTimer(), hooks.LRScheduler(trainer.optimizer, trainer.scheduler)]
+    knn = build_knn_hook(trainer, cfg)
+    if knn is not None:
+        ret.append(knn)
+    ret.append(EpochCheckpointer(trainer.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
+    if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
+        ret.append(hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, trainer.max_iter),
+                                        period=cfg.LOG_PERIOD))  # fmt: skip
+    return ret

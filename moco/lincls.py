@@ -254,7 +254,7 @@ def run_lincls(opts: LinclsOptions):
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=opts.seed or 0)  # fmt: skip
     train_loader = make_loader(train_set, opts.batch_size, sampler, opts.workers, drop_last=False,
-                           pin_memory=pin)  # fmt: skip
+                               pin_memory=pin)  # fmt: skip
     factors = epoch_lr_factors(opts.epochs, tuple(opts.schedule), 0.1, cos=False)
     for epoch in range(start_epoch, opts.epochs):
         sampler.set_epoch(epoch)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +104,32 @@ def test_pretrained_formats_moco_v3_and_torchvision(moco_checkpoint, tmp_path):
     torch.save({"state_dict": resnet_encoder("resnet34")().state_dict()}, other)
     with pytest.raises(ValueError, match="r34.pth .*does not fit.*--arch"):
         load_pretrained(build_linear_model("resnet18", 10), other)
+
+
+def _lincls_cli(args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(repo, "tools", "lincls.py"), *args],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+
+def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path):
+    path, _ = moco_checkpoint
+    data = os.path.join(synthetic_root, "imagefolder")
+    common = ["-a", "resnet18", "--crop-size", "32", "-b", "10", "-j", "0", "--wd", "0",
+              "--momentum", "0.9", "--output-dir", str(tmp_path)]  # fmt: skip
+    r = _lincls_cli([*common, "--lr", "0.5", "--epochs", "1", "--schedule", "1", "--seed", "0",
+                     "--pretrained", path, data])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "lincls_results.json") as f:
+        res = json.load(f)
+    assert res["pretrained_format"] == "moco" and len(res["history"]) == 1
+    assert "Acc@1" in r.stdout and "sanity check passed" in r.stdout
+
+    for args, message in (
+        (["--pretrained", str(tmp_path / "missing.pth"), data], "--pretrained"),
+        (["-a", "resnet34", "--pretrained", path, data], "does not fit -a resnet"),
+    ):
+        r = _lincls_cli([*common, *args])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]

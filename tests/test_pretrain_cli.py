@@ -109,7 +109,7 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
     assert s["max_iter"] == 2 * (30 // 8)
     digests = s["queue_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert [h["epoch"] for h in s["knn"]] == [1, 2]
+    assert [h["epoch"] for h in s["knn"]] == [0, 1, 2]  # KNN.AT_START in the CPU config
     ckpt = torch.load(out / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True)
     assert len(ckpt["rng_states"]) == 2  # one per rank
     assert ckpt["state_dict"]["module.queue_ptr"].item() == (2 * 3 * 8) % 16
