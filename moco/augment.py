@@ -107,7 +107,7 @@ def adjust_hue_fast(img, hue_factor):
 
 
 class FastColorJitter(T.ColorJitter):
-    """torchvision's ColorJitter (same parameter draws and random order) with :func:`adjust_hue_fast`."""
+    """torchvision's ColorJitter (same draws, same random order) with :func:`adjust_hue_fast`."""
 
     def forward(self, img):
         fn_idx, b, c, s, h = self.get_params(self.brightness, self.contrast, self.saturation,
@@ -187,7 +187,8 @@ class JpegDraftLoader:
 
     def __init__(self, crop_size, min_scale=0.2, min_ratio=3.0 / 4.0):
         _check_size("crop_size", crop_size)
-        self.crop_size, self.min_scale, self.min_ratio = crop_size, float(min_scale), float(min_ratio)
+        self.crop_size = crop_size
+        self.min_scale, self.min_ratio = float(min_scale), float(min_ratio)
 
     def reduction(self, width, height):
         """DCT scale denominator (1, 2, 4 or 8) used for a ``width`` x ``height`` JPEG."""

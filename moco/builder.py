@@ -84,7 +84,8 @@ class _NegativeLogits(torch.autograd.Function):
 
 
 def _is_channels_last(x):
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return channels_last and not x.is_contiguous()
 
 
 def resnet_encoder(arch):

@@ -94,7 +94,7 @@ def prepare_model(model, channels_last=False, compile_encoders=False):
 
 
 def to_device(batch, device, channels_last=False):
-    """An image batch on ``device`` in the model's memory format (non-blocking from pinned memory)."""
+    """An image batch on ``device`` in the model's memory format (non-blocking if pinned)."""
     return batch.to(device, non_blocking=True, memory_format=memory_format(channels_last))
 
 

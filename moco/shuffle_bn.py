@@ -20,10 +20,10 @@ model "cheats" through them (MoCo paper, Sec. 3.3). Modes (``MODEL.SHUFFLE_BN``)
 Split BN and channels_last: the strided sub-batches ``input[j::G]`` cannot be viewed as channels of
 a channels_last tensor, so the reshape trick would copy and convert memory formats at every BN
 layer (measured: it cancels the channels_last speed-up). :func:`blocked_split_batchnorm` switches
-every SplitBatchNorm of a module to contiguous sub-batches ``input[j*N/G:(j+1)*N/G]`` (one native
-BN call per block, no layout change); feeding the encoder ``x[blocked_order(N, G)]`` puts exactly the
-strided sub-batch j into block j, so the statistics, outputs and gradients are the strided ones
-(``MoCo`` does this for channels_last input).
+every SplitBatchNorm of a module to contiguous sub-batches ``input[j*N/G:(j+1)*N/G]`` (one
+native BN call per block, no layout change); feeding the encoder ``x[blocked_order(N, G)]`` puts
+exactly the strided sub-batch j into block j, so the statistics, outputs and gradients are the
+strided ones (``MoCo`` does this for channels_last input).
 """
 
 import contextlib
@@ -146,7 +146,7 @@ def convert_split_batchnorm(module, num_splits):
 
 
 def blocked_order(n, num_splits, device=None):
-    """Permutation ``p`` with ``x[p][j*n/G:(j+1)*n/G] == x[j::G]`` (strided sub-batches -> blocks)."""
+    """Permutation ``p`` with ``x[p][j*n/G:(j+1)*n/G] == x[j::G]``: strided sub-batches -> blocks."""
     if n % num_splits:
         raise ValueError(
             f"SplitBatchNorm: batch size {n} is not divisible by num_splits={num_splits} "

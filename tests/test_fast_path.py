@@ -147,7 +147,7 @@ def test_foreign_in_place_change_of_queue_before_backward_raises():
     logits, labels = model(im_q, im_k)
     with torch.no_grad():
         model.queue.mul_(2.0)
-    with pytest.raises(RuntimeError, match="queue was modified in place between forward and backward"):
+    with pytest.raises(RuntimeError, match="queue was modified in place between forward and back"):
         F.cross_entropy(logits, labels).backward()
 
 
@@ -256,7 +256,8 @@ def test_amp_and_channels_last_settings_resolve_per_device():
     assert fast.bf16_is_fast("cpu") == fast.cpu_has_native_bf16()
     assert fast.resolve_channels_last("auto", "cpu") is True
     assert fast.resolve_channels_last("false", "cpu") is False
-    with pytest.raises(ValueError, match="SOLVER.AMP \\(bf16 autocast\\) must be true, false or auto, got 'fp8'"):
+    msg = r"SOLVER.AMP \(bf16 autocast\) must be true, false or auto, got 'fp8'"
+    with pytest.raises(ValueError, match=msg):
         fast.resolve_amp("fp8", "cpu")
     with pytest.raises(ValueError, match="MODEL.CHANNELS_LAST must be true, false or auto"):
         fast.resolve_channels_last(3, "cpu")
@@ -284,7 +285,8 @@ def test_fused_sgd_matches_default_sgd_and_compile_keeps_official_keys():
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     _, model = _pair()
     keys = list(model.state_dict())
-    model = fast.prepare_model(model, channels_last=True, compile_encoders=True)  # lazy: no compile yet
+    # Module.compile is lazy (compiles at the first call) and keeps the module's keys
+    model = fast.prepare_model(model, channels_last=True, compile_encoders=True)
     assert list(model.state_dict()) == keys
 
 
@@ -347,7 +349,7 @@ def test_to_normalized_tensor_equals_totensor_normalize():
 
 
 def _exact_hue_shift(img, factor):
-    """Hue rotation in float (torchvision's tensor implementation), the operation both approximate."""
+    """Hue rotation in float (torchvision's tensor version): what both byte versions approximate."""
     t = T.functional.pil_to_tensor(img).float() / 255.0
     return (T.functional.adjust_hue(t, factor) * 255.0).numpy().transpose(1, 2, 0)
 
@@ -387,7 +389,8 @@ def test_fast_blur_and_jitter_keep_the_reference_parameters():
     assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply",
                      "RandomHorizontalFlip", "ToNormalizedTensor"]  # fmt: skip
     assert isinstance(v2.transforms[1].transforms[0], FastColorJitter) and v2.transforms[1].p == 0.8
-    assert isinstance(v2.transforms[3].transforms[0], FastGaussianBlur) and v2.transforms[3].p == 0.5
+    assert isinstance(v2.transforms[3].transforms[0], FastGaussianBlur)
+    assert v2.transforms[3].p == 0.5
     q, k = pretrain_transform(32, aug_plus=True, fast=True)(img)
     assert q.shape == k.shape == (3, 32, 32) and not torch.equal(q, k)
 

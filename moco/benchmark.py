@@ -1,0 +1,702 @@
+"""Side-by-side pretraining throughput: moco-det's fast path against the official algorithm.
+
+One run measures every row of a group in interleaved repetitions (A, B, C, A, B, C, ...), so slow
+drifts of a shared machine hit all rows alike; the report gives the median, the min-max spread and
+the ratio to the group's baseline. Groups:
+
+* ``model`` -- one pretraining step (forward, InfoNCE loss, backward, SGD step; the momentum update
+  and the enqueue happen inside the forward) on synthetic image tensors:
+  ``official``: :class:`OfficialMoCo`, a line-by-line re-implementation of facebookresearch/moco's
+  ``builder.py`` + ``main_moco.py`` step (fp32, per-parameter momentum loop on ``.data``, queue
+  cloned every step, slice enqueue with a host-read pointer, ``torch.optim.SGD`` defaults);
+  ``moco-det``: :class:`moco.builder.MoCo` with :class:`moco.fast.FastPath` (bf16 autocast where
+  the hardware has it, channels_last, fused SGD, foreach momentum update, no queue copy);
+  ``lightly``: lightly's MoCo blocks (MoCoProjectionHead, NTXentLoss with a memory bank,
+  update_momentum) on the same backbone and batch, when ``import lightly`` works.
+  One process has no cross-GPU Shuffle BN, so official and moco-det both use split BN with the
+  same groups (the official CIFAR demo's emulation); lightly's example uses plain BN.
+* ``momentum`` -- the key-encoder update alone: official loop vs moco-det's foreach update.
+* ``data`` -- two-crop augmentation from JPEG files through a DataLoader with ``workers``
+  processes, images/s: the official PIL pipeline vs :func:`moco.augment.pretrain_transform`
+  ``fast=True`` with :class:`moco.augment.JpegDraftLoader`. Every repetition starts a fresh
+  iterator and times the batches after the first one (worker start-up excluded).
+* ``e2e`` -- data and step together (official loader + official step vs fast loader + fast step).
+
+``time_detectron2_iteration`` times Detectron2 fine-tuning iterations of a config (the paper's
+VOC R50-C4) on synthetic inputs at the config's input sizes.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco import fast as fastlib
+from moco.augment import JpegDraftLoader, pretrain_transform
+from moco.builder import MoCo, resnet_encoder
+from moco.shuffle_bn import convert_split_batchnorm
+
+GROUPS = ("model", "momentum", "data", "e2e")
+BASELINE = "official"
+
+
+# ------------------------------------------------------------------------------------------------
+# the official algorithm (facebookresearch/moco, moco/builder.py and main_moco.py), one process
+
+
+class OfficialMoCo(nn.Module):
+    """facebookresearch/moco ``MoCo`` as published, for one process.
+
+    Differences forced by one process: ``concat_all_gather`` is the identity and the batch
+    shuffle is the official CIFAR demo's single-GPU one (``randperm`` on the batch) with its
+    SplitBatchNorm (``split_bn_groups`` > 1; 1 = plain BN, no shuffle).
+    """
+
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False,
+                 split_bn_groups=8):  # fmt: skip
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.split = split_bn_groups > 1
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:
+            dim_mlp = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(
+                nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc
+            )
+            self.encoder_k.fc = nn.Sequential(
+                nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc
+            )
+        if self.split:
+            convert_split_batchnorm(self.encoder_q, split_bn_groups)
+            convert_split_batchnorm(self.encoder_k, split_bn_groups)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+        self.register_buffer("queue", torch.randn(dim, K))
+        self.queue = nn.functional.normalize(self.queue, dim=0)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % batch_size == 0
+        self.queue[:, ptr:ptr + batch_size] = keys.T
+        ptr = (ptr + batch_size) % self.K
+        self.queue_ptr[0] = ptr
+
+    @torch.no_grad()
+    def _batch_shuffle_single_gpu(self, x):
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        return x[idx_shuffle], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_single_gpu(self, x, idx_unshuffle):
+        return x[idx_unshuffle]
+
+    def forward(self, im_q, im_k):
+        q = self.encoder_q(im_q)
+        q = nn.functional.normalize(q, dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            if self.split:
+                im_k, idx_unshuffle = self._batch_shuffle_single_gpu(im_k)
+            k = self.encoder_k(im_k)
+            k = nn.functional.normalize(k, dim=1)
+            if self.split:
+                k = self._batch_unshuffle_single_gpu(k, idx_unshuffle)
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
+        logits = torch.cat([l_pos, l_neg], dim=1)
+        logits /= self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+def official_train_step(model, optimizer, criterion, im_q, im_k):
+    """main_moco.py ``train()``'s step (accuracy bookkeeping left out, as in every row)."""
+    output, target = model(im_q=im_q, im_k=im_k)
+    loss = criterion(output, target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# settings and results
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    arch: str = "resnet50"
+    image_size: int = 96
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 2
+    reps: int = 5
+    steps: int = 3  # timed steps per repetition (model / e2e rows)
+    warmup: int = 1  # untimed steps per row before the first repetition
+    moco: str = "v2"  # v2: MLP head, aug+, T 0.2; v1: linear head, v1 augmentation, T 0.07
+    K: int = 65536
+    m: float = 0.999
+    shuffle_bn: str = "split"  # split (official CIFAR demo emulation) or off
+    split_bn_groups: int = 8
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False  # adds a "moco-det + compile" row
+    data: str = ""  # image folder (train/<class>/) or a synthetic root (imagefolder/train/...)
+    data_batches: int = 3  # timed batches per repetition (data rows)
+    momentum_updates: int = 5  # timed updates per repetition (momentum rows)
+    groups: tuple = ("model", "momentum", "data")
+    seed: int = 0
+
+    def validate(self):
+        for name in ("image_size", "batch_size", "reps", "steps", "data_batches",
+                     "momentum_updates", "split_bn_groups", "K"):  # fmt: skip
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.workers < 0:
+            raise ValueError("--warmup and --workers must be >= 0")
+        resnet_encoder(self.arch)
+        if self.moco not in ("v1", "v2"):
+            raise ValueError(f"--moco must be v1 or v2, got {self.moco!r}")
+        if self.shuffle_bn not in ("split", "off"):
+            raise ValueError(
+                f"--shuffle-bn must be split or off (one process), got {self.shuffle_bn!r}"
+            )
+        if self.shuffle_bn == "split" and self.batch_size % self.split_bn_groups:
+            raise ValueError(f"--batch-size {self.batch_size} is not divisible by "
+                             f"--split-bn-groups {self.split_bn_groups}")  # fmt: skip
+        if self.K % self.batch_size:
+            raise ValueError(f"--K {self.K} is not a multiple of --batch-size {self.batch_size} "
+                             "(the queue takes whole batches)")  # fmt: skip
+        unknown = [g for g in self.groups if g not in GROUPS]
+        if unknown or not self.groups:
+            raise ValueError(f"--rows: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+        fastlib.resolve_amp(self.amp, "cpu")  # value check only
+        fastlib.resolve_channels_last(self.channels_last, "cpu")
+        if "data" in self.groups or "e2e" in self.groups:
+            resolve_image_folder(self.data)
+
+    @property
+    def mlp(self):
+        return self.moco == "v2"
+
+    @property
+    def temperature(self):
+        return 0.2 if self.moco == "v2" else 0.07
+
+
+@dataclasses.dataclass
+class Row:
+    group: str
+    name: str
+    unit: str  # what one timing covers: step, update, batch
+    images_per_unit: int  # 0 when images/s does not apply
+    detail: str = ""
+    status: str = "ok"
+    seconds: list = dataclasses.field(default_factory=list)  # per unit, one entry per repetition
+    ratio: float = None  # images/s (or speed) relative to the group's baseline row
+
+    @property
+    def median(self):
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def images_per_s(self):
+        if not self.seconds or not self.images_per_unit:
+            return None
+        return self.images_per_unit / self.median
+
+    def to_dict(self):
+        ok = bool(self.seconds)
+        return {
+            "group": self.group, "name": self.name, "detail": self.detail, "status": self.status,
+            "unit": self.unit, "images_per_unit": self.images_per_unit,
+            "seconds_per_unit": self.seconds,
+            "median_ms": self.median * 1e3 if ok else None,
+            "min_ms": min(self.seconds) * 1e3 if ok else None,
+            "max_ms": max(self.seconds) * 1e3 if ok else None,
+            "images_per_s": self.images_per_s,
+            "ratio_vs_baseline": self.ratio,
+        }  # fmt: skip
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def resolve_image_folder(root):
+    """``root/imagefolder/train`` (a synthetic root) or ``root/train`` (an ImageFolder root)."""
+    if not root:
+        raise ValueError("--data is not set: give a synthetic root or a folder with train/<class>/")
+    for sub in (os.path.join(root, "imagefolder", "train"), os.path.join(root, "train")):
+        if os.path.isdir(sub):
+            return sub
+    raise FileNotFoundError(
+        f"--data {root}: neither {root}/imagefolder/train nor {root}/train exists; generate the "
+        "embedded data with tools/make_data.py or give a folder with train/<class>/ images"
+    )
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# the rows' runners: each has warm() and run() -> seconds per unit
+
+
+class _StepRunner:
+    """Timed training steps on fixed synthetic tensors (model rows)."""
+
+    def __init__(self, step, batch, device, steps):
+        self.step, self.batch, self.device, self.steps = step, batch, device, steps
+
+    def warm(self, n):
+        for _ in range(n):
+            self.step(*self.batch)
+        _sync(self.device)
+
+    def run(self):
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            self.step(*self.batch)
+        _sync(self.device)
+        return (time.perf_counter() - start) / self.steps
+
+
+class _MomentumRunner:
+    def __init__(self, update, device, updates):
+        self.update, self.device, self.updates = update, device, updates
+
+    def warm(self, n):
+        for _ in range(max(1, n)):
+            self.update()
+        _sync(self.device)
+
+    def run(self):
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.updates):
+            self.update()
+        _sync(self.device)
+        return (time.perf_counter() - start) / self.updates
+
+
+class _LoaderRunner:
+    """A fresh DataLoader iterator per repetition; the first batch (worker start-up) is untimed.
+
+    With ``step`` (e2e rows) every batch goes to the device and through a training step.
+    """
+
+    def __init__(self, loader, batches, device, step=None, channels_last=False):
+        self.loader, self.batches, self.device = loader, batches, device
+        self.step, self.channels_last = step, channels_last
+
+    def _consume(self, batch):
+        (im_q, im_k), _ = batch
+        if self.step is not None:
+            self.step(fastlib.to_device(im_q, self.device, self.channels_last),
+                      fastlib.to_device(im_k, self.device, self.channels_last))
+
+    def warm(self, n):
+        if n > 0:
+            self.run()
+
+    def run(self):
+        it = iter(self.loader)
+        try:
+            self._consume(next(it))
+            _sync(self.device)
+            start = time.perf_counter()
+            for _ in range(self.batches):
+                self._consume(next(it))
+            _sync(self.device)
+            return (time.perf_counter() - start) / self.batches
+        finally:
+            del it  # shuts the workers down before the next row runs
+
+
+def _loader(folder, cfg, fast, device, images):
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision.datasets import ImageFolder
+
+    crop = cfg.image_size
+    kwargs = {"loader": JpegDraftLoader(crop)} if fast else {}
+    dataset = ImageFolder(folder, transform=pretrain_transform(crop, cfg.mlp, fast=fast), **kwargs)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=images, generator=generator)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# building the rows
+
+
+def _official(cfg, device):
+    torch.manual_seed(cfg.seed)
+    groups = cfg.split_bn_groups if cfg.shuffle_bn == "split" else 1
+    model = OfficialMoCo(resnet_encoder(cfg.arch), 128, cfg.K, cfg.m, cfg.temperature, cfg.mlp,
+                         groups).to(device)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+    criterion = nn.CrossEntropyLoss().to(device)
+
+    def step(im_q, im_k):
+        return official_train_step(model, optimizer, criterion, im_q, im_k)
+
+    return model, step
+
+
+def _moco_det(cfg, device, path, state_dict):
+    model = MoCo(resnet_encoder(cfg.arch), 128, cfg.K, cfg.m, cfg.temperature, cfg.mlp,
+                 shuffle_bn=cfg.shuffle_bn, split_bn_groups=cfg.split_bn_groups)  # fmt: skip
+    model = model.to(device)
+    model.load_state_dict(state_dict)  # same start as the official row: the formats agree
+    model = fastlib.prepare_model(model, path.channels_last, path.compile)
+    optimizer = fastlib.sgd(model.parameters(), 0.03, 0.9, 1e-4, device, fused=path.fused_sgd)
+
+    def step(im_q, im_k):
+        return fastlib.moco_train_step(model, optimizer, im_q, im_k, path.amp, device)
+
+    return model, step
+
+
+def _lightly(cfg, device):
+    """lightly's MoCo building blocks on the same backbone; raises ImportError if not installed."""
+    import copy
+
+    import lightly  # noqa: F401
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    torch.manual_seed(cfg.seed)
+    backbone = resnet_encoder(cfg.arch)()
+    feat = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    head = MoCoProjectionHead(feat, feat, 128) if cfg.mlp else nn.Linear(feat, 128)
+    backbone_m, head_m = copy.deepcopy(backbone), copy.deepcopy(head)
+    deactivate_requires_grad(backbone_m)
+    deactivate_requires_grad(head_m)
+    for mod in (backbone, head, backbone_m, head_m):
+        mod.to(device)
+    try:
+        criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.K, 128))
+    except (TypeError, ValueError):  # lightly < 1.5 takes the bank size as an int
+        criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=cfg.K)
+    criterion = criterion.to(device)
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
+
+    def step(im_q, im_k):
+        update_momentum(backbone, backbone_m, cfg.m)
+        update_momentum(head, head_m, cfg.m)
+        query = head(backbone(im_q))
+        with torch.no_grad():
+            key = head_m(backbone_m(im_k))
+        loss = criterion(query, key)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def _describe(path):
+    parts = [
+        "bf16 autocast" if path.amp else "fp32",
+        "channels_last" if path.channels_last else "NCHW",
+        "fused SGD" if path.fused_sgd else "SGD",
+        "foreach momentum",
+        "no queue copy",
+    ]
+    if path.compile:
+        parts.append("torch.compile")
+    return ", ".join(parts)
+
+
+def build_rows(cfg, device):
+    """(rows, runners): the runners of every requested group, keyed by row."""
+    path = fastlib.FastPath.resolve(device, cfg.amp, cfg.channels_last)
+    B, S = cfg.batch_size, cfg.image_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch_nchw = tuple(torch.randn(B, 3, S, S, generator=gen).to(device) for _ in range(2))
+    batch_fast = tuple(fastlib.to_device(x, device, path.channels_last) for x in batch_nchw)
+
+    official, official_step = _official(cfg, device)
+    fast_model, fast_step = _moco_det(cfg, device, path, official.state_dict())
+    split = f"split BN x{cfg.split_bn_groups}" if cfg.shuffle_bn == "split" else "plain BN"
+    rows, runners = [], {}
+
+    def add(row, runner):
+        rows.append(row)
+        if runner is not None:
+            runners[id(row)] = runner
+
+    if "model" in cfg.groups:
+        official_desc = f"fp32, loop momentum, queue clone, SGD default, {split}"
+        add(Row("model", BASELINE, "step", B, official_desc),
+            _StepRunner(official_step, batch_nchw, device, cfg.steps))
+        add(Row("model", "moco-det", "step", B, f"{_describe(path)}, {split}"),
+            _StepRunner(fast_step, batch_fast, device, cfg.steps))  # fmt: skip
+        if cfg.compile:
+            cpath = dataclasses.replace(path, compile=True)
+            _, cstep = _moco_det(cfg, device, cpath, official.state_dict())
+            add(Row("model", "moco-det + compile", "step", B, f"{_describe(cpath)}, {split}"),
+                _StepRunner(cstep, batch_fast, device, cfg.steps))  # fmt: skip
+        try:
+            lstep = _lightly(cfg, device)
+        except ImportError as e:
+            add(Row("model", "lightly", "step", B, status=f"not installed ({e})"), None)
+        except Exception as e:  # an installed lightly whose API differs: report, keep measuring
+            add(Row("model", "lightly", "step", B, status=f"failed: {type(e).__name__}: {e}"), None)
+        else:
+            import lightly
+
+            version = getattr(lightly, "__version__", "?")
+            desc = (f"lightly {version}: MoCoProjectionHead, NTXentLoss memory bank, "
+                    "update_momentum; fp32, plain BN")  # fmt: skip
+            add(Row("model", "lightly", "step", B, desc),
+                _StepRunner(lstep, batch_nchw, device, cfg.steps))
+
+    if "momentum" in cfg.groups:
+        n = cfg.momentum_updates
+        add(Row("momentum", BASELINE, "update", 0,
+                "for p_q, p_k: p_k.data = p_k.data * m + p_q.data * (1 - m)"),
+            _MomentumRunner(official._momentum_update_key_encoder, device, n))  # fmt: skip
+        add(Row("momentum", "moco-det", "update", 0, "torch._foreach_mul_ + _foreach_add_"),
+            _MomentumRunner(fast_model._momentum_update_key_encoder, device, n))
+
+    if "data" in cfg.groups or "e2e" in cfg.groups:
+        folder = resolve_image_folder(cfg.data)
+        n_data = (cfg.data_batches + 1 + 2 * max(1, cfg.workers)) * B  # + first batch and prefetch
+        n_e2e = (cfg.steps + 1 + 2 * max(1, cfg.workers)) * B
+        fast_desc = (f"JpegDraftLoader + fast {cfg.moco} transform (OpenCV hue/blur, fused "
+                     f"normalise), {cfg.workers} workers")  # fmt: skip
+        off_desc = f"torchvision PIL {cfg.moco} transform, {cfg.workers} workers"
+        if "data" in cfg.groups:
+            for name, is_fast, desc in ((BASELINE, False, off_desc), ("moco-det", True, fast_desc)):
+                loader = _loader(folder, cfg, is_fast, device, n_data)
+                add(Row("data", name, "batch", B, desc),
+                    _LoaderRunner(loader, cfg.data_batches, device))
+        if "e2e" in cfg.groups:
+            add(Row("e2e", BASELINE, "step", B, f"{off_desc} + official step"),
+                _LoaderRunner(_loader(folder, cfg, False, device, n_e2e), cfg.steps, device,
+                              official_step))  # fmt: skip
+            add(Row("e2e", "moco-det", "step", B, f"{fast_desc} + fast step"),
+                _LoaderRunner(_loader(folder, cfg, True, device, n_e2e), cfg.steps, device,
+                              fast_step, path.channels_last))  # fmt: skip
+    return rows, runners, path
+
+
+def measure(rows, runners, reps, warmup, log=None):
+    """Interleaved repetitions within each group; fills ``row.seconds`` and ``row.ratio``."""
+    for group in GROUPS:
+        members = [r for r in rows if r.group == group and id(r) in runners]
+        for row in members:
+            try:
+                runners[id(row)].warm(warmup)
+            except torch.cuda.OutOfMemoryError as e:
+                row.status = f"failed: out of memory ({str(e).splitlines()[0]})"
+        members = [r for r in members if r.status == "ok"]
+        for rep in range(reps):
+            for row in members:
+                row.seconds.append(runners[id(row)].run())
+                if log:
+                    ms = row.seconds[-1] * 1e3
+                    log(f"{group:8s} {row.name:20s} rep {rep + 1}/{reps}: {ms:.1f} ms")
+        base = next((r for r in members if r.name == BASELINE), None)
+        for row in members:
+            if base is not None and base.seconds and row.seconds:
+                row.ratio = base.median / row.median  # speed relative to the baseline
+    return rows
+
+
+def environment(device):
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": fastlib.cpu_has_native_bf16(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        env["loadavg_start"] = os.getloadavg()
+    return env
+
+
+def run_benchmark(cfg, log=None):
+    """Build and measure every requested row; returns the JSON-ready report."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as main_moco.py, for every row
+    env = environment(device)
+    rows, runners, path = build_rows(cfg, device)
+    measure(rows, runners, cfg.reps, cfg.warmup, log)
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = os.getloadavg()
+    return {
+        "config": dataclasses.asdict(cfg),
+        "fast_path": path.describe(),
+        "environment": env,
+        "rows": [r.to_dict() for r in rows],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(value, spec):
+    return format(value, spec) if value is not None else "-"
+
+
+def format_table(report):
+    """The rows as a fixed-width text table."""
+    lines = []
+    header = (f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'img/s':>9s}"
+              f"{'x baseline':>11s}  detail")  # fmt: skip
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['group']:9s}{r['name']:20s}{'':50s}  {r['status']}")
+            continue
+        spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
+        lines.append(
+            f"{r['group']:9s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
+            f"{_fmt(r['images_per_s'], '.1f'):>9s}{_fmt(r['ratio_vs_baseline'], '.2f'):>11s}"
+            f"  {r['detail']}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(report, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detectron2 fine-tuning iterations
+
+
+def _synthetic_detection_batch(cfg, n, gen):
+    from detectron2.structures import Boxes, Instances
+
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    batch = []
+    for _ in range(n):
+        short = int(sizes[int(torch.randint(len(sizes), (1,), generator=gen))])
+        long_ = min(int(cfg.INPUT.MAX_SIZE_TRAIN), int(round(short * 4 / 3)))
+        h, w = short, long_
+        image = torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+        k = int(torch.randint(2, 6, (1,), generator=gen))
+        xy = torch.rand(k, 2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])
+        wh = (torch.rand(k, 2, generator=gen) * 0.25 + 0.05) * torch.tensor([w, h])
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (k,), generator=gen)
+        batch.append({"image": image, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, device="auto",
+                              opts=()):  # fmt: skip
+    """Seconds per Detectron2 training iteration (forward, losses, backward, SGD step) of
+    ``config_file`` at its input sizes on synthetic images and boxes (no data loading).
+
+    ``ims_per_batch`` is this process's batch (the paper: 16 over 8 GPUs = 2 per GPU).
+    Returns a dict; ``status`` says "not installed" when Detectron2 cannot be imported.
+    """
+    try:
+        from detectron2.modeling import build_model
+        from detectron2.solver import build_optimizer
+        from detectron2.utils.events import EventStorage
+
+        from detection.config import load_cfg
+    except ImportError as e:
+        return {"status": f"not installed ({e})"}
+    dev = resolve_device(device)
+    overrides = ["SOLVER.IMS_PER_BATCH", str(ims_per_batch), "MODEL.DEVICE", str(dev),
+                 "MODEL.WEIGHTS", ""]  # fmt: skip
+    cfg = load_cfg(config_file, list(overrides) + list(opts))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [_synthetic_detection_batch(cfg, ims_per_batch, gen) for _ in range(2)]
+    times = []
+    with EventStorage(0) as storage:  # the heads log to it, as in Detectron2's trainers
+        for i in range(warmup + iters):
+            batch = batches[i % len(batches)]
+            _sync(dev)
+            start = time.perf_counter()
+            losses = sum(model(batch).values())
+            optimizer.zero_grad()
+            losses.backward()
+            optimizer.step()
+            _sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            value = float(losses.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"{config_file}: non-finite loss {value} in iteration {i}")
+            storage.iter = i + 1
+    return {
+        "status": "ok",
+        "config_file": config_file,
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "ims_per_batch": ims_per_batch,
+        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
+        "seconds_per_iter": times,
+        "median_s": statistics.median(times),
+        "images_per_s": ims_per_batch / statistics.median(times),
+    }

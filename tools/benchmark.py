@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Pretraining throughput, side by side: moco-det's fast path vs the official MoCo algorithm.
+
+    python tools/benchmark.py --arch resnet50 --image-size 96 --batch-size 32 --workers 2 \\
+        --reps 5 --output output/benchmark.json
+
+Rows, groups and method: see moco/benchmark.py. Prints a table (median ms per step / update /
+batch, min-max over repetitions, images/s, speed relative to the official row) and writes JSON.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moco.benchmark import (
+    GROUPS,
+    BenchConfig,
+    format_table,
+    run_benchmark,
+    time_detectron2_iteration,
+    write_json,
+)
+from moco.synthetic import default_synthetic_root, ensure_generated
+
+_D = BenchConfig()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--arch", default=_D.arch, help="torchvision ResNet (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=_D.image_size,
+                   help="crop size (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=_D.batch_size, help="default: %(default)s")
+    p.add_argument("--device", default=_D.device,
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=_D.workers,
+                   help="DataLoader workers (default: %(default)s)")  # fmt: skip
+    p.add_argument("--reps", type=int, default=_D.reps,
+                   help="interleaved repetitions (default: %(default)s)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=_D.steps,
+                   help="timed steps per repetition (default: %(default)s)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=_D.warmup,
+                   help="untimed steps per row (default: %(default)s)")  # fmt: skip
+    p.add_argument("--moco", choices=("v1", "v2"), default=_D.moco, help="default: %(default)s")
+    p.add_argument("--K", type=int, default=_D.K, help="queue size (default: %(default)s)")
+    p.add_argument("--shuffle-bn", choices=("split", "off"), default=_D.shuffle_bn)
+    p.add_argument("--split-bn-groups", type=int, default=_D.split_bn_groups)
+    p.add_argument("--amp", default=_D.amp,
+                   help="bf16 autocast: auto, true, false (default: %(default)s)")  # fmt: skip
+    p.add_argument("--channels-last", default=_D.channels_last,
+                   help="auto, true, false (default: %(default)s)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="add a row with torch.compile'd encoders")
+    p.add_argument("--data", default=None,
+                   help="synthetic root or image folder with train/ (default: the embedded data, "
+                        f"{default_synthetic_root()}, generated if missing)")  # fmt: skip
+    p.add_argument("--data-batches", type=int, default=_D.data_batches)
+    p.add_argument("--rows", default=",".join(_D.groups),
+                   help=f"groups to measure, comma-separated from {','.join(GROUPS)} "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's)")  # fmt: skip
+    p.add_argument("--detection-config", default=None,
+                   help="also time Detectron2 iterations of this config (e.g. "
+                        "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml)")  # fmt: skip
+    p.add_argument("--det-ims-per-batch", type=int, default=2,
+                   help="images per iteration (default: %(default)s = the paper's 16 / 8 GPUs)")
+    p.add_argument("--det-iters", type=int, default=5, help="default: %(default)s")
+    p.add_argument("--det-opts", nargs="*", default=[],
+                   help="KEY VALUE overrides for the detection config")  # fmt: skip
+    p.add_argument("--output", default=None, help="JSON report path")
+    return p.parse_args(argv)
+
+
+def _config(args):
+    groups = tuple(g.strip() for g in args.rows.split(",") if g.strip())
+    data = args.data
+    if data is None and any(g in ("data", "e2e") for g in groups):
+        data = default_synthetic_root()
+        ensure_generated(data)
+    return BenchConfig(
+        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
+        device=args.device, workers=args.workers, reps=args.reps, steps=args.steps,
+        warmup=args.warmup, moco=args.moco, K=args.K, shuffle_bn=args.shuffle_bn,
+        split_bn_groups=args.split_bn_groups, amp=args.amp, channels_last=args.channels_last,
+        compile=args.compile, data=data or "", data_batches=args.data_batches, groups=groups,
+    )  # fmt: skip
+
+
+def _print_report(report):
+    print(json.dumps({"fast_path": report["fast_path"], "environment": report["environment"]}))
+    print(format_table(report))
+    det = report.get("detectron2")
+    if det and det["status"] == "ok":
+        print(f"detectron2 {det['config_file']}: {det['median_s'] * 1e3:.0f} ms/iter "
+              f"({det['ims_per_batch']} images, {det['images_per_s']:.1f} img/s) on "
+              f"{det['gpu'] or det['device']}")  # fmt: skip
+    elif det:
+        print(f"detectron2: {det['status']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        if len(args.det_opts) % 2:
+            raise ValueError(f"--det-opts must be KEY VALUE pairs, got {args.det_opts}")
+        cfg = _config(args)
+        report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.detection_config:
+            report["detectron2"] = time_detectron2_iteration(
+                args.detection_config, args.det_ims_per_batch, args.det_iters,
+                device=args.device, opts=args.det_opts,
+            )  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
+    _print_report(report)
+    if args.output:
+        write_json(report, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
