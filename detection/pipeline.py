@@ -1,0 +1,319 @@
+"""The main job: pretraining -> conversion -> detection fine-tuning -> AP report, as stages.
+
+Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
+
+1. ``data``: the embedded synthetic set (:func:`moco.synthetic.ensure_generated`; cached);
+2. ``pretrain_moco``: MoCo (v2 by default) on the image folder, labels unused;
+3. ``pretrain_supervised``: the same ResNet, data and budget, trained with the labels (stands in
+   for ImageNet-supervised weights), unless ``SUPERVISED.WEIGHTS`` names released weights;
+4. ``convert_*``: both checkpoints to Detectron2 pickles (official key rule);
+5. ``detect_<init>_s<seed>``: the detector fine-tuned from MoCo, supervised and random init, same
+   config and schedule, ``DETECTION.TRIALS`` seeds each;
+6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised.
+
+A stage's key hashes everything that decides its result (its resolved config and its inputs), so a
+finished stage (``stage.json`` written last) is reused on rerun, a changed one gets a new folder, and
+an interrupted one resumes from its last checkpoint in the same folder.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+
+from fvcore.common.config import CfgNode as CN
+
+logger = logging.getLogger("moco_det.pipeline")
+
+STAGE_FILE = "stage.json"
+INITS = ("moco", "supervised", "random")  # detection initialisations, in report order
+
+
+def get_pipeline_cfg():
+    """Every pipeline default in one place; presets under ``configs/pipeline/`` override them."""
+    c = CN()
+    c.RUN_DIR = "output/pipeline"
+    c.DATA = CN()
+    c.DATA.SYNTHETIC = True  # generate the embedded set; False: DATA.ROOT is a real image folder
+    c.DATA.ROOT = ""  # "" = $DETECTRON2_DATASETS/moco_det_synthetic
+    c.DATA.SEED = 0
+    c.DATA.WORKERS = 2  # processes rendering the synthetic set
+    c.PRETRAIN = CN()
+    c.PRETRAIN.CONFIG = "configs/pretrain/moco_v2_R18_cpu.yaml"
+    c.PRETRAIN.OPTS = []  # KEY VALUE overrides of the MoCo run
+    c.PRETRAIN.NUM_PROCESSES = 1  # per machine (GPUs, or CPU processes without CUDA)
+    c.SUPERVISED = CN()
+    c.SUPERVISED.WEIGHTS = ""  # torchvision ResNet weights to use instead of training a baseline
+    c.SUPERVISED.OPTS = []  # overrides of the supervised run on top of PRETRAIN's config and opts
+    c.DETECTION = CN()
+    c.DETECTION.CONFIG = "configs/detection/embedded_voc_R_18_FPN.yaml"
+    c.DETECTION.OPTS = []
+    c.DETECTION.NUM_PROCESSES = 1
+    c.DETECTION.TRIALS = 1
+    c.DETECTION.SEED = 0  # trial i uses SEED + i
+    return c
+
+
+def load_pipeline_cfg(preset=None, opts=()):
+    cfg = get_pipeline_cfg()
+    if preset:
+        if not os.path.isfile(preset):
+            raise FileNotFoundError(f"--preset {preset}: no such file (see configs/pipeline/)")
+        try:
+            cfg.merge_from_file(preset)
+        except (KeyError, AssertionError, ValueError) as e:
+            raise ValueError(f"--preset {preset}: {e} (keys: detection/pipeline.py)") from None
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got {list(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError, ValueError) as e:
+            raise ValueError(f"override {' '.join(opts)}: {e} (keys: detection/pipeline.py)") from None
+    if cfg.DETECTION.TRIALS < 1:
+        raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
+    cfg.freeze()
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_key(material):
+    """Short hash of what decides a stage's result (JSON-serialisable)."""
+    blob = json.dumps(material, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _atomic_write_json(path, data):
+    from moco.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _fresh_logging():
+    # Detectron2's setup_logger caches its handlers per output folder: without this, every stage
+    # run in this process would add another console handler and print each line once more.
+    from detectron2.utils.logger import setup_logger
+
+    for name in ("detectron2", "fvcore", "moco", "d2"):
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            handler.close()
+    setup_logger.cache_clear()
+
+
+class Stages:
+    """Runs named stages under ``run_dir``, reusing finished ones, and prints progress."""
+
+    def __init__(self, run_dir, total):
+        self.run_dir, self.total, self.done = run_dir, total, 0
+        self.records = []
+
+    def run(self, name, material, fn):
+        """``fn(out_dir, resume) -> outputs`` unless ``<name>-<key>/stage.json`` exists."""
+        key = stage_key(material)
+        out = os.path.join(self.run_dir, f"{name}-{key}")
+        marker = os.path.join(out, STAGE_FILE)
+        self.done += 1
+        head = f"[{self.done}/{self.total}] {name}"
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                record = json.load(f)
+            print(f"{head}: done earlier, reusing {out}", flush=True)
+            record["reused"] = True
+        else:
+            resume = os.path.isdir(out)
+            print(f"{head}: {'resuming' if resume else 'running'} in {out}", flush=True)
+            os.makedirs(out, exist_ok=True)
+            start = time.perf_counter()
+            _fresh_logging()
+            outputs = fn(out, resume)
+            record = {"name": name, "key": key, "material": material, "outputs": outputs,
+                      "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+            _atomic_write_json(marker, record)
+            print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
+            record["reused"] = False
+        self.records.append(record)
+        return record["outputs"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages' work
+
+
+def _data_stage(cfg):
+    from moco.synthetic import SyntheticSpec, default_synthetic_root, ensure_generated
+
+    root = os.path.abspath(cfg.DATA.ROOT or default_synthetic_root())
+    if not cfg.DATA.SYNTHETIC:
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise FileNotFoundError(f"DATA.ROOT {root}: no train/ folder (an ImageNet-style folder)")
+        return {"image_folder": root, "synthetic_root": None}
+    spec = SyntheticSpec(seed=cfg.DATA.SEED)
+    manifest = ensure_generated(root, spec, workers=cfg.DATA.WORKERS)
+    print(f"    embedded data in {root}: {manifest['counts']}", flush=True)
+    return {"image_folder": os.path.join(root, "imagefolder"), "synthetic_root": root}
+
+
+def _pretrain_cfg(cfg, image_folder, extra_opts=()):
+    from moco.config import load_cfg
+
+    opts = ["DATA.ROOT", image_folder, "KNN.DATA", image_folder]
+    return load_cfg(cfg.PRETRAIN.CONFIG, opts + list(cfg.PRETRAIN.OPTS) + list(extra_opts))
+
+
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{what} finished without writing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pretrain(pcfg, out, resume, launcher, nproc):
+    from moco.engine import LaunchSpec
+
+    pcfg = pcfg.clone()
+    pcfg.OUTPUT_DIR = out
+    launcher(pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
+
+
+def _moco_stage(cfg, image_folder):
+    from moco.engine import SUMMARY_FILE, launch_pretraining
+
+    pcfg = _pretrain_cfg(cfg, image_folder)
+
+    def work(out, resume):
+        _pretrain(pcfg, out, resume, launch_pretraining, cfg.PRETRAIN.NUM_PROCESSES)
+        summary = _read_json(os.path.join(out, SUMMARY_FILE), "MoCo pretraining")
+        return {"checkpoint": summary["last_checkpoint"], "knn": summary["knn"],
+                "knn_chance": summary["knn_chance"], "images_per_sec": summary["images_per_sec"]}  # fmt: skip
+
+    return "pretrain_moco", {"config": pcfg.dump()}, work
+
+
+def _supervised_stage(cfg, image_folder):
+    from moco.supervised import SUMMARY_FILE, launch_supervised
+
+    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS)
+
+    def work(out, resume):
+        _pretrain(pcfg, out, resume, launch_supervised, cfg.PRETRAIN.NUM_PROCESSES)
+        summary = _read_json(os.path.join(out, SUMMARY_FILE), "supervised pretraining")
+        return {"checkpoint": summary["weights"], "knn": summary["knn"],
+                "knn_chance": summary["knn_chance"], "val_top1": summary.get("val_top1")}  # fmt: skip
+
+    return "pretrain_supervised", {"config": pcfg.dump()}, work
+
+
+def _convert_stage(label, checkpoint):
+    from detection.convert import convert_checkpoint
+
+    def work(out, resume):
+        dst = os.path.join(out, f"{label}.pkl")
+        result = convert_checkpoint(checkpoint, dst)
+        print("    " + result.summary(checkpoint, dst), flush=True)
+        return {"weights": dst}
+
+    return f"convert_{label}", {"checkpoint": checkpoint, "size": os.path.getsize(checkpoint)}, work
+
+
+def _detect_stage(cfg, init, weights, seed, synthetic_root):
+    from detectron2.engine import default_argument_parser
+
+    from detection.datasets import register_synthetic
+    from detection.trainer import FINAL_METRICS, run
+
+    opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
+    material = {"config": os.path.abspath(cfg.DETECTION.CONFIG),
+                "config_text": open(cfg.DETECTION.CONFIG).read(), "opts": opts,
+                "data": synthetic_root}  # fmt: skip
+
+    def work(out, resume):
+        if synthetic_root:  # this run's embedded set under the synthetic_* names
+            register_synthetic(synthetic_root)
+        argv = ["--config-file", cfg.DETECTION.CONFIG, "--num-gpus", str(cfg.DETECTION.NUM_PROCESSES)]
+        argv += ["--resume"] if resume else []
+        args = default_argument_parser().parse_args(argv + opts + ["OUTPUT_DIR", out])
+        run(args)
+        metrics = _read_json(os.path.join(out, FINAL_METRICS), "detection fine-tuning")
+        return {"run_dir": out, "metrics": metrics["metrics"]}
+
+    return f"detect_{init}_s{seed}", material, work
+
+
+def run_pipeline(cfg):
+    """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths."""
+    from detection.report import summarize, to_markdown, write_report
+
+    run_dir = os.path.abspath(cfg.RUN_DIR)
+    os.makedirs(run_dir, exist_ok=True)
+    trials = list(range(cfg.DETECTION.SEED, cfg.DETECTION.SEED + cfg.DETECTION.TRIALS))
+    train_supervised = not cfg.SUPERVISED.WEIGHTS
+    total = 1 + 1 + int(train_supervised) + 2 + len(INITS) * len(trials) + 1
+    stages = Stages(run_dir, total)
+    start = time.perf_counter()
+
+    data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
+    moco = stages.run(*_moco_stage(cfg, data["image_folder"]))
+    if train_supervised:
+        sup = stages.run(*_supervised_stage(cfg, data["image_folder"]))
+        sup_ckpt = sup["checkpoint"]
+    else:
+        sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS)
+        if not os.path.isfile(sup_ckpt):
+            raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
+    weights = {
+        "moco": stages.run(*_convert_stage("moco", moco["checkpoint"]))["weights"],
+        "supervised": stages.run(*_convert_stage("supervised", sup_ckpt))["weights"],
+        "random": "",
+    }
+    runs = {init: [] for init in INITS}
+    for seed in trials:
+        for init in INITS:
+            out = stages.run(*_detect_stage(cfg, init, weights[init], seed, data["synthetic_root"]))
+            runs[init].append(out["run_dir"])
+
+    stages.done += 1
+    report_dir = os.path.join(run_dir, "report")
+    table = summarize(runs, baseline="supervised")
+    paths = write_report(table, report_dir, title="Detection transfer on the embedded set"
+                         if cfg.DATA.SYNTHETIC else "Detection transfer")  # fmt: skip
+    summary = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
+        "pretrain_moco": moco,
+        "runs": runs,
+        "report": paths,
+    }
+    _atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
+    print(f"[{stages.done}/{total}] report")
+    print(_pretrain_lines(stages.records))
+    print(to_markdown(table), end="")
+    print("report written to:\n  " + "\n  ".join(paths.values()))
+    print(f"pipeline finished in {summary['seconds']:.0f} s ({run_dir})")
+    return paths
+
+
+def _pretrain_lines(records):
+    lines = []
+    for r in records:
+        out = r["outputs"]
+        if r["name"].startswith("pretrain_") and out.get("knn"):
+            last = out["knn"][-1]
+            lines.append(f"{r['name']}: kNN top-1 {last['top1']:.1f}% after {last['epoch']} epochs "
+                         f"(chance {out['knn_chance']:.1f}%)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_argument_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="YAML under configs/pipeline/ (default: the CPU demo)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3")  # fmt: skip
+    return p

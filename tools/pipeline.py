@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""The main job: MoCo and supervised pretraining, conversion, detection fine-tuning, AP report.
+
+    python tools/pipeline.py                                   # CPU demo on the embedded data
+    python tools/pipeline.py --preset configs/pipeline/ci.yaml # the smaller CI version
+    python tools/pipeline.py --preset configs/pipeline/paper_voc.yaml  # ImageNet + VOC, GPUs
+
+Finished stages are reused on rerun; an interrupted one resumes. See detection/pipeline.py.
+"""
+
+import sys
+
+from detection.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
+from moco.engine import run_cli
+
+
+def main(argv=None):
+    args = build_argument_parser().parse_args(argv)
+    run_cli("pipeline", lambda: run_pipeline(load_pipeline_cfg(args.preset, args.opts)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
