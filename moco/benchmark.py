@@ -19,8 +19,10 @@ the ratio to the group's baseline. Groups:
 * ``data`` -- two-crop augmentation from JPEG files through a DataLoader with ``workers``
   processes, images/s: the official PIL pipeline vs :func:`moco.augment.pretrain_transform`
   ``fast=True`` with :class:`moco.augment.JpegDraftLoader`. Every repetition starts a fresh
-  iterator and times the batches after the first one (worker start-up excluded).
-* ``e2e`` -- data and step together (official loader + official step vs fast loader + fast step).
+  iterator, consumes 2 x workers batches untimed (start-up, the workers' initial burst) and
+  times whole rounds of the workers (:func:`loader_schedule`).
+* ``e2e`` -- data and step together (official loader + official step vs fast loader + fast step),
+  timed the same way, so a data bottleneck shows as a slower step.
 
 ``time_detectron2_iteration`` times Detectron2 fine-tuning iterations of a config (the paper's
 VOC R50-C4) on synthetic inputs at the config's input sizes.
@@ -161,7 +163,7 @@ class BenchConfig:
     channels_last: str = "auto"
     compile: bool = False  # adds a "moco-det + compile" row
     data: str = ""  # image folder (train/<class>/) or a synthetic root (imagefolder/train/...)
-    data_batches: int = 3  # timed batches per repetition (data rows)
+    data_batches: int = 3  # timed batches per repetition, rounded up to whole rounds of workers
     momentum_updates: int = 5  # timed updates per repetition (momentum rows)
     groups: tuple = ("model", "momentum", "data")
     seed: int = 0
@@ -188,8 +190,9 @@ class BenchConfig:
             raise ValueError(f"--K {self.K} is not a multiple of --batch-size {self.batch_size} "
                              "(the queue takes whole batches)")  # fmt: skip
         unknown = [g for g in self.groups if g not in GROUPS]
-        if unknown or not self.groups:
-            raise ValueError(f"--rows: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+        if unknown:
+            raise ValueError(f"--rows: unknown group(s) {unknown}; choose from "
+                             f"{', '.join(GROUPS)} or none")  # fmt: skip
         fastlib.resolve_amp(self.amp, "cpu")  # value check only
         fastlib.resolve_channels_last(self.channels_last, "cpu")
         if "data" in self.groups or "e2e" in self.groups:
@@ -311,13 +314,16 @@ class _MomentumRunner:
 
 
 class _LoaderRunner:
-    """A fresh DataLoader iterator per repetition; the first batch (worker start-up) is untimed.
+    """A fresh DataLoader iterator per repetition, timed in steady state.
 
-    With ``step`` (e2e rows) every batch goes to the device and through a training step.
+    Each of the W workers builds whole batches and keeps up to 2 ready, so the first ~2W batches
+    arrive in bursts after start-up; they are consumed untimed (``fill``), then ``timed`` batches
+    (a multiple of W, whole rounds of the workers) are timed. With ``step`` (e2e rows) every batch
+    goes to the device and through a training step, so a data bottleneck shows as a slower step.
     """
 
-    def __init__(self, loader, batches, device, step=None, channels_last=False):
-        self.loader, self.batches, self.device = loader, batches, device
+    def __init__(self, loader, fill, timed, device, step=None, channels_last=False):
+        self.loader, self.fill, self.timed, self.device = loader, fill, timed, device
         self.step, self.channels_last = step, channels_last
 
     def _consume(self, batch):
@@ -333,15 +339,22 @@ class _LoaderRunner:
     def run(self):
         it = iter(self.loader)
         try:
-            self._consume(next(it))
-            _sync(self.device)
-            start = time.perf_counter()
-            for _ in range(self.batches):
+            for _ in range(self.fill):
                 self._consume(next(it))
             _sync(self.device)
-            return (time.perf_counter() - start) / self.batches
+            start = time.perf_counter()
+            for _ in range(self.timed):
+                self._consume(next(it))
+            _sync(self.device)
+            return (time.perf_counter() - start) / self.timed
         finally:
             del it  # shuts the workers down before the next row runs
+
+
+def loader_schedule(workers, at_least):
+    """(untimed, timed) batches per repetition: 2W to reach steady state, then whole rounds."""
+    w = max(1, workers)
+    return 2 * w, w * math.ceil(at_least / w)
 
 
 def _loader(folder, cfg, fast, device, images):
@@ -452,10 +465,11 @@ def build_rows(cfg, device):
     batch_nchw = tuple(torch.randn(B, 3, S, S, generator=gen).to(device) for _ in range(2))
     batch_fast = tuple(fastlib.to_device(x, device, path.channels_last) for x in batch_nchw)
 
-    official, official_step = _official(cfg, device)
-    fast_model, fast_step = _moco_det(cfg, device, path, official.state_dict())
-    split = f"split BN x{cfg.split_bn_groups}" if cfg.shuffle_bn == "split" else "plain BN"
     rows, runners = [], {}
+    if any(g in cfg.groups for g in ("model", "momentum", "e2e")):
+        official, official_step = _official(cfg, device)
+        fast_model, fast_step = _moco_det(cfg, device, path, official.state_dict())
+    split = f"split BN x{cfg.split_bn_groups}" if cfg.shuffle_bn == "split" else "plain BN"
 
     def add(row, runner):
         rows.append(row)
@@ -498,8 +512,11 @@ def build_rows(cfg, device):
 
     if "data" in cfg.groups or "e2e" in cfg.groups:
         folder = resolve_image_folder(cfg.data)
-        n_data = (cfg.data_batches + 1 + 2 * max(1, cfg.workers)) * B  # + first batch and prefetch
-        n_e2e = (cfg.steps + 1 + 2 * max(1, cfg.workers)) * B
+        data_fill, data_timed = loader_schedule(cfg.workers, cfg.data_batches)
+        e2e_fill, e2e_timed = loader_schedule(cfg.workers, cfg.steps)
+        slack = 2 * max(1, cfg.workers)  # batches the workers may prefetch past the last one
+        n_data = (data_fill + data_timed + slack) * B
+        n_e2e = (e2e_fill + e2e_timed + slack) * B
         fast_desc = (f"JpegDraftLoader + fast {cfg.moco} transform (OpenCV hue/blur, fused "
                      f"normalise), {cfg.workers} workers")  # fmt: skip
         off_desc = f"torchvision PIL {cfg.moco} transform, {cfg.workers} workers"
@@ -507,14 +524,15 @@ def build_rows(cfg, device):
             for name, is_fast, desc in ((BASELINE, False, off_desc), ("moco-det", True, fast_desc)):
                 loader = _loader(folder, cfg, is_fast, device, n_data)
                 add(Row("data", name, "batch", B, desc),
-                    _LoaderRunner(loader, cfg.data_batches, device))
+                    _LoaderRunner(loader, data_fill, data_timed, device))
         if "e2e" in cfg.groups:
-            add(Row("e2e", BASELINE, "step", B, f"{off_desc} + official step"),
-                _LoaderRunner(_loader(folder, cfg, False, device, n_e2e), cfg.steps, device,
-                              official_step))  # fmt: skip
-            add(Row("e2e", "moco-det", "step", B, f"{fast_desc} + fast step"),
-                _LoaderRunner(_loader(folder, cfg, True, device, n_e2e), cfg.steps, device,
-                              fast_step, path.channels_last))  # fmt: skip
+            for name, is_fast, desc, step, cl in (
+                (BASELINE, False, f"{off_desc} + official step", official_step, False),
+                ("moco-det", True, f"{fast_desc} + fast step", fast_step, path.channels_last),
+            ):
+                loader = _loader(folder, cfg, is_fast, device, n_e2e)
+                add(Row("e2e", name, "step", B, desc),
+                    _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl))
     return rows, runners, path
 
 
@@ -657,7 +675,6 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
     try:
         from detectron2.modeling import build_model
         from detectron2.solver import build_optimizer
-        from detectron2.utils.events import EventStorage
 
         from detection.config import load_cfg
     except ImportError as e:
@@ -666,6 +683,7 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
     overrides = ["SOLVER.IMS_PER_BATCH", str(ims_per_batch), "MODEL.DEVICE", str(dev),
                  "MODEL.WEIGHTS", ""]  # fmt: skip
     cfg = load_cfg(config_file, list(overrides) + list(opts))
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK  # as Detectron2's default_setup
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -673,6 +691,27 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
     gen = torch.Generator().manual_seed(0)
     batches = [_synthetic_detection_batch(cfg, ims_per_batch, gen) for _ in range(2)]
     times = []
+    try:
+        _detection_iterations(model, optimizer, batches, dev, warmup, iters, times, config_file)
+    except torch.cuda.OutOfMemoryError as e:
+        return {"status": f"failed: out of memory ({str(e).splitlines()[0]})",
+                "config_file": config_file, "ims_per_batch": ims_per_batch}  # fmt: skip
+    return {
+        "status": "ok",
+        "config_file": config_file,
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "ims_per_batch": ims_per_batch,
+        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
+        "seconds_per_iter": times,
+        "median_s": statistics.median(times),
+        "images_per_s": ims_per_batch / statistics.median(times),
+    }
+
+
+def _detection_iterations(model, optimizer, batches, dev, warmup, iters, times, config_file):
+    from detectron2.utils.events import EventStorage
+
     with EventStorage(0) as storage:  # the heads log to it, as in Detectron2's trainers
         for i in range(warmup + iters):
             batch = batches[i % len(batches)]
@@ -689,14 +728,3 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
             if not math.isfinite(value):
                 raise RuntimeError(f"{config_file}: non-finite loss {value} in iteration {i}")
             storage.iter = i + 1
-    return {
-        "status": "ok",
-        "config_file": config_file,
-        "device": str(dev),
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "ims_per_batch": ims_per_batch,
-        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
-        "seconds_per_iter": times,
-        "median_s": statistics.median(times),
-        "images_per_s": ims_per_batch / statistics.median(times),
-    }

@@ -15,6 +15,7 @@ from moco.benchmark import (
     BenchConfig,
     OfficialMoCo,
     format_table,
+    loader_schedule,
     official_train_step,
     run_benchmark,
     time_detectron2_iteration,
@@ -129,6 +130,13 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     assert "not installed" in table and f"wrote {out}" in table
 
 
+def test_loader_schedule_skips_the_start_up_burst_and_times_whole_worker_rounds():
+    assert loader_schedule(2, 3) == (4, 4)
+    assert loader_schedule(0, 3) == (2, 3)  # in-process loading: one "worker"
+    assert loader_schedule(12, 3) == (24, 12)
+    assert loader_schedule(4, 8) == (8, 8)
+
+
 def test_format_table_shows_failed_rows_and_numbers():
     report = {"rows": [
         {"group": "model", "name": "official", "status": "ok", "median_ms": 100.0, "min_ms": 90.0,
@@ -150,6 +158,7 @@ def test_format_table_shows_failed_rows_and_numbers():
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--reps", "0"], "--reps must be >= 1, got 0"),
     (["--det-opts", "MODEL.X"], "--det-opts must be KEY VALUE pairs"),
+    (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
 ])  # fmt: skip
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -58,7 +58,7 @@ def parse_args(argv=None):
                         f"{default_synthetic_root()}, generated if missing)")  # fmt: skip
     p.add_argument("--data-batches", type=int, default=_D.data_batches)
     p.add_argument("--rows", default=",".join(_D.groups),
-                   help=f"groups to measure, comma-separated from {','.join(GROUPS)} "
+                   help=f"groups to measure, comma-separated from {','.join(GROUPS)}, or none "
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's)")  # fmt: skip
@@ -75,7 +75,9 @@ def parse_args(argv=None):
 
 
 def _config(args):
-    groups = tuple(g.strip() for g in args.rows.split(",") if g.strip())
+    groups = tuple(g.strip() for g in args.rows.split(",") if g.strip() and g.strip() != "none")
+    if not groups and not args.detection_config:
+        raise ValueError("--rows none and no --detection-config: nothing to measure")
     data = args.data
     if data is None and any(g in ("data", "e2e") for g in groups):
         data = default_synthetic_root()
@@ -91,7 +93,8 @@ def _config(args):
 
 def _print_report(report):
     print(json.dumps({"fast_path": report["fast_path"], "environment": report["environment"]}))
-    print(format_table(report))
+    if report["rows"]:
+        print(format_table(report))
     det = report.get("detectron2")
     if det and det["status"] == "ok":
         print(f"detectron2 {det['config_file']}: {det['median_s'] * 1e3:.0f} ms/iter "
