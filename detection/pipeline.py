@@ -40,6 +40,7 @@ def get_pipeline_cfg():
     c.DATA.SYNTHETIC = True  # generate the embedded set; False: DATA.ROOT is a real image folder
     c.DATA.ROOT = ""  # "" = $DETECTRON2_DATASETS/moco_det_synthetic
     c.DATA.SEED = 0
+    c.DATA.SPEC = []  # other SyntheticSpec fields as NAME VALUE pairs, e.g. [cls_train_per_class, 50]
     c.DATA.WORKERS = 2  # processes rendering the synthetic set
     c.PRETRAIN = CN()
     c.PRETRAIN.CONFIG = "configs/pretrain/moco_v2_R18_cpu.yaml"
@@ -148,17 +149,32 @@ class Stages:
 
 
 def _data_stage(cfg):
-    from moco.synthetic import SyntheticSpec, default_synthetic_root, ensure_generated
+    from moco.synthetic import default_synthetic_root, ensure_generated
 
     root = os.path.abspath(cfg.DATA.ROOT or default_synthetic_root())
     if not cfg.DATA.SYNTHETIC:
         if not os.path.isdir(os.path.join(root, "train")):
             raise FileNotFoundError(f"DATA.ROOT {root}: no train/ folder (an ImageNet-style folder)")
         return {"image_folder": root, "synthetic_root": None}
-    spec = SyntheticSpec(seed=cfg.DATA.SEED)
+    spec = synthetic_spec(cfg)
     manifest = ensure_generated(root, spec, workers=cfg.DATA.WORKERS)
     print(f"    embedded data in {root}: {manifest['counts']}", flush=True)
     return {"image_folder": os.path.join(root, "imagefolder"), "synthetic_root": root}
+
+
+def synthetic_spec(cfg):
+    """The SyntheticSpec of DATA.SEED and DATA.SPEC (NAME VALUE pairs)."""
+    from moco.synthetic import SyntheticSpec
+
+    pairs = list(cfg.DATA.SPEC)
+    fields = set(SyntheticSpec.__dataclass_fields__) - {"seed"}
+    if len(pairs) % 2 or any(name not in fields for name in pairs[::2]):
+        raise ValueError(f"DATA.SPEC {pairs}: expected NAME VALUE pairs with NAME in {sorted(fields)}")
+    try:
+        values = {name: int(v) for name, v in zip(pairs[::2], pairs[1::2])}
+    except ValueError:
+        raise ValueError(f"DATA.SPEC {pairs}: values must be integers") from None
+    return SyntheticSpec(seed=cfg.DATA.SEED, **values)
 
 
 def _pretrain_cfg(cfg, image_folder, extra_opts=()):
