@@ -10,14 +10,14 @@ order with Detectron2's ``InferenceSampler``.
 import itertools
 import os
 
-import torch
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from moco.augment import TwoCropsTransform, eval_transform, moco_v1_transform, moco_v2_transform
+from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
+from moco.fast import to_device as tensor_batch_to  # noqa: F401  (image batch -> device, layout)
 
 _DATASETS_VAR = "$DETECTRON2_DATASETS"
 
@@ -29,7 +29,7 @@ def resolve_data_path(path):
     return os.path.expanduser(path)
 
 
-def image_folder(root, split, transform, what):
+def image_folder(root, split, transform, what, loader=None):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag)."""
     if not root:
         raise ValueError(f"{what} is not set: give a folder with {split}/<class>/ images")
@@ -40,18 +40,19 @@ def image_folder(root, split, transform, what):
             f"{split}/<class>/<image>)"
         )
     try:
-        return ImageFolder(folder, transform=transform)
+        if loader is None:
+            return ImageFolder(folder, transform=transform)
+        return ImageFolder(folder, transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
 
-def pretrain_transform(cfg):
-    base = moco_v2_transform if cfg.INPUT.AUG_PLUS else moco_v1_transform
-    return TwoCropsTransform(base(cfg.INPUT.CROP_SIZE))
-
-
 def build_pretrain_dataset(cfg):
-    return image_folder(cfg.DATA.ROOT, "train", pretrain_transform(cfg), "DATA.ROOT (DATA)")
+    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image."""
+    crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
+    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast)
+    return image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
+                        loader=JpegDraftLoader(crop) if fast else None)  # fmt: skip
 
 
 class EpochSampler(DistributedSampler):
@@ -126,8 +127,3 @@ def build_labeled_datasets(root, crop_size, what, train_transform=None):
             f"({len(train.classes)} vs {len(val.classes)}); they must name the same class folders"
         )
     return train, val
-
-
-def tensor_batch_to(batch, device, channels_last=False):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return batch.to(device, non_blocking=True, memory_format=memory_format)

@@ -36,7 +36,8 @@ from detectron2.utils.logger import setup_logger
 from moco import checkpoint as ckpt_lib
 from moco.builder import MoCo, resnet_encoder
 from moco.shuffle_bn import resolve_shuffle_bn
-from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path, tensor_batch_to
+from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path
+from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
 
 logger = logging.getLogger("moco")
@@ -261,10 +262,11 @@ def build_model(cfg, world_size):
 
 
 def build_optimizer(cfg, model):
-    # all parameters, as official (encoder_k's have no grad and are skipped by SGD); keeps the
-    # optimizer state's parameter indices those of official checkpoints
-    return torch.optim.SGD(model.parameters(), cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
-                           weight_decay=cfg.SOLVER.WEIGHT_DECAY)  # fmt: skip
+    """SGD over all parameters, as official (encoder_k's have no gradient and are skipped), so the
+    optimizer state's parameter indices are those of official checkpoints."""
+    device = next(model.parameters()).device
+    return sgd(model.parameters(), cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM,
+               cfg.SOLVER.WEIGHT_DECAY, device, fused=cfg.SOLVER.FUSED_SGD)  # fmt: skip
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)):
@@ -308,9 +310,10 @@ class PretrainTrainer(SimpleTrainer):
                              f"than the global batch {batch} (one epoch = len // batch steps)")  # fmt: skip
         self.iters_per_epoch = len(dataset) // batch
         self.dataset_size = len(dataset)
-        self.moco = build_model(cfg, world).to(self.device)
-        if cfg.MODEL.CHANNELS_LAST:
-            self.moco = self.moco.to(memory_format=torch.channels_last)
+        self.fast = FastPath.resolve(self.device, amp=cfg.SOLVER.AMP,
+                                     channels_last=cfg.MODEL.CHANNELS_LAST,
+                                     fused_sgd=cfg.SOLVER.FUSED_SGD)  # fmt: skip
+        self.moco = prepare_model(build_model(cfg, world).to(self.device), self.fast.channels_last)
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
@@ -392,13 +395,12 @@ class PretrainTrainer(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "[PretrainTrainer] model was changed to eval mode!"
-        cfg = self.cfg
         start = time.perf_counter()
         (im_q, im_k), _ = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        im_q = tensor_batch_to(im_q, self.device, cfg.MODEL.CHANNELS_LAST)
-        im_k = tensor_batch_to(im_k, self.device, cfg.MODEL.CHANNELS_LAST)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.SOLVER.AMP):
+        im_q = to_device(im_q, self.device, self.fast.channels_last)
+        im_k = to_device(im_k, self.device, self.fast.channels_last)
+        with autocast_context(self.device, self.fast.amp):
             logits, labels = self.model(im_q, im_k)
         loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -446,6 +448,7 @@ class PretrainTrainer(SimpleTrainer):
         summary = {
             "world_size": comm.get_world_size(),
             "device": str(self.device),
+            "fast_path": self.fast.describe(),
             "arch": cfg.MODEL.ARCH,
             "shuffle_bn": self.moco.shuffle_bn,
             "dataset_size": self.dataset_size,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
 
-from moco.data import tensor_batch_to
+from moco.fast import autocast_context, to_device
 
 
 def knn_scores(features, bank, bank_labels, num_classes, k=200, t=0.1):
@@ -48,8 +48,8 @@ def extract_features(encoder, loader, device, channels_last=False, amp=False):
     """L2-normalised ``encoder`` outputs and labels of this process's part of ``loader``."""
     feats, labels = [], []
     for images, target in loader:
-        images = tensor_batch_to(images, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        images = to_device(images, device, channels_last)
+        with autocast_context(device, amp):
             out = encoder(images)
         feats.append(F.normalize(out.float(), dim=1))
         labels.append(target.to(device))

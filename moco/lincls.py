@@ -31,7 +31,8 @@ from torch.utils.data import DistributedSampler
 from moco import checkpoint as ckpt_lib
 from moco.augment import imagenet_normalize
 from moco.builder import resnet_encoder
-from moco.data import build_eval_loader, build_labeled_datasets, make_loader, tensor_batch_to
+from moco.data import build_eval_loader, build_labeled_datasets, make_loader
+from moco.fast import to_device
 from moco.hooks import epoch_lr_factors
 
 logger = logging.getLogger("moco.lincls")
@@ -165,7 +166,7 @@ def validate(model, loader, device):
     c1 = c5 = n = 0
     loss_sum = 0.0
     for images, target in loader:
-        images, target = tensor_batch_to(images, device), target.to(device)
+        images, target = to_device(images, device), target.to(device)
         out = model(images)
         loss_sum += float(F.cross_entropy(out, target, reduction="sum"))
         a, b = _accuracy_counts(out, target)
@@ -287,7 +288,7 @@ def _train_epoch(model, loader, optimizer, device, epoch, print_freq):
     model.eval()  # BN in eval mode: only the linear classifier is trained (official)
     total, n, start = 0.0, 0, time.perf_counter()
     for i, (images, target) in enumerate(loader):
-        images, target = tensor_batch_to(images, device), target.to(device)
+        images, target = to_device(images, device), target.to(device)
         loss = F.cross_entropy(model(images), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
