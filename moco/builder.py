@@ -130,6 +130,15 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, self.K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def __getstate__(self):  # pickling (torch.save of the module): the undo logs are transient
+        state = self.__dict__.copy()
+        state.pop("_undo_logs", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._undo_logs = weakref.WeakSet()
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
         """theta_k = m * theta_k + (1 - m) * theta_q on parameters only (buffers: key encoder's own)."""

@@ -414,3 +414,18 @@ def test_jpeg_draft_loader_reduces_only_when_every_crop_keeps_its_resolution(tmp
     # the reduced decode looks like the full-size image downscaled (same content, same geometry)
     full = np.asarray(big.resize((100, 75), Image.BOX), dtype=np.float64)
     assert np.abs(np.asarray(img, dtype=np.float64) - full).mean() < 12.0
+
+
+def test_moco_with_undo_logs_pickles_and_deep_copies(tmp_path):
+    import copy
+
+    _, model = _pair(shuffle_bn="off")
+    (im_q, im_k), = _batches(8, count=1)
+    logits, _ = model(im_q, im_k)  # a live undo log
+    path = tmp_path / "moco.pt"
+    torch.save(model, path)  # whole module: the transient logs are not pickled
+    for clone in (torch.load(path, weights_only=False), copy.deepcopy(model)):
+        assert torch.equal(clone.queue, model.queue) and len(clone._undo_logs) == 0
+        out, labels = clone(im_q, im_k)
+        F.cross_entropy(out, labels).backward()
+        assert clone.queue_ptr.item() == 16
