@@ -17,11 +17,8 @@ import argparse
 import math
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# fvcore (imported by Detectron2) calls torch.jit.script at import; keep stderr for real errors
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 from moco.data import resolve_data_path  # noqa: E402
 from moco.engine import launch_processes, resolve_launch, run_cli  # noqa: E402

@@ -15,11 +15,8 @@ import argparse
 import os
 import re
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# fvcore (imported by Detectron2) calls torch.jit.script at import; keep stderr for real errors
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 from moco.config import apply_official_args, load_cfg, merge_opts  # noqa: E402
 from moco.engine import launch_pretraining, resolve_launch, run_cli  # noqa: E402

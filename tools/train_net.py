@@ -12,9 +12,8 @@ Writes OUTPUT_DIR/final_metrics.json (read by tools/report.py). See detection/tr
 import pickle
 import sys
 
-from detectron2.engine import default_argument_parser
-
-from detection.trainer import run
+from detection.trainer import run  # first: the detection package quiets an upstream warning
+from detectron2.engine import default_argument_parser  # noqa: I001
 
 
 def main(argv=None):
