@@ -216,11 +216,17 @@ class Row:
     detail: str = ""
     status: str = "ok"
     seconds: list = dataclasses.field(default_factory=list)  # per unit, one entry per repetition
+    cpu_seconds: list = dataclasses.field(default_factory=list)  # this process's CPU time, same
     ratio: float = None  # images/s (or speed) relative to the group's baseline row
+    cpu_ratio: float = None  # the same from CPU time
 
     @property
     def median(self):
         return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def median_cpu(self):
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
 
     @property
     def images_per_s(self):
@@ -237,8 +243,11 @@ class Row:
             "median_ms": self.median * 1e3 if ok else None,
             "min_ms": min(self.seconds) * 1e3 if ok else None,
             "max_ms": max(self.seconds) * 1e3 if ok else None,
+            "cpu_seconds_per_unit": self.cpu_seconds,
+            "median_cpu_ms": self.median_cpu * 1e3 if self.cpu_seconds else None,
             "images_per_s": self.images_per_s,
             "ratio_vs_baseline": self.ratio,
+            "cpu_ratio_vs_baseline": self.cpu_ratio,
         }  # fmt: skip
 
 
@@ -271,6 +280,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _clock():
+    return time.perf_counter(), time.process_time()
+
+
+def _per_unit(start, units):
+    """(wall, CPU) seconds per unit since ``start`` (from :func:`_clock`).
+
+    CPU time is this process's (all its threads, not DataLoader workers); on a shared machine it
+    moves far less than wall time when other jobs take the cores.
+    """
+    wall, cpu = _clock()
+    return (wall - start[0]) / units, (cpu - start[1]) / units
+
+
 # ------------------------------------------------------------------------------------------------
 # the rows' runners: each has warm() and run() -> seconds per unit
 
@@ -288,11 +311,11 @@ class _StepRunner:
 
     def run(self):
         _sync(self.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(self.steps):
             self.step(*self.batch)
         _sync(self.device)
-        return (time.perf_counter() - start) / self.steps
+        return _per_unit(start, self.steps)
 
 
 class _MomentumRunner:
@@ -306,11 +329,11 @@ class _MomentumRunner:
 
     def run(self):
         _sync(self.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(self.updates):
             self.update()
         _sync(self.device)
-        return (time.perf_counter() - start) / self.updates
+        return _per_unit(start, self.updates)
 
 
 class _LoaderRunner:
@@ -342,11 +365,11 @@ class _LoaderRunner:
             for _ in range(self.fill):
                 self._consume(next(it))
             _sync(self.device)
-            start = time.perf_counter()
+            start = _clock()
             for _ in range(self.timed):
                 self._consume(next(it))
             _sync(self.device)
-            return (time.perf_counter() - start) / self.timed
+            return _per_unit(start, self.timed)
         finally:
             del it  # shuts the workers down before the next row runs
 
@@ -548,7 +571,9 @@ def measure(rows, runners, reps, warmup, log=None):
         members = [r for r in members if r.status == "ok"]
         for rep in range(reps):
             for row in members:
-                row.seconds.append(runners[id(row)].run())
+                wall, cpu = runners[id(row)].run()
+                row.seconds.append(wall)
+                row.cpu_seconds.append(cpu)
                 if log:
                     ms = row.seconds[-1] * 1e3
                     log(f"{group:8s} {row.name:20s} rep {rep + 1}/{reps}: {ms:.1f} ms")
@@ -556,6 +581,7 @@ def measure(rows, runners, reps, warmup, log=None):
         for row in members:
             if base is not None and base.seconds and row.seconds:
                 row.ratio = base.median / row.median  # speed relative to the baseline
+                row.cpu_ratio = base.median_cpu / row.median_cpu
     return rows
 
 
@@ -613,17 +639,18 @@ def _fmt(value, spec):
 def format_table(report):
     """The rows as a fixed-width text table."""
     lines = []
-    header = (f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'img/s':>9s}"
-              f"{'x baseline':>11s}  detail")  # fmt: skip
+    header = (f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
+              f"{'img/s':>9s}{'x baseline':>11s}  detail")  # fmt: skip
     lines.append(header)
     lines.append("-" * len(header))
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['group']:9s}{r['name']:20s}{'':50s}  {r['status']}")
+            lines.append(f"{r['group']:9s}{r['name']:20s}{'':60s}  {r['status']}")
             continue
         spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
         lines.append(
             f"{r['group']:9s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
+            f"{_fmt(r.get('median_cpu_ms'), '.1f'):>10s}"
             f"{_fmt(r['images_per_s'], '.1f'):>9s}{_fmt(r['ratio_vs_baseline'], '.2f'):>11s}"
             f"  {r['detail']}"
         )

@@ -23,8 +23,8 @@ from moco.benchmark import (
 from moco.builder import MoCo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("benchmark_cli",
-                                               os.path.join(ROOT, "tools", "benchmark.py"))  # fmt: skip
+_TOOL = os.path.join(ROOT, "tools", "benchmark.py")
+_spec = importlib.util.spec_from_file_location("benchmark_cli", _TOOL)
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
@@ -110,8 +110,13 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
         assert r["status"] == "ok" and len(r["seconds_per_unit"]) == 2, key
         assert all(s > 0 for s in r["seconds_per_unit"])
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert len(r["cpu_seconds_per_unit"]) == 2 and r["median_cpu_ms"] >= 0
         base = rows[(key[0], "official")]
         assert r["ratio_vs_baseline"] == pytest.approx(base["median_ms"] / r["median_ms"])
+        if key[0] in ("model", "momentum"):  # the main process does the work: CPU time ~ wall
+            assert r["median_cpu_ms"] > 0.3 * r["median_ms"]
+            assert r["cpu_ratio_vs_baseline"] == pytest.approx(
+                base["median_cpu_ms"] / r["median_cpu_ms"])
         if r["unit"] != "update":
             assert r["images_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
     assert rows[("model", "official")]["ratio_vs_baseline"] == 1.0
@@ -125,8 +130,9 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
                          ("model", "official", "2/2"), ("model", "moco-det", "2/2")]  # fmt: skip
     # the table: one line per row, the lightly row with its status
     table = captured.out
-    assert "median ms" in table and "x baseline" in table
-    assert sum(line.startswith(("model", "momentum", "data", "e2e")) for line in table.splitlines()) == 9
+    assert "median ms" in table and "cpu ms" in table and "x baseline" in table
+    groups = ("model", "momentum", "data", "e2e")
+    assert sum(line.startswith(groups) for line in table.splitlines()) == 9
     assert "not installed" in table and f"wrote {out}" in table
 
 
