@@ -29,6 +29,8 @@ from fvcore.common.config import CfgNode as CN
 logger = logging.getLogger("moco_det.pipeline")
 
 STAGE_FILE = "stage.json"
+DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "pipeline", "embedded_cpu.yaml")  # the README's demo
 INITS = ("moco", "supervised", "random")  # detection initialisations, in report order
 
 
@@ -329,7 +331,8 @@ def _pretrain_lines(records):
 
 def build_argument_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="YAML under configs/pipeline/ (default: the CPU demo)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="YAML under configs/pipeline/ (default: embedded_cpu.yaml, the CPU demo)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3")  # fmt: skip
     return p
