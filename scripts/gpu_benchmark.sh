@@ -62,6 +62,7 @@ if [ "$MODE" = "--dry-run" ]; then
   DET_BIG=("${DET[@]}")
   DATA_ARGS=(--cls-size 96 --cls-train-per-class 4)
   LIMIT=600
+  DET_LIMIT=300
 elif [ "$MODE" = "run" ]; then
   PY=${PYTHON:-python3}
   OUT=${OUT:-output/gpu_benchmark}
@@ -75,7 +76,8 @@ elif [ "$MODE" = "run" ]; then
   DET_BIG=(--det-ims-per-batch 16 --det-iters 3)
   # ImageNet-like JPEGs (the embedded default is 64 px): 384 px, 600 training images
   DATA_ARGS=(--cls-size 384 --cls-train-per-class 60)
-  LIMIT=330
+  LIMIT=300  # whole script: 60 + 300 + 2 x 60 s at most, under 8 minutes
+  DET_LIMIT=60
 else
   echo "usage: $0 [--prepare | --dry-run]" >&2
   exit 2
@@ -111,7 +113,7 @@ EOF
 
 WORK=${TMPDIR:-/tmp}/moco_gpu_benchmark
 set -o pipefail
-timeout 120 "$PY" tools/make_data.py --root "$WORK/synthetic" "${DATA_ARGS[@]}" --cls-val-per-class 1 \
+timeout 60 "$PY" tools/make_data.py --root "$WORK/synthetic" "${DATA_ARGS[@]}" --cls-val-per-class 1 \
   --det-trainval 2 --det-test 2 --workers "$(nproc)" 2>&1 | tee "$OUT/make_data.log"
 
 status=0
@@ -119,10 +121,12 @@ timeout "$LIMIT" "$PY" tools/benchmark.py --device "$DEVICE" "${BENCH[@]}" --dat
   --rows model,momentum,data,e2e --output "$OUT/moco_benchmark.json" 2>&1 | tee "$OUT/moco_benchmark.log" || status=$?
 
 C4=configs/detection/pascal_voc_R_50_C4_24k_moco.yaml
-timeout 100 "$PY" tools/benchmark.py --device "$DEVICE" --rows none --detection-config "$C4" \
+timeout "$DET_LIMIT" "$PY" tools/benchmark.py --device "$DEVICE" --rows none \
+  --detection-config "$C4" \
   "${DET[@]}" --output "$OUT/detectron2_c4.json" 2>&1 | tee "$OUT/detectron2_c4.log" || status=$?
 if [ "$MODE" = "run" ]; then
-  timeout 100 "$PY" tools/benchmark.py --device "$DEVICE" --rows none --detection-config "$C4" \
+  timeout "$DET_LIMIT" "$PY" tools/benchmark.py --device "$DEVICE" --rows none \
+    --detection-config "$C4" \
     "${DET_BIG[@]}" --output "$OUT/detectron2_c4_16.json" 2>&1 | tee "$OUT/detectron2_c4_16.log" || status=$?
 fi
 

@@ -94,6 +94,7 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
         "--split-bn-groups", "2", "--reps", "2", "--steps", "1", "--warmup", "1",
         "--workers", "0", "--data", synthetic_root, "--data-batches", "1",
         "--rows", "model,momentum,data,e2e", "--device", "cpu", "--output", str(out),
+        "--channels-last", "true",  # "auto" leaves it off for 32 px crops on CPU
     ])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.err

@@ -255,6 +255,9 @@ def test_amp_and_channels_last_settings_resolve_per_device():
     assert fast.resolve_amp("auto", "cpu") == fast.cpu_has_native_bf16()
     assert fast.bf16_is_fast("cpu") == fast.cpu_has_native_bf16()
     assert fast.resolve_channels_last("auto", "cpu") is True
+    assert fast.resolve_channels_last("auto", "cpu", image_size=96) is True
+    assert fast.resolve_channels_last("auto", "cpu", image_size=32) is False  # measured slower
+    assert fast.resolve_channels_last(True, "cpu", image_size=32) is True
     assert fast.resolve_channels_last("false", "cpu") is False
     msg = r"SOLVER.AMP \(bf16 autocast\) must be true, false or auto, got 'fp8'"
     with pytest.raises(ValueError, match=msg):
