@@ -121,10 +121,14 @@ def fused_sgd_available(device):
     return torch.device(device).type in _get_fused_kernels_supported_devices()
 
 
+def _use_fused(fused, device):
+    """True / "auto": the fused kernel where the device has it; False: never."""
+    return fused_sgd_available(device) if fused == AUTO or fused is True else False
+
+
 def sgd(params, lr, momentum, weight_decay, device, fused=AUTO):
     """``torch.optim.SGD`` with the fused kernel where available (same update rule)."""
-    use_fused = fused_sgd_available(device) if fused == AUTO else bool(fused)
-    kwargs = {"fused": True} if use_fused else {}
+    kwargs = {"fused": True} if _use_fused(fused, device) else {}
     return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 
@@ -142,9 +146,9 @@ class FastPath:
     def resolve(cls, device, amp=AUTO, channels_last=AUTO, fused_sgd=AUTO, compile=False,
                 image_size=None):  # fmt: skip
         device = torch.device(device)
-        fused = fused_sgd_available(device) if fused_sgd == AUTO else bool(fused_sgd)
         cl = resolve_channels_last(channels_last, device, image_size)
-        return cls(device, resolve_amp(amp, device), cl, fused, bool(compile))
+        return cls(device, resolve_amp(amp, device), cl, _use_fused(fused_sgd, device),
+                   bool(compile))  # fmt: skip
 
     @property
     def pin_memory(self):
