@@ -22,12 +22,13 @@ pickled atomically (temp file in the target folder, fsync, ``os.replace``).
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from moco.checkpoint import atomic_write
 
 from .checkpoint import load_weights_only
 
@@ -199,20 +200,8 @@ def save_d2_weights(model, path):
     if not path.endswith(".pkl"):
         # Detectron2 reads a file as a weights pickle only by this extension
         raise ValueError(f"{path}: the output must end with .pkl (Detectron2 picks the reader by extension)")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))
 
 
 def convert_checkpoint(src, dst, fmt=None):

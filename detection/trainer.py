@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import weakref
 
@@ -26,6 +25,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
+
+from moco.checkpoint import atomic_write_text
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
@@ -102,20 +103,7 @@ def _finite(obj):
 
 
 def _atomic_write_json(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_final_metrics(cfg, args, results, **extra):

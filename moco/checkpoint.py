@@ -57,7 +57,8 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -79,11 +80,11 @@ def _atomic_write(path, write):
 
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_last_checkpoint(folder, filename):
