@@ -26,6 +26,8 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
+from moco.checkpoint import atomic_write_json
+
 logger = logging.getLogger("moco_det.pipeline")
 
 STAGE_FILE = "stage.json"
@@ -92,12 +94,6 @@ def stage_key(material):
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _atomic_write_json(path, data):
-    from moco.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _fresh_logging():
     # Detectron2's setup_logger caches its handlers per output folder: without this, every stage
     # run in this process would add another console handler and print each line once more.
@@ -139,7 +135,7 @@ class Stages:
             outputs = fn(out, resume)
             record = {"name": name, "key": key, "material": material, "outputs": outputs,
                       "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-            _atomic_write_json(marker, record)
+            atomic_write_json(marker, record)
             print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
             record["reused"] = False
         self.records.append(record)
@@ -309,7 +305,7 @@ def run_pipeline(cfg):
         "runs": runs,
         "report": paths,
     }
-    _atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
+    atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
     print(f"[{stages.done}/{total}] report")
     print(_pretrain_lines(stages.records))
     print(to_markdown(table), end="")

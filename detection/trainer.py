@@ -13,7 +13,6 @@ CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs n
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
 """
 
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ from detectron2.engine import DefaultTrainer, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
-from moco.checkpoint import atomic_write_text
+from moco.checkpoint import atomic_write_json
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
@@ -102,10 +101,6 @@ def _finite(obj):
     return obj
 
 
-def _atomic_write_json(path, data):
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def write_final_metrics(cfg, args, results, **extra):
     """Write ``OUTPUT_DIR/final_metrics.json`` from ``DefaultTrainer.test`` results; return its path.
 
@@ -135,7 +130,7 @@ def write_final_metrics(cfg, args, results, **extra):
     }
     data.update(extra)
     path = os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)
-    _atomic_write_json(path, _finite(data))
+    atomic_write_json(path, _finite(data))
     logger.info("final metrics written to %s", path)
     return path
 

@@ -14,6 +14,7 @@ finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 20
 the same folder, flushed, fsync'ed and moved into place with ``os.replace``.
 """
 
+import json
 import os
 import pickle
 import random
@@ -85,6 +86,10 @@ def atomic_save(obj, path):
 
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_last_checkpoint(folder, filename):

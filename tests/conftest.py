@@ -7,6 +7,7 @@ another test pointed the names elsewhere.
 """
 
 import pytest
+import torch
 
 from moco.synthetic import SyntheticSpec, ensure_generated
 
@@ -48,3 +49,12 @@ def synthetic_datasets(synthetic_root) -> dict:
     from detection.datasets import register_synthetic
 
     return register_synthetic(synthetic_root)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to a busy machine's thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

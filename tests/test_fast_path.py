@@ -34,13 +34,7 @@ from moco.shuffle_bn import SplitBatchNorm, blocked_order, blocked_split_batchno
 resnet10 = functools.partial(ResNet, BasicBlock, [1, 1, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rel(a, b):
