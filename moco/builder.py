@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from moco.heads import attach_head, resolve_head
 from moco.shuffle_bn import (
     batch_shuffle_ddp,
     blocked_order,
@@ -96,6 +97,29 @@ def resnet_encoder(arch):
     return getattr(torchvision.models, arch)
 
 
+def build_encoder(base_encoder, dim, head, shuffle_bn, split_bn_groups):
+    """``base_encoder(num_classes=dim)`` with projection ``head`` (moco.heads) and the BatchNorm
+    of Shuffle BN mode ``shuffle_bn`` (split: SplitBatchNorm, sync: SyncBatchNorm, else plain)."""
+    encoder = attach_head(base_encoder(num_classes=dim), head)
+    if shuffle_bn == "split":
+        return convert_split_batchnorm(encoder, split_bn_groups)
+    if shuffle_bn == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+    return encoder
+
+
+def encode(encoder, x, shuffle_bn, split_bn_groups):
+    """``encoder(x)``. Split BN on channels_last input runs on blocked sub-batches: the encoder
+    sees ``x[blocked_order]``, so block j holds the strided sub-batch j and results are those
+    of the strided split, in x's order."""
+    if shuffle_bn != "split" or not _is_channels_last(x):
+        return encoder(x)
+    order = blocked_order(x.shape[0], split_bn_groups, x.device)
+    with blocked_split_batchnorm(encoder):
+        out = encoder(x[order])
+    return out[torch.argsort(order)]
+
+
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder and a queue of K negative keys.
 
@@ -104,26 +128,16 @@ class MoCo(nn.Module):
     """
 
     def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False,
-                 shuffle_bn="split", split_bn_groups=8):
+                 shuffle_bn="split", split_bn_groups=8, head=None):
         super().__init__()
         self.K, self.m, self.T = int(K), float(m), float(T)
         self.shuffle_bn = resolve_shuffle_bn(shuffle_bn)
         self.split_bn_groups = int(split_bn_groups)
         self._undo_logs = weakref.WeakSet()  # of forwards whose graph may still run backward
-        self.encoder_q = base_encoder(num_classes=dim)
-        self.encoder_k = base_encoder(num_classes=dim)
-        if mlp:  # MoCo v2 head: fc -> Sequential(Linear(d, d), ReLU, fc), keys fc.0.* / fc.2.*
-            for enc in (self.encoder_q, self.encoder_k):
-                if not isinstance(getattr(enc, "fc", None), nn.Linear):
-                    raise ValueError("mlp=True needs an encoder whose head is an nn.Linear named 'fc'")
-                d = enc.fc.weight.shape[1]
-                enc.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), enc.fc)
-        if self.shuffle_bn == "split":
-            convert_split_batchnorm(self.encoder_q, split_bn_groups)
-            convert_split_batchnorm(self.encoder_k, split_bn_groups)
-        elif self.shuffle_bn == "sync":
-            self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
-            self.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_k)
+        # MoCo v2 head (mlp=True or head="mlp"): fc -> Sequential(Linear(d, d), ReLU, fc)
+        head = resolve_head(head, mlp)
+        self.encoder_q = build_encoder(base_encoder, dim, head, self.shuffle_bn, split_bn_groups)
+        self.encoder_k = build_encoder(base_encoder, dim, head, self.shuffle_bn, split_bn_groups)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad = False
@@ -163,15 +177,7 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(keys.shape[0]).remainder_(self.K)
 
     def _encode(self, encoder, x):
-        """``encoder(x)``. Split BN on channels_last input runs on blocked sub-batches: the encoder
-        sees ``x[blocked_order]``, so block j holds the strided sub-batch j and results are those
-        of the strided split, in x's order."""
-        if self.shuffle_bn != "split" or not _is_channels_last(x):
-            return encoder(x)
-        order = blocked_order(x.shape[0], self.split_bn_groups, x.device)
-        with blocked_split_batchnorm(encoder):
-            out = encoder(x[order])
-        return out[torch.argsort(order)]
+        return encode(encoder, x, self.shuffle_bn, self.split_bn_groups)
 
     def _check_inputs(self, im_q, im_k):
         if im_q.shape[0] != im_k.shape[0]:
