@@ -29,7 +29,14 @@ _C.MODEL.DIM = 128  # feature dimension of the contrastive head
 _C.MODEL.K = 65536  # queue size; must be a multiple of SOLVER.IMS_PER_BATCH
 _C.MODEL.M = 0.999  # key encoder momentum
 _C.MODEL.T = 0.07  # softmax temperature
-_C.MODEL.MLP = False  # MoCo v2 2-layer MLP head
+_C.MODEL.MLP = False  # MoCo v2 2-layer MLP head (the official --mlp: MODEL.HEAD "mlp")
+# Contrastive mechanism (moco.mechanisms): "moco" (momentum encoder + queue), "end_to_end" (keys of
+# the global batch, one encoder with gradients; MODEL.K unused), "memory_bank" (InstDisc; MODEL.K
+# negatives sampled from a bank of one feature per training image).
+_C.MODEL.MECHANISM = "moco"
+_C.MODEL.LOSS = "info_nce"  # or "nt_xent" (SimCLR, symmetric; end_to_end only)
+_C.MODEL.HEAD = "linear"  # projection head (moco.heads): "linear", "mlp", "simclr_v2"
+_C.MODEL.MEMORY_BANK_MOMENTUM = 0.5  # InstDisc's bank entry update
 # Shuffle BN: "auto" (ddp when world size > 1, else split), "ddp", "split", "sync", "off".
 _C.MODEL.SHUFFLE_BN = "auto"
 _C.MODEL.SPLIT_BN_GROUPS = 8  # sub-batches of "split" (MoCo CIFAR demo: 8)
