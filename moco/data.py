@@ -13,7 +13,7 @@ import os
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
@@ -47,12 +47,34 @@ def image_folder(root, split, transform, what, loader=None):
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
 
-def build_pretrain_dataset(cfg):
-    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image."""
+def build_pretrain_dataset(cfg, with_index=False):
+    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image.
+
+    ``with_index``: items are ``(crops, label, index)`` (the memory bank's sample index).
+    """
     crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
     transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast)
-    return image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
-                        loader=JpegDraftLoader(crop) if fast else None)  # fmt: skip
+    dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
+                           loader=JpegDraftLoader(crop) if fast else None)  # fmt: skip
+    return WithIndex(dataset) if with_index else dataset
+
+
+class WithIndex(Dataset):
+    """``dataset[i] + (i,)``: each item also names its sample (InstDisc's memory bank entry)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (*self.dataset[index], index)
+
+    def __getattr__(self, name):  # classes, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class EpochSampler(DistributedSampler):
