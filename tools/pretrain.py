@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moco.config import apply_official_args, load_cfg, merge_opts  # noqa: E402
+from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts  # noqa: E402
 from moco.engine import launch_pretraining, resolve_launch, run_cli  # noqa: E402
 
 
@@ -76,6 +76,7 @@ def build_parser():
 
 
 _CFG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+$")  # e.g. SOLVER.BASE_LR
+_TOP_LEVEL_KEYS = {k for k, v in get_cfg().items() if not isinstance(v, dict)}  # e.g. OUTPUT_DIR
 
 
 def parse_args(argv=None):
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     args.data, args.opts, rest = None, [], list(args.rest)
     while rest:
         token = rest.pop(0)
-        if _CFG_KEY.match(token):
+        if _CFG_KEY.match(token) or token in _TOP_LEVEL_KEYS:
             if not rest:
                 raise ValueError(f"config override {token} has no value (KEY VALUE pairs)")
             args.opts += [token, rest.pop(0)]
