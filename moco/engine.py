@@ -15,7 +15,6 @@ started by Detectron2's ``launch`` (gloo on CPU, NCCL on GPU), or by torchrun (`
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -34,11 +33,12 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from moco import checkpoint as ckpt_lib
-from moco.builder import MoCo, resnet_encoder
+from moco.builder import resnet_encoder
 from moco.shuffle_bn import resolve_shuffle_bn
 from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path
 from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
+from moco.mechanisms import build_contrastive_model, validate_mechanism
 
 logger = logging.getLogger("moco")
 
@@ -192,7 +192,8 @@ def validate_cfg(cfg, world_size):
     if batch % world_size:
         raise ValueError(f"SOLVER.IMS_PER_BATCH (-b) = {batch} is not divisible by the {world_size} "
                          "processes; each process must get the same batch")  # fmt: skip
-    if cfg.MODEL.K % batch:
+    validate_mechanism(cfg, world_size)
+    if cfg.MODEL.MECHANISM == "moco" and cfg.MODEL.K % batch:
         raise ValueError(
             f"MODEL.K (--moco-k) = {cfg.MODEL.K} is not a multiple of the global batch "
             f"SOLVER.IMS_PER_BATCH = {batch}: the queue takes whole batches (official assert "
@@ -253,12 +254,9 @@ def resolve_device(cfg):
     return device
 
 
-def build_model(cfg, world_size):
-    return MoCo(
-        resnet_encoder(cfg.MODEL.ARCH), dim=cfg.MODEL.DIM, K=cfg.MODEL.K, m=cfg.MODEL.M,
-        T=cfg.MODEL.T, mlp=cfg.MODEL.MLP, shuffle_bn=shuffle_bn_mode(cfg, world_size),
-        split_bn_groups=cfg.MODEL.SPLIT_BN_GROUPS,
-    )  # fmt: skip
+def build_model(cfg, world_size, dataset_size=None):
+    """The MODEL.MECHANISM model (moco.mechanisms); ``dataset_size``: memory bank entries."""
+    return build_contrastive_model(cfg, world_size, dataset_size)
 
 
 def build_optimizer(cfg, model):
@@ -277,11 +275,13 @@ def topk_accuracy(logits, labels, ks=(1, 5)):
 
 
 def queue_digest(model):
-    """sha256 of the queue and its pointer (replicas must agree bit for bit)."""
+    """sha256 of the mechanism's dictionary (MoCo: queue and pointer; memory bank: the bank);
+    replicas must agree bit for bit."""
     model = getattr(model, "module", model)
+    buffers = dict(model.named_buffers())
     h = hashlib.sha256()
-    for t in (model.queue, model.queue_ptr):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for name in getattr(model, "dictionary_buffers", ("queue", "queue_ptr")):
+        h.update(buffers[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -296,14 +296,20 @@ class PretrainTrainer(SimpleTrainer):
     last checkpoint if any). Model, queue and pointer, optimizer, LR schedule, iteration, sampler
     seed and RNG states are restored; an official checkpoint without resume state continues at
     its ``epoch``.
+
+    Subclasses plug in through :meth:`validate`, :meth:`build_dataset`, :meth:`build_model`,
+    :meth:`forward_batch`, :meth:`build_summary` and :meth:`write_outputs` (the supervised
+    baseline, moco.supervised); the contrastive mechanisms are models (MODEL.MECHANISM).
     """
+
+    summary_file = SUMMARY_FILE
 
     def __init__(self, cfg, resume=None):
         world = comm.get_world_size()
-        validate_cfg(cfg, world)
         self.cfg = cfg
+        self.validate(world)
         self.device = resolve_device(cfg)
-        dataset = build_pretrain_dataset(cfg)
+        dataset = self.build_dataset()
         batch = cfg.SOLVER.IMS_PER_BATCH
         if len(dataset) < batch:
             raise ValueError(f"DATA.ROOT {cfg.DATA.ROOT}: train/ has {len(dataset)} images, fewer "
@@ -313,7 +319,7 @@ class PretrainTrainer(SimpleTrainer):
         self.fast = FastPath.resolve(self.device, amp=cfg.SOLVER.AMP,
                                      channels_last=cfg.MODEL.CHANNELS_LAST,
                                      fused_sgd=cfg.SOLVER.FUSED_SGD)  # fmt: skip
-        self.moco = prepare_model(build_model(cfg, world).to(self.device), self.fast.channels_last)
+        self.moco = prepare_model(self.build_model(dataset).to(self.device), self.fast.channels_last)
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
@@ -348,6 +354,27 @@ class PretrainTrainer(SimpleTrainer):
             else:
                 logger.warning("checkpoint has RNG states of %d processes, this run has %d: "
                                "not restored", len(rng), world)  # fmt: skip
+
+    def validate(self, world_size):
+        """One-line error for a configuration that cannot train (before anything is built)."""
+        validate_cfg(self.cfg, world_size)
+
+    def build_dataset(self):
+        """DATA.ROOT/train, two crops per image (and the sample index for the memory bank)."""
+        return build_pretrain_dataset(self.cfg, with_index=self.cfg.MODEL.MECHANISM == "memory_bank")
+
+    def build_model(self, dataset):
+        """The unwrapped model trained by the step (MoCo or another mechanism)."""
+        return build_model(self.cfg, comm.get_world_size(), len(dataset))
+
+    def forward_batch(self, batch):
+        """``(logits, labels)`` of one loader batch; the step's loss is their cross-entropy."""
+        (im_q, im_k), *rest = batch
+        inputs = [to_device(im, self.device, self.fast.channels_last) for im in (im_q, im_k)]
+        if getattr(self.moco, "needs_index", False):  # memory bank: (crops, label, index)
+            inputs.append(rest[1].to(self.device, non_blocking=True))
+        with autocast_context(self.device, self.fast.amp):
+            return self.model(*inputs)
 
     def _load_resume_state(self, path, optimizer):
         cfg = self.cfg
@@ -396,12 +423,9 @@ class PretrainTrainer(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "[PretrainTrainer] model was changed to eval mode!"
         start = time.perf_counter()
-        (im_q, im_k), _ = next(self._data_loader_iter)
+        batch = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        im_q = to_device(im_q, self.device, self.fast.channels_last)
-        im_k = to_device(im_k, self.device, self.fast.channels_last)
-        with autocast_context(self.device, self.fast.amp):
-            logits, labels = self.model(im_q, im_k)
+        logits, labels = self.forward_batch(batch)
         loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -441,13 +465,24 @@ class PretrainTrainer(SimpleTrainer):
                         self.max_iter)  # fmt: skip
         else:
             super().train(self.start_iter, self.max_iter)
+        summary = self.build_summary()
+        if comm.is_main_process():
+            self.write_outputs(summary)
+        return summary
+
+    def build_summary(self):
+        """The run's summary (every process calls it: the dictionary digests are gathered)."""
+        cfg = self.cfg
         digests = comm.all_gather(queue_digest(self.moco))
         if len(set(digests)) != 1:
-            raise RuntimeError(f"MoCo queues differ between processes after training: {digests}")
+            raise RuntimeError(f"dictionaries (queue / memory bank) differ between processes after "
+                               f"training: {digests}")
         iters = max(0, self.max_iter - self.start_iter)
         summary = {
             "world_size": comm.get_world_size(),
             "device": str(self.device),
+            "mechanism": cfg.MODEL.MECHANISM,
+            "loss": cfg.MODEL.LOSS,
             "fast_path": self.fast.describe(),
             "arch": cfg.MODEL.ARCH,
             "shuffle_bn": self.moco.shuffle_bn,
@@ -465,10 +500,11 @@ class PretrainTrainer(SimpleTrainer):
             "last_checkpoint": self.last_checkpoint,
             "queue_sha256_per_rank": digests,
         }
-        if comm.is_main_process():
-            ckpt_lib.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, SUMMARY_FILE),
-                                       json.dumps(summary, indent=2) + "\n")  # fmt: skip
         return summary
+
+    def write_outputs(self, summary):
+        """Rank 0, after training: the summary file (OUTPUT_DIR/``summary_file``)."""
+        ckpt_lib.atomic_write_json(os.path.join(self.cfg.OUTPUT_DIR, self.summary_file), summary)
 
 
 # ------------------------------------------------------------------------------------------------

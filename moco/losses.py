@@ -51,30 +51,33 @@ def info_nce_logits(q, k, negatives, T):
     return logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
 
 
-def batch_info_nce_logits(q, k, T):
+def batch_info_nce_logits(q, k, T, k_all=None):
     """End-to-end InfoNCE: ``(q @ k_all.T / T, labels)`` with k_all the keys of the global batch.
 
     Query i of this process (global index ``rank * N + i``) has its own key as positive and the
     other ``global batch - 1`` keys as negatives; gradients flow into q and every key.
+    ``k_all``: the already gathered keys (B x C, global order), else gathered here.
     """
     world, rank = _world()
-    k_all = all_gather_with_grad(k)
+    k_all = all_gather_with_grad(k) if k_all is None else k_all
     logits = q.mm(k_all.t()) / T
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return logits, labels
 
 
-def nt_xent_logits(z1, z2, T):
+def nt_xent_logits(z1, z2, T, z2_all=None):
     """SimCLR's NT-Xent as ``(logits, labels)`` over this process's 2N anchors.
 
     ``z1``, ``z2``: N x C, the two views, L2-normalised. With the global batch of B pairs, anchor
     ``a`` (one of 2B) is scored against the 2B - 1 other samples: its other view (the label) and
-    2B - 2 negatives; the self-similarity column is removed, not masked.
+    2B - 2 negatives; the self-similarity column is removed, not masked. ``z2_all``: the
+    already gathered second views (B x C, global order), else gathered here.
     """
     world, rank = _world()
     n = z1.shape[0]
     b = n * world
-    z_all = torch.cat([all_gather_with_grad(z1), all_gather_with_grad(z2)], dim=0)  # 2B x C
+    z2_all = all_gather_with_grad(z2) if z2_all is None else z2_all
+    z_all = torch.cat([all_gather_with_grad(z1), z2_all], dim=0)  # 2B x C
     anchors = torch.cat([z1, z2], dim=0)  # 2N x C
     mine = torch.arange(n, device=z1.device) + rank * n
     anchor_idx = torch.cat([mine, mine + b])  # global row of each anchor in z_all
