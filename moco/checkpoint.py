@@ -70,18 +70,49 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous "
+                          "file there (if any) is unchanged") from e  # fmt: skip
         raise
     _fsync_dir(folder)
 
 
+class _KeepWriteError:
+    """File wrapper that remembers the OSError of a failed write: torch.save turns it into an
+    opaque RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+
+    def save(f):
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+    atomic_write(path, save)
 
 
 def atomic_write_text(path, text):

@@ -145,3 +145,90 @@ def test_sigkill_after_half_then_resume_is_bit_identical(synthetic_root, tmp_pat
         assert torch.equal(rx["torch"], ry["torch"])
         assert torch.equal(rx["numpy"]["keys"], ry["numpy"]["keys"])
         assert torch.equal(rx["python"]["internal"], ry["python"]["internal"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. training faults: NaN loss, full disk during a save
+
+
+def test_nan_loss_stops_before_the_optimizer_step_and_keeps_the_checkpoint(synthetic_root, tmp_path,
+                                                                           one_thread):  # fmt: skip
+    trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path))
+    forward = trainer.model.forward
+    seen = {}
+
+    def poisoned(*args, **kwargs):  # iteration 4 (in epoch 2) produces NaN logits
+        logits, labels = forward(*args, **kwargs)
+        if trainer.iter == 4:
+            seen["params"] = [p.detach().clone() for p in trainer.moco.parameters()]
+            seen["ckpt"] = _sha256(tmp_path / "checkpoint_0000.pth.tar")
+            logits = logits * float("nan")
+        return logits, labels
+
+    trainer.model.forward = poisoned
+    with pytest.raises(FloatingPointError, match=r"iteration=4"):
+        trainer.train()
+    # no parameter moved: the run stopped before optimizer.step()
+    for before, p in zip(seen["params"], trainer.moco.parameters()):
+        assert torch.equal(before, p.detach())
+    assert all(torch.isfinite(p).all() for p in trainer.moco.parameters())
+    assert _sha256(tmp_path / "checkpoint_0000.pth.tar") == seen["ckpt"]
+    assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
+    assert not os.path.exists(tmp_path / "checkpoint_0001.pth.tar")
+    assert C.load_checkpoint(str(tmp_path / "checkpoint_0000.pth.tar"))["iteration"] == 3
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written (a full disk)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_path, monkeypatch,
+                                                         one_thread):  # fmt: skip
+    trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path))
+    mkstemp, fdopen = C.tempfile.mkstemp, os.fdopen
+    names, seen = {}, {}
+
+    def recording_mkstemp(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        names[fd] = name
+        return fd, name
+
+    def full_fdopen(fd, *args, **kwargs):
+        f = fdopen(fd, *args, **kwargs)
+        if "checkpoint_0001" not in os.path.basename(names.get(fd, "")):
+            return f
+        seen["ckpt"] = _sha256(tmp_path / "checkpoint_0000.pth.tar")
+        seen["tmp"] = names[fd]
+        return _FullDisk(f, room=4096)  # part of the new file reaches the disk, then it is full
+
+    monkeypatch.setattr(C.tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(os, "fdopen", full_fdopen)
+    with pytest.raises(OSError, match=r"could not write .*checkpoint_0001\.pth\.tar: No space left "
+                                      r"on device; the previous file there \(if any\) is unchanged"
+                       ) as err:  # fmt: skip
+        trainer.train()
+    assert err.value.errno == errno.ENOSPC
+    assert seen["tmp"] and not os.path.exists(seen["tmp"])  # the partial file was removed
+    assert not _tmp_files(tmp_path) and not os.path.exists(tmp_path / "checkpoint_0001.pth.tar")
+    assert _sha256(tmp_path / "checkpoint_0000.pth.tar") == seen["ckpt"]
+    assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
+    monkeypatch.undo()
+    assert C.load_checkpoint(C.resolve_resume("auto", str(tmp_path)))["iteration"] == 3
