@@ -232,3 +232,104 @@ def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_pat
     assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
     monkeypatch.undo()
     assert C.load_checkpoint(C.resolve_resume("auto", str(tmp_path)))["iteration"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. a dead rank: every process ends, non-zero, in bounded time
+
+_DDP_DRIVER = r"""
+import json, os, signal, sys
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from moco.config import get_cfg
+from moco.engine import LaunchSpec, PretrainTrainer, launch_processes, resolve_launch, setup_process
+
+
+class Die(HookBase):
+    def __init__(self, victim, stop):
+        self.victim, self.stop = victim, stop
+
+    def after_step(self):
+        if comm.get_rank() == self.victim and self.trainer.iter + 1 == self.stop:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker(cfg, victim, stop, pid_dir):
+    setup_process(cfg)
+    with open(os.path.join(pid_dir, f"rank{comm.get_rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    trainer = PretrainTrainer(cfg)
+    trainer.register_hooks([Die(victim, stop)])
+    trainer.train()
+
+
+if __name__ == "__main__":
+    opts, victim, stop, pid_dir = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    cfg = get_cfg()
+    cfg.merge_from_list(opts)
+    cfg.freeze()
+    # torchrun's environment: each process on its own (no parent to stop the others); else
+    # Detectron2's launch spawns both
+    spec = resolve_launch(environ=os.environ) if "RANK" in os.environ else LaunchSpec(2)
+    launch_processes(worker, spec, (cfg, victim, stop, pid_dir))
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("victim", [1])
+def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root, tmp_path, victim):
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(_DDP_DRIVER)
+    opts = tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3})
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(driver), json.dumps(opts), str(victim), "4",
+                           str(tmp_path)], env=ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert f"process {victim} terminated with signal SIGKILL" in proc.stderr, proc.stderr[-3000:]
+    pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in (0, 1)]
+    assert not any(_alive(p) for p in pids), pids
+    # the checkpoint of epoch 1 (iteration 3) was written before the failure and is intact
+    out = tmp_path / "out"
+    assert C.load_checkpoint(str(out / "checkpoint_0000.pth.tar"))["iteration"] == 3
+    assert not _tmp_files(out)
+    assert elapsed < 120
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    # as torchrun or several machines start them: independent processes, rendezvous via env://
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(_DDP_DRIVER)
+    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3}))
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path)],
+                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    start = time.monotonic()
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), errs[0][-3000:]
+    assert "gloo" in errs[0]  # gloo notices the closed connection; a hung peer: the PG timeout
+    assert time.monotonic() - start < 120
