@@ -56,6 +56,10 @@ _C.DATA = CN()
 # Folder with train/<class>/ images (ImageFolder). "$DETECTRON2_DATASETS" expands with the
 # default "datasets" (see moco.data.resolve_data_path).
 _C.DATA.ROOT = ""
+# Unreadable image files (corrupt, truncated, empty, not an image) are found by a decode scan at
+# start and skipped with a warning (moco.data_checks); more than this fraction of a folder stops
+# the run with an error.
+_C.DATA.MAX_BAD_FRACTION = 0.01
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4  # per process (official -j 32 per 8-GPU node)

@@ -14,9 +14,9 @@ from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import ImageFolder
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
+from moco.data_checks import CheckedImageFolder
 from moco.fast import to_device as tensor_batch_to  # noqa: F401  (image batch -> device, layout)
 
 _DATASETS_VAR = "$DETECTRON2_DATASETS"
@@ -29,8 +29,12 @@ def resolve_data_path(path):
     return os.path.expanduser(path)
 
 
-def image_folder(root, split, transform, what, loader=None):
-    """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag)."""
+def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None):
+    """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
+
+    Unreadable files are skipped, counted and bounded by ``max_bad_fraction`` (default
+    DATA.MAX_BAD_FRACTION): :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
+    """
     if not root:
         raise ValueError(f"{what} is not set: give a folder with {split}/<class>/ images")
     folder = os.path.join(resolve_data_path(root), split)
@@ -40,9 +44,8 @@ def image_folder(root, split, transform, what, loader=None):
             f"{split}/<class>/<image>)"
         )
     try:
-        if loader is None:
-            return ImageFolder(folder, transform=transform)
-        return ImageFolder(folder, transform=transform, loader=loader)
+        return CheckedImageFolder(folder, transform=transform, loader=loader, what=f"{what}={root}",
+                                  max_bad_fraction=max_bad_fraction)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
@@ -55,7 +58,8 @@ def build_pretrain_dataset(cfg, with_index=False):
     crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
     transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast)
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
-                           loader=JpegDraftLoader(crop) if fast else None)  # fmt: skip
+                           loader=JpegDraftLoader(crop) if fast else None,
+                           max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
     return WithIndex(dataset) if with_index else dataset
 
 
@@ -138,11 +142,12 @@ def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False):
                    drop_last=False, pin_memory=pin_memory)  # fmt: skip
 
 
-def build_labeled_datasets(root, crop_size, what, train_transform=None):
+def build_labeled_datasets(root, crop_size, what, train_transform=None, max_bad_fraction=None):
     """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``."""
     val_tf = eval_transform(crop=crop_size)
-    train = image_folder(root, "train", train_transform or val_tf, what)
-    val = image_folder(root, "val", val_tf, what)
+    train = image_folder(root, "train", train_transform or val_tf, what,
+                         max_bad_fraction=max_bad_fraction)  # fmt: skip
+    val = image_folder(root, "val", val_tf, what, max_bad_fraction=max_bad_fraction)
     if train.classes != val.classes:
         raise ValueError(
             f"{what}={root}: train/ and val/ have different classes "

@@ -316,6 +316,7 @@ class PretrainTrainer(SimpleTrainer):
                              f"than the global batch {batch} (one epoch = len // batch steps)")  # fmt: skip
         self.iters_per_epoch = len(dataset) // batch
         self.dataset_size = len(dataset)
+        self.dataset = dataset
         self.fast = FastPath.resolve(self.device, amp=cfg.SOLVER.AMP,
                                      channels_last=cfg.MODEL.CHANNELS_LAST,
                                      fused_sgd=cfg.SOLVER.FUSED_SGD)  # fmt: skip
@@ -487,6 +488,8 @@ class PretrainTrainer(SimpleTrainer):
             "arch": cfg.MODEL.ARCH,
             "shuffle_bn": self.moco.shuffle_bn,
             "dataset_size": self.dataset_size,
+            # unreadable image files left out or replaced (moco.data_checks)
+            "skipped_images": getattr(self.dataset, "skipped_images", 0),
             "global_batch": cfg.SOLVER.IMS_PER_BATCH,
             "iters_per_epoch": self.iters_per_epoch,
             "epochs": cfg.SOLVER.EPOCHS,

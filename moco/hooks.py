@@ -89,7 +89,8 @@ def build_knn_hook(trainer, cfg):
     if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
         return None
     train_set, val_set = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE,
-                                                "KNN.DATA (--knn-data)")  # fmt: skip
+                                                "KNN.DATA (--knn-data)",
+                                                max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
     pin = trainer.device.type == "cuda"
     workers = cfg.DATALOADER.NUM_WORKERS
     train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
@@ -140,5 +141,6 @@ def build_writers(output_dir, max_iter):
     run's. The console printer keeps the medians.
     """
     os.makedirs(output_dir, exist_ok=True)
-    return [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+    return [CommonMetricPrinter(max_iter),
+            JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
             TensorboardXWriter(output_dir, window_size=1)]  # fmt: skip

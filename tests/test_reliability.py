@@ -333,3 +333,107 @@ def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(sy
     assert procs[0].returncode not in (0, None), errs[0][-3000:]
     assert "gloo" in errs[0]  # gloo notices the closed connection; a hung peer: the PG timeout
     assert time.monotonic() - start < 120
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. bad data in image folders
+
+
+def _folder_with_bad_files(synthetic_root, dst):
+    """Copy of the fixture's imagefolder (30 train images) plus 3 unreadable files in train/."""
+    import shutil
+
+    shutil.copytree(os.path.join(synthetic_root, "imagefolder"), dst)
+    train = os.path.join(dst, "train")
+    good = os.path.join(train, "disk", sorted(os.listdir(os.path.join(train, "disk")))[0])
+    with open(good, "rb") as f:
+        data = f.read()
+    bad = {
+        os.path.join(train, "disk", "zz_truncated.jpg"): data[: len(data) // 2],
+        os.path.join(train, "ring", "zz_empty.jpg"): b"",
+        os.path.join(train, "star", "zz_notes.jpg"): b"not an image\n" * 20,
+    }
+    for path, content in bad.items():
+        with open(path, "wb") as f:
+            f.write(content)
+    return sorted(bad)
+
+
+def test_check_image_catches_what_verify_misses(synthetic_root, tmp_path):
+    from PIL import Image
+
+    from moco.data_checks import check_image
+
+    truncated, empty, notes = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    with Image.open(truncated) as im:
+        im.verify()  # PIL's cheap check passes a JPEG cut in half ...
+    assert "truncated" in check_image(truncated)  # ... a decode does not
+    assert check_image(empty) == "empty file"
+    assert "cannot identify image file" in check_image(notes)
+    good = os.path.join(synthetic_root, "imagefolder", "train", "disk", "disk_0000.jpg")
+    assert check_image(good) is None
+
+
+def test_unreadable_images_are_skipped_counted_and_bounded(synthetic_root, tmp_path, caplog):
+    from moco.data import image_folder
+
+    bad = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    root = str(tmp_path / "f")
+    with caplog.at_level("WARNING", logger="moco.data_checks"):
+        ds = image_folder(root, "train", None, "DATA.ROOT", max_bad_fraction=0.1)  # 3/33 < 10%
+    assert len(ds) == 30 and ds.skipped_images == 3
+    assert not set(bad) & {p for p, _ in ds.samples}
+    assert len(ds.targets) == 30 and ds.imgs is ds.samples
+    for path in bad:  # one warning naming each file
+        assert sum(path in r.getMessage() for r in caplog.records) == 1, path
+
+    with pytest.raises(ValueError) as err:  # default DATA.MAX_BAD_FRACTION 0.01
+        image_folder(root, "train", None, "DATA.ROOT")
+    msg = str(err.value)
+    assert "\n" not in msg and f"DATA.ROOT={root}: 3 of 33 image files are unreadable" in msg
+    assert "DATA.MAX_BAD_FRACTION 1.00%" in msg and bad[0] in msg
+
+    nothing = tmp_path / "nothing" / "train" / "a"
+    os.makedirs(nothing)
+    (nothing / "x.jpg").write_bytes(b"")
+    (nothing / "y.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=r"none of the 2 image files is readable \(e\.g\. .*x\.jpg: "
+                                         r"empty file\)"):  # fmt: skip
+        image_folder(str(tmp_path / "nothing"), "train", None, "KNN.DATA", max_bad_fraction=1.0)
+
+
+def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    from torch.utils.data import DataLoader
+
+    from moco.augment import eval_transform
+    from moco.data import image_folder
+
+    _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    ds = image_folder(str(tmp_path / "f"), "train", eval_transform(crop=32), "DATA.ROOT",
+                      max_bad_fraction=0.1)  # fmt: skip
+    victim = ds.samples[5][0]
+    with open(victim, "r+b") as f:  # the file breaks while the run is going
+        f.truncate(100)
+    batches = list(DataLoader(ds, batch_size=10, num_workers=2))
+    images = torch.cat([b[0] for b in batches])
+    assert images.shape == (30, 3, 32, 32)
+    assert torch.equal(images[5], images[6])  # index 5 served by the next image, deterministically
+    assert ds.skipped_images == 3 + 1  # the workers' count reaches the main process
+
+
+def test_pretraining_skips_unreadable_images_and_reports_them(synthetic_root, tmp_path, caplog,
+                                                              one_thread):  # fmt: skip
+    bad = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    cfg = tiny_cfg(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 1,
+                   "DATA.ROOT": str(tmp_path / "f"), "DATA.MAX_BAD_FRACTION": 0.1})  # fmt: skip
+    with caplog.at_level("WARNING", logger="moco"):  # the "moco" logger writes the run's log.txt
+        summary = PretrainTrainer(cfg).train()
+    assert summary["dataset_size"] == 30 and summary["skipped_images"] == 3
+    with open(tmp_path / "out" / "pretrain_summary.json") as f:
+        assert json.load(f)["skipped_images"] == 3
+    log = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("moco."))
+    assert all(f"skipping unreadable image {p}" in log for p in bad)
+    cfg.DATA.MAX_BAD_FRACTION = 0.01
+    with pytest.raises(ValueError, match="3 of 33 image files are unreadable"):
+        PretrainTrainer(cfg)

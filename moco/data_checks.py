@@ -1,0 +1,133 @@
+"""Unreadable images in an image folder: found at start, skipped with a warning, counted, bounded.
+
+:func:`check_image` decodes a file (JPEG at 1/8 scale through PIL's ``draft``: the whole
+entropy-coded stream is still read, so a truncated file fails, at a fraction of the full cost).
+``Image.verify()`` alone is not enough: it passes a JPEG cut in half.
+
+:class:`CheckedImageFolder` is torchvision's ``ImageFolder`` that
+
+* at construction decodes every file once (:func:`scan_images`; threads, and with several processes
+  each rank scans 1/world of the files and the results are all-gathered, so every rank keeps the
+  same list and ``DistributedSampler`` shards stay consistent), drops the unreadable ones with one
+  warning per file, and raises a one-line ValueError when more than ``max_bad_fraction`` of the
+  files (``DATA.MAX_BAD_FRACTION``) or all of them are unreadable;
+* at load time replaces a file that became unreadable after the scan by the next sample
+  (deterministic, so a resumed run stays reproducible), with a warning naming the file, and counts
+  it in a counter shared by the data-loading workers.
+
+``skipped_images`` (scan + load time) is what the trainers report. The scan runs in every process
+that builds the dataset, so build it in all processes of a run (as the trainers do).
+"""
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from detectron2.utils import comm
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+logger = logging.getLogger(__name__)
+
+# what PIL raises for a file it cannot read as an image (UnidentifiedImageError is an OSError;
+# DecompressionBombError is not)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def default_max_bad_fraction():
+    from moco.config import get_cfg  # the one place defaults live
+
+    return get_cfg().DATA.MAX_BAD_FRACTION
+
+
+def check_image(path):
+    """None if ``path`` decodes as an image, else the reason (one line)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (1, 1))  # smallest DCT scale: decodes every block, skips most IDCT
+            im.load()
+    except UNREADABLE as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def scan_images(paths, threads=None):
+    """{path: reason} of the unreadable files among ``paths``, all ranks' shares gathered."""
+    world, rank = comm.get_world_size(), comm.get_rank()
+    mine = list(paths)[rank::world]
+    threads = threads or min(8, max(1, (os.cpu_count() or 1) // max(1, comm.get_local_size())))
+    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding
+        reasons = list(pool.map(check_image, mine, chunksize=64))
+    bad = {p: r for p, r in zip(mine, reasons) if r is not None}
+    if world > 1:
+        merged = {}
+        for part in comm.all_gather(bad):
+            merged.update(part)
+        bad = merged
+    return bad
+
+
+def bad_fraction_error(what, bad, total, max_bad_fraction):
+    """The one-line error for too many unreadable files, or None when within the bound."""
+    if total and len(bad) < total and len(bad) <= max_bad_fraction * total:
+        return None
+    path, reason = sorted(bad.items())[0]
+    if len(bad) == total:
+        return (f"{what}: none of the {total} image files is readable (e.g. {path}: {reason}); "
+                "check the folder")  # fmt: skip
+    return (f"{what}: {len(bad)} of {total} image files are unreadable ({len(bad) / total:.2%} > "
+            f"DATA.MAX_BAD_FRACTION {max_bad_fraction:.2%}), e.g. {path}: {reason}; remove or "
+            "replace them, or raise DATA.MAX_BAD_FRACTION")  # fmt: skip
+
+
+class CheckedImageFolder(ImageFolder):
+    """``ImageFolder`` without unreadable files (see the module docstring).
+
+    ``what`` names the folder's config key / flag in messages.
+    """
+
+    def __init__(self, root, transform=None, loader=None, what=None, max_bad_fraction=None):
+        kwargs = {} if loader is None else {"loader": loader}
+        super().__init__(root, transform=transform, **kwargs)
+        what = what or root
+        if max_bad_fraction is None:
+            max_bad_fraction = default_max_bad_fraction()
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"DATA.MAX_BAD_FRACTION must be in [0, 1], got {max_bad_fraction}")
+        total = len(self.samples)
+        bad = scan_images([p for p, _ in self.samples])
+        error = bad_fraction_error(what, bad, total, max_bad_fraction) if bad else None
+        if error:
+            raise ValueError(error)
+        for path in sorted(bad):
+            logger.warning("%s: skipping unreadable image %s (%s)", what, path, bad[path])
+        if bad:
+            self.samples = [s for s in self.samples if s[0] not in bad]
+            self.imgs, self.targets = self.samples, [t for _, t in self.samples]
+            logger.warning("%s: skipped %d of %d images (unreadable)", what, len(bad), total)
+        self.what, self.scan_skipped = what, len(bad)
+        # shared with the data-loading workers (inherited at their start)
+        self._load_skipped = multiprocessing.get_context().Value("q", 0)
+
+    @property
+    def skipped_images(self):
+        """Unreadable files: left out at the start scan + replaced at load time (this process's
+        data-loading workers)."""
+        return self.scan_skipped + self._load_skipped.value
+
+    def __getitem__(self, index):
+        n = len(self.samples)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                return super().__getitem__(i)
+            except UNREADABLE as e:
+                with self._load_skipped.get_lock():
+                    self._load_skipped.value += 1
+                logger.warning("%s: %s became unreadable (%s: %s); using the next image instead",
+                               self.what, self.samples[i][0], type(e).__name__, e)  # fmt: skip
+        raise ValueError(f"{self.what}: no image of {self.root} is readable any more")
