@@ -63,7 +63,8 @@ class SupervisedTrainer(PretrainTrainer):
 
     def build_dataset(self):
         dataset = image_folder(self.cfg.DATA.ROOT, "train",
-                               supervised_transform(self.cfg.INPUT.CROP_SIZE), "DATA.ROOT (DATA)")  # fmt: skip
+                               supervised_transform(self.cfg.INPUT.CROP_SIZE), "DATA.ROOT (DATA)",
+                               max_bad_fraction=self.cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
         self.num_classes = len(dataset.classes)
         return dataset
 
