@@ -19,6 +19,8 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
+from moco.data_checks import default_max_bad_fraction
+
 from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 
 __all__ = ["load_cfg", "setup_cfg", "NORM_KEYS"]
@@ -58,6 +60,8 @@ def load_cfg(config_file, opts=(), world_size=1):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     cfg = get_cfg()
+    # unreadable training images tolerated before the run stops (detection.data_checks)
+    cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
     try:
         cfg.merge_from_file(config_file)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:

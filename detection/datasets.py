@@ -3,6 +3,7 @@
 ``register_synthetic(root)`` registers, for a root written by ``moco.synthetic``:
 
 * ``synthetic_voc_trainval`` / ``synthetic_voc_test``: ``register_pascal_voc`` on ``root/VOC2007``
+  (its loader runs after :func:`detection.data_checks.check_voc_annotations`)
   (year 2007 -> 11-point VOC07 AP in ``PascalVOCDetectionEvaluator``), ``evaluator_type``
   "pascal_voc" as Detectron2's builtin VOC sets;
 * ``synthetic_coco_trainval`` / ``synthetic_coco_test``: ``register_coco_instances`` on
@@ -17,9 +18,11 @@ import os
 from typing import Dict, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+from detectron2.data.datasets import register_coco_instances
 
 from moco.synthetic import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
+
+from .data_checks import register_pascal_voc_checked
 
 __all__ = [
     "CLASS_NAMES",
@@ -77,7 +80,8 @@ def register_synthetic(root: Optional[str] = None) -> Dict[str, str]:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         if style == "voc":
-            register_pascal_voc(name, paths["dirname"], split, VOC_YEAR, list(CLASS_NAMES))
+            # Detectron2's register_pascal_voc, with the XML checked first (defusedxml, fields)
+            register_pascal_voc_checked(name, paths["dirname"], split, VOC_YEAR, CLASS_NAMES)
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc", synthetic_root=root)
         else:
             metadata = {

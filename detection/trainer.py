@@ -21,7 +21,7 @@ import weakref
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, launch
+from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
@@ -29,6 +29,7 @@ from moco.checkpoint import atomic_write_json
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
+from .data_checks import build_checked_train_loader
 from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
 
 __all__ = [
@@ -58,13 +59,25 @@ class DetectionTrainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader over the readable training images (detection.data_checks)."""
+        loader, skipped = build_checked_train_loader(cfg)
+        loader.skipped_images = skipped
+        return loader
+
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer and then calls build_hooks,
         # whose PeriodicCheckpointer captures self.checkpointer: swap it in first.
         self.checkpointer = SafeDetectionCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        skipped = getattr(self._trainer.data_loader, "skipped_images", None)
+        if skipped is not None:  # before the writers (last): metrics.json gets the count
+            ret.insert(1, hooks.CallbackHook(after_step=lambda t: t.storage.put_scalar(
+                "data/skipped_images", skipped(), smoothing_hint=False)))  # fmt: skip
+        return ret
 
 
 def prepare_datasets(cfg):

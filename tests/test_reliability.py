@@ -264,7 +264,7 @@ def worker(cfg, victim, stop, pid_dir):
 
 
 if __name__ == "__main__":
-    opts, victim, stop, pid_dir = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    opts, (victim, stop), pid_dir = json.loads(sys.argv[1]), map(int, sys.argv[2:4]), sys.argv[4]
     cfg = get_cfg()
     cfg.merge_from_list(opts)
     cfg.freeze()
@@ -437,3 +437,130 @@ def test_pretraining_skips_unreadable_images_and_reports_them(synthetic_root, tm
     cfg.DATA.MAX_BAD_FRACTION = 0.01
     with pytest.raises(ValueError, match="3 of 33 image files are unreadable"):
         PretrainTrainer(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. bad detection data: VOC XML, unreadable images in the training set
+
+_BOMB = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>
+<annotation><size><width>&lol2;</width><height>5</height></size></annotation>
+"""
+
+
+@pytest.fixture
+def voc_copy(synthetic_root, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "VOC2007")
+    shutil.copytree(os.path.join(synthetic_root, "VOC2007"), dst)
+    return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda x: x[: len(x) // 2], "not well-formed XML"),
+    (lambda x: x.replace("<height>", "<h>").replace("</height>", "</h>"), "missing <size/height>"),
+    (lambda x: x.replace("<name>", "<name>unicorn", 1), "has class 'unicorn"),
+    (lambda x: x.replace("<xmax>", "<xmax>wide", 1), "<bndbox/xmax> in object 0 is 'wide"),
+    (lambda x: _BOMB, "refused unsafe XML (EntitiesForbidden)"),
+])  # fmt: skip
+def test_broken_voc_xml_is_one_line_error_naming_the_file(voc_copy, edit, message):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detection.data_checks import check_voc_annotations, register_pascal_voc_checked
+    from moco.synthetic import CLASS_NAMES
+
+    check_voc_annotations(voc_copy, "trainval", CLASS_NAMES)  # the generated files are fine
+    xml = os.path.join(voc_copy, "Annotations", "000002.xml")
+    with open(xml) as f:
+        text = f.read()
+    with open(xml, "w") as f:
+        f.write(edit(text))
+    name = "reliability_voc_broken"
+    register_pascal_voc_checked(name, voc_copy, "trainval", 2007, CLASS_NAMES)
+    try:
+        with pytest.raises(ValueError) as err:
+            DatasetCatalog.get(name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    msg = str(err.value)
+    assert msg.startswith(f"VOC annotation {xml}: ") and message in msg and "\n" not in msg
+
+
+def _det_cfg(out, *opts):
+    from detection.config import load_cfg
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_train_net import TINY, VOC_CFG
+
+    return load_cfg(VOC_CFG, TINY + ["TEST.PRECISE_BN.ENABLED", "False", "DATASETS.TEST", "()",
+                                     "OUTPUT_DIR", str(out), "SEED", "1", *opts])  # fmt: skip
+
+
+def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_path, caplog,
+                                                              one_thread):  # fmt: skip
+    from detection.data_checks import register_pascal_voc_checked
+    from detection.trainer import DetectionTrainer
+    from moco.synthetic import CLASS_NAMES
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    jpeg = os.path.join(voc_copy, "JPEGImages", "000003.jpg")
+    with open(jpeg, "r+b") as f:
+        f.truncate(300)
+    name = "reliability_voc_corrupt_jpeg"
+    register_pascal_voc_checked(name, voc_copy, "trainval", 2007, CLASS_NAMES)
+    try:
+        cfg = _det_cfg(tmp_path / "d", "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2")
+        with pytest.raises(ValueError, match=rf"DATASETS.TRAIN {name}: 1 of 12 image files are "
+                                             r"unreadable \(8.33% > DATALOADER.MAX_BAD_FRACTION "
+                                             r"1.00%\), e.g. .*000003.jpg: OSError"):  # fmt: skip
+            DetectionTrainer(cfg)
+        cfg = _det_cfg(tmp_path / "d", "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2",
+                       "DATALOADER.MAX_BAD_FRACTION", "0.1")  # fmt: skip
+        with caplog.at_level("WARNING", logger="detection"):
+            trainer = DetectionTrainer(cfg)
+        assert f"skipping unreadable image {jpeg}" in caplog.text
+        assert len(trainer.data_loader.dataset.dataset.dataset) == 11  # the loader's list
+        trainer.train()
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    rows = [json.loads(line) for line in open(tmp_path / "d" / "metrics.json") if line.strip()]
+    counts = [r["data/skipped_images"] for r in rows if "data/skipped_images" in r]
+    assert counts and all(c == 1 for c in counts)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. detection fine-tuning resumes through Detectron2's DefaultTrainer
+
+
+def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
+        synthetic_datasets, tmp_path, one_thread):  # fmt: skip
+    from detection.trainer import DetectionTrainer
+
+    out = tmp_path / "det"
+    first = DetectionTrainer(_det_cfg(out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    first.resume_or_load(resume=True)
+    first.train()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 1
+
+    second = DetectionTrainer(_det_cfg(out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    second.resume_or_load(resume=True)  # reads last_checkpoint through SafeDetectionCheckpointer
+    assert second.start_iter == 2
+    model = second.model.state_dict()
+    for k, v in saved["model"].items():
+        assert torch.equal(model[k], v), k
+    opt, saved_opt = second.optimizer.state_dict(), saved["trainer"]["_trainer"]["optimizer"]
+    assert opt["state"].keys() == saved_opt["state"].keys() and opt["state"]
+    for i, s in saved_opt["state"].items():
+        assert torch.equal(opt["state"][i]["momentum_buffer"], s["momentum_buffer"]), i
+    assert second.scheduler.last_epoch == saved["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
+    second.train()
+    assert second.iter == 4  # Detectron2 leaves iter at max_iter
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 3 and not torch.equal(
+        final["model"]["backbone.bottom_up.stem.conv1.weight"],
+        saved["model"]["backbone.bottom_up.stem.conv1.weight"])  # fmt: skip

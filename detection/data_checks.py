@@ -1,0 +1,168 @@
+"""Bad detection data: broken VOC XML fails with the file named; unreadable images are skipped.
+
+* :func:`check_voc_annotations` parses every annotation file of a VOC split with ``defusedxml``
+  (no entity expansion, no external references) and checks what Detectron2's
+  ``load_voc_instances`` reads: ``size/width``, ``size/height``, and per object a ``name`` among
+  the dataset's classes and a numeric ``bndbox``. A bad file is a one-line ValueError naming it,
+  instead of Detectron2's bare ``IndexError`` / ``AttributeError`` / ``ValueError`` traceback.
+  :func:`register_pascal_voc_checked` registers a VOC split whose loader runs this check first.
+* :func:`drop_unreadable_images`: the training images are decoded once at start
+  (:func:`moco.data_checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
+  warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
+* :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
+  None, which Detectron2's ``MapDataset`` answers with another image, and is counted.
+* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``;
+  the trainer writes the count as the ``data/skipped_images`` scalar (metrics.json, TensorBoard).
+"""
+
+import logging
+import multiprocessing
+import os
+from functools import partial
+
+import defusedxml.ElementTree as DET
+from defusedxml import DefusedXmlException
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.build import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+from moco.data_checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
+
+__all__ = [
+    "SkipUnreadableMapper",
+    "build_checked_train_loader",
+    "check_voc_annotations",
+    "drop_unreadable_images",
+    "load_voc_checked",
+    "max_bad_fraction",
+    "register_pascal_voc_checked",
+]
+
+logger = logging.getLogger(__name__)
+
+_BOX = ("xmin", "ymin", "xmax", "ymax")
+
+
+def _text(node, path, file, what):
+    found = node.find(path)
+    if found is None or found.text is None or not found.text.strip():
+        raise ValueError(f"VOC annotation {file}: missing <{path}> in {what}")
+    return found.text.strip()
+
+
+def _number(node, path, file, what):
+    text = _text(node, path, file, what)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"VOC annotation {file}: <{path}> in {what} is {text!r}, "
+                         "not a number") from None  # fmt: skip
+
+
+def check_voc_file(file, class_names):
+    """Raise a one-line ValueError naming ``file`` if it is not a VOC annotation Detectron2 can load."""
+    try:
+        root = DET.parse(file).getroot()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"VOC annotation {file} does not exist (listed in the image "
+                                "set)") from None  # fmt: skip
+    except DefusedXmlException as e:
+        raise ValueError(f"VOC annotation {file}: refused unsafe XML ({type(e).__name__})") from None
+    except DET.ParseError as e:
+        raise ValueError(f"VOC annotation {file}: not well-formed XML ({e})") from None
+    for key in ("size/width", "size/height"):
+        if _number(root, key, file, "<annotation>") <= 0:
+            raise ValueError(f"VOC annotation {file}: <{key}> must be positive")
+    for i, obj in enumerate(root.findall("object")):
+        what = f"object {i}"
+        name = _text(obj, "name", file, what)
+        if name not in class_names:
+            raise ValueError(f"VOC annotation {file}: {what} has class {name!r}, not one of the "
+                             f"dataset's {len(class_names)} classes")  # fmt: skip
+        for key in _BOX:
+            _number(obj, f"bndbox/{key}", file, what)
+
+
+def check_voc_annotations(dirname, split, class_names):
+    """Check every annotation file named by ``dirname/ImageSets/Main/{split}.txt``."""
+    listing = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
+    with open(listing, encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"VOC image set {listing} lists no image")
+    for file_id in ids:
+        check_voc_file(os.path.join(dirname, "Annotations", file_id + ".xml"), class_names)
+
+
+def load_voc_checked(dirname, split, class_names):
+    """:func:`check_voc_annotations`, then Detectron2's own ``load_voc_instances``."""
+    check_voc_annotations(dirname, split, class_names)
+    return load_voc_instances(dirname, split, class_names)
+
+
+def register_pascal_voc_checked(name, dirname, split, year, class_names):
+    """Detectron2's ``register_pascal_voc`` (same metadata) with the checked loader."""
+    DatasetCatalog.register(name, partial(load_voc_checked, dirname, split, list(class_names)))
+    MetadataCatalog.get(name).set(thing_classes=list(class_names), dirname=dirname, year=year,
+                                  split=split)  # fmt: skip
+
+
+def max_bad_fraction(cfg):
+    """DATALOADER.MAX_BAD_FRACTION (set by detection.config.load_cfg), else moco's default."""
+    return cfg.DATALOADER.get("MAX_BAD_FRACTION", default_max_bad_fraction())
+
+
+def drop_unreadable_images(dataset_dicts, what, max_fraction):
+    """(readable dicts, number dropped); one warning per dropped file; call in every process."""
+    files = sorted({d["file_name"] for d in dataset_dicts})
+    bad = scan_images(files)
+    if not bad:
+        return dataset_dicts, 0
+    error = bad_fraction_error(what, bad, len(files), max_fraction)
+    if error:
+        raise ValueError(error.replace("DATA.MAX_BAD_FRACTION", "DATALOADER.MAX_BAD_FRACTION"))
+    for path in sorted(bad):
+        logger.warning("%s: skipping unreadable image %s (%s)", what, path, bad[path])
+    return [d for d in dataset_dicts if d["file_name"] not in bad], len(bad)
+
+
+class SkipUnreadableMapper:
+    """``mapper(d)``, or None (Detectron2's MapDataset then takes another image) when the image of
+    ``d`` cannot be decoded; ``skipped`` counts those, across the data-loading workers."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+        self._skipped = multiprocessing.get_context().Value("q", 0)
+
+    @property
+    def skipped(self):
+        return self._skipped.value
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except UNREADABLE as e:
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            logger.warning("skipping unreadable image %s (%s: %s)", dataset_dict.get("file_name"),
+                           type(e).__name__, e)  # fmt: skip
+            return None
+
+
+def build_checked_train_loader(cfg):
+    """Detectron2's train loader over the readable images; returns (loader, skipped_images()).
+
+    ``skipped_images()`` = images dropped at start + images skipped at load time so far.
+    """
+    keypoints = cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+    dicts = get_detection_dataset_dicts(  # the arguments of Detectron2's _train_loader_from_config
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=keypoints,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
+    dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
+    mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
+    loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    return loader, lambda: dropped + mapper.skipped
