@@ -564,3 +564,33 @@ def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
     assert final["iteration"] == 3 and not torch.equal(
         final["model"]["backbone.bottom_up.stem.conv1.weight"],
         saved["model"]["backbone.bottom_up.stem.conv1.weight"])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. hostile files: no loader in the toolkit runs code from a file
+
+
+def test_no_unsafe_deserialisation_in_the_toolkit():
+    import ast
+
+    checked = 0
+    for pkg in ("moco", "detection", "tools"):
+        for name in sorted(os.listdir(os.path.join(REPO, pkg))):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(REPO, pkg, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = ast.unparse(node.func)
+                kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if func.endswith("torch.load") or func == "load" and "map_location" in kwargs:
+                    checked += 1
+                    assert kwargs.get("weights_only") == "True", f"{path}:{node.lineno}"
+                assert func not in ("pickle.load", "pickle.loads", "pickle.Unpickler"), \
+                    f"{path}:{node.lineno}: plain unpickling"  # fmt: skip
+                assert not (func.endswith(("ET.parse", "ET.fromstring", "ElementTree.parse"))
+                            and not func.startswith("DET")), f"{path}:{node.lineno}: use defusedxml"
+    assert checked >= 3  # the loaders exist and were seen
