@@ -284,8 +284,8 @@ def _alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.parametrize("victim", [1])
-def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root, tmp_path, victim):
+def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root, tmp_path):
+    victim = 1
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(_DDP_DRIVER)
     opts = tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3})
