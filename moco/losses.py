@@ -17,9 +17,16 @@ comes back to the process that computed it (its backward sums every rank's contr
 DDP's averaging then gives the gradient of the mean loss over ranks.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# torch 2.x marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
+# module; it is the public differentiable gather, so keep it and keep the runs' stderr clean.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
+                        category=FutureWarning)  # fmt: skip
 
 LOSSES = ("info_nce", "nt_xent")
 
