@@ -147,8 +147,23 @@ def plan_runs(acfg, world_size=None):
                     raise ValueError(f"ablation run {mech or base.MODEL.MECHANISM} "
                                      f"{run_name(setting, value)}: {e}") from None  # fmt: skip
                 cfg.freeze()
+                _check_same_run(cfg, out)
                 runs.append({"series": label, "value": value, "seed": int(seed), "dir": out, "cfg": cfg})
     return runs
+
+
+def _check_same_run(cfg, out):
+    """A run folder is reused or resumed only by the configuration that made it."""
+    saved = os.path.join(out, "config.yaml")
+    if not os.path.isfile(saved):
+        return
+    try:
+        same = load_cfg(saved).dump() == cfg.dump()
+    except ValueError:
+        same = False
+    if not same:
+        raise ValueError(f"{out} holds a run of another configuration ({saved} differs from this "
+                         "sweep's); use another OUTPUT_DIR (--output-dir) or remove that folder")
 
 
 def read_metrics(out_dir):

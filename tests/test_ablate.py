@@ -141,3 +141,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ablate.py: error: ") and message in lines[0], lines
+
+
+def test_a_folder_of_another_configuration_is_not_reused(synthetic_root, tmp_path):
+    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="m", VALUES=[0.9])
+    (run,) = plan_runs(acfg)
+    os.makedirs(run["dir"])
+    with open(os.path.join(run["dir"], "config.yaml"), "w") as f:
+        f.write(run["cfg"].dump())
+    assert len(plan_runs(acfg)) == 1  # the same configuration: reused / resumed
+    acfg.OPTS = list(acfg.OPTS) + ["SOLVER.BASE_LR", "0.5"]
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        plan_runs(acfg)
