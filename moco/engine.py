@@ -214,6 +214,13 @@ def validate_cfg(cfg, world_size):
             f"split Shuffle BN: the per-process batch {batch // world_size} is not divisible by "
             f"MODEL.SPLIT_BN_GROUPS = {cfg.MODEL.SPLIT_BN_GROUPS}"
         )
+    if mode == "split" and batch // world_size < 2 * cfg.MODEL.SPLIT_BN_GROUPS:
+        # one sample per sub-batch: BN over a 1x1 map (small crops) has a single value per channel
+        raise ValueError(
+            f"split Shuffle BN: the per-process batch {batch // world_size} gives fewer than 2 "
+            f"samples per sub-batch with MODEL.SPLIT_BN_GROUPS = {cfg.MODEL.SPLIT_BN_GROUPS}; "
+            "lower MODEL.SPLIT_BN_GROUPS or raise SOLVER.IMS_PER_BATCH"
+        )
     if s.EPOCHS < 1:
         raise ValueError(f"SOLVER.EPOCHS (--epochs) must be >= 1, got {s.EPOCHS}")
     if not 0 <= s.START_EPOCH < s.EPOCHS:

@@ -174,6 +174,15 @@ def test_queue_size_must_be_multiple_of_global_batch(synthetic_root, tmp_path):
         validate_cfg(cfg, 3)
 
 
+def test_split_bn_needs_two_samples_per_sub_batch(synthetic_root, tmp_path):
+    cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.SPLIT_BN_GROUPS": 8})  # batch 8: 1 each
+    with pytest.raises(ValueError, match=r"per-process batch 8 gives fewer than 2 samples per "
+                                         r"sub-batch with MODEL.SPLIT_BN_GROUPS = 8"):  # fmt: skip
+        validate_cfg(cfg, 1)
+    cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.SPLIT_BN_GROUPS": 4})
+    validate_cfg(cfg, 1)  # 2 samples per sub-batch
+
+
 def test_bad_data_root_is_a_clear_error(synthetic_root, tmp_path):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"DATA.ROOT": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="DATA.ROOT.*nowhere.*train"):
