@@ -263,7 +263,7 @@ def _detect_stage(cfg, init, weights, seed, synthetic_root):
 
 def run_pipeline(cfg):
     """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths."""
-    from detection.report import summarize, to_markdown, write_report
+    from detection.report import compare, summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
@@ -296,19 +296,22 @@ def run_pipeline(cfg):
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
     table = summarize(runs, baseline="supervised")
+    verdicts = [compare(table, "moco", other) for other in ("random", "supervised")]
     paths = write_report(table, report_dir, title="Detection transfer on the embedded set"
-                         if cfg.DATA.SYNTHETIC else "Detection transfer")  # fmt: skip
+                         if cfg.DATA.SYNTHETIC else "Detection transfer", notes=verdicts)  # fmt: skip
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
         "pretrain_moco": moco,
         "runs": runs,
+        "verdicts": verdicts,
         "report": paths,
     }
     atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
     print(f"[{stages.done}/{total}] report")
     print(_pretrain_lines(stages.records))
     print(to_markdown(table), end="")
+    print("\n".join(verdicts))
     print("report written to:\n  " + "\n  ".join(paths.values()))
     print(f"pipeline finished in {summary['seconds']:.0f} s ({run_dir})")
     return paths

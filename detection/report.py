@@ -196,6 +196,31 @@ def to_markdown(table, digits=1):
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def compare(table, a, b, column=None):
+    """One line: does row ``a`` beat row ``b`` on ``column`` (default AP / AP^bb)?
+
+    With at least 2 runs in both rows, a difference counts only beyond twice its standard error;
+    with one run per row there is no spread estimate and the line says so.
+    """
+    column = column or ("AP" if table.task == "voc" else "AP^bb")
+    rows = {r.label: r for r in table.rows}
+    for label in (a, b):
+        if label not in rows:
+            raise ValueError(f"compare: no row {label!r} (rows: {', '.join(rows)})")
+    i = table.columns.index(column)
+    sa, sb = rows[a].stats[i], rows[b].stats[i]
+    diff = sa.mean - sb.mean
+    head = f"{a} vs {b}: {column} {sa.mean:.1f} vs {sb.mean:.1f} ({diff:+.1f})"
+    if sa.std is None or sb.std is None:
+        word = "ahead of" if diff > 0 else "behind" if diff < 0 else "level with"
+        return (f"{head}: {a} is {word} {b} in a single trial each, no spread estimate "
+                "(DETECTION.TRIALS >= 2 gives one)")  # fmt: skip
+    noise = 2.0 * math.sqrt(sa.std**2 / sa.n + sb.std**2 / sb.n)
+    if abs(diff) <= noise:
+        return f"{head}: within noise (2 standard errors = {noise:.1f}); {a} does not beat {b}"
+    return f"{head}: {a} {'beats' if diff > 0 else 'does not beat'} {b} (2 standard errors = {noise:.1f})"
+
+
 def write_csv(table, path):
     header = ["pretraining", "n"]
     for name in table.columns:
@@ -238,12 +263,14 @@ def plot_table(table, path, title=None):
     plt.close(fig)
 
 
-def write_report(table, output_dir, name="transfer", title=None):
-    """Write ``name.md``, ``name.csv`` and ``name.png`` into ``output_dir``; return their paths."""
+def write_report(table, output_dir, name="transfer", title=None, notes=()):
+    """Write ``name.md`` (the table, then ``notes`` lines), ``name.csv`` and ``name.png`` into
+    ``output_dir``; return their paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
     with open(paths["md"], "w") as f:
         f.write(to_markdown(table))
+        f.write("".join(f"\n- {line}" for line in notes) + ("\n" if notes else ""))
     write_csv(table, paths["csv"])
     plot_table(table, paths["png"], title)
     return paths

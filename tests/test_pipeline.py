@@ -71,6 +71,12 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     for label in ("moco", "random"):  # the others: three cells "mean (+delta)"
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
     assert os.path.getsize(paths["png"]) > 1000
+    with open(paths["md"]) as f:
+        verdict_lines = [line for line in f if line.startswith("- moco vs ")]
+    assert [line.split(":")[0] for line in verdict_lines] == ["- moco vs random", "- moco vs supervised"]
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        verdicts = json.load(f)["verdicts"]
+    assert verdicts[0].startswith("moco vs random: AP ") and verdicts[1].startswith("moco vs supervised: AP ")
 
 
 def test_pipeline_rerun_reuses_finished_stages(pipeline_run, capsys):

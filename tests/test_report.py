@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from detection.report import format_cell, parse_groups, summarize, to_markdown, write_report, Stat
+from detection.report import Row, Stat, Table, compare, format_cell, parse_groups, summarize, to_markdown, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,3 +137,19 @@ def test_cli(voc_runs, tmp_path, capsys):
     assert main([f"a={tmp_path}/none_*"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("report: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
+    table = summarize(parse_groups(_groups(voc_runs)), baseline="supervised")
+    # AP 57.0 vs 53.5; 2 * sqrt(0.2^2/3 + 0.2828^2/2) = 0.46 by hand
+    assert compare(table, "moco_v2", "supervised") == (
+        "moco_v2 vs supervised: AP 57.0 vs 53.5 (+3.5): moco_v2 beats supervised "
+        "(2 standard errors = 0.5)")
+    assert compare(table, "random", "moco_v2", "AP50").startswith(
+        "random vs moco_v2: AP50 60.2 vs 82.4 (-22.2): random is behind moco_v2 in a single trial "
+        "each, no spread estimate")
+    close = Table("voc", ["AP"], [Row("a", [], [Stat.of([10.0, 10.4])], None),
+                                  Row("b", [], [Stat.of([10.1, 10.1, 10.2])], None)], None)
+    assert "within noise" in compare(close, "a", "b") and "a does not beat b" in compare(close, "a", "b")
+    with pytest.raises(ValueError, match="compare: no row 'moco'"):
+        compare(table, "moco", "random")
