@@ -14,6 +14,7 @@ started by Detectron2's ``launch`` (gloo on CPU, NCCL on GPU), or by torchrun (`
 """
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -142,12 +143,26 @@ def launch_processes(fn, spec, args):
     """
     if spec.from_env:
         _init_from_env()
-        return fn(*args)
+        return _close_after(fn, *args)
     if spec.world_size == 1:
         return fn(*args)
-    launch(fn, spec.procs_per_machine, spec.num_machines, spec.machine_rank, spec.dist_url,
-           args=args)  # fmt: skip
+    launch(functools.partial(_close_after, fn), spec.procs_per_machine, spec.num_machines,
+           spec.machine_rank, spec.dist_url, args=args)  # fmt: skip
     return None
+
+
+def _close_after(fn, *args):
+    """``fn(*args)``, then a barrier and ``destroy_process_group`` once every rank has finished.
+
+    Without it a process can exit while gloo's threads still serve a peer, and the process group's
+    destructor aborts it ("terminate called without an active exception", seen in 2-process runs).
+    On failure nothing waits: the other ranks are ended by launch or by their broken connection.
+    """
+    result = fn(*args)
+    if dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
 
 
 def pretrain_worker(cfg, resume=None):
