@@ -37,7 +37,7 @@ import traceback
 from fvcore.common.config import CfgNode as CN
 
 from moco import checkpoint as ckpt_lib
-from moco.config import load_cfg, merge_config_file, merge_opts
+from moco.config import load_cfg, merge_opts
 from moco.engine import SUMMARY_FILE, LaunchSpec, launch_pretraining, validate_cfg
 from moco.mechanisms import MECHANISMS
 
@@ -71,12 +71,7 @@ def get_ablation_cfg():
 
 
 def load_ablation_cfg(preset=None, opts=None):
-    cfg = get_ablation_cfg()
-    if preset:
-        merge_config_file(cfg, preset)
-    if opts:
-        merge_opts(cfg, opts)
-    return cfg
+    return load_cfg(preset, opts, defaults=get_ablation_cfg)
 
 
 # ------------------------------------------------------------------------------------------------

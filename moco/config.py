@@ -93,9 +93,10 @@ _C.SEED = -1  # < 0: a random seed per run; >= 0: SEED + rank seeds torch/numpy/
 _C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)
 
 
-def load_cfg(config_file=None, opts=None):
-    """Defaults, then ``config_file`` (YAML with optional ``_BASE_``), then ``KEY VALUE`` opts."""
-    cfg = get_cfg()
+def load_cfg(config_file=None, opts=None, defaults=None):
+    """Defaults (``defaults()``, else :func:`get_cfg`), then ``config_file`` (YAML with optional
+    ``_BASE_``), then ``KEY VALUE`` opts."""
+    cfg = (defaults or get_cfg)()
     if config_file:
         merge_config_file(cfg, config_file)
     if opts:
