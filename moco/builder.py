@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 
 from moco.heads import attach_head, resolve_head
+from moco.losses import info_nce_logits
 from moco.shuffle_bn import (
     batch_shuffle_ddp,
     blocked_order,
@@ -212,12 +213,9 @@ class MoCo(nn.Module):
             elif self.shuffle_bn == "split":
                 k = batch_unshuffle_single(k, idx_unshuffle)
         with torch.autocast(q.device.type, enabled=False):  # logits/T in fp32 even under AMP
-            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            l_neg = None
             if q.requires_grad:  # the enqueue below overwrites negatives this backward needs
                 l_neg = _NegativeLogits.apply(q, self.queue, _UndoLog(self.queue, self._undo_logs))
-            else:
-                l_neg = q.mm(self.queue)
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            logits, labels = info_nce_logits(q, k, self.queue, self.T, l_neg=l_neg)
         self._dequeue_and_enqueue(k)
         return logits, labels

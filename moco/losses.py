@@ -47,13 +47,15 @@ def all_gather_with_grad(x):
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def info_nce_logits(q, k, negatives, T):
+def info_nce_logits(q, k, negatives, T, l_neg=None):
     """``(logits, labels)``: ``[q·k, q·negatives] / T`` (N x (1+K)), labels all 0.
 
-    ``q``, ``k``: N x C, L2-normalised; ``negatives``: C x K (the columns are keys).
+    ``q``, ``k``: N x C, L2-normalised; ``negatives``: C x K (the columns are keys). ``l_neg``:
+    ``q·negatives`` when the caller computes it itself (MoCo's copy-free queue product).
     """
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    l_neg = q.mm(negatives)
+    if l_neg is None:
+        l_neg = q.mm(negatives)
     logits = torch.cat([l_pos, l_neg], dim=1) / T
     return logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
 
