@@ -218,7 +218,7 @@ def compare(table, a, b, column=None):
     noise = 2.0 * math.sqrt(sa.std**2 / sa.n + sb.std**2 / sb.n)
     if abs(diff) <= noise:
         return f"{head}: within noise (2 standard errors = {noise:.1f}); {a} does not beat {b}"
-    return f"{head}: {a} {'beats' if diff > 0 else 'does not beat'} {b} (2 standard errors = {noise:.1f})"
+    return f"{head}: {a} {'beats' if diff > 0 else 'is behind'} {b} (2 standard errors = {noise:.1f})"
 
 
 def write_csv(table, path):

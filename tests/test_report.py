@@ -151,5 +151,8 @@ def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
     close = Table("voc", ["AP"], [Row("a", [], [Stat.of([10.0, 10.4])], None),
                                   Row("b", [], [Stat.of([10.1, 10.1, 10.2])], None)], None)
     assert "within noise" in compare(close, "a", "b") and "a does not beat b" in compare(close, "a", "b")
+    assert compare(table, "supervised", "moco_v2") == (
+        "supervised vs moco_v2: AP 53.5 vs 57.0 (-3.5): supervised is behind moco_v2 "
+        "(2 standard errors = 0.5)")
     with pytest.raises(ValueError, match="compare: no row 'moco'"):
         compare(table, "moco", "random")
