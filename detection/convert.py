@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moco.checkpoint import atomic_write
+from moco.file_io import atomic_write
 
 from .checkpoint import load_weights_only
 

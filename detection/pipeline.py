@@ -26,7 +26,7 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
-from moco.checkpoint import atomic_write_json
+from moco.file_io import atomic_write_json
 
 logger = logging.getLogger("moco_det.pipeline")
 

@@ -25,7 +25,7 @@ from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
-from moco.checkpoint import atomic_write_json
+from moco.file_io import atomic_write_json
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg

@@ -36,7 +36,7 @@ import traceback
 
 from fvcore.common.config import CfgNode as CN
 
-from moco import checkpoint as ckpt_lib
+from moco import file_io
 from moco.config import load_cfg, merge_opts
 from moco.engine import SUMMARY_FILE, LaunchSpec, launch_pretraining, validate_cfg
 from moco.mechanisms import MECHANISMS
@@ -426,9 +426,9 @@ def write_report(records, acfg, output_dir=None):
     rows = aggregate(records)
     setting = acfg.SETTING
     base = os.path.join(out, REPORT_NAME)
-    ckpt_lib.atomic_write_text(base + ".md", markdown_table(rows, setting))
-    ckpt_lib.atomic_write_text(base + ".csv", csv_table(rows, setting))
-    ckpt_lib.atomic_write_json(base + ".json", {"setting": setting, "config": acfg.dump(),
+    file_io.atomic_write_text(base + ".md", markdown_table(rows, setting))
+    file_io.atomic_write_text(base + ".csv", csv_table(rows, setting))
+    file_io.atomic_write_json(base + ".json", {"setting": setting, "config": acfg.dump(),
                                                 "rows": rows, "runs": records})  # fmt: skip
     metric = "lincls_top1" if any(r["lincls_top1"] is not None for r in rows) else "knn_top1"
     plot(rows, setting, base + ".png", metric=metric, title=f"{setting} sweep")

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from moco.dist import concat_all_gather, get_world_size
 from moco.heads import attach_head, resolve_head
 from moco.losses import info_nce_logits
 from moco.shuffle_bn import (
@@ -30,9 +31,7 @@ from moco.shuffle_bn import (
     batch_shuffle_single,
     batch_unshuffle_ddp,
     batch_unshuffle_single,
-    concat_all_gather,
     convert_split_batchnorm,
-    get_world_size,
     resolve_shuffle_bn,
 )
 

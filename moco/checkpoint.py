@@ -11,19 +11,19 @@ with ``torch.load(weights_only=True)``; nothing is ever loaded otherwise (pickle
 Files are named ``checkpoint_{epoch:04d}.pth.tar`` with the official 0-based index of the last
 finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 200``); the file
 ``last_checkpoint`` in the same folder names the newest one. Both are written to a temporary file in
-the same folder, flushed, fsync'ed and moved into place with ``os.replace``.
+the same folder, flushed, fsync'ed and moved into place with ``os.replace`` (moco.file_io).
 """
 
-import json
 import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 
 import numpy as np
 import torch
+
+from moco.file_io import atomic_save, atomic_write_text
 
 OFFICIAL_KEYS = ("epoch", "arch", "state_dict", "optimizer")
 DDP_PREFIX = "module."
@@ -39,88 +39,6 @@ def checkpoint_filename(epoch):
     if epoch < 1:
         raise ValueError(f"checkpoint epoch must be >= 1 (finished epochs), got {epoch}")
     return f"checkpoint_{epoch - 1:04d}.pth.tar"
-
-
-# ------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem: the replace is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
-            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous "
-                          "file there (if any) is unchanged") from e  # fmt: skip
-        raise
-    _fsync_dir(folder)
-
-
-class _KeepWriteError:
-    """File wrapper that remembers the OSError of a failed write: torch.save turns it into an
-    opaque RuntimeError ("unexpected pos ...")."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def atomic_save(obj, path):
-    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-
-    def save(f):
-        out = _KeepWriteError(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is not None:
-                raise out.error from None
-            raise
-
-    atomic_write(path, save)
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path, data):
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_last_checkpoint(folder, filename):

@@ -34,6 +34,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from moco import checkpoint as ckpt_lib
+from moco import file_io
 from moco.builder import resnet_encoder
 from moco.shuffle_bn import resolve_shuffle_bn
 from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path
@@ -178,7 +179,7 @@ def setup_process(cfg):
     for name in ("moco", "detectron2", "fvcore"):
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:4])
     if comm.is_main_process():
-        ckpt_lib.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        file_io.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     logger.info("rank %d of %d, config:\n%s", rank, comm.get_world_size(), cfg.dump())
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if cfg.SEED >= 0 and torch.cuda.is_available():
@@ -529,7 +530,7 @@ class PretrainTrainer(SimpleTrainer):
 
     def write_outputs(self, summary):
         """Rank 0, after training: the summary file (OUTPUT_DIR/``summary_file``)."""
-        ckpt_lib.atomic_write_json(os.path.join(self.cfg.OUTPUT_DIR, self.summary_file), summary)
+        file_io.atomic_write_json(os.path.join(self.cfg.OUTPUT_DIR, self.summary_file), summary)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 from torch.utils.data import DistributedSampler
 
 from moco import checkpoint as ckpt_lib
+from moco import file_io
 from moco.augment import imagenet_normalize
 from moco.builder import resnet_encoder
 from moco.data import build_eval_loader, build_labeled_datasets, make_loader
@@ -243,7 +244,7 @@ def run_lincls(opts: LinclsOptions):
     def write_results(**extra):
         results.update(extra)
         if comm.is_main_process():
-            ckpt_lib.atomic_write_text(os.path.join(opts.output_dir, RESULTS_FILE),
+            file_io.atomic_write_text(os.path.join(opts.output_dir, RESULTS_FILE),
                                        json.dumps(results, indent=2) + "\n")  # fmt: skip
 
     if opts.evaluate:
@@ -274,9 +275,9 @@ def run_lincls(opts: LinclsOptions):
                 "state_dict": ckpt_lib.model_state_dict(ddp),  # module.* as official
                 "best_acc1": best_acc1, "optimizer": optimizer.state_dict(), "history": history,
             }  # fmt: skip
-            ckpt_lib.atomic_save(state, os.path.join(opts.output_dir, "checkpoint.pth.tar"))
+            file_io.atomic_save(state, os.path.join(opts.output_dir, "checkpoint.pth.tar"))
             if is_best:
-                ckpt_lib.atomic_save(state, os.path.join(opts.output_dir, "model_best.pth.tar"))
+                file_io.atomic_save(state, os.path.join(opts.output_dir, "model_best.pth.tar"))
         if epoch == start_epoch and opts.pretrained:
             sanity_check(model.state_dict(), opts.pretrained)
         write_results(top1=top1, top5=top5, best_top1=best_acc1)

@@ -17,34 +17,12 @@ comes back to the process that computed it (its backward sums every rank's contr
 DDP's averaging then gives the gradient of the mean loss over ranks.
 """
 
-import warnings
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-# torch 2.x marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
-# module; it is the public differentiable gather, so keep it and keep the runs' stderr clean.
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
-                        category=FutureWarning)  # fmt: skip
+from moco.dist import all_gather_with_grad, get_rank, get_world_size
 
 LOSSES = ("info_nce", "nt_xent")
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_gather_with_grad(x):
-    """Concatenation along dim 0 of ``x`` from every process, differentiable (x itself in 1 process)."""
-    world, _ = _world()
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def info_nce_logits(q, k, negatives, T, l_neg=None):
@@ -67,7 +45,7 @@ def batch_info_nce_logits(q, k, T, k_all=None):
     other ``global batch - 1`` keys as negatives; gradients flow into q and every key.
     ``k_all``: the already gathered keys (B x C, global order), else gathered here.
     """
-    world, rank = _world()
+    world, rank = get_world_size(), get_rank()
     k_all = all_gather_with_grad(k) if k_all is None else k_all
     logits = q.mm(k_all.t()) / T
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
@@ -82,7 +60,7 @@ def nt_xent_logits(z1, z2, T, z2_all=None):
     2B - 2 negatives; the self-similarity column is removed, not masked. ``z2_all``: the
     already gathered second views (B x C, global order), else gathered here.
     """
-    world, rank = _world()
+    world, rank = get_world_size(), get_rank()
     n = z1.shape[0]
     b = n * world
     z2_all = all_gather_with_grad(z2) if z2_all is None else z2_all

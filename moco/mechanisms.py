@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from moco.builder import MoCo, build_encoder, encode, resnet_encoder
 from moco.heads import HEADS, resolve_head
-from moco.losses import LOSSES, all_gather_with_grad, batch_info_nce_logits, info_nce_logits, nt_xent_logits
+from moco.dist import all_gather_with_grad, get_world_size
+from moco.losses import LOSSES, batch_info_nce_logits, info_nce_logits, nt_xent_logits
 from moco.memory_bank import MemoryBank
-from moco.shuffle_bn import batch_shuffle_ddp, batch_shuffle_single, get_world_size, resolve_shuffle_bn
+from moco.shuffle_bn import batch_shuffle_ddp, batch_shuffle_single, resolve_shuffle_bn
 
 MECHANISMS = ("moco", "end_to_end", "memory_bank")
 

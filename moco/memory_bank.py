@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco.shuffle_bn import concat_all_gather, get_world_size
+from moco.dist import concat_all_gather, get_world_size
 
 
 class MemoryBank(nn.Module):

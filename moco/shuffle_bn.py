@@ -33,14 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco.dist import concat_all_gather, get_world_size
+
 SHUFFLE_BN_MODES = ("ddp", "split", "sync", "off")
-
-
-def get_world_size():
-    """Number of processes in the default group (1 when torch.distributed is not initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def resolve_shuffle_bn(mode, world_size=None):
@@ -167,14 +162,6 @@ def blocked_split_batchnorm(module):
     finally:
         for m, was in zip(layers, previous):
             m.blocked = was
-
-
-@torch.no_grad()
-def concat_all_gather(tensor):
-    """all_gather along dim 0 without gradient (official). Every process must pass the same shape."""
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import os
 
 from torchvision import transforms
 
-from moco import checkpoint as ckpt_lib
+from moco import file_io
 from moco.augment import imagenet_normalize
 from moco.builder import resnet_encoder
 from moco.data import image_folder
@@ -103,5 +103,5 @@ class SupervisedTrainer(PretrainTrainer):
 
     def write_outputs(self, summary):
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        ckpt_lib.atomic_save(state, summary["weights"])
+        file_io.atomic_save(state, summary["weights"])
         super().write_outputs(summary)

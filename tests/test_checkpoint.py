@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moco import checkpoint as C
+from moco import file_io
 from moco.builder import MoCo, resnet_encoder
 
 
@@ -94,9 +95,9 @@ def test_unreadable_and_missing_files(tmp_path):
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pth")
-    C.atomic_save({"a": torch.ones(2)}, path)
+    file_io.atomic_save({"a": torch.ones(2)}, path)
     with pytest.raises(Exception):
-        C.atomic_save({"a": lambda: None}, path)  # lambdas cannot be pickled
+        file_io.atomic_save({"a": lambda: None}, path)  # lambdas cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ckpt.pth"], "temporary files are cleaned up"
 
@@ -121,7 +122,7 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
                 np.random.randn())  # fmt: skip
     path = str(tmp_path / "rng.pth")
-    C.atomic_save({"rng": state}, path)
+    file_io.atomic_save({"rng": state}, path)
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     C.restore_rng_state(torch.load(path, weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn())

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moco import checkpoint as C
+from moco import file_io
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
 
@@ -203,7 +204,7 @@ class _FullDisk:
 def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_path, monkeypatch,
                                                          one_thread):  # fmt: skip
     trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path))
-    mkstemp, fdopen = C.tempfile.mkstemp, os.fdopen
+    mkstemp, fdopen = file_io.tempfile.mkstemp, os.fdopen
     names, seen = {}, {}
 
     def recording_mkstemp(*args, **kwargs):
@@ -219,7 +220,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_pat
         seen["tmp"] = names[fd]
         return _FullDisk(f, room=4096)  # part of the new file reaches the disk, then it is full
 
-    monkeypatch.setattr(C.tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(file_io.tempfile, "mkstemp", recording_mkstemp)
     monkeypatch.setattr(os, "fdopen", full_fdopen)
     with pytest.raises(OSError, match=r"could not write .*checkpoint_0001\.pth\.tar: No space left "
                                       r"on device; the previous file there \(if any\) is unchanged"

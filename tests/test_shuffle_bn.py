@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import torchvision
 
 from moco.builder import MoCo
+from moco.dist import concat_all_gather
 from moco.shuffle_bn import (
     SplitBatchNorm,
     batch_shuffle_single,
     batch_unshuffle_single,
-    concat_all_gather,
     convert_split_batchnorm,
     resolve_shuffle_bn,
 )
