@@ -189,21 +189,21 @@ def _read_json(path, what):
         return json.load(f)
 
 
-def _pretrain(pcfg, out, resume, launcher, nproc):
-    from moco.engine import LaunchSpec
+def _pretrain(pcfg, out, resume, trainer_cls, nproc):
+    from moco.launch import LaunchSpec, launch_training
 
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out
-    launcher(pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
+    launch_training(trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
 
 
 def _moco_stage(cfg, image_folder):
-    from moco.engine import SUMMARY_FILE, launch_pretraining
+    from moco.engine import SUMMARY_FILE, PretrainTrainer
 
     pcfg = _pretrain_cfg(cfg, image_folder)
 
     def work(out, resume):
-        _pretrain(pcfg, out, resume, launch_pretraining, cfg.PRETRAIN.NUM_PROCESSES)
+        _pretrain(pcfg, out, resume, PretrainTrainer, cfg.PRETRAIN.NUM_PROCESSES)
         summary = _read_json(os.path.join(out, SUMMARY_FILE), "MoCo pretraining")
         return {"checkpoint": summary["last_checkpoint"], "knn": summary["knn"],
                 "knn_chance": summary["knn_chance"], "images_per_sec": summary["images_per_sec"]}  # fmt: skip
@@ -212,12 +212,12 @@ def _moco_stage(cfg, image_folder):
 
 
 def _supervised_stage(cfg, image_folder):
-    from moco.supervised import SUMMARY_FILE, launch_supervised
+    from moco.supervised import SUMMARY_FILE, SupervisedTrainer
 
     pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS)
 
     def work(out, resume):
-        _pretrain(pcfg, out, resume, launch_supervised, cfg.PRETRAIN.NUM_PROCESSES)
+        _pretrain(pcfg, out, resume, SupervisedTrainer, cfg.PRETRAIN.NUM_PROCESSES)
         summary = _read_json(os.path.join(out, SUMMARY_FILE), "supervised pretraining")
         return {"checkpoint": summary["weights"], "knn": summary["knn"],
                 "knn_chance": summary["knn_chance"], "val_top1": summary.get("val_top1")}  # fmt: skip

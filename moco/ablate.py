@@ -38,7 +38,8 @@ from fvcore.common.config import CfgNode as CN
 
 from moco import file_io
 from moco.config import load_cfg, merge_opts
-from moco.engine import SUMMARY_FILE, LaunchSpec, launch_pretraining, validate_cfg
+from moco.engine import SUMMARY_FILE, PretrainTrainer, validate_cfg
+from moco.launch import LaunchSpec, launch_training
 from moco.mechanisms import MECHANISMS
 
 logger = logging.getLogger("moco.ablate")
@@ -263,7 +264,7 @@ def execute_run(run, acfg, spec):
     if summary is None:
         try:
             with _run_logging():
-                launch_pretraining(run["cfg"], spec, resume="auto")
+                launch_training(PretrainTrainer, run["cfg"], spec, resume="auto")
         except KeyboardInterrupt:
             raise
         except Exception as e:  # a diverging run is a result of the sweep, not a crash

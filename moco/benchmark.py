@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from moco import fast as fastlib
 from moco.augment import JpegDraftLoader, pretrain_transform
 from moco.builder import MoCo, resnet_encoder
+from moco.launch import resolve_device
 from moco.shuffle_bn import convert_split_batchnorm
 
 GROUPS = ("model", "momentum", "data", "e2e")
@@ -249,17 +250,6 @@ class Row:
             "ratio_vs_baseline": self.ratio,
             "cpu_ratio_vs_baseline": self.cpu_ratio,
         }  # fmt: skip
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
 
 
 def resolve_image_folder(root):
@@ -611,7 +601,7 @@ def environment(device):
 def run_benchmark(cfg, log=None):
     """Build and measure every requested row; returns the JSON-ready report."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "--device")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as main_moco.py, for every row
     env = environment(device)
@@ -705,7 +695,7 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
         from detection.config import load_cfg
     except ImportError as e:
         return {"status": f"not installed ({e})"}
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     overrides = ["SOLVER.IMS_PER_BATCH", str(ims_per_batch), "MODEL.DEVICE", str(dev),
                  "MODEL.WEIGHTS", ""]  # fmt: skip
     cfg = load_cfg(config_file, list(overrides) + list(opts))

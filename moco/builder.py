@@ -97,6 +97,14 @@ def resnet_encoder(arch):
     return getattr(torchvision.models, arch)
 
 
+def validate_model(cfg):
+    """MODEL.ARCH, M, T and DIM: one-line ValueError for values MoCo cannot train with."""
+    resnet_encoder(cfg.MODEL.ARCH)  # raises for an unknown arch
+    if not 0.0 <= cfg.MODEL.M <= 1.0 or cfg.MODEL.T <= 0 or cfg.MODEL.DIM < 1:
+        raise ValueError(f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
+                         f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}")  # fmt: skip
+
+
 def build_encoder(base_encoder, dim, head, shuffle_bn, split_bn_groups):
     """``base_encoder(num_classes=dim)`` with projection ``head`` (moco.heads) and the BatchNorm
     of Shuffle BN mode ``shuffle_bn`` (split: SplitBatchNorm, sync: SyncBatchNorm, else plain)."""

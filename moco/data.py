@@ -29,6 +29,20 @@ def resolve_data_path(path):
     return os.path.expanduser(path)
 
 
+def validate_data(cfg):
+    """DATA.ROOT has train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
+    if not cfg.DATA.ROOT:
+        raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
+    train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
+                                "(expected train/<class>/<image>)")  # fmt: skip
+    if cfg.KNN.DATA and cfg.KNN.PERIOD > 0:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(resolve_data_path(cfg.KNN.DATA), split)):
+                raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
+
+
 def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
 

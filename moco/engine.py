@@ -8,199 +8,45 @@ official-format checkpoints every ``SOLVER.CHECKPOINT_PERIOD`` epochs and ``Peri
 Epochs map to iterations as ``len(dataset) // global batch`` (drop_last).
 
 Processes: one per GPU (or N CPU processes with ``--num-gpus N`` on a machine without CUDA),
-started by Detectron2's ``launch`` (gloo on CPU, NCCL on GPU), or by torchrun (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` in the environment). Each process trains on
-``global batch / world size`` images per step.
+started by :func:`moco.launch.launch_training` (Detectron2's ``launch`` or torchrun). Each process
+trains on ``global batch / world size`` images per step. :func:`validate_cfg` checks a config
+before any process starts; each module checks its own settings.
 """
 
-import dataclasses
-import functools
 import hashlib
 import logging
 import os
-import sys
 import time
-import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.engine import SimpleTrainer
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.engine.launch import launch
 from detectron2.solver.lr_scheduler import LRMultiplier
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 
 from moco import checkpoint as ckpt_lib
 from moco import file_io
-from moco.builder import resnet_encoder
-from moco.shuffle_bn import resolve_shuffle_bn
-from moco.data import build_pretrain_dataset, build_pretrain_loader, resolve_data_path
+from moco.builder import validate_model
+from moco.data import build_pretrain_dataset, build_pretrain_loader, validate_data
 from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
+from moco.knn import validate_knn
+from moco.launch import resolve_device
 from moco.mechanisms import build_contrastive_model, validate_mechanism
+from moco.shuffle_bn import validate_shuffle_bn
 
 logger = logging.getLogger("moco")
 
 SUMMARY_FILE = "pretrain_summary.json"
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
 
 # ------------------------------------------------------------------------------------------------
-# processes
+# configuration checks (before any process is started): each module checks its own settings
 
 
-@dataclasses.dataclass
-class LaunchSpec:
-    """How many processes, where. ``from_env``: torchrun started them (init from env://)."""
-
-    procs_per_machine: int = 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    dist_url: str = "auto"
-    from_env: bool = False
-
-    @property
-    def world_size(self):
-        return self.procs_per_machine * self.num_machines
-
-
-def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url=None,
-                   world_size=None, rank=None, multiprocessing_distributed=False,
-                   environ=None):  # fmt: skip
-    """Process layout from Detectron2's and the official main_moco.py's flags.
-
-    Official semantics: with ``--multiprocessing-distributed``, ``--world-size`` is the number of
-    nodes and ``--rank`` the node rank, one process per GPU of the node; without it,
-    ``--world-size`` > 1 means one process per node. ``--num-gpus`` (processes per machine; CPU
-    processes where there is no CUDA), ``--num-machines`` and ``--machine-rank`` are Detectron2's
-    names and may be combined with them when consistent.
-    """
-    environ = os.environ if environ is None else environ
-    if all(v in environ for v in _TORCHRUN_VARS):
-        world = int(environ["WORLD_SIZE"])
-        local = int(environ.get("LOCAL_WORLD_SIZE", world))
-        if num_gpus not in (None, local) or num_machines not in (None, world // local):
-            raise ValueError("started by torchrun (RANK/WORLD_SIZE set): drop --num-gpus / "
-                             "--num-machines, torchrun decides the processes")  # fmt: skip
-        return LaunchSpec(local, world // local, int(environ.get("GROUP_RANK", 0)), "env://", True)
-
-    ws = world_size if world_size is not None and world_size > 0 else None  # official default -1
-    node_rank = rank if rank is not None and rank >= 0 else None
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if multiprocessing_distributed:
-        machines, per_machine = ws or 1, num_gpus or (cuda or 1)
-    else:
-        machines, per_machine = ws or 1, num_gpus or 1
-    if num_machines is not None:
-        if ws is not None and num_machines != ws:
-            raise ValueError(f"--num-machines {num_machines} contradicts --world-size {ws} "
-                             "(the number of nodes); give one of them")  # fmt: skip
-        machines = num_machines
-    if machine_rank is not None:
-        if node_rank is not None and machine_rank != node_rank:
-            raise ValueError(f"--machine-rank {machine_rank} contradicts --rank {node_rank}")
-        node_rank = machine_rank
-    node_rank = 0 if node_rank is None else node_rank
-    if per_machine < 1 or machines < 1:
-        raise ValueError(f"--num-gpus ({per_machine}) and --num-machines ({machines}) must be >= 1")
-    if not 0 <= node_rank < machines:
-        raise ValueError(f"--machine-rank/--rank {node_rank} must be in [0, {machines})")
-    if cuda and per_machine > cuda:
-        raise ValueError(f"--num-gpus {per_machine} but this machine has {cuda} CUDA devices")
-    if machines > 1 and (not dist_url or dist_url == "auto"):
-        raise ValueError("--dist-url tcp://HOST:PORT (of machine 0) is needed with several machines")
-    return LaunchSpec(per_machine, machines, node_rank, dist_url or "auto", False)
-
-
-def _init_from_env():
-    """Process group for a torchrun start (NCCL with CUDA, else gloo), as Detectron2's launch."""
-    if dist.is_initialized():
-        return
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
-    comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    comm.synchronize()
-
-
-def launch_pretraining(cfg, spec, resume=None):
-    """Run :func:`pretrain_worker` in every process of ``spec``; returns its summary when in-process."""
-    validate_cfg(cfg, spec.world_size)
-    if spec.world_size > 1 and torch.cuda.is_available() and cfg.MODEL.DEVICE == "cpu":
-        raise ValueError("MODEL.DEVICE=cpu with several processes on a CUDA machine: Detectron2's "
-                         "launch uses NCCL there; hide the GPUs with CUDA_VISIBLE_DEVICES=''")  # fmt: skip
-    return launch_processes(pretrain_worker, spec, (cfg, resume))
-
-
-def launch_processes(fn, spec, args):
-    """``fn(*args)`` in every process of ``spec`` (Detectron2's launch, or torchrun's env).
-
-    Returns ``fn``'s result when it runs in this process (one process or torchrun), else None.
-    """
-    if spec.from_env:
-        _init_from_env()
-        return _close_after(fn, *args)
-    if spec.world_size == 1:
-        return fn(*args)
-    launch(functools.partial(_close_after, fn), spec.procs_per_machine, spec.num_machines,
-           spec.machine_rank, spec.dist_url, args=args)  # fmt: skip
-    return None
-
-
-def _close_after(fn, *args):
-    """``fn(*args)``, then a barrier and ``destroy_process_group`` once every rank has finished.
-
-    Without it a process can exit while gloo's threads still serve a peer, and the process group's
-    destructor aborts it ("terminate called without an active exception", seen in 2-process runs).
-    On failure nothing waits: the other ranks are ended by launch or by their broken connection.
-    """
-    result = fn(*args)
-    if dist.is_initialized():
-        comm.synchronize()
-        dist.destroy_process_group()
-    return result
-
-
-def pretrain_worker(cfg, resume=None):
-    """Per-process entry point: set up logging and seeds, build the trainer, train."""
-    setup_process(cfg)
-    trainer = PretrainTrainer(cfg, resume=resume)
-    return trainer.train()
-
-
-def setup_process(cfg):
-    rank = comm.get_rank()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    for name in ("moco", "detectron2", "fvcore"):
-        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:4])
-    if comm.is_main_process():
-        file_io.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
-    logger.info("rank %d of %d, config:\n%s", rank, comm.get_world_size(), cfg.dump())
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
-    if cfg.SEED >= 0 and torch.cuda.is_available():
-        torch.backends.cudnn.deterministic = True  # official --seed
-
-
-# ------------------------------------------------------------------------------------------------
-# configuration checks (before any process is started)
-
-
-def shuffle_bn_mode(cfg, world_size):
-    """MODEL.SHUFFLE_BN with "auto" resolved for ``world_size`` (moco.shuffle_bn's rule)."""
-    mode = cfg.MODEL.SHUFFLE_BN
-    if mode == "auto":
-        return "ddp" if world_size > 1 else "split"
-    return mode
-
-
-def validate_cfg(cfg, world_size):
-    """One-line ValueError/FileNotFoundError for a configuration that cannot train."""
-    resnet_encoder(cfg.MODEL.ARCH)  # raises for an unknown arch
+def validate_solver(cfg, world_size):
+    """SOLVER.IMS_PER_BATCH, EPOCHS, START_EPOCH and LOG_PERIOD: the trainer's own settings."""
     s = cfg.SOLVER
     batch = s.IMS_PER_BATCH
     if batch < 1:
@@ -208,78 +54,22 @@ def validate_cfg(cfg, world_size):
     if batch % world_size:
         raise ValueError(f"SOLVER.IMS_PER_BATCH (-b) = {batch} is not divisible by the {world_size} "
                          "processes; each process must get the same batch")  # fmt: skip
-    validate_mechanism(cfg, world_size)
-    if cfg.MODEL.MECHANISM == "moco" and cfg.MODEL.K % batch:
-        raise ValueError(
-            f"MODEL.K (--moco-k) = {cfg.MODEL.K} is not a multiple of the global batch "
-            f"SOLVER.IMS_PER_BATCH = {batch}: the queue takes whole batches (official assert "
-            f"K % batch_size == 0); use e.g. MODEL.K {max(1, cfg.MODEL.K // batch) * batch}"
-        )
-    if not 0.0 <= cfg.MODEL.M <= 1.0 or cfg.MODEL.T <= 0 or cfg.MODEL.DIM < 1:
-        raise ValueError(f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
-                         f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}")  # fmt: skip
-    mode = resolve_shuffle_bn(shuffle_bn_mode(cfg, world_size))  # rejects unknown names
-    if mode == "sync" and world_size > 1 and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("MODEL.SHUFFLE_BN=sync needs CUDA with several processes (torch's "
-                         "SyncBatchNorm rejects CPU tensors); use 'ddp' or 'auto'")  # fmt: skip
-    if mode == "ddp" and world_size < 2:
-        raise ValueError("MODEL.SHUFFLE_BN=ddp shuffles across processes and needs >= 2; use "
-                         "'auto' or 'split' for one process")  # fmt: skip
-    if mode == "split" and (batch // world_size) % cfg.MODEL.SPLIT_BN_GROUPS:
-        raise ValueError(
-            f"split Shuffle BN: the per-process batch {batch // world_size} is not divisible by "
-            f"MODEL.SPLIT_BN_GROUPS = {cfg.MODEL.SPLIT_BN_GROUPS}"
-        )
-    if mode == "split" and batch // world_size < 2 * cfg.MODEL.SPLIT_BN_GROUPS:
-        # one sample per sub-batch: BN over a 1x1 map (small crops) has a single value per channel
-        raise ValueError(
-            f"split Shuffle BN: the per-process batch {batch // world_size} gives fewer than 2 "
-            f"samples per sub-batch with MODEL.SPLIT_BN_GROUPS = {cfg.MODEL.SPLIT_BN_GROUPS}; "
-            "lower MODEL.SPLIT_BN_GROUPS or raise SOLVER.IMS_PER_BATCH"
-        )
     if s.EPOCHS < 1:
         raise ValueError(f"SOLVER.EPOCHS (--epochs) must be >= 1, got {s.EPOCHS}")
     if not 0 <= s.START_EPOCH < s.EPOCHS:
         raise ValueError(f"SOLVER.START_EPOCH (--start-epoch) {s.START_EPOCH} must be in [0, {s.EPOCHS})")
     if cfg.LOG_PERIOD < 1:
         raise ValueError(f"LOG_PERIOD (-p) must be >= 1, got {cfg.LOG_PERIOD}")
-    if cfg.KNN.DATA and (cfg.KNN.K < 1 or cfg.KNN.T <= 0):
-        raise ValueError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
-    if not cfg.DATA.ROOT:
-        raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
-    train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
-    if not os.path.isdir(train_dir):
-        raise FileNotFoundError(f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
-                                "(expected train/<class>/<image>)")  # fmt: skip
-    if cfg.KNN.DATA and cfg.KNN.PERIOD > 0:
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(resolve_data_path(cfg.KNN.DATA), split)):
-                raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
 
 
-def resolve_device(cfg):
-    name = cfg.MODEL.DEVICE
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not name.startswith("cuda"):
-        raise ValueError(f"MODEL.DEVICE must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"MODEL.DEVICE={name} (or --gpu) but CUDA is not available here")
-    device = torch.device(name)
-    if device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    if comm.get_local_size() > 1:
-        raise ValueError(f"MODEL.DEVICE={name} pins one GPU; with several processes per machine "
-                         "use 'auto' or 'cuda'")  # fmt: skip
-    torch.cuda.set_device(device)
-    return device
-
-
-def build_model(cfg, world_size, dataset_size=None):
-    """The MODEL.MECHANISM model (moco.mechanisms); ``dataset_size``: memory bank entries."""
-    return build_contrastive_model(cfg, world_size, dataset_size)
+def validate_cfg(cfg, world_size):
+    """One-line ValueError/FileNotFoundError for a configuration that cannot train."""
+    validate_model(cfg)
+    validate_solver(cfg, world_size)
+    validate_mechanism(cfg, world_size)
+    validate_shuffle_bn(cfg, world_size)
+    validate_knn(cfg)
+    validate_data(cfg)
 
 
 def build_optimizer(cfg, model):
@@ -331,7 +121,7 @@ class PretrainTrainer(SimpleTrainer):
         world = comm.get_world_size()
         self.cfg = cfg
         self.validate(world)
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg.MODEL.DEVICE)
         dataset = self.build_dataset()
         batch = cfg.SOLVER.IMS_PER_BATCH
         if len(dataset) < batch:
@@ -379,6 +169,14 @@ class PretrainTrainer(SimpleTrainer):
                 logger.warning("checkpoint has RNG states of %d processes, this run has %d: "
                                "not restored", len(rng), world)  # fmt: skip
 
+    @classmethod
+    def check_launch(cls, cfg, world_size):
+        """Checks before any process starts (moco.launch.launch_training)."""
+        validate_cfg(cfg, world_size)
+        if world_size > 1 and torch.cuda.is_available() and cfg.MODEL.DEVICE == "cpu":
+            raise ValueError("MODEL.DEVICE=cpu with several processes on a CUDA machine: Detectron2's "
+                             "launch uses NCCL there; hide the GPUs with CUDA_VISIBLE_DEVICES=''")  # fmt: skip
+
     def validate(self, world_size):
         """One-line error for a configuration that cannot train (before anything is built)."""
         validate_cfg(self.cfg, world_size)
@@ -389,7 +187,7 @@ class PretrainTrainer(SimpleTrainer):
 
     def build_model(self, dataset):
         """The unwrapped model trained by the step (MoCo or another mechanism)."""
-        return build_model(self.cfg, comm.get_world_size(), len(dataset))
+        return build_contrastive_model(self.cfg, comm.get_world_size(), len(dataset))
 
     def forward_batch(self, batch):
         """``(logits, labels)`` of one loader batch; the step's loss is their cross-entropy."""
@@ -531,35 +329,3 @@ class PretrainTrainer(SimpleTrainer):
     def write_outputs(self, summary):
         """Rank 0, after training: the summary file (OUTPUT_DIR/``summary_file``)."""
         file_io.atomic_write_json(os.path.join(self.cfg.OUTPUT_DIR, self.summary_file), summary)
-
-
-# ------------------------------------------------------------------------------------------------
-# command-line error handling shared by tools/pretrain.py and tools/lincls.py
-
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
-
-
-def run_cli(prog, fn):
-    """Call ``fn()``; bad input becomes one line ``prog: error: ...`` on stderr and exit code 2.
-
-    Errors raised inside processes started by ``launch`` arrive as a traceback text; its last line
-    (``ValueError: ...``) is reported the same way.
-    """
-    try:
-        fn()
-    except INPUT_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except torch.multiprocessing.ProcessRaisedException as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else "a worker process failed"
-        print(f"{prog}: error: {last}", file=sys.stderr)
-        names = tuple(t.__name__ for t in INPUT_ERRORS) + ("UnsafeCheckpointError",)
-        sys.exit(2 if last.split(":", 1)[0].split(".")[-1] in names else 1)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)

@@ -14,6 +14,12 @@ from detectron2.utils import comm
 from moco.fast import autocast_context, to_device
 
 
+def validate_knn(cfg):
+    """KNN.K and KNN.T of the monitor (when KNN.DATA is set): one-line ValueError."""
+    if cfg.KNN.DATA and (cfg.KNN.K < 1 or cfg.KNN.T <= 0):
+        raise ValueError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
+
+
 def knn_scores(features, bank, bank_labels, num_classes, k=200, t=0.1):
     """Class scores (N x C) of ``features`` (N x D) against ``bank`` (M x D, labels M).
 

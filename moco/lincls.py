@@ -35,6 +35,7 @@ from moco.builder import resnet_encoder
 from moco.data import build_eval_loader, build_labeled_datasets, make_loader
 from moco.fast import to_device
 from moco.hooks import epoch_lr_factors
+from moco.launch import resolve_device
 
 logger = logging.getLogger("moco.lincls")
 
@@ -179,20 +180,6 @@ def validate(model, loader, device):
     return 100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n
 
 
-def _resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name} (or --gpu) but CUDA is not available")
-        dev = torch.device(name)
-        if dev.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device(name)
-
-
 def run_lincls(opts: LinclsOptions):
     """Train (or with ``evaluate`` only validate) the linear classifier; returns the results dict.
 
@@ -205,7 +192,7 @@ def run_lincls(opts: LinclsOptions):
         seed_all_rng(opts.seed + rank)
     if opts.epochs < 1 or opts.batch_size < 1:
         raise ValueError(f"--epochs ({opts.epochs}) and --batch-size ({opts.batch_size}) must be >= 1")
-    device = _resolve_device(opts.device)
+    device = resolve_device(opts.device, "device (--gpu)")
     train_set, val_set = build_labeled_datasets(opts.data, opts.crop_size, "DATA",
                                                 lincls_train_transform(opts.crop_size))  # fmt: skip
     num_classes = len(train_set.classes)

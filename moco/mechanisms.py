@@ -129,7 +129,8 @@ def head_name(cfg):
 
 
 def validate_mechanism(cfg, world_size):
-    """One-line ValueError for a mechanism / loss / head combination that cannot train."""
+    """One-line ValueError for a mechanism / loss / head combination that cannot train, or a MoCo
+    queue that does not take whole batches."""
     m = cfg.MODEL
     if m.MECHANISM not in MECHANISMS:
         raise ValueError(f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}")
@@ -146,6 +147,13 @@ def validate_mechanism(cfg, world_size):
             raise ValueError(f"MODEL.K (negatives drawn from the memory bank) must be >= 1, got {m.K}")
         if not 0.0 <= m.MEMORY_BANK_MOMENTUM < 1.0:
             raise ValueError(f"MODEL.MEMORY_BANK_MOMENTUM must be in [0, 1), got {m.MEMORY_BANK_MOMENTUM}")
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if m.MECHANISM == "moco" and m.K % batch:
+        raise ValueError(
+            f"MODEL.K (--moco-k) = {m.K} is not a multiple of the global batch "
+            f"SOLVER.IMS_PER_BATCH = {batch}: the queue takes whole batches (official assert "
+            f"K % batch_size == 0); use e.g. MODEL.K {max(1, m.K // batch) * batch}"
+        )
 
 
 def build_contrastive_model(cfg, world_size, dataset_size=None):

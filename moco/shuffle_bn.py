@@ -54,6 +54,31 @@ def resolve_shuffle_bn(mode, world_size=None):
     return mode
 
 
+def validate_shuffle_bn(cfg, world_size):
+    """MODEL.SHUFFLE_BN and SPLIT_BN_GROUPS for ``world_size`` processes: one-line ValueError."""
+    mode = resolve_shuffle_bn(cfg.MODEL.SHUFFLE_BN, world_size)  # rejects unknown names
+    batch = cfg.SOLVER.IMS_PER_BATCH // world_size
+    groups = cfg.MODEL.SPLIT_BN_GROUPS
+    if mode == "sync" and world_size > 1 and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("MODEL.SHUFFLE_BN=sync needs CUDA with several processes (torch's "
+                         "SyncBatchNorm rejects CPU tensors); use 'ddp' or 'auto'")  # fmt: skip
+    if mode == "ddp" and world_size < 2:
+        raise ValueError("MODEL.SHUFFLE_BN=ddp shuffles across processes and needs >= 2; use "
+                         "'auto' or 'split' for one process")  # fmt: skip
+    if mode == "split" and batch % groups:
+        raise ValueError(
+            f"split Shuffle BN: the per-process batch {batch} is not divisible by "
+            f"MODEL.SPLIT_BN_GROUPS = {groups}"
+        )
+    if mode == "split" and batch < 2 * groups:
+        # one sample per sub-batch: BN over a 1x1 map (small crops) has a single value per channel
+        raise ValueError(
+            f"split Shuffle BN: the per-process batch {batch} gives fewer than 2 "
+            f"samples per sub-batch with MODEL.SPLIT_BN_GROUPS = {groups}; "
+            "lower MODEL.SPLIT_BN_GROUPS or raise SOLVER.IMS_PER_BATCH"
+        )
+
+
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are computed over ``num_splits`` sub-batches.
 

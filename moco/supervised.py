@@ -20,7 +20,7 @@ from moco import file_io
 from moco.augment import imagenet_normalize
 from moco.builder import resnet_encoder
 from moco.data import image_folder
-from moco.engine import PretrainTrainer, launch_processes, setup_process
+from moco.engine import PretrainTrainer
 from moco.fast import autocast_context, to_device
 
 SUMMARY_FILE = "supervised_summary.json"
@@ -36,16 +36,6 @@ def supervised_transform(crop_size):
     ])  # fmt: skip
 
 
-def launch_supervised(cfg, spec, resume=None):
-    """Run :func:`supervised_worker` in every process of ``spec`` (see moco.engine.LaunchSpec)."""
-    return launch_processes(supervised_worker, spec, (cfg, resume))
-
-
-def supervised_worker(cfg, resume=None):
-    setup_process(cfg)
-    return SupervisedTrainer(cfg, resume=resume).train()
-
-
 class SupervisedTrainer(PretrainTrainer):
     """Cross-entropy training of ``MODEL.ARCH`` on ``DATA.ROOT/train`` with its class labels.
 
@@ -54,6 +44,10 @@ class SupervisedTrainer(PretrainTrainer):
     """
 
     summary_file = SUMMARY_FILE
+
+    @classmethod
+    def check_launch(cls, cfg, world_size):
+        """Nothing before the processes start: each process checks in :meth:`validate`."""
 
     def validate(self, world_size):
         batch = self.cfg.SOLVER.IMS_PER_BATCH

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moco.config import apply_official_args, load_cfg
-from moco.engine import resolve_launch
+from moco.launch import resolve_launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "pretrain.py")

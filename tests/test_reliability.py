@@ -71,13 +71,14 @@ def _tmp_files(folder):
 # ------------------------------------------------------------------------------------------------
 # 1. kill -9 after the checkpoint at N/2, resume to N: bit-identical to N iterations straight
 
-# pretrain_worker's steps (logging, seeds, trainer, train), plus a hook that announces the end of
+# train_worker's steps (logging, seeds, trainer, train), plus a hook that announces the end of
 # iteration STOP (after its checkpoint and metrics are written) and then waits to be killed.
 _DRIVER = r"""
 import json, os, sys, time
 from detectron2.engine import HookBase
 from moco.config import get_cfg
-from moco.engine import PretrainTrainer, setup_process
+from moco.engine import PretrainTrainer
+from moco.launch import setup_process
 
 opts, stop, marker = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg = get_cfg()
@@ -243,7 +244,8 @@ import json, os, signal, sys
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from moco.config import get_cfg
-from moco.engine import LaunchSpec, PretrainTrainer, launch_processes, resolve_launch, setup_process
+from moco.engine import PretrainTrainer
+from moco.launch import LaunchSpec, launch_processes, resolve_launch, setup_process
 
 
 class Die(HookBase):

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moco.data import resolve_data_path  # noqa: E402
-from moco.engine import launch_processes, resolve_launch, run_cli  # noqa: E402
+from moco.launch import launch_processes, resolve_launch, run_cli  # noqa: E402
 from moco.lincls import LinclsOptions, run_lincls  # noqa: E402
 
 

@@ -11,7 +11,7 @@ Finished stages are reused on rerun; an interrupted one resumes. See detection/p
 import sys
 
 from detection.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
-from moco.engine import run_cli
+from moco.launch import run_cli
 
 
 def main(argv=None):

@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts  # noqa: E402
-from moco.engine import launch_pretraining, resolve_launch, run_cli  # noqa: E402
+from moco.engine import PretrainTrainer  # noqa: E402
+from moco.launch import launch_training, resolve_launch, run_cli  # noqa: E402
 
 
 def build_parser():
@@ -110,7 +111,7 @@ def main(argv=None):
     if args.opts:
         merge_opts(cfg, args.opts)
     cfg.freeze()
-    launch_pretraining(cfg, spec, resume=args.resume)
+    launch_training(PretrainTrainer, cfg, spec, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,230 @@
+"""Processes, devices and the command-line error helper: what every entry point shares.
+
+- :class:`LaunchSpec` / :func:`resolve_launch`: the process layout from Detectron2's flags
+  (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``) or the official
+  main_moco.py's (``--multiprocessing-distributed``, ``--world-size``, ``--rank``), or torchrun's
+  environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``).
+- :func:`launch_processes`: a function in every process (Detectron2's ``launch``: gloo on CPU,
+  NCCL on GPU; or the processes torchrun started); :func:`launch_training`: a trainer class
+  (moco.engine.PretrainTrainer, moco.supervised.SupervisedTrainer) in every process.
+- :func:`resolve_device`: the one device rule (auto, cpu, cuda, cuda:N) of every caller.
+- :func:`run_cli`: expected errors become one line ``prog: error: ...`` and exit code 2.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from detectron2.engine.launch import launch
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+from moco import file_io
+
+logger = logging.getLogger("moco")
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclasses.dataclass
+class LaunchSpec:
+    """How many processes, where. ``from_env``: torchrun started them (init from env://)."""
+
+    procs_per_machine: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    dist_url: str = "auto"
+    from_env: bool = False
+
+    @property
+    def world_size(self):
+        return self.procs_per_machine * self.num_machines
+
+
+def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url=None,
+                   world_size=None, rank=None, multiprocessing_distributed=False,
+                   environ=None):  # fmt: skip
+    """Process layout from Detectron2's and the official main_moco.py's flags.
+
+    Official semantics: with ``--multiprocessing-distributed``, ``--world-size`` is the number of
+    nodes and ``--rank`` the node rank, one process per GPU of the node; without it,
+    ``--world-size`` > 1 means one process per node. ``--num-gpus`` (processes per machine; CPU
+    processes where there is no CUDA), ``--num-machines`` and ``--machine-rank`` are Detectron2's
+    names and may be combined with them when consistent.
+    """
+    environ = os.environ if environ is None else environ
+    if all(v in environ for v in _TORCHRUN_VARS):
+        world = int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_WORLD_SIZE", world))
+        if num_gpus not in (None, local) or num_machines not in (None, world // local):
+            raise ValueError("started by torchrun (RANK/WORLD_SIZE set): drop --num-gpus / "
+                             "--num-machines, torchrun decides the processes")  # fmt: skip
+        return LaunchSpec(local, world // local, int(environ.get("GROUP_RANK", 0)), "env://", True)
+
+    ws = world_size if world_size is not None and world_size > 0 else None  # official default -1
+    node_rank = rank if rank is not None and rank >= 0 else None
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if multiprocessing_distributed:
+        machines, per_machine = ws or 1, num_gpus or (cuda or 1)
+    else:
+        machines, per_machine = ws or 1, num_gpus or 1
+    if num_machines is not None:
+        if ws is not None and num_machines != ws:
+            raise ValueError(f"--num-machines {num_machines} contradicts --world-size {ws} "
+                             "(the number of nodes); give one of them")  # fmt: skip
+        machines = num_machines
+    if machine_rank is not None:
+        if node_rank is not None and machine_rank != node_rank:
+            raise ValueError(f"--machine-rank {machine_rank} contradicts --rank {node_rank}")
+        node_rank = machine_rank
+    node_rank = 0 if node_rank is None else node_rank
+    if per_machine < 1 or machines < 1:
+        raise ValueError(f"--num-gpus ({per_machine}) and --num-machines ({machines}) must be >= 1")
+    if not 0 <= node_rank < machines:
+        raise ValueError(f"--machine-rank/--rank {node_rank} must be in [0, {machines})")
+    if cuda and per_machine > cuda:
+        raise ValueError(f"--num-gpus {per_machine} but this machine has {cuda} CUDA devices")
+    if machines > 1 and (not dist_url or dist_url == "auto"):
+        raise ValueError("--dist-url tcp://HOST:PORT (of machine 0) is needed with several machines")
+    return LaunchSpec(per_machine, machines, node_rank, dist_url or "auto", False)
+
+
+def _init_from_env():
+    """Process group for a torchrun start (NCCL with CUDA, else gloo), as Detectron2's launch."""
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+    comm.synchronize()
+
+
+def launch_training(trainer_cls, cfg, spec, resume=None):
+    """``trainer_cls(cfg, resume).train()`` in every process of ``spec``; returns its summary when
+    in-process. ``trainer_cls.check_launch(cfg, world_size)`` runs first, before any process starts."""
+    trainer_cls.check_launch(cfg, spec.world_size)
+    return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+
+
+def launch_processes(fn, spec, args):
+    """``fn(*args)`` in every process of ``spec`` (Detectron2's launch, or torchrun's env).
+
+    Returns ``fn``'s result when it runs in this process (one process or torchrun), else None.
+    """
+    if spec.from_env:
+        _init_from_env()
+        return _close_after(fn, *args)
+    if spec.world_size == 1:
+        return fn(*args)
+    launch(functools.partial(_close_after, fn), spec.procs_per_machine, spec.num_machines,
+           spec.machine_rank, spec.dist_url, args=args)  # fmt: skip
+    return None
+
+
+def _close_after(fn, *args):
+    """``fn(*args)``, then a barrier and ``destroy_process_group`` once every rank has finished.
+
+    Without it a process can exit while gloo's threads still serve a peer, and the process group's
+    destructor aborts it ("terminate called without an active exception", seen in 2-process runs).
+    On failure nothing waits: the other ranks are ended by launch or by their broken connection.
+    """
+    result = fn(*args)
+    if dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
+
+
+def train_worker(trainer_cls, cfg, resume=None):
+    """Per-process entry point: set up logging and seeds, build the trainer, train."""
+    setup_process(cfg)
+    trainer = trainer_cls(cfg, resume=resume)
+    return trainer.train()
+
+
+def setup_process(cfg):
+    rank = comm.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for name in ("moco", "detectron2", "fvcore"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:4])
+    if comm.is_main_process():
+        file_io.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    logger.info("rank %d of %d, config:\n%s", rank, comm.get_world_size(), cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if cfg.SEED >= 0 and torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True  # official --seed
+
+
+# ------------------------------------------------------------------------------------------------
+# devices
+
+
+def resolve_device(name, what="MODEL.DEVICE"):
+    """``torch.device`` of ``name`` (auto, cpu, cuda or cuda:N; ``what``: the setting, for errors).
+
+    auto = cuda when available, else cpu; ``cuda`` = this process's current GPU; ``cuda:N`` pins GPU
+    N (made current), which is only allowed with one process per machine.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not name.startswith("cuda"):
+        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{what} {name}: CUDA is not available on this machine")
+    device = torch.device(name)
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if comm.get_local_size() > 1:
+        raise ValueError(f"{what}={name} pins one GPU; with several processes per machine "
+                         "use 'auto' or 'cuda'")  # fmt: skip
+    torch.cuda.set_device(device)
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# command-line error handling shared by every tool
+
+
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def run_cli(prog, fn, errors=()):
+    """Call ``fn()`` and return its result; bad input (INPUT_ERRORS and ``errors``) becomes one line
+    ``prog: error: ...`` on stderr and exit code 2 (``SystemExit``). Every tool runs through it.
+
+    Errors raised inside processes started by ``launch`` arrive as a traceback text; its last line
+    (``ValueError: ...``) is reported the same way.
+    """
+    try:
+        return fn()
+    except INPUT_ERRORS + tuple(errors) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except torch.multiprocessing.ProcessRaisedException as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else "a worker process failed"
+        print(f"{prog}: error: {last}", file=sys.stderr)
+        names = tuple(t.__name__ for t in INPUT_ERRORS) + ("UnsafeCheckpointError",)
+        sys.exit(2 if last.split(":", 1)[0].split(".")[-1] in names else 1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
