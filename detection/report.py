@@ -7,14 +7,18 @@ baseline group's mean, e.g. ``55.9±0.2 (+2.4)`` as in the MoCo paper's tables.
 
 Columns: VOC: AP50, AP, AP75 (Detectron2's VOC evaluator, "bbox"); COCO: AP^bb, AP^bb_50,
 AP^bb_75, AP^mk, AP^mk_50, AP^mk_75 (mask columns only when the runs have masks).
-Outputs: Markdown, CSV and a PNG bar chart (matplotlib, Agg backend).
+Outputs: Markdown, CSV and a PNG bar chart (matplotlib, Agg backend). The table helpers
+(:class:`Stat`, :func:`markdown_table`, :func:`csv_text`, :func:`save_figure`) also make the
+ablation tables (experiments.ablate).
 """
 
 import csv
 import glob
+import io
 import json
 import math
 import os
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +33,10 @@ __all__ = [
     "load_metrics",
     "summarize",
     "format_cell",
+    "markdown_table",
+    "csv_text",
+    "pyplot",
+    "save_figure",
     "to_markdown",
     "write_csv",
     "plot_table",
@@ -51,9 +59,7 @@ class Stat:
     @classmethod
     def of(cls, values):
         n = len(values)
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-        return cls(mean, std, n)
+        return cls(statistics.fmean(values), statistics.stdev(values) if n > 1 else None, n)
 
 
 @dataclass
@@ -182,18 +188,50 @@ def format_cell(stat, delta=None, digits=1):
     return text
 
 
+def markdown_table(header, rows):
+    """A Markdown table (no final newline) of ``header`` and ``rows`` (lists of cell strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def csv_text(header, rows, lineterminator="\r\n"):
+    """CSV text of ``header`` and ``rows`` (csv module quoting)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator=lineterminator)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def to_markdown(table, digits=1):
     header = ["pretraining", "n"] + table.columns
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    rows = []
     for row in table.rows:
         n = row.stats[0].n
         deltas = row.deltas or [None] * len(row.stats)
         cells = [format_cell(s, d, digits) for s, d in zip(row.stats, deltas)]
-        lines.append("| " + " | ".join([row.label, str(n)] + cells) + " |")
+        rows.append([row.label, str(n)] + cells)
     note = f"{'VOC' if table.task == 'voc' else 'COCO'}: mean±std (sample std, n runs)"
     if table.baseline:
         note += f"; (+x) = mean minus the {table.baseline} mean"
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return markdown_table(header, rows) + "\n\n" + note + "\n"
 
 
 def compare(table, a, b, column=None):
@@ -225,25 +263,21 @@ def write_csv(table, path):
     header = ["pretraining", "n"]
     for name in table.columns:
         header += [f"{name}_mean", f"{name}_std", f"{name}_delta"]
+    rows = []
+    for row in table.rows:
+        deltas = row.deltas or [None] * len(row.stats)
+        values = [row.label, row.stats[0].n]
+        for stat, delta in zip(row.stats, deltas):
+            values += [f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}",
+                       "" if delta is None else f"{delta:.4f}"]  # fmt: skip
+        rows.append(values)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in table.rows:
-            deltas = row.deltas or [None] * len(row.stats)
-            values = [row.label, row.stats[0].n]
-            for stat, delta in zip(row.stats, deltas):
-                values += [f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}",
-                           "" if delta is None else f"{delta:.4f}"]  # fmt: skip
-            writer.writerow(values)
+        f.write(csv_text(header, rows))
 
 
 def plot_table(table, path, title=None):
     """Grouped bars (one group per metric, one bar per pretraining) with std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     k = len(table.rows)
     width = 0.8 / k
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(table.columns) * max(1, k / 2), 3.6))
@@ -258,9 +292,7 @@ def plot_table(table, path, title=None):
     ax.set_title(title or ("VOC detection" if table.task == "voc" else "COCO detection / segmentation"))
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(table, output_dir, name="transfer", title=None, notes=()):

@@ -93,34 +93,35 @@ _C.SEED = -1  # < 0: a random seed per run; >= 0: SEED + rank seeds torch/numpy/
 _C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)
 
 
-def load_cfg(config_file=None, opts=None, defaults=None):
+def load_cfg(config_file=None, opts=None, defaults=None, what="config file", keys="moco/config.py"):
     """Defaults (``defaults()``, else :func:`get_cfg`), then ``config_file`` (YAML with optional
-    ``_BASE_``), then ``KEY VALUE`` opts."""
+    ``_BASE_``), then ``KEY VALUE`` opts. Errors are one line naming the file as ``what`` (e.g.
+    ``--preset``) and where the keys are defined (``keys``)."""
     cfg = (defaults or get_cfg)()
     if config_file:
-        merge_config_file(cfg, config_file)
+        merge_config_file(cfg, config_file, what, keys)
     if opts:
-        merge_opts(cfg, opts)
+        merge_opts(cfg, opts, keys)
     return cfg
 
 
-def merge_config_file(cfg, path):
+def merge_config_file(cfg, path, what="config file", keys="moco/config.py"):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         cfg.merge_from_file(path)
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(f"config file {path}: {_reason(e)} (keys: moco/config.py)") from None
+        raise ValueError(f"{what} {path}: {_reason(e)} (keys: {keys})") from None
 
 
-def merge_opts(cfg, opts):
+def merge_opts(cfg, opts, keys="moco/config.py"):
     if len(opts) % 2:
         raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
         raise ValueError(f"config override {' '.join(map(str, opts))}: {_reason(e)} "
-                         "(keys: moco/config.py)") from None
+                         f"(keys: {keys})") from None
 
 
 def _reason(exc):

@@ -1,4 +1,4 @@
-"""moco.ablate / tools/ablate.py: fail detector, table / CSV / JSON / plot, a real tiny sweep with a
+"""experiments.ablate / tools/ablate.py: fail detector, table / CSV / JSON / plot, a real tiny sweep with a
 NaN run labeled fail, reuse of finished runs, one-line errors."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moco.ablate import (
+from experiments.ablate import (
     aggregate,
     detect_failure,
     load_ablation_cfg,

@@ -1,4 +1,4 @@
-"""tools/benchmark.py and moco.benchmark: the official re-implementation, interleaved rows, the
+"""tools/benchmark.py and experiments.benchmark: the official re-implementation, interleaved rows, the
 report (table + JSON), CLI errors and the Detectron2 iteration timer; all at tiny sizes."""
 
 import importlib.util
@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from moco.benchmark import (
+from experiments.benchmark import (
     BenchConfig,
-    OfficialMoCo,
     format_table,
     loader_schedule,
-    official_train_step,
     run_benchmark,
     time_detectron2_iteration,
 )
+from experiments.official import OfficialMoCo, official_train_step
 from moco.builder import MoCo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

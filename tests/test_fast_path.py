@@ -26,7 +26,7 @@ from moco.augment import (
     moco_v2_transform,
     pretrain_transform,
 )
-from moco.benchmark import OfficialMoCo
+from experiments.official import OfficialMoCo
 from moco.builder import MoCo
 from moco.shuffle_bn import SplitBatchNorm, blocked_order, blocked_split_batchnorm
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from detection.checkpoint import safe_load_pickle
-from detection.pipeline import load_pipeline_cfg, run_pipeline, stage_key, synthetic_spec
+from experiments.pipeline import load_pipeline_cfg, run_pipeline, synthetic_spec
+from experiments.runs import stage_key
 
 # the CI preset on a smaller embedded set: the plumbing, not the numbers
 TINY = [

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moco.ablate import SETTINGS, load_ablation_cfg, run_ablation  # noqa: E402
+from experiments.ablate import SETTINGS, load_ablation_cfg, run_ablation  # noqa: E402
 from moco.launch import run_cli  # noqa: E402
 
 

@@ -4,7 +4,7 @@
     python tools/benchmark.py --arch resnet50 --image-size 96 --batch-size 32 --workers 2 \\
         --reps 5 --output output/benchmark.json
 
-Rows, groups and method: see moco/benchmark.py. Prints a table (median ms per step / update /
+Rows, groups and method: see experiments/benchmark.py. Prints a table (median ms per step / update /
 batch, min-max over repetitions, images/s, speed relative to the official row) and writes JSON.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from moco.benchmark import (
+from experiments.benchmark import (
     GROUPS,
     BenchConfig,
     format_table,

@@ -5,12 +5,12 @@
     python tools/pipeline.py --preset configs/pipeline/ci.yaml # the smaller CI version
     python tools/pipeline.py --preset configs/pipeline/paper_voc.yaml  # ImageNet + VOC, GPUs
 
-Finished stages are reused on rerun; an interrupted one resumes. See detection/pipeline.py.
+Finished stages are reused on rerun; an interrupted one resumes. See experiments/pipeline.py.
 """
 
 import sys
 
-from detection.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
+from experiments.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
 from moco.launch import run_cli
 
 

@@ -18,7 +18,6 @@ an interrupted one resumes from its last checkpoint in the same folder.
 
 import argparse
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -26,11 +25,12 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
+from experiments.runs import Stages
+from moco.config import load_cfg
 from moco.file_io import atomic_write_json
 
 logger = logging.getLogger("moco_det.pipeline")
 
-STAGE_FILE = "stage.json"
 DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "pipeline", "embedded_cpu.yaml")  # the README's demo
 INITS = ("moco", "supervised", "random")  # detection initialisations, in report order
@@ -63,83 +63,12 @@ def get_pipeline_cfg():
 
 
 def load_pipeline_cfg(preset=None, opts=()):
-    cfg = get_pipeline_cfg()
-    if preset:
-        if not os.path.isfile(preset):
-            raise FileNotFoundError(f"--preset {preset}: no such file (see configs/pipeline/)")
-        try:
-            cfg.merge_from_file(preset)
-        except (KeyError, AssertionError, ValueError) as e:
-            raise ValueError(f"--preset {preset}: {e} (keys: detection/pipeline.py)") from None
-    if opts:
-        if len(opts) % 2:
-            raise ValueError(f"overrides must be KEY VALUE pairs, got {list(opts)}")
-        try:
-            cfg.merge_from_list(list(opts))
-        except (KeyError, AssertionError, ValueError) as e:
-            raise ValueError(f"override {' '.join(opts)}: {e} (keys: detection/pipeline.py)") from None
+    cfg = load_cfg(preset, list(opts), defaults=get_pipeline_cfg, what="--preset",
+                   keys="experiments/pipeline.py")  # fmt: skip
     if cfg.DETECTION.TRIALS < 1:
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
     cfg.freeze()
     return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# stages
-
-
-def stage_key(material):
-    """Short hash of what decides a stage's result (JSON-serialisable)."""
-    blob = json.dumps(material, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:10]
-
-
-def _fresh_logging():
-    # Detectron2's setup_logger caches its handlers per output folder: without this, every stage
-    # run in this process would add another console handler and print each line once more.
-    from detectron2.utils.logger import setup_logger
-
-    for name in ("detectron2", "fvcore", "moco", "d2"):
-        log = logging.getLogger(name)
-        for handler in list(log.handlers):
-            log.removeHandler(handler)
-            handler.close()
-    setup_logger.cache_clear()
-
-
-class Stages:
-    """Runs named stages under ``run_dir``, reusing finished ones, and prints progress."""
-
-    def __init__(self, run_dir, total):
-        self.run_dir, self.total, self.done = run_dir, total, 0
-        self.records = []
-
-    def run(self, name, material, fn):
-        """``fn(out_dir, resume) -> outputs`` unless ``<name>-<key>/stage.json`` exists."""
-        key = stage_key(material)
-        out = os.path.join(self.run_dir, f"{name}-{key}")
-        marker = os.path.join(out, STAGE_FILE)
-        self.done += 1
-        head = f"[{self.done}/{self.total}] {name}"
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                record = json.load(f)
-            print(f"{head}: done earlier, reusing {out}", flush=True)
-            record["reused"] = True
-        else:
-            resume = os.path.isdir(out)
-            print(f"{head}: {'resuming' if resume else 'running'} in {out}", flush=True)
-            os.makedirs(out, exist_ok=True)
-            start = time.perf_counter()
-            _fresh_logging()
-            outputs = fn(out, resume)
-            record = {"name": name, "key": key, "material": material, "outputs": outputs,
-                      "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-            atomic_write_json(marker, record)
-            print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
-            record["reused"] = False
-        self.records.append(record)
-        return record["outputs"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,8 +105,6 @@ def synthetic_spec(cfg):
 
 
 def _pretrain_cfg(cfg, image_folder, extra_opts=()):
-    from moco.config import load_cfg
-
     opts = ["DATA.ROOT", image_folder, "KNN.DATA", image_folder]
     return load_cfg(cfg.PRETRAIN.CONFIG, opts + list(cfg.PRETRAIN.OPTS) + list(extra_opts))
 

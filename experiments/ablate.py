@@ -23,9 +23,6 @@ not fail, "fail" when all failed.
 Outputs in OUTPUT_DIR: ``ablation.md``, ``ablation.csv``, ``ablation.json`` and ``ablation.png``.
 """
 
-import contextlib
-import csv
-import io
 import json
 import logging
 import math
@@ -36,6 +33,9 @@ import traceback
 
 from fvcore.common.config import CfgNode as CN
 
+from detection import report
+from detection.report import Stat
+from experiments.runs import check_same_config, fresh_loggers, read_marker
 from moco import file_io
 from moco.config import load_cfg, merge_opts
 from moco.engine import SUMMARY_FILE, PretrainTrainer, validate_cfg
@@ -143,23 +143,9 @@ def plan_runs(acfg, world_size=None):
                     raise ValueError(f"ablation run {mech or base.MODEL.MECHANISM} "
                                      f"{run_name(setting, value)}: {e}") from None  # fmt: skip
                 cfg.freeze()
-                _check_same_run(cfg, out)
+                check_same_config(cfg, out)
                 runs.append({"series": label, "value": value, "seed": int(seed), "dir": out, "cfg": cfg})
     return runs
-
-
-def _check_same_run(cfg, out):
-    """A run folder is reused or resumed only by the configuration that made it."""
-    saved = os.path.join(out, "config.yaml")
-    if not os.path.isfile(saved):
-        return
-    try:
-        same = load_cfg(saved).dump() == cfg.dump()
-    except ValueError:
-        same = False
-    if not same:
-        raise ValueError(f"{out} holds a run of another configuration ({saved} differs from this "
-                         "sweep's); use another OUTPUT_DIR (--output-dir) or remove that folder")
 
 
 def read_metrics(out_dir):
@@ -198,13 +184,8 @@ def detect_failure(losses, knn_top1=None, chance=None, min_loss_drop=0.01, chanc
 
 def finished_summary(run):
     """The run's pretrain_summary.json if it finished the configured schedule, else None."""
-    path = os.path.join(run["dir"], SUMMARY_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    summary = read_marker(os.path.join(run["dir"], SUMMARY_FILE))
+    if summary is None:
         return None
     cfg = run["cfg"]
     if summary.get("epochs") != cfg.SOLVER.EPOCHS or summary.get("mechanism") != cfg.MODEL.MECHANISM:
@@ -234,26 +215,6 @@ def _linear_eval(run, acfg, checkpoint):
     return run_lincls(opts)["top1"]
 
 
-@contextlib.contextmanager
-def _run_logging():
-    """Detectron2's setup_logger adds (cached) handlers per OUTPUT_DIR; in a sweep in one process
-    they would pile up and copy every later run's log into earlier runs' log.txt: drop them."""
-    from detectron2.utils.logger import _cached_log_stream, setup_logger
-
-    names = ("moco", "detectron2", "fvcore")
-    before = {n: list(logging.getLogger(n).handlers) for n in names}
-    try:
-        yield
-    finally:
-        for n in names:
-            lg = logging.getLogger(n)
-            for h in [h for h in lg.handlers if h not in before[n]]:
-                lg.removeHandler(h)
-                h.close()
-        setup_logger.cache_clear()
-        _cached_log_stream.cache_clear()  # its streams were closed with the handlers
-
-
 def execute_run(run, acfg, spec):
     """Pretrain (unless finished) and score one run; returns its record (status ok / fail)."""
     record = {k: run[k] for k in ("series", "value", "seed", "dir")}
@@ -263,7 +224,7 @@ def execute_run(run, acfg, spec):
     error = None
     if summary is None:
         try:
-            with _run_logging():
+            with fresh_loggers():
                 launch_training(PretrainTrainer, run["cfg"], spec, resume="auto")
         except KeyboardInterrupt:
             raise
@@ -287,7 +248,7 @@ def execute_run(run, acfg, spec):
     reason = error or detect_failure(losses, record["knn_top1"], record["knn_chance"],
                                      acfg.FAIL.MIN_LOSS_DROP, acfg.FAIL.CHANCE_MARGIN)  # fmt: skip
     if reason is None and acfg.LINEAR.EPOCHS > 0:
-        with _run_logging():
+        with fresh_loggers():
             record["lincls_top1"] = _linear_eval(run, acfg, summary["last_checkpoint"])
     record.update(status="fail" if reason else "ok", reason=reason,
                   seconds=time.perf_counter() - start)  # fmt: skip
@@ -301,7 +262,8 @@ def execute_run(run, acfg, spec):
 def _mean_std(xs):
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    stat = Stat.of(xs)
+    return stat.mean, (stat.std if stat.n > 1 else 0.0)
 
 
 def aggregate(records, metrics=("knn_top1", "lincls_top1")):
@@ -348,23 +310,18 @@ def _columns(rows):
 def markdown_table(rows, setting):
     cols = _columns(rows)
     head = ["mechanism", setting] + [c[0] for c in cols] + ["seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["series"], _fmt_value(r["value"])] + [format_cell(r, c[1]) for c in cols]
-        lines.append("| " + " | ".join(cells + [str(r["seeds"])]) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["series"], _fmt_value(r["value"])] + [format_cell(r, c[1]) for c in cols] + [str(r["seeds"])]
+             for r in rows]  # fmt: skip
+    return report.markdown_table(head, cells) + "\n"
 
 
 def csv_table(rows, setting):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["mechanism", setting, "knn_top1_mean", "knn_top1_std", "lincls_top1_mean",
-                "lincls_top1_std", "seeds", "failed", "label"])  # fmt: skip
-    for r in rows:
-        w.writerow([r["series"], r["value"], r["knn_top1"], r["knn_top1_std"], r["lincls_top1"],
-                    r["lincls_top1_std"], r["seeds"], r["failed"],
-                    "fail" if r["failed"] == r["seeds"] else "ok"])  # fmt: skip
-    return buf.getvalue()
+    head = ["mechanism", setting, "knn_top1_mean", "knn_top1_std", "lincls_top1_mean",
+            "lincls_top1_std", "seeds", "failed", "label"]  # fmt: skip
+    cells = [[r["series"], r["value"], r["knn_top1"], r["knn_top1_std"], r["lincls_top1"],
+              r["lincls_top1_std"], r["seeds"], r["failed"],
+              "fail" if r["failed"] == r["seeds"] else "ok"] for r in rows]  # fmt: skip
+    return report.csv_text(head, cells, lineterminator="\n")
 
 
 def _fmt_value(v):
@@ -374,11 +331,7 @@ def _fmt_value(v):
 def plot(rows, setting, path, metric="knn_top1", title=None):
     """Accuracy vs the swept value with std error bars, one line per mechanism (paper Fig. 3);
     failed points are drawn as an x at the bottom, labeled "fail"."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     values = []
     for r in rows:
         if r["value"] not in values:
@@ -415,9 +368,7 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def write_report(records, acfg, output_dir=None):
