@@ -2,6 +2,7 @@
 
 Adjustments made here, and why:
 
+* :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
   computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
@@ -23,7 +24,7 @@ from moco.data_checks import default_max_bad_fraction
 
 from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 
-__all__ = ["load_cfg", "setup_cfg", "NORM_KEYS"]
+__all__ = ["add_moco_det_config", "load_cfg", "setup_cfg", "NORM_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ NORM_KEYS = (
     ("MODEL", "RETINANET", "NORM"),
 )
 _SINGLE_PROCESS_NORM = {"SyncBN": "BN", "nnSyncBN": "BN"}
+
+
+def add_moco_det_config(cfg):
+    """The toolkit's keys on top of Detectron2's config (as PointRend's ``add_pointrend_config``)."""
+    # unreadable training images tolerated before the run stops (detection.data_checks)
+    cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
 
 
 def _single_process_norms(cfg):
@@ -60,8 +67,7 @@ def load_cfg(config_file, opts=(), world_size=1):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     cfg = get_cfg()
-    # unreadable training images tolerated before the run stops (detection.data_checks)
-    cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
+    add_moco_det_config(cfg)
     try:
         cfg.merge_from_file(config_file)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:

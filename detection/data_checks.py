@@ -108,7 +108,7 @@ def register_pascal_voc_checked(name, dirname, split, year, class_names):
 
 
 def max_bad_fraction(cfg):
-    """DATALOADER.MAX_BAD_FRACTION (set by detection.config.load_cfg), else moco's default."""
+    """DATALOADER.MAX_BAD_FRACTION (added by detection.config.add_moco_det_config), else moco's default."""
     return cfg.DATALOADER.get("MAX_BAD_FRACTION", default_max_bad_fraction())
 
 
