@@ -1,4 +1,4 @@
-"""Processes, devices and the command-line error helper: what every entry point shares.
+"""Processes and devices: what every training entry point shares.
 
 - :class:`LaunchSpec` / :func:`resolve_launch`: the process layout from Detectron2's flags
   (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``) or the official
@@ -8,15 +8,12 @@
   NCCL on GPU; or the processes torchrun started); :func:`launch_training`: a trainer class
   (moco.engine.PretrainTrainer, moco.supervised.SupervisedTrainer) in every process.
 - :func:`resolve_device`: the one device rule (auto, cpu, cuda, cuda:N) of every caller.
-- :func:`run_cli`: expected errors become one line ``prog: error: ...`` and exit code 2.
 """
 
 import dataclasses
 import functools
 import logging
 import os
-import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -194,37 +191,3 @@ def resolve_device(name, what="MODEL.DEVICE"):
                          "use 'auto' or 'cuda'")  # fmt: skip
     torch.cuda.set_device(device)
     return device
-
-
-# ------------------------------------------------------------------------------------------------
-# command-line error handling shared by every tool
-
-
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
-
-
-def run_cli(prog, fn, errors=()):
-    """Call ``fn()`` and return its result; bad input (INPUT_ERRORS and ``errors``) becomes one line
-    ``prog: error: ...`` on stderr and exit code 2 (``SystemExit``). Every tool runs through it.
-
-    Errors raised inside processes started by ``launch`` arrive as a traceback text; its last line
-    (``ValueError: ...``) is reported the same way.
-    """
-    try:
-        return fn()
-    except INPUT_ERRORS + tuple(errors) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except torch.multiprocessing.ProcessRaisedException as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else "a worker process failed"
-        print(f"{prog}: error: {last}", file=sys.stderr)
-        names = tuple(t.__name__ for t in INPUT_ERRORS) + ("UnsafeCheckpointError",)
-        sys.exit(2 if last.split(":", 1)[0].split(".")[-1] in names else 1)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)

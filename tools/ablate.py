@@ -16,10 +16,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments.ablate import SETTINGS, load_ablation_cfg, run_ablation  # noqa: E402
-from moco.launch import run_cli  # noqa: E402
+from experiments.ablate import SETTINGS, load_ablation_cfg, run_ablation
+from moco.cli import run_cli
 
 
 def build_parser():
@@ -42,8 +40,7 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args):
     acfg = load_ablation_cfg(args.preset)
     for flag, key in (("config_file", "PRETRAIN_CONFIG"), ("setting", "SETTING"),
                       ("values", "VALUES"), ("series", "SERIES"), ("seeds", "SEEDS"),
@@ -65,5 +62,9 @@ def main(argv=None):
           ".{md,csv,json,png}")
 
 
+def main(argv=None):
+    return run_cli("ablate.py", lambda: run(build_parser().parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli("ablate.py", main)
+    sys.exit(main())

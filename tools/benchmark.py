@@ -22,6 +22,7 @@ from experiments.benchmark import (
     time_detectron2_iteration,
     write_json,
 )
+from moco.cli import run_cli
 from moco.synthetic import default_synthetic_root, ensure_generated
 
 _D = BenchConfig()
@@ -104,30 +105,28 @@ def _print_report(report):
         print(f"detectron2: {det['status']}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        if len(args.det_opts) % 2:
-            raise ValueError(f"--det-opts must be KEY VALUE pairs, got {args.det_opts}")
-        cfg = _config(args)
-        report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        if args.detection_config:
-            report["detectron2"] = time_detectron2_iteration(
-                args.detection_config, args.det_ims_per_batch, args.det_iters,
-                device=args.device, opts=args.det_opts,
-            )  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
-        return 2
+def run(args):
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if len(args.det_opts) % 2:
+        raise ValueError(f"--det-opts must be KEY VALUE pairs, got {args.det_opts}")
+    cfg = _config(args)
+    report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.detection_config:
+        report["detectron2"] = time_detectron2_iteration(
+            args.detection_config, args.det_ims_per_batch, args.det_iters,
+            device=args.device, opts=args.det_opts,
+        )  # fmt: skip
     _print_report(report)
     if args.output:
         write_json(report, args.output)
         print(f"wrote {args.output}")
-    return 0
+
+
+def main(argv=None):
+    return run_cli("benchmark", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

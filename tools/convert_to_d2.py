@@ -14,22 +14,25 @@ import pickle
 import sys
 
 from detection.convert import FORMATS, convert_checkpoint
+from moco.cli import run_cli
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="input layout (default: detected from the keys)")
-    args = parser.parse_args(argv)
-    try:
-        result = convert_checkpoint(args.input, args.output, args.format)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
-        print(f"convert_to_d2: error: {e}", file=sys.stderr)
-        return 2
+    return parser.parse_args(argv)
+
+
+def run(args):
+    result = convert_checkpoint(args.input, args.output, args.format)
     print(result.summary(args.input, args.output))
-    return 0
+
+
+def main(argv=None):
+    return run_cli("convert_to_d2", lambda: run(parse_args(argv)), errors=(OSError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":

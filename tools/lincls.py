@@ -18,11 +18,10 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moco.data import resolve_data_path  # noqa: E402
-from moco.launch import launch_processes, resolve_launch, run_cli  # noqa: E402
-from moco.lincls import LinclsOptions, run_lincls  # noqa: E402
+from moco.cli import run_cli
+from moco.data import resolve_data_path
+from moco.launch import launch_processes, resolve_launch
+from moco.lincls import LinclsOptions, run_lincls
 
 
 def build_parser():
@@ -62,8 +61,7 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args):
     spec = resolve_launch(
         num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
@@ -90,5 +88,9 @@ def main(argv=None):
     launch_processes(run_lincls, spec, (opts,))
 
 
+def main(argv=None):
+    return run_cli("lincls.py", lambda: run(build_parser().parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli("lincls.py", main)
+    sys.exit(main())

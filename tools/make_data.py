@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from moco.cli import run_cli
 from moco.synthetic import CLASS_NAMES, SyntheticSpec, default_synthetic_root, ensure_generated
 
 _DEFAULT = SyntheticSpec()
@@ -44,20 +45,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _flag_names(msg):
+    for flag, field in _SPEC_FLAGS.items():
+        msg = msg.replace(f"SyntheticSpec.{field}", flag)
+    return msg
+
+
+def run(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or default_synthetic_root()
-    try:
-        spec = SyntheticSpec(**{field: getattr(args, field) for field in _SPEC_FLAGS.values()})
-        start = time.perf_counter()
-        manifest = ensure_generated(root, spec, workers=max(1, args.workers), force=args.force)
-    except (ValueError, OSError) as e:  # FileExistsError / permission problems are OSErrors
-        msg = str(e)
-        for flag, field in _SPEC_FLAGS.items():
-            msg = msg.replace(f"SyntheticSpec.{field}", flag)
-        print(f"make_data: error: {msg}", file=sys.stderr)
-        return 2
+    spec = SyntheticSpec(**{field: getattr(args, field) for field in _SPEC_FLAGS.values()})
+    start = time.perf_counter()
+    manifest = ensure_generated(root, spec, workers=max(1, args.workers), force=args.force)
     c = manifest["counts"]
     print(
         f"{root}: {len(CLASS_NAMES)} classes; imagefolder train {c['imagefolder_train_images']} / "
@@ -65,7 +64,11 @@ def main(argv=None) -> int:
         f"{c['det_trainval_objects']} objects, test {c['det_test_images']} images "
         f"{c['det_test_objects']} objects ({time.perf_counter() - start:.1f} s)"
     )
-    return 0
+
+
+def main(argv=None) -> int:
+    # FileExistsError / permission problems are OSErrors
+    return run_cli("make_data", lambda: run(parse_args(argv)), errors=(OSError,), rewrite=_flag_names)
 
 
 if __name__ == "__main__":

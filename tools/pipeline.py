@@ -11,12 +11,15 @@ Finished stages are reused on rerun; an interrupted one resumes. See experiments
 import sys
 
 from experiments.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
-from moco.launch import run_cli
+from moco.cli import run_cli
+
+
+def run(args):
+    run_pipeline(load_pipeline_cfg(args.preset, args.opts))
 
 
 def main(argv=None):
-    args = build_argument_parser().parse_args(argv)
-    run_cli("pipeline", lambda: run_pipeline(load_pipeline_cfg(args.preset, args.opts)))
+    return run_cli("pipeline", lambda: run(build_argument_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

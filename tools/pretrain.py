@@ -12,15 +12,13 @@ overrides. Order of precedence: defaults < --config-file < flags given < KEY VAL
 """
 
 import argparse
-import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts  # noqa: E402
-from moco.engine import PretrainTrainer  # noqa: E402
-from moco.launch import launch_training, resolve_launch, run_cli  # noqa: E402
+from moco.cli import run_cli
+from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts
+from moco.engine import PretrainTrainer
+from moco.launch import launch_training, resolve_launch
 
 
 def build_parser():
@@ -99,8 +97,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     spec = resolve_launch(
         num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
@@ -114,5 +111,9 @@ def main(argv=None):
     launch_training(PretrainTrainer, cfg, spec, resume=args.resume)
 
 
+def main(argv=None):
+    return run_cli("pretrain.py", lambda: run(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli("pretrain.py", main)
+    sys.exit(main())

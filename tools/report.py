@@ -12,25 +12,28 @@ import argparse
 import sys
 
 from detection.report import parse_groups, summarize, to_markdown, write_report
+from moco.cli import run_cli
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders")
     parser.add_argument("--baseline", default=None, help="label whose means the deltas are taken against")
     parser.add_argument("--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here")
     parser.add_argument("--title", default=None, help="chart title")
-    args = parser.parse_args(argv)
-    try:
-        table = summarize(parse_groups(args.groups), baseline=args.baseline)
-        print(to_markdown(table), end="")
-        if args.output_dir:
-            paths = write_report(table, args.output_dir, title=args.title)
-            print("wrote " + ", ".join(paths.values()))
-    except (OSError, ValueError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return parser.parse_args(argv)
+
+
+def run(args):
+    table = summarize(parse_groups(args.groups), baseline=args.baseline)
+    print(to_markdown(table), end="")
+    if args.output_dir:
+        paths = write_report(table, args.output_dir, title=args.title)
+        print("wrote " + ", ".join(paths.values()))
+
+
+def main(argv=None):
+    return run_cli("report", lambda: run(parse_args(argv)), errors=(OSError,))
 
 
 if __name__ == "__main__":

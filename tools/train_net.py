@@ -14,16 +14,12 @@ import sys
 
 from detection.trainer import run  # first: the detection package quiets an upstream warning
 from detectron2.engine import default_argument_parser  # noqa: I001
+from moco.cli import run_cli
 
 
 def main(argv=None):
     args = default_argument_parser(epilog=__doc__).parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
-        print(f"train_net: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("train_net", lambda: run(args), errors=(OSError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":

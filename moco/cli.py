@@ -1,0 +1,46 @@
+"""The command-line error helper of every tool: expected errors become one line and exit code 2.
+
+Kept free of heavy imports (torch, Detectron2), so a tool that needs neither starts fast.
+"""
+
+import sys
+import traceback
+
+
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def run_cli(prog, fn, errors=(), rewrite=None):
+    """Call ``fn()`` and return the exit code: ``fn``'s (0 when it returns None). Every tool runs
+    through it (``sys.exit(main())``).
+
+    Bad input (INPUT_ERRORS and the tool's ``errors``) becomes one line ``prog: error: ...`` on
+    stderr (``rewrite``: maps the message, e.g. to flag names) and exit code 2. Errors raised inside
+    processes started by ``launch`` arrive as a traceback text; its last line (``ValueError: ...``)
+    is reported the same way. Ctrl-C is 130; anything else prints its traceback and is 1.
+    """
+    try:
+        code = fn()
+    except INPUT_ERRORS + tuple(errors) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"{prog}: error: {rewrite(msg) if rewrite else msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _raised_in_worker(e):
+            traceback.print_exc()
+            return 1
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else "a worker process failed"
+        print(f"{prog}: error: {last}", file=sys.stderr)
+        names = tuple(t.__name__ for t in INPUT_ERRORS) + ("UnsafeCheckpointError",)
+        return 2 if last.split(":", 1)[0].split(".")[-1] in names else 1
+    return 0 if code is None else code
+
+
+def _raised_in_worker(e):
+    """A worker process of ``launch`` (torch.multiprocessing) failed; only then is torch loaded."""
+    mp = sys.modules.get("torch.multiprocessing")
+    return mp is not None and isinstance(e, mp.ProcessRaisedException)
