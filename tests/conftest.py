@@ -1,4 +1,7 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, the repository root and a loader for the command-line tools.
+
+``REPO``: the repository root (tests import it: ``from conftest import REPO, load_tool``).
+``load_tool(name)``: ``tools/<name>.py`` as a module (its ``main(argv)`` returns the exit code).
 
 ``synthetic_root``: a small embedded data set (generated once per session, into a temporary
 directory) registered under the standard names (``synthetic_voc_trainval`` ...). Tests that read
@@ -6,10 +9,24 @@ the registered datasets should request ``synthetic_datasets``, which re-register
 another test pointed the names elsewhere.
 """
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 from moco.synthetic import SyntheticSpec, ensure_generated
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name):
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Small enough to generate in about a second, large enough that every class occurs in both
 # detection splits (the top object of image i has class i % 10) and the VOC loader can read them.

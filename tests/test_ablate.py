@@ -17,8 +17,8 @@ from experiments.ablate import (
     run_ablation,
     write_report,
 )
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "ablate.py")
 
 

@@ -1,7 +1,6 @@
 """tools/benchmark.py and experiments.benchmark: the official re-implementation, interleaved rows, the
 report (table + JSON), CLI errors and the Detectron2 iteration timer; all at tiny sizes."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -20,12 +19,10 @@ from experiments.benchmark import (
 )
 from experiments.official import OfficialMoCo, official_train_step
 from moco.builder import MoCo
+from conftest import REPO, load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TOOL = os.path.join(ROOT, "tools", "benchmark.py")
-_spec = importlib.util.spec_from_file_location("benchmark_cli", _TOOL)
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+ROOT = REPO
+cli = load_tool("benchmark")
 
 C4_CONFIG = os.path.join(ROOT, "configs", "detection", "pascal_voc_R_50_C4_24k_moco.yaml")
 # the paper's C4 config shrunk to seconds on a CPU: R18 trunk, 64 px, few proposals and ROIs

@@ -15,8 +15,9 @@ from detectron2.modeling import build_model
 from detection.checkpoint import SafeDetectionCheckpointer, load_weights_only, safe_load_pickle
 from detection.config import load_cfg
 from detection.convert import convert_checkpoint, convert_state_dict, load_source_state_dict, rename_key
+from conftest import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")
 
 

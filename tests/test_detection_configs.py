@@ -10,8 +10,9 @@ from detectron2.modeling import build_model
 
 from detection.config import load_cfg
 from detection.roi_heads import Res5ROIHeadsExtraNorm
+from conftest import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")
 ALL = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")) if not os.path.basename(p).startswith("Base-"))
 PAPER = [p for p in ALL if not os.path.basename(p).startswith("embedded_")]

@@ -18,6 +18,7 @@ from moco.lincls import (
     run_lincls,
     sanity_check,
 )
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_pretrained_formats_moco_v3_and_torchvision(moco_checkpoint, tmp_path):
 
 
 def _lincls_cli(args):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = REPO
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(repo, "tools", "lincls.py"), *args],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip

@@ -25,10 +25,8 @@ from moco.losses import batch_info_nce_logits, info_nce, nt_xent, nt_xent_logits
 from moco.mechanisms import EndToEnd, MemoryBankModel, build_contrastive_model
 from moco.memory_bank import MemoryBank
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine import tiny_cfg  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+from test_engine import tiny_cfg
 
 
 class LinearEncoder(nn.Module):

@@ -1,6 +1,5 @@
 """tools/pretrain.py: official main_moco.py flags, config precedence, CPU multi-process runs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,14 @@ import torch
 
 from moco.config import apply_official_args, load_cfg
 from moco.launch import resolve_launch
+from conftest import REPO, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "pretrain.py")
 CPU_CFG = os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml")
 
 
 def _tool_module():
-    spec = importlib.util.spec_from_file_location("pretrain_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("pretrain")
 
 
 def _run(args, timeout=300, env=None):

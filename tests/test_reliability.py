@@ -22,8 +22,8 @@ from moco import checkpoint as C
 from moco import file_io
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
@@ -494,7 +494,6 @@ def test_broken_voc_xml_is_one_line_error_naming_the_file(voc_copy, edit, messag
 def _det_cfg(out, *opts):
     from detection.config import load_cfg
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_train_net import TINY, VOC_CFG
 
     return load_cfg(VOC_CFG, TINY + ["TEST.PRECISE_BN.ENABLED", "False", "DATASETS.TEST", "()",

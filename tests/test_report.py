@@ -1,15 +1,15 @@
 """Report: mean ± sample std over trials and deltas to the baseline, checked against hand computation."""
 
 import csv
-import importlib.util
 import json
 import os
 
 import pytest
 
 from detection.report import Row, Stat, Table, compare, format_cell, parse_groups, summarize, to_markdown, write_report
+from conftest import REPO, load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 # VOC runs (AP50, AP, AP75) per pretraining
 VOC_RUNS = {
@@ -121,10 +121,7 @@ def test_errors_are_named(voc_runs, tmp_path):
 
 
 def _report_cli():
-    spec = importlib.util.spec_from_file_location("report_cli", os.path.join(ROOT, "tools", "report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("report").main
 
 
 def test_cli(voc_runs, tmp_path, capsys):

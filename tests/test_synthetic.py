@@ -22,8 +22,8 @@ from moco.synthetic import (
     mask_to_polygons,
     render_detection_image,
 )
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = SyntheticSpec(cls_image_size=32, cls_train_per_class=1, cls_val_per_class=1,
                      det_image_size=64, det_trainval_images=3, det_test_images=2)  # fmt: skip
 

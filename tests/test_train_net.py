@@ -5,7 +5,6 @@ each run takes seconds on 2 CPU cores; the metrics are those of a barely trained
 tests check structure and consistency, not accuracy.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -17,8 +16,9 @@ import torch
 from detectron2.engine import default_argument_parser
 
 from detection.trainer import main as train_main
+from conftest import REPO, load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")
 VOC_CFG = os.path.join(CONFIGS, "embedded_voc_R_18_FPN.yaml")
 COCO_CFG = os.path.join(CONFIGS, "embedded_coco_R_18_FPN_mask.yaml")
@@ -107,10 +107,7 @@ def test_trainer_reads_weights_through_the_safe_checkpointer(synthetic_datasets,
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_net_cli", os.path.join(ROOT, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("train_net").main
 
 
 def test_cli_errors_are_one_line(synthetic_datasets, tmp_path, capsys):
