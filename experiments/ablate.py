@@ -244,7 +244,7 @@ def execute_run(run, acfg, spec):
         loss_last=losses[-1] if losses else None,
         iterations=(summary or {}).get("max_iter"),
         lincls_top1=None,
-    )  # fmt: skip
+    )
     reason = error or detect_failure(losses, record["knn_top1"], record["knn_chance"],
                                      acfg.FAIL.MIN_LOSS_DROP, acfg.FAIL.CHANCE_MARGIN)  # fmt: skip
     if reason is None and acfg.LINEAR.EPOCHS > 0:

@@ -53,8 +53,10 @@ def check_same_config(cfg, out):
     except ValueError:
         same = False
     if not same:
-        raise ValueError(f"{out} holds a run of another configuration ({saved} differs from this "
-                         "sweep's); use another OUTPUT_DIR (--output-dir) or remove that folder")
+        raise ValueError(
+            f"{out} holds a run of another configuration ({saved} differs from this "
+            "sweep's); use another OUTPUT_DIR (--output-dir) or remove that folder"
+        )
 
 
 @contextlib.contextmanager
