@@ -96,6 +96,16 @@ def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url
     return LaunchSpec(per_machine, machines, node_rank, dist_url or "auto", False)
 
 
+def launch_from_args(args):
+    """:func:`resolve_launch` of a command line with the official and Detectron2 process flags
+    (tools/pretrain.py, tools/lincls.py)."""
+    return resolve_launch(
+        num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
+        multiprocessing_distributed=args.multiprocessing_distributed,
+    )  # fmt: skip
+
+
 def _init_from_env():
     """Process group for a torchrun start (NCCL with CUDA, else gloo), as Detectron2's launch."""
     if dist.is_initialized():

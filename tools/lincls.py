@@ -20,7 +20,7 @@ import sys
 
 from moco.cli import run_cli
 from moco.data import resolve_data_path
-from moco.launch import launch_processes, resolve_launch
+from moco.launch import launch_from_args, launch_processes
 from moco.lincls import LinclsOptions, run_lincls
 
 
@@ -62,11 +62,7 @@ def build_parser():
 
 
 def run(args):
-    spec = resolve_launch(
-        num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
-        multiprocessing_distributed=args.multiprocessing_distributed,
-    )  # fmt: skip
+    spec = launch_from_args(args)
     if args.batch_size % spec.procs_per_machine:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
                          f"{spec.procs_per_machine} processes of a node")  # fmt: skip

@@ -18,7 +18,7 @@ import sys
 from moco.cli import run_cli
 from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts
 from moco.engine import PretrainTrainer
-from moco.launch import launch_training, resolve_launch
+from moco.launch import launch_from_args, launch_training
 
 
 def build_parser():
@@ -98,11 +98,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    spec = resolve_launch(
-        num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
-        multiprocessing_distributed=args.multiprocessing_distributed,
-    )  # fmt: skip
+    spec = launch_from_args(args)
     cfg = load_cfg(args.config_file)
     apply_official_args(cfg, args, spec.procs_per_machine, spec.num_machines)
     if args.opts:
