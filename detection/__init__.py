@@ -2,4 +2,4 @@
 
 import moco  # noqa: F401  (first: quiets an upstream deprecation warning at Detectron2's import)
 
-from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm in ROI_HEADS_REGISTRY)
+from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)

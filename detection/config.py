@@ -22,7 +22,7 @@ from detectron2.engine import default_setup
 
 from moco.data_checks import default_max_bad_fraction
 
-from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
 
 __all__ = ["add_moco_det_config", "load_cfg", "setup_cfg", "NORM_KEYS"]
 

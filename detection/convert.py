@@ -73,9 +73,18 @@ class ConversionResult:
     blocks_per_stage: tuple
     depth: int | None  # None for a non-standard layout
     dropped_examples: list = field(default_factory=list)
+    width: int = 64  # base width: channels of the stem (64 for torchvision's ResNets)
 
     def summary(self, src, dst):
         arch = f"ResNet-{self.depth}" if self.depth else f"ResNet ({self.block}, {self.blocks_per_stage})"
+        arch += f", base width {self.width}"
+        w = self.width
+        if w != 64 and self.block == "basic":  # Detectron2's R18/R34 builder asserts width 64
+            arch += (f" (fine-tune with MODEL.BACKBONE.NAME build_basic_resnet_fpn_backbone and "
+                     f"MODEL.RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS {w})")
+        elif w != 64:
+            arch += (f" (fine-tune with MODEL.RESNETS.STEM_OUT_CHANNELS {w}, WIDTH_PER_GROUP {w}, "
+                     f"RES2_OUT_CHANNELS {4 * w})")
         return (
             f"{src}: {self.format} checkpoint, {arch}; converted {self.converted} tensors, "
             f"dropped {self.dropped} (non-backbone: momentum encoder, queue, fc/MLP head) -> {dst}"
@@ -190,7 +199,8 @@ def convert_state_dict(state_dict, fmt=None, source="<checkpoint>"):
             raise ValueError(f"{source}: keys collide after renaming at {new_key!r}")
         model[new_key] = _to_numpy(value)
     block, blocks, depth = _architecture(backbone)
-    result = ConversionResult(fmt, len(model), len(dropped), block, blocks, depth, dropped[:10])
+    width = int(backbone["conv1.weight"].shape[0])  # the stem's output channels
+    result = ConversionResult(fmt, len(model), len(dropped), block, blocks, depth, dropped[:10], width)
     return model, result
 
 

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from experiments.official import OfficialMoCo, official_train_step
 from moco import fast as fastlib
 from moco.augment import JpegDraftLoader, pretrain_transform
-from moco.builder import MoCo, resnet_encoder
+from moco.builder import MoCo
+from moco.resnet import resnet_encoder
 from moco.launch import resolve_device
 
 GROUPS = ("model", "momentum", "data", "e2e")

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from moco.dist import concat_all_gather, get_world_size
 from moco.heads import attach_head, resolve_head
+from moco.resnet import resnet_encoder
 from moco.losses import info_nce_logits
 from moco.shuffle_bn import (
     batch_shuffle_ddp,
@@ -87,14 +87,6 @@ class _NegativeLogits(torch.autograd.Function):
 def _is_channels_last(x):
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     return channels_last and not x.is_contiguous()
-
-
-def resnet_encoder(arch):
-    """torchvision constructor for a ResNet-family ``arch`` (resnet50, resnext50_32x4d, ...)."""
-    names = [n for n in torchvision.models.resnet.__all__ if n[0].islower()]
-    if arch not in names:
-        raise ValueError(f"unknown ResNet arch {arch!r}; choose one of: {', '.join(names)}")
-    return getattr(torchvision.models, arch)
 
 
 def validate_model(cfg):

@@ -24,7 +24,7 @@ _C = CN()
 _C.VERSION = 1
 
 _C.MODEL = CN()
-_C.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name (moco.builder.resnet_encoder)
+_C.MODEL.ARCH = "resnet50"  # a torchvision ResNet name, or one at base width W: resnet18_w32 (moco.resnet)
 _C.MODEL.DIM = 128  # feature dimension of the contrastive head
 _C.MODEL.K = 65536  # queue size; must be a multiple of SOLVER.IMS_PER_BATCH
 _C.MODEL.M = 0.999  # key encoder momentum

@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from moco import checkpoint as ckpt_lib
 from moco import file_io
 from moco.augment import imagenet_normalize
-from moco.builder import resnet_encoder
+from moco.resnet import resnet_encoder
 from moco.data import build_eval_loader, build_labeled_datasets, make_loader
 from moco.fast import to_device
 from moco.hooks import epoch_lr_factors

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco.builder import MoCo, build_encoder, encode, resnet_encoder
+from moco.builder import MoCo, build_encoder, encode
+from moco.resnet import resnet_encoder
 from moco.heads import HEADS, resolve_head
 from moco.dist import all_gather_with_grad, get_world_size
 from moco.losses import LOSSES, batch_info_nce_logits, info_nce_logits, nt_xent_logits

@@ -18,7 +18,7 @@ from torchvision import transforms
 
 from moco import file_io
 from moco.augment import imagenet_normalize
-from moco.builder import resnet_encoder
+from moco.resnet import resnet_encoder
 from moco.data import image_folder
 from moco.engine import PretrainTrainer
 from moco.fast import autocast_context, to_device

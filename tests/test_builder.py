@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from moco.builder import MoCo, resnet_encoder
+from moco.builder import MoCo
+from moco.resnet import resnet_encoder
 
 
 class LinearEncoder(nn.Module):

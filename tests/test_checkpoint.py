@@ -9,7 +9,8 @@ import torch
 
 from moco import checkpoint as C
 from moco import file_io
-from moco.builder import MoCo, resnet_encoder
+from moco.builder import MoCo
+from moco.resnet import resnet_encoder
 
 
 def _small_moco(shuffle_bn="split", mlp=True):

@@ -28,7 +28,7 @@ def test_config_set_is_complete():
     names = {_name(p) for p in ALL}
     expected = {"pascal_voc_R_50_C4_24k", "coco_R_50_C4_1x", "coco_R_50_C4_2x", "coco_R_50_FPN_1x", "coco_R_50_FPN_2x"}
     expected |= {n + "_moco" for n in expected}
-    expected |= {"embedded_voc_R_18_FPN", "embedded_coco_R_18_FPN_mask"}
+    expected |= {"embedded_voc_R_18_FPN", "embedded_voc_R_18w16_FPN", "embedded_coco_R_18_FPN_mask"}
     assert names == expected
 
 
@@ -88,12 +88,13 @@ def test_paper_protocol(path):
         assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True
 
 
-@pytest.mark.parametrize("name", ["embedded_voc_R_18_FPN", "embedded_coco_R_18_FPN_mask"])
-def test_embedded_configs_fit_the_synthetic_set(name, synthetic_datasets):
+@pytest.mark.parametrize("name, width", [("embedded_voc_R_18_FPN", 64), ("embedded_voc_R_18w16_FPN", 16),
+                                         ("embedded_coco_R_18_FPN_mask", 64)])  # fmt: skip
+def test_embedded_configs_fit_the_synthetic_set(name, width, synthetic_datasets):
     from detectron2.data import MetadataCatalog
 
     cfg = load_cfg(os.path.join(CONFIGS, name + ".yaml"))
-    assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == 64
+    assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == width
     assert cfg.INPUT.FORMAT == "RGB" and (list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)) == IMAGENET_RGB
     assert cfg.TEST.EVAL_PERIOD == 0 and cfg.SEED >= 0 and cfg.SOLVER.MAX_ITER <= 1000
     for dataset in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:

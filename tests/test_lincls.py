@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moco import checkpoint as C
-from moco.builder import MoCo, resnet_encoder
+from moco.builder import MoCo
+from moco.resnet import resnet_encoder
 from moco.lincls import (
     LinclsOptions,
     backbone_state,
