@@ -9,11 +9,16 @@ Layout under one root (docs/DESIGN.md)::
     coco/annotations/instances_{trainval,test}.json       same detection data, images in VOC2007/JPEGImages
     spec.json                                             manifest, written last
 
-Content. Each of the ``CLASS_NAMES`` is a shape with its own texture family (``TEXTURE_OF_CLASS``);
-colours, scale, aspect ratio, rotation and texture frequency/phase are random, so neither colour
-nor texture nor outline alone is a shortcut: the background carries clutter patches textured with
-*every* family plus random strokes, and a global lighting gradient, brightness/contrast change and
-sensor noise are applied last.
+Content (generator version 2, designed for instance discrimination; docs/RESULTS.md has the
+measurements behind it). Each of the ``CLASS_NAMES`` is a shape with its own texture family
+(``TEXTURE_OF_CLASS``). What tells one instance from another is object content that clusters by
+class: a per-instance deformation of the outline, the texture's period, phase and orientation, the
+aspect ratio, and two grey levels from ``GREY_LEVELS``. Backgrounds are low-entropy (two colours of
+a pool shared by all images and a smooth ramp) and objects stand nearly upright (tilt within
+``MAX_TILT_DEG``), so neither the background nor the pose is an identity key that has nothing to do
+with the class; in the classification images the object fills most of the frame. Version 1's
+per-image clutter, random colours and free rotation made MoCo's kNN fall below the untrained
+encoder's at CPU budgets.
 
 Detection annotation rules (the visible part of an object is what VOC and COCO annotate):
   * objects are drawn in order, later ones on top; an object's visible mask is its in-image mask
@@ -56,7 +61,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when drawing or file formats change: an existing set with an older version is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES: Tuple[str, ...] = (
     "disk", "square", "triangle", "star", "ring",
@@ -68,6 +73,21 @@ TEXTURE_OF_CLASS: Dict[str, str] = {
     "heart": "bricks",
 }  # fmt: skip
 TEXTURE_FAMILIES: Tuple[str, ...] = tuple(TEXTURE_OF_CLASS[c] for c in CLASS_NAMES)
+
+# Backgrounds: two of these colours and a ramp, shared by every image (no identity key).
+BACKGROUND_POOL = np.array([
+    [128, 128, 128], [100, 110, 120], [150, 140, 125], [90, 100, 90],
+    [170, 170, 160], [120, 100, 100], [80, 90, 110], [140, 150, 150],
+], np.float32)  # fmt: skip
+# Objects are painted in two of these grey levels: measured, random per-instance colours are an
+# identity key that survives MoCo v2's colour jitter (hue 0.1) and hides the class.
+GREY_LEVELS = np.array([40, 90, 170, 220], np.float32)
+MAX_TILT_DEG = 20.0  # objects stand nearly upright, as in photographs
+DEFORMATION = 0.12  # amplitude of each of the 2nd-4th radial harmonics of an outline
+NOISE_STD = 3.0
+# Detection objects span this fraction of the shorter image side (log-uniform): at the study's
+# 80-px input they are 20-48 px, the scale the pretraining crops show them at.
+DET_MIN_SIZE, DET_MAX_SIZE = 0.25, 0.6
 
 MIN_VISIBLE_FRACTION = 0.25
 MIN_VISIBLE_PIXELS = 20
@@ -94,14 +114,14 @@ class SyntheticSpec:
     """Everything that determines the generated files (the manifest stores it)."""
 
     seed: int = 0
-    cls_image_size: int = 64  # square classification images
-    cls_train_per_class: int = 100
-    cls_val_per_class: int = 25
-    det_image_size: int = 128  # longer side of a detection image; the shorter is 75-100% of it
-    det_trainval_images: int = 300
-    det_test_images: int = 100
-    det_min_objects: int = 2
-    det_max_objects: int = 5
+    cls_image_size: int = 48  # square classification / pretraining images
+    cls_train_per_class: int = 2000  # the unlabelled pretraining pool (labels: kNN and supervised)
+    cls_val_per_class: int = 50
+    det_image_size: int = 96  # longer side of a detection image; the shorter is 75-100% of it
+    det_trainval_images: int = 200  # label-scarce fine-tuning set
+    det_test_images: int = 300
+    det_min_objects: int = 1
+    det_max_objects: int = 4
     jpeg_quality: int = 90
 
     def __post_init__(self):
@@ -260,15 +280,6 @@ def _texture(family: str, rng: np.random.Generator, window, cx, cy, angle, size)
     return t.astype(np.float32)
 
 
-def _colour_pair(rng: np.random.Generator, avoid: Optional[np.ndarray] = None):
-    """Two well-separated random colours, the first also away from ``avoid`` (e.g. the background)."""
-    for _ in range(20):
-        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        if np.linalg.norm(a - b) > 90 and (avoid is None or np.linalg.norm(a - avoid) > 60):
-            break
-    return a.astype(np.float32), b.astype(np.float32)
-
-
 def _window(mask: np.ndarray):
     """Bounding window (x0, y0, x1, y1 exclusive) of a non-empty mask: texture only what is painted."""
     x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask, dtype=np.uint8))
@@ -284,52 +295,35 @@ def _paint(img, mask, window, pattern, colours, alpha: float = 1.0):
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth colour field + patches textured with random families + random strokes."""
-    c1, c2 = _colour_pair(rng)
-    grid = rng.random((int(rng.integers(3, 7)), int(rng.integers(3, 7)))).astype(np.float32)
-    field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 1)[..., None]
-    img = field * c1 + (1 - field) * c2
-    m = min(h, w)
-    # Clutter patches carry the class textures on wobbly blob outlines that match no class shape,
-    # faded into the background: texture alone does not identify an object.
-    t = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
-    for _ in range(int(rng.integers(2, 6))):
-        r = m * rng.uniform(0.06, 0.2)
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        wobble = sum(rng.uniform(0.12, 0.22) * np.sin(k * t + rng.uniform(0, 2 * np.pi))
-                     for k in (2, 3, 5))  # fmt: skip
-        rad = r * (1.0 + wobble)
-        pts = np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], 1)
-        mask = _rasterize([(pts, False)], h, w)
-        fam = TEXTURE_FAMILIES[int(rng.integers(len(TEXTURE_FAMILIES)))]
-        win = _window(mask)
-        pattern = _texture(fam, rng, win, cx, cy, rng.uniform(0, np.pi), 2 * r)
-        _paint(img, mask, win, pattern, _colour_pair(rng), alpha=rng.uniform(0.25, 0.55))
-    for _ in range(int(rng.integers(2, 7))):
-        p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        colour = tuple(float(x) for x in rng.uniform(0, 255, 3))
-        cv2.line(img, p0, p1, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
-    return img
-
-
-def _lighting(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Linear illumination gradient, brightness/contrast change, sensor noise; -> uint8."""
-    h, w = img.shape[:2]
+    """Two colours of ``BACKGROUND_POOL`` blended along a random linear ramp."""
+    a, b = BACKGROUND_POOL[rng.choice(len(BACKGROUND_POOL), 2, replace=False)]
     theta = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    ramp = ((xx / w - 0.5) * math.cos(theta) + (yy / h - 0.5) * math.sin(theta)) * 2
-    img = img * (1.0 + rng.uniform(0.0, 0.4) * ramp)[..., None]
-    mean = img.mean()
-    img = (img - mean) * rng.uniform(0.75, 1.2) + mean * rng.uniform(0.7, 1.25)
-    img = img + rng.normal(0.0, rng.uniform(0.0, 5.0), img.shape).astype(np.float32)
+    ramp = ((xx / w - 0.5) * math.cos(theta) + (yy / h - 0.5) * math.sin(theta) + 0.5).clip(0, 1)
+    return a * (1 - ramp[..., None]) + b * ramp[..., None]
+
+
+def _sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Mild Gaussian noise; -> uint8."""
+    img = img + rng.normal(0.0, NOISE_STD, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _deform(parts, rng: np.random.Generator):
+    """Per-instance low-frequency radial deformation of a unit outline (the class stays legible)."""
+    coef = [(k, rng.uniform(0, DEFORMATION), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
+    out = []
+    for pts, cut in parts:
+        theta = np.arctan2(pts[:, 1], pts[:, 0])
+        scale = 1 + sum(a * np.sin(k * theta + p) for k, a, p in coef)
+        out.append((pts * scale[:, None], cut))
+    return out
 
 
 def _sample_object(rng, cls: int, h: int, w: int, size: float, cx: float, cy: float, aspect: float):
     name = CLASS_NAMES[cls]
-    angle = rng.uniform(0, 2 * np.pi)
-    parts = _place(_shape_parts(name, rng), cx, cy, size / 2, aspect, angle)
+    angle = math.radians(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    parts = _place(_deform(_shape_parts(name, rng), rng), cx, cy, size / 2, aspect, angle)
     return {"cls": cls, "parts": parts, "cx": cx, "cy": cy, "angle": angle, "size": size}
 
 
@@ -337,7 +331,8 @@ def _draw_object(rng, img: np.ndarray, obj: dict, mask: np.ndarray):
     fam = TEXTURE_OF_CLASS[CLASS_NAMES[obj["cls"]]]
     win = _window(mask)
     pattern = _texture(fam, rng, win, obj["cx"], obj["cy"], obj["angle"], obj["size"])
-    _paint(img, mask, win, pattern, _colour_pair(rng, avoid=img[mask].mean(0) if mask.any() else None))
+    grey = GREY_LEVELS[rng.choice(len(GREY_LEVELS), 2, replace=False)]
+    _paint(img, mask, win, pattern, (np.full(3, grey[0]), np.full(3, grey[1])))
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
@@ -380,15 +375,15 @@ def _polygon_area(polygons: List[List[float]]) -> float:
 
 
 def render_classification_image(spec: SyntheticSpec, split: str, cls: int, index: int) -> np.ndarray:
-    """One RGB uint8 image of class ``cls``: a single object, centred-ish, on clutter."""
+    """One RGB uint8 image of class ``cls``: a single object filling most of the frame."""
     rng = _rng(spec.seed, _KIND_CLS, CLS_SPLITS.index(split), cls, index)
     s = spec.cls_image_size
     img = _background(rng, s, s)
-    size = s * rng.uniform(0.5, 0.85)
-    cx, cy = s * (0.5 + rng.uniform(-0.12, 0.12)), s * (0.5 + rng.uniform(-0.12, 0.12))
-    obj = _sample_object(rng, cls, s, s, size, cx, cy, math.exp(rng.uniform(-0.3, 0.3)))
+    size = s * rng.uniform(0.6, 0.95)
+    cx, cy = s * (0.5 + rng.uniform(-0.1, 0.1)), s * (0.5 + rng.uniform(-0.1, 0.1))
+    obj = _sample_object(rng, cls, s, s, size, cx, cy, math.exp(rng.uniform(-0.25, 0.25)))
     _draw_object(rng, img, obj, _rasterize(obj["parts"], s, s))
-    return _lighting(rng, img)
+    return _sensor_noise(rng, img)
 
 
 def _overlap(a, b) -> float:
@@ -426,7 +421,7 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
     placed = []
     for k in range(n):
         for attempt in range(10):
-            size = min(h, w) * math.exp(rng.uniform(math.log(0.14), math.log(0.5)))
+            size = min(h, w) * math.exp(rng.uniform(math.log(DET_MIN_SIZE), math.log(DET_MAX_SIZE)))
             aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
             cx, cy = w * rng.uniform(0.06, 0.94), h * rng.uniform(0.06, 0.94)
             obj = _sample_object(rng, int(classes[k]), h, w, size, cx, cy, aspect)
@@ -459,7 +454,7 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
     kept.reverse()
     for obj in kept:
         _draw_object(rng, img, obj, obj["mask"])
-    img = _lighting(rng, img)
+    img = _sensor_noise(rng, img)
     objects = [
         {
             "cls": o["cls"],
