@@ -7,7 +7,8 @@
 - :class:`EpochCheckpointer`: Detectron2's ``PeriodicCheckpointer`` writes its own format
   non-atomically, so checkpoints in the official format go through this hook.
 - kNN monitor: Detectron2's ``EvalHook`` running :func:`moco.knn.knn_evaluate`; the results are
-  the scalars ``knn_top1`` / ``knn_top5`` of the event storage (metrics.json, TensorBoard).
+  the scalars ``knn_top1`` / ``knn_top5`` (backbone features) and ``knn_head_top1`` /
+  ``knn_head_top5`` of the event storage (metrics.json, TensorBoard).
 """
 
 import logging
@@ -106,12 +107,13 @@ def build_knn_hook(trainer, cfg):
         )  # fmt: skip
         epoch = done // trainer.iters_per_epoch if done % trainer.iters_per_epoch == 0 else \
             done / trainer.iters_per_epoch
-        logger.info("epoch %g: kNN top-1 %.2f%%, top-5 %.2f%% (chance %.2f%%; %d train / %d val)",
-                    epoch, res["top1"], res["top5"], 100.0 / num_classes, len(train_set),
-                    len(val_set))  # fmt: skip
-        trainer.knn_history.append({"epoch": epoch, "iteration": done, "top1": res["top1"],
-                                    "top5": res["top5"]})  # fmt: skip
-        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+        logger.info(
+            "epoch %g: kNN top-1 %.2f%%, top-5 %.2f%% on backbone features (head: top-1 %.2f%%; "
+            "chance %.2f%%; %d train / %d val)", epoch, res["top1"], res["top5"], res["head_top1"],
+            100.0 / num_classes, len(train_set), len(val_set),
+        )  # fmt: skip
+        trainer.knn_history.append({"epoch": epoch, "iteration": done, **res})
+        return {f"knn_{k}": v for k, v in res.items()}
 
     return KNNMonitor(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate, cfg.KNN.AT_START)
 

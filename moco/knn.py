@@ -1,7 +1,10 @@
 """InstDisc weighted kNN classifier, the MoCo CIFAR demo's training monitor.
 
-Features are the L2-normalised outputs of the query encoder (``encoder_q``, head included, as the
-demo). A validation image's k nearest training features (cosine similarity) vote for their labels
+Features are L2-normalised. The score is read from the backbone's pooled features (the input of
+the encoder's ``fc``, i.e. what detection transfer and linear classification use), as the
+literature advises for monitoring (the head's output can fall while the backbone improves); the
+head's output (``encoder_q`` with its projection head, the CIFAR demo's choice) is a second line.
+A validation image's k nearest training features (cosine similarity) vote for their labels
 with weight ``exp(similarity / T)``; the class with the largest total weight is the prediction
 (InstDisc: k=200, T=0.1). Under DDP every process encodes its shard; the training features are
 gathered so each process votes for its own validation shard, and the counts are summed.
@@ -49,20 +52,47 @@ def knn_correct(features, labels, bank, bank_labels, num_classes, k=200, t=0.1, 
     return top1, top5
 
 
+class _PooledFeatures:
+    """Captures the input of ``encoder.fc`` (the pooled backbone features) during a forward."""
+
+    def __init__(self, encoder):
+        self.value, self._handle = None, None
+        fc = getattr(encoder, "fc", None)
+        if fc is not None:
+            self._handle = fc.register_forward_hook(self._store)
+
+    def _store(self, module, inputs, output):
+        self.value = inputs[0]
+
+    def remove(self):
+        if self._handle is not None:
+            self._handle.remove()
+
+
 @torch.no_grad()
 def extract_features(encoder, loader, device, channels_last=False, amp=False):
-    """L2-normalised ``encoder`` outputs and labels of this process's part of ``loader``."""
-    feats, labels = [], []
-    for images, target in loader:
-        images = to_device(images, device, channels_last)
-        with autocast_context(device, amp):
-            out = encoder(images)
-        feats.append(F.normalize(out.float(), dim=1))
-        labels.append(target.to(device))
-    dim = feats[0].shape[1] if feats else 0
-    if not feats:
-        return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(feats), torch.cat(labels)
+    """``({"backbone": ..., "head": ...}, labels)`` of this process's part of ``loader``.
+
+    Both are L2-normalised; "backbone" is the pooled input of ``encoder.fc`` (the head's output
+    again when the encoder has no ``fc``).
+    """
+    feats, labels = {"backbone": [], "head": []}, []
+    pooled = _PooledFeatures(encoder)
+    try:
+        for images, target in loader:
+            images = to_device(images, device, channels_last)
+            with autocast_context(device, amp):
+                out = encoder(images)
+            feats["head"].append(F.normalize(out.float(), dim=1))
+            base = pooled.value if pooled.value is not None else out
+            feats["backbone"].append(F.normalize(torch.flatten(base, 1).float(), dim=1))
+            labels.append(target.to(device))
+    finally:
+        pooled.remove()
+    if not labels:
+        empty = torch.zeros(0, 0, device=device)
+        return {k: empty for k in feats}, torch.zeros(0, dtype=torch.long, device=device)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
 
 def gather_features(features, labels):
@@ -78,7 +108,9 @@ def gather_features(features, labels):
 @torch.no_grad()
 def knn_evaluate(encoder, train_loader, val_loader, num_classes, device, k=200, t=0.1,
                  channels_last=False, amp=False):  # fmt: skip
-    """kNN top-1/top-5 accuracy (percent) of ``encoder`` on the val set, bank = the train set.
+    """kNN top-1/top-5 accuracy (percent) of ``encoder`` on the val set, bank = the train set:
+    ``top1`` / ``top5`` on the backbone's pooled features, ``head_top1`` / ``head_top5`` on the
+    head's output.
 
     The encoder is put in eval mode (BatchNorm running statistics) and restored afterwards.
     Every process must call this (features are gathered).
@@ -87,15 +119,18 @@ def knn_evaluate(encoder, train_loader, val_loader, num_classes, device, k=200, 
     encoder.eval()
     try:
         bank, bank_labels = extract_features(encoder, train_loader, device, channels_last, amp)
-        bank, bank_labels = gather_features(bank, bank_labels)
         feats, labels = extract_features(encoder, val_loader, device, channels_last, amp)
     finally:
         encoder.train(was_training)
-    c1, c5 = knn_correct(feats, labels, bank, bank_labels, num_classes, k, t)
-    counts = [(c1, c5, int(labels.shape[0]))]
+    counts = []
+    for name in ("backbone", "head"):
+        b, bl = gather_features(bank[name], bank_labels)
+        counts.extend(knn_correct(feats[name], labels, b, bl, num_classes, k, t))
+    counts.append(int(labels.shape[0]))
     if comm.get_world_size() > 1:
-        counts = comm.all_gather(counts[0])
-    c1, c5, n = (sum(c[i] for c in counts) for i in range(3))
+        counts = [sum(c) for c in zip(*comm.all_gather(counts))]
+    n = counts[-1]
     if n == 0:
         raise ValueError("kNN: the validation set is empty")
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
+    pct = [100.0 * c / n for c in counts[:4]]
+    return {"top1": pct[0], "top5": pct[1], "head_top1": pct[2], "head_top5": pct[3]}

@@ -80,3 +80,34 @@ def test_knn_evaluate_uses_encoder_features_and_restores_mode():
         expected_correct += int(max(range(2), key=lambda c: votes[c]) == int(yv))
     assert res["top1"] == pytest.approx(100.0 * expected_correct / 3)
     assert res["top5"] == pytest.approx(100.0)
+
+
+class _WithHead(torch.nn.Module):
+    """A 'backbone' (identity on 2-D points) and an ``fc`` head that maps everything onto one ray."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_knn_scores_the_backbone_features_and_reports_the_head_second():
+    torch.manual_seed(0)
+    x_train = torch.cat([torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
+                         torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0])]).abs()  # fmt: skip
+    y_train = torch.tensor([0] * 20 + [1] * 20)
+    x_val = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.5, 0.2], [0.2, 1.0]])
+    y_val = torch.tensor([0, 1, 0, 1])
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=7)
+    val = DataLoader(TensorDataset(x_val, y_val), batch_size=3)
+    enc = _WithHead()
+    res = knn_evaluate(enc, train, val, num_classes=2, device=torch.device("cpu"), k=5, t=0.1)
+    assert res["top1"] == pytest.approx(100.0)  # the pooled input of fc separates the clusters
+    # the head sends every point to (1, 1)/sqrt(2): all similarities tie, top-5 votes decide nothing
+    assert res["head_top1"] == pytest.approx(50.0)
+    assert set(res) == {"top1", "top5", "head_top1", "head_top5"}
+    assert not enc.fc._forward_hooks  # the capture hook is removed afterwards
