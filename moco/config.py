@@ -48,6 +48,7 @@ _C.MODEL.CHANNELS_LAST = False
 _C.INPUT = CN()
 _C.INPUT.AUG_PLUS = False  # MoCo v2 augmentation (blur, jitter p=0.8)
 _C.INPUT.CROP_SIZE = 224
+_C.INPUT.MIN_SCALE = 0.2  # smallest RandomResizedCrop area fraction (official 0.2)
 # Same transforms, parameters and random draws with OpenCV hue/blur and a reduced-scale JPEG
 # decode (moco.augment, fast=True); False = torchvision's PIL implementations as official.
 _C.INPUT.FAST_AUGMENT = True

@@ -70,9 +70,10 @@ def build_pretrain_dataset(cfg, with_index=False):
     ``with_index``: items are ``(crops, label, index)`` (the memory bank's sample index).
     """
     crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
-    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast)
+    min_scale = cfg.INPUT.MIN_SCALE
+    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale)
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
-                           loader=JpegDraftLoader(crop) if fast else None,
+                           loader=JpegDraftLoader(crop, min_scale) if fast else None,
                            max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
     return WithIndex(dataset) if with_index else dataset
 

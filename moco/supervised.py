@@ -4,7 +4,7 @@ It stands in for the paper's ImageNet-supervised weights ("super. IN-1M") where 
 hand, e.g. on the embedded synthetic set whose image-folder classes are the detection categories.
 Same engine as MoCo pretraining (launch, per-epoch LR, samplers, writers, kNN monitor, official-
 format checkpoints with resume); the differences are the model (a torchvision ResNet with a
-classifier over the folder's classes), the augmentation (RandomResizedCrop(0.2-1) + flip: MoCo's
+classifier over the folder's classes), the augmentation (RandomResizedCrop(INPUT.MIN_SCALE-1) + flip: MoCo's
 crop without the colour and blur augmentations, which a classifier does not need) and the loss
 (cross-entropy on the labels). Plain BN: there are no keys to leak batch statistics into.
 
@@ -14,22 +14,24 @@ format of torchvision's released ImageNet weights, which ``tools/convert_to_d2.p
 
 import os
 
+import torch
 from torchvision import transforms
 
 from moco import file_io
 from moco.augment import imagenet_normalize
 from moco.resnet import resnet_encoder
-from moco.data import image_folder
+from moco.data import build_eval_loader, build_labeled_datasets, image_folder
 from moco.engine import PretrainTrainer
 from moco.fast import autocast_context, to_device
+from moco.lincls import validate
 
 SUMMARY_FILE = "supervised_summary.json"
 FINAL_WEIGHTS = "model_final.pth"
 
 
-def supervised_transform(crop_size):
+def supervised_transform(crop_size, min_scale=0.2):
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
+        transforms.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         imagenet_normalize(),
@@ -57,7 +59,7 @@ class SupervisedTrainer(PretrainTrainer):
 
     def build_dataset(self):
         dataset = image_folder(self.cfg.DATA.ROOT, "train",
-                               supervised_transform(self.cfg.INPUT.CROP_SIZE), "DATA.ROOT (DATA)",
+                               supervised_transform(self.cfg.INPUT.CROP_SIZE, self.cfg.INPUT.MIN_SCALE), "DATA.ROOT (DATA)",
                                max_bad_fraction=self.cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
         self.num_classes = len(dataset.classes)
         return dataset
@@ -82,9 +84,26 @@ class SupervisedTrainer(PretrainTrainer):
         with autocast_context(self.device, self.fast.amp):
             return self.model(images), labels
 
+    def val_top1(self):
+        """Top-1 accuracy (%) of the classifier on KNN.DATA's val/ (None without KNN.DATA):
+        the learnability gate of the embedded study."""
+        cfg = self.cfg
+        if not cfg.KNN.DATA:
+            return None
+        _, val = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)",
+                                        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
+        loader = build_eval_loader(val, cfg.KNN.BATCH_SIZE, cfg.DATALOADER.NUM_WORKERS)
+        was_training = self.net.training
+        try:
+            with torch.no_grad():
+                return validate(self.net, loader, self.device)[0]
+        finally:
+            self.net.train(was_training)
+
     def build_summary(self):
         cfg = self.cfg
         return {
+            "val_top1": self.val_top1(),
             "arch": cfg.MODEL.ARCH,
             "num_classes": self.num_classes,
             "epochs": cfg.SOLVER.EPOCHS,
