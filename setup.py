@@ -20,6 +20,7 @@ setup(
         "matplotlib>=3.5",
         "tensorboard",
         "tqdm",
+        "scipy>=1.9",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout"]},
 )

@@ -38,6 +38,9 @@ __all__ = [
     "pyplot",
     "save_figure",
     "to_markdown",
+    "Paired",
+    "paired",
+    "published_markdown",
     "write_csv",
     "plot_table",
     "write_report",
@@ -68,6 +71,8 @@ class Row:
     runs: list  # run folders
     stats: list  # Stat per column
     deltas: list | None  # mean - baseline mean per column; None for the baseline / no baseline
+    values: list = None  # per column, the runs' values (in ``runs`` order)
+    seeds: list = None  # each run's detection SEED (final_metrics.json), pairs trials across rows
 
 
 @dataclass
@@ -166,10 +171,9 @@ def summarize(groups, baseline=None):
 
     rows = []
     for label, runs in loaded.items():
-        stats = [
-            Stat.of([_value(data, section, key, run) for run, data in runs]) for _, section, key in columns
-        ]
-        rows.append(Row(label, [run for run, _ in runs], stats, None))
+        values = [[_value(data, section, key, run) for run, data in runs] for _, section, key in columns]
+        seeds = [data.get("seed") for _, data in runs]
+        rows.append(Row(label, [run for run, _ in runs], [Stat.of(v) for v in values], None, values, seeds))
     if baseline is not None:
         base = next(r for r in rows if r.label == baseline)
         for row in rows:
@@ -234,6 +238,63 @@ def to_markdown(table, digits=1):
     return markdown_table(header, rows) + "\n\n" + note + "\n"
 
 
+@dataclass
+class Paired:
+    """Row ``a`` minus row ``b`` over trials paired by detection seed (same seed, same data order)."""
+
+    a: str
+    b: str
+    metric: str
+    n_pairs: int
+    mean_diff: float
+    ci95: tuple | None  # two-sided 95% confidence interval of the mean difference (t distribution)
+    p_value: float | None  # one-sided paired t-test, H1: a > b
+
+    def to_dict(self):
+        return {"metric": self.metric, "n_pairs": self.n_pairs, "mean_diff": self.mean_diff,
+                "ci95": list(self.ci95) if self.ci95 else None, "p_value": self.p_value}  # fmt: skip
+
+    def line(self):
+        head = f"{self.a} vs {self.b}: {self.metric} paired difference {self.mean_diff:+.2f}"
+        if self.ci95 is None:
+            return f"{head} over {self.n_pairs} pair(s): too few pairs for an interval (need >= 2)"
+        lo, hi = self.ci95
+        verdict = (f"{self.a} is ahead of {self.b}" if lo > 0 else f"{self.a} is behind {self.b}"
+                   if hi < 0 else "the interval contains 0: no difference shown")  # fmt: skip
+        return (f"{head}, 95% CI [{lo:+.2f}, {hi:+.2f}], one-sided p = {self.p_value:.3g} "
+                f"(n = {self.n_pairs} pairs): {verdict}")
+
+
+def paired(table, a, b, column=None):
+    """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
+    over the trials whose seeds both rows have. Statistics from scipy (t distribution)."""
+    from scipy import stats as st
+
+    column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
+    rows = {r.label: r for r in table.rows}
+    for label in (a, b):
+        if label not in rows:
+            raise ValueError(f"paired: no row {label!r} (rows: {', '.join(rows)})")
+    i = table.columns.index(column)
+    by_seed = [dict(zip(rows[x].seeds, rows[x].values[i])) for x in (a, b)]
+    common = [s for s in by_seed[0] if s is not None and s in by_seed[1]]
+    if not common:
+        raise ValueError(f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials")
+    xa = [by_seed[0][s] for s in common]
+    xb = [by_seed[1][s] for s in common]
+    diffs = [x - y for x, y in zip(xa, xb)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Paired(a, b, column, len(diffs), mean, None, None)
+    sem = st.sem(diffs)
+    if sem == 0:  # identical differences: the interval is the point
+        ci, p = (mean, mean), (0.0 if mean > 0 else 1.0)
+    else:
+        ci = tuple(float(x) for x in st.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem))
+        p = float(st.ttest_rel(xa, xb, alternative="greater").pvalue)
+    return Paired(a, b, column, len(diffs), mean, ci, p)
+
+
 def compare(table, a, b, column=None):
     """One line: does row ``a`` beat row ``b`` on ``column`` (default AP / AP^bb)?
 
@@ -257,6 +318,40 @@ def compare(table, a, b, column=None):
     if abs(diff) <= noise:
         return f"{head}: within noise (2 standard errors = {noise:.1f}); {a} does not beat {b}"
     return f"{head}: {a} {'beats' if diff > 0 else 'is behind'} {b} (2 standard errors = {noise:.1f})"
+
+
+# Published figures (ImageNet scale, ResNet-50), shown beside measured rows and never mixed into
+# their statistics. He et al. 2019 (MoCo), Table 5: VOC07+12 trainval -> VOC07 test, R50-C4,
+# 24k iterations; (AP50, AP, AP75).
+PUBLISHED_VOC = (
+    ("random init", (60.2, 33.8, 33.1)),
+    ("super. IN-1M", (81.3, 53.5, 58.8)),
+    ("MoCo IN-1M", (81.5, 55.9, 62.6)),
+    ("MoCo v2 IN-1M, 800 ep (Chen et al. 2020)", (82.5, 57.4, 64.0)),
+)
+# The seed's pretext-task comparators (MoCo paper Table 4: VOC07 trainval fine-tuning; each method
+# against the supervised baseline of its own paper): (method, metric, super. IN-1M, unsup. IN-1M).
+PUBLISHED_PRETEXT = (
+    ("RelPos (Doersch et al.)", "AP50", 74.2, 66.8),
+    ("Multi-task (Doersch & Zisserman)", "AP50", 74.2, 70.5),
+    ("Jigsaw (Goyal et al.)", "AP50", 70.5, 61.4),
+    ("LocalAgg (Zhuang et al.)", "AP50", 74.6, 69.1),
+    ("MoCo", "AP50", 74.4, 74.9),
+    ("Multi-task (Doersch & Zisserman)", "AP75", 44.3, 43.9),
+    ("MoCo", "AP75", 42.7, 50.1),
+)
+
+
+def published_markdown():
+    """The published reference tables (ImageNet-scale figures, not measured here), as Markdown."""
+    voc = markdown_table(["published (R50-C4, VOC07+12, 24k)", "AP50", "AP", "AP75"],
+                         [[name] + [f"{v:.1f}" for v in vals] for name, vals in PUBLISHED_VOC])  # fmt: skip
+    pretext = markdown_table(
+        ["published pretext task (VOC07 trainval)", "metric", "super. IN-1M", "unsup. IN-1M"],
+        [[m, k, f"{s:.1f}", f"{u:.1f} ({u - s:+.1f})"] for m, k, s, u in PUBLISHED_PRETEXT],
+    )
+    return (f"Published figures for orientation (ImageNet pretraining, ResNet-50; not measured here "
+            f"and not part of the statistics above):\n\n{voc}\n\n{pretext}\n")  # fmt: skip
 
 
 def write_csv(table, path):
@@ -295,14 +390,16 @@ def plot_table(table, path, title=None):
     save_figure(fig, path)
 
 
-def write_report(table, output_dir, name="transfer", title=None, notes=()):
-    """Write ``name.md`` (the table, then ``notes`` lines), ``name.csv`` and ``name.png`` into
-    ``output_dir``; return their paths."""
+def write_report(table, output_dir, name="transfer", title=None, notes=(), published=False):
+    """Write ``name.md`` (the table, then ``notes`` lines, then with ``published`` the published
+    reference tables), ``name.csv`` and ``name.png`` into ``output_dir``; return their paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
     with open(paths["md"], "w") as f:
         f.write(to_markdown(table))
         f.write("".join(f"\n- {line}" for line in notes) + ("\n" if notes else ""))
+        if published:
+            f.write("\n" + published_markdown())
     write_csv(table, paths["csv"])
     plot_table(table, paths["png"], title)
     return paths
