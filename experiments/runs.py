@@ -7,6 +7,9 @@
 - reuse and resume: a finished folder is reused, an unfinished one resumes from its last
   checkpoint (:class:`Stages`); a folder made by another configuration is an error
   (:func:`check_same_config`);
+- parallel stages: :meth:`Stages.run_many` runs independent stages side by side, each in its own
+  process with its own share of the CPU threads (on a 2-core CPU two single-thread processes do
+  more work than one two-thread process: measured, docs/RESULTS.md);
 - :func:`fresh_loggers`: Detectron2's ``setup_logger`` caches its handlers and log streams per
   output folder; in several runs of one process they would pile up (every line printed once more
   per run, later runs' lines copied into earlier runs' log.txt): each run's are dropped after it.
@@ -16,7 +19,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import queue
+import sys
 import time
 
 from moco.config import load_cfg
@@ -78,6 +85,57 @@ def fresh_loggers():
         _cached_log_stream.cache_clear()  # its streams were closed with the handlers
 
 
+class StageFailed(RuntimeError):
+    """A stage's process failed; the message names the stage and its console log."""
+
+
+@contextlib.contextmanager
+def _console_to(path):
+    """Send this process's stdout and stderr (file descriptors too) to ``path`` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _lane(tasks, results, threads):
+    """A worker process of :meth:`Stages.run_many`: runs stages from ``tasks`` until None.
+
+    One process runs several stages, so Python, torch and Detectron2 are imported once per lane.
+    """
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(threads)
+    for i, fn, out, resume, log in iter(tasks.get, None):
+        results.put((i, "started", None))
+        try:
+            with _console_to(log), fresh_loggers():
+                outputs = fn(out, resume)
+        except BaseException as e:  # reported to the parent, which stops the run
+            with open(log, "a") as f:
+                traceback.print_exc(file=f)
+            results.put((i, "failed", f"{type(e).__name__}: {' '.join(str(e).split())}"))
+            return
+        results.put((i, "finished", outputs))
+
+
+class StageFailed(RuntimeError):
+    """A stage run by :meth:`Stages.run_many` failed; the message names it and its console log."""
+
+
 class Stages:
     """Runs named stages under ``run_dir``, reusing finished ones, and prints progress."""
 
@@ -85,28 +143,100 @@ class Stages:
         self.run_dir, self.total, self.done = run_dir, total, 0
         self.records = []
 
-    def run(self, name, material, fn):
-        """``fn(out_dir, resume) -> outputs`` unless ``<name>-<key>/stage.json`` exists."""
+    def _start(self, name, material):
+        """(head, out, resume, record): record is the finished marker's, else None."""
         key = stage_key(material)
         out = os.path.join(self.run_dir, f"{name}-{key}")
-        marker = os.path.join(out, STAGE_FILE)
         self.done += 1
         head = f"[{self.done}/{self.total}] {name}"
-        record = read_marker(marker)
+        record = read_marker(os.path.join(out, STAGE_FILE))
         if record is not None:
             print(f"{head}: done earlier, reusing {out}", flush=True)
             record["reused"] = True
-        else:
-            resume = os.path.isdir(out)
-            print(f"{head}: {'resuming' if resume else 'running'} in {out}", flush=True)
-            os.makedirs(out, exist_ok=True)
-            start = time.perf_counter()
-            with fresh_loggers():
-                outputs = fn(out, resume)
-            record = {"name": name, "key": key, "material": material, "outputs": outputs,
-                      "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-            atomic_write_json(marker, record)
-            print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
-            record["reused"] = False
+            self.records.append(record)
+        return head, out, os.path.isdir(out), key, record
+
+    def _finish(self, head, name, key, material, out, outputs, seconds):
+        record = {"name": name, "key": key, "material": material, "outputs": outputs,
+                  "seconds": round(seconds, 1)}  # fmt: skip
+        atomic_write_json(os.path.join(out, STAGE_FILE), record)
+        print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
+        record["reused"] = False
         self.records.append(record)
-        return record["outputs"]
+        return outputs
+
+    def run(self, name, material, fn):
+        """``fn(out_dir, resume) -> outputs`` unless ``<name>-<key>/stage.json`` exists."""
+        head, out, resume, key, record = self._start(name, material)
+        if record is not None:
+            return record["outputs"]
+        print(f"{head}: {'resuming' if resume else 'running'} in {out}", flush=True)
+        os.makedirs(out, exist_ok=True)
+        start = time.perf_counter()
+        with fresh_loggers():
+            outputs = fn(out, resume)
+        return self._finish(head, name, key, material, out, outputs, time.perf_counter() - start)
+
+    def run_many(self, stages, jobs=1, threads=None):
+        """Run ``[(name, material, fn), ...]`` (independent stages), ``jobs`` at a time.
+
+        ``jobs == 1``: one after the other in this process, as :meth:`run`. Otherwise ``jobs``
+        worker processes (spawned) take the unfinished stages in list order, each with ``threads``
+        torch threads (default: cores // jobs) and each stage's console in
+        ``<stage folder>/console.log``; ``fn`` must then be picklable (a module-level function or
+        a ``functools.partial`` of one). If a stage fails, the workers are stopped (finished
+        stages are kept, an interrupted one resumes on the next run) and :class:`StageFailed`
+        names it. Returns the outputs in list order.
+        """
+        if jobs <= 1:
+            return [self.run(*stage) for stage in stages]
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        results, pending = {}, {}
+        for i, (name, material, fn) in enumerate(stages):
+            head, out, resume, key, record = self._start(name, material)
+            if record is not None:
+                results[i] = record["outputs"]
+            else:
+                pending[i] = (name, material, fn, head, out, resume, key)
+        if not pending:
+            return [results[i] for i in range(len(stages))]
+        ctx = multiprocessing.get_context("spawn")
+        tasks, messages = ctx.Queue(), ctx.Queue()
+        for i, (name, material, fn, head, out, resume, key) in pending.items():
+            os.makedirs(out, exist_ok=True)
+            tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
+        lanes = [ctx.Process(target=_lane, args=(tasks, messages, threads), name=f"lane{j}")
+                 for j in range(min(jobs, len(pending)))]  # fmt: skip
+        for _ in lanes:
+            tasks.put(None)
+        started = {}
+        try:
+            for lane in lanes:
+                lane.start()
+            while len(results) < len(stages):
+                try:
+                    i, event, payload = messages.get(timeout=5)
+                except queue.Empty:
+                    dead = [p for p in lanes if not p.is_alive() and p.exitcode != 0]
+                    if dead:
+                        running = ", ".join(pending[i][0] for i in started) or "no stage"
+                        raise StageFailed(f"a worker process died (exit code {dead[0].exitcode}) "
+                                          f"while running {running}")  # fmt: skip
+                    continue
+                name, material, fn, head, out, resume, key = pending[i]
+                log = os.path.join(out, "console.log")
+                if event == "started":
+                    started[i] = time.perf_counter()
+                    print(f"{head}: {'resuming' if resume else 'running'} in {out} (worker "
+                          f"process, {threads} thread(s); console: {log})", flush=True)  # fmt: skip
+                elif event == "failed":
+                    raise StageFailed(f"stage {name} failed: {payload} (see {log})")
+                else:
+                    seconds = time.perf_counter() - started.pop(i)
+                    results[i] = self._finish(head, name, key, material, out, payload, seconds)
+        finally:
+            for lane in lanes:
+                if lane.is_alive() and len(results) < len(stages):
+                    lane.terminate()
+                lane.join()
+        return [results[i] for i in range(len(stages))]

@@ -1,0 +1,60 @@
+"""Stages.run_many: independent stages side by side in worker processes, reuse, failures named."""
+
+import functools
+import json
+import os
+
+import pytest
+
+from experiments.runs import STAGE_FILE, StageFailed, Stages
+
+
+def _work(value, out, resume):
+    import torch
+
+    print(f"stage says {value}", flush=True)
+    return {"value": value, "pid": os.getpid(), "threads": torch.get_num_threads(), "resume": resume}
+
+
+def _fail(out, resume):
+    raise ValueError("boom in the stage")
+
+
+def _stages(n):
+    return [(f"s{i}", {"i": i}, functools.partial(_work, i)) for i in range(n)]
+
+
+def test_run_many_runs_stages_in_worker_processes_and_reuses_them(tmp_path, capsys):
+    stages = Stages(str(tmp_path), total=5)
+    outputs = stages.run_many(_stages(5), jobs=2, threads=1)
+    assert [o["value"] for o in outputs] == list(range(5))  # list order, whatever finished first
+    pids = {o["pid"] for o in outputs}
+    assert os.getpid() not in pids and len(pids) <= 2  # two worker processes served five stages
+    assert all(o["threads"] == 1 for o in outputs)
+    for i in range(5):
+        (folder,) = [d for d in os.listdir(tmp_path) if d.startswith(f"s{i}-")]
+        with open(tmp_path / folder / STAGE_FILE) as f:
+            assert json.load(f)["outputs"]["value"] == i
+        assert f"stage says {i}" in (tmp_path / folder / "console.log").read_text()
+    assert "stage says" not in capsys.readouterr().out  # consoles went to the stage folders
+
+    again = Stages(str(tmp_path), total=5)
+    assert again.run_many(_stages(5), jobs=2) == outputs  # finished stages are reused
+    assert all(r["reused"] for r in again.records)
+    assert capsys.readouterr().out.count("done earlier, reusing") == 5
+
+
+def test_jobs_1_runs_in_this_process(tmp_path):
+    outputs = Stages(str(tmp_path), total=2).run_many(_stages(2), jobs=1)
+    assert {o["pid"] for o in outputs} == {os.getpid()}
+
+
+def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_path):
+    stages = _stages(2) + [("bad", {"bad": 1}, _fail)]
+    with pytest.raises(StageFailed, match=r"stage bad failed: ValueError: boom in the stage \(see .*console.log\)"):
+        Stages(str(tmp_path), total=3).run_many(stages, jobs=2, threads=1)
+    (bad,) = [d for d in os.listdir(tmp_path) if d.startswith("bad-")]
+    assert "Traceback" in (tmp_path / bad / "console.log").read_text()
+    assert not (tmp_path / bad / STAGE_FILE).exists()
+    finished = [d for d in os.listdir(tmp_path) if (tmp_path / d / STAGE_FILE).exists()]
+    assert len(finished) <= 2  # whatever finished before the failure stays finished
