@@ -8,8 +8,14 @@ Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
    for ImageNet-supervised weights), unless ``SUPERVISED.WEIGHTS`` names released weights;
 4. ``convert_*``: both checkpoints to Detectron2 pickles (official key rule);
 5. ``detect_<init>_s<seed>``: the detector fine-tuned from MoCo, supervised and random init, same
-   config and schedule, ``DETECTION.TRIALS`` seeds each;
-6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised.
+   config and schedule, ``DETECTION.TRIALS`` paired trials: trial i uses detection seed
+   ``DETECTION.SEED + i`` (so the same data order and head initialisation) for every init;
+6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised;
+   with 2 or more trials, MoCo minus random and MoCo minus supervised as paired differences with a
+   95% confidence interval and a one-sided paired t-test (scipy), also in ``pipeline_summary.json``
+   (``comparisons``), next to each pretraining's untrained and final kNN (``pretraining``).
+
+``JOBS`` > 1 runs independent stages side by side, each in its own process (``Stages.run_many``).
 
 A stage's key hashes everything that decides its result (its resolved config and its inputs), so a
 finished stage (``stage.json`` written last) is reused on rerun, a changed one gets a new folder, and
@@ -17,7 +23,7 @@ an interrupted one resumes from its last checkpoint in the same folder.
 """
 
 import argparse
-import glob
+import functools
 import json
 import logging
 import os
@@ -40,6 +46,10 @@ def get_pipeline_cfg():
     """Every pipeline default in one place; presets under ``configs/pipeline/`` override them."""
     c = CN()
     c.RUN_DIR = "output/pipeline"
+    # Stages run at a time, each in its own process with cores // JOBS threads (1 = in this
+    # process, one after the other). On a 2-core CPU, 2 single-thread processes beat one
+    # 2-thread process (docs/RESULTS.md).
+    c.JOBS = 1
     c.DATA = CN()
     c.DATA.SYNTHETIC = True  # generate the embedded set; False: DATA.ROOT is a real image folder
     c.DATA.ROOT = ""  # "" = $DETECTRON2_DATASETS/moco_det_synthetic
@@ -67,6 +77,8 @@ def load_pipeline_cfg(preset=None, opts=()):
                    keys="experiments/pipeline.py")  # fmt: skip
     if cfg.DETECTION.TRIALS < 1:
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
+    if cfg.JOBS < 1:
+        raise ValueError(f"JOBS must be >= 1, got {cfg.JOBS}")
     cfg.freeze()
     return cfg
 
@@ -116,81 +128,91 @@ def _read_json(path, what):
         return json.load(f)
 
 
-def _pretrain(pcfg, out, resume, trainer_cls, nproc):
+# Each stage's work is a module-level function of picklable arguments, bound with
+# functools.partial, so that Stages.run_many can run it in a process of its own.
+
+
+def _knn_outputs(summary):
+    knn = summary["knn"]
+    return {"knn": knn, "knn_chance": summary["knn_chance"],
+            "knn_untrained": knn[0]["top1"] if knn and knn[0]["iteration"] == 0 else None,
+            "knn_final": knn[-1]["top1"] if knn else None}  # fmt: skip
+
+
+def _pretrain_work(pcfg, supervised, nproc, out, resume):
     from moco.launch import LaunchSpec, launch_training
+
+    if supervised:
+        from moco.supervised import SUMMARY_FILE, SupervisedTrainer as trainer_cls
+    else:
+        from moco.engine import SUMMARY_FILE, PretrainTrainer as trainer_cls
 
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out
     launch_training(trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
+    what = "supervised pretraining" if supervised else "MoCo pretraining"
+    summary = _read_json(os.path.join(out, SUMMARY_FILE), what)
+    outputs = {"checkpoint": summary["weights" if supervised else "last_checkpoint"], **_knn_outputs(summary)}
+    if supervised:
+        outputs["val_top1"] = summary.get("val_top1")
+    else:
+        outputs["images_per_sec"] = summary["images_per_sec"]
+    return outputs
 
 
-def _moco_stage(cfg, image_folder):
-    from moco.engine import SUMMARY_FILE, PretrainTrainer
-
-    pcfg = _pretrain_cfg(cfg, image_folder)
-
-    def work(out, resume):
-        _pretrain(pcfg, out, resume, PretrainTrainer, cfg.PRETRAIN.NUM_PROCESSES)
-        summary = _read_json(os.path.join(out, SUMMARY_FILE), "MoCo pretraining")
-        return {"checkpoint": summary["last_checkpoint"], "knn": summary["knn"],
-                "knn_chance": summary["knn_chance"], "images_per_sec": summary["images_per_sec"]}  # fmt: skip
-
-    return "pretrain_moco", {"config": pcfg.dump()}, work
+def _pretrain_stage(cfg, image_folder, supervised):
+    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else ())
+    work = functools.partial(_pretrain_work, pcfg, supervised, cfg.PRETRAIN.NUM_PROCESSES)
+    return "pretrain_supervised" if supervised else "pretrain_moco", {"config": pcfg.dump()}, work
 
 
-def _supervised_stage(cfg, image_folder):
-    from moco.supervised import SUMMARY_FILE, SupervisedTrainer
+def _convert_work(label, checkpoint, out, resume):
+    from detection.convert import convert_checkpoint
 
-    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS)
-
-    def work(out, resume):
-        _pretrain(pcfg, out, resume, SupervisedTrainer, cfg.PRETRAIN.NUM_PROCESSES)
-        summary = _read_json(os.path.join(out, SUMMARY_FILE), "supervised pretraining")
-        return {"checkpoint": summary["weights"], "knn": summary["knn"],
-                "knn_chance": summary["knn_chance"], "val_top1": summary.get("val_top1")}  # fmt: skip
-
-    return "pretrain_supervised", {"config": pcfg.dump()}, work
+    dst = os.path.join(out, f"{label}.pkl")
+    result = convert_checkpoint(checkpoint, dst)
+    print("    " + result.summary(checkpoint, dst), flush=True)
+    return {"weights": dst}
 
 
 def _convert_stage(label, checkpoint):
-    from detection.convert import convert_checkpoint
-
-    def work(out, resume):
-        dst = os.path.join(out, f"{label}.pkl")
-        result = convert_checkpoint(checkpoint, dst)
-        print("    " + result.summary(checkpoint, dst), flush=True)
-        return {"weights": dst}
-
-    return f"convert_{label}", {"checkpoint": checkpoint, "size": os.path.getsize(checkpoint)}, work
+    material = {"checkpoint": checkpoint, "size": os.path.getsize(checkpoint)}
+    return f"convert_{label}", material, functools.partial(_convert_work, label, checkpoint)
 
 
-def _detect_stage(cfg, init, weights, seed, synthetic_root):
+def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
     from detectron2.engine import default_argument_parser
 
     from detection.datasets import register_synthetic
     from detection.trainer import FINAL_METRICS, run
 
+    if synthetic_root:  # this run's embedded set under the synthetic_* names
+        register_synthetic(synthetic_root)
+    argv = ["--config-file", config_file, "--num-gpus", str(num_processes)]
+    argv += ["--resume"] if resume else []
+    run(default_argument_parser().parse_args(argv + opts + ["OUTPUT_DIR", out]))
+    metrics = _read_json(os.path.join(out, FINAL_METRICS), "detection fine-tuning")
+    return {"run_dir": out, "metrics": metrics["metrics"]}
+
+
+def _detect_stage(cfg, init, weights, seed, synthetic_root):
     opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
     material = {"config": os.path.abspath(cfg.DETECTION.CONFIG),
                 "config_text": open(cfg.DETECTION.CONFIG).read(), "opts": opts,
                 "data": synthetic_root}  # fmt: skip
-
-    def work(out, resume):
-        if synthetic_root:  # this run's embedded set under the synthetic_* names
-            register_synthetic(synthetic_root)
-        argv = ["--config-file", cfg.DETECTION.CONFIG, "--num-gpus", str(cfg.DETECTION.NUM_PROCESSES)]
-        argv += ["--resume"] if resume else []
-        args = default_argument_parser().parse_args(argv + opts + ["OUTPUT_DIR", out])
-        run(args)
-        metrics = _read_json(os.path.join(out, FINAL_METRICS), "detection fine-tuning")
-        return {"run_dir": out, "metrics": metrics["metrics"]}
-
+    work = functools.partial(_detect_work, cfg.DETECTION.CONFIG, cfg.DETECTION.NUM_PROCESSES, opts,
+                             synthetic_root)  # fmt: skip
     return f"detect_{init}_s{seed}", material, work
 
 
 def run_pipeline(cfg):
-    """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths."""
-    from detection.report import compare, summarize, to_markdown, write_report
+    """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths.
+
+    With ``JOBS`` > 1, independent stages run side by side in their own processes: first MoCo
+    pretraining, the supervised baseline and the random-init trials (which need no pretraining),
+    then the MoCo and supervised trials.
+    """
+    from detection.report import compare, paired, summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
@@ -201,42 +223,57 @@ def run_pipeline(cfg):
     start = time.perf_counter()
 
     data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
-    moco = stages.run(*_moco_stage(cfg, data["image_folder"]))
+    folder, synthetic_root = data["image_folder"], data["synthetic_root"]
+    sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None
+    if sup_ckpt and not os.path.isfile(sup_ckpt):
+        raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
+    first = [_pretrain_stage(cfg, folder, supervised=False)]
+    first += [_pretrain_stage(cfg, folder, supervised=True)] if train_supervised else []
+    first += [_detect_stage(cfg, "random", "", seed, synthetic_root) for seed in trials]
+    done = stages.run_many(first, cfg.JOBS)
+    pretrained = {"moco": done[0]}
     if train_supervised:
-        sup = stages.run(*_supervised_stage(cfg, data["image_folder"]))
-        sup_ckpt = sup["checkpoint"]
-    else:
-        sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS)
-        if not os.path.isfile(sup_ckpt):
-            raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
-    weights = {
-        "moco": stages.run(*_convert_stage("moco", moco["checkpoint"]))["weights"],
-        "supervised": stages.run(*_convert_stage("supervised", sup_ckpt))["weights"],
-        "random": "",
-    }
+        pretrained["supervised"] = done[1]
+        sup_ckpt = done[1]["checkpoint"]
     runs = {init: [] for init in INITS}
-    for seed in trials:
-        for init in INITS:
-            out = stages.run(*_detect_stage(cfg, init, weights[init], seed, data["synthetic_root"]))
-            runs[init].append(out["run_dir"])
+    runs["random"] = [out["run_dir"] for out in done[len(pretrained):]]
+    weights = {
+        "moco": stages.run(*_convert_stage("moco", done[0]["checkpoint"]))["weights"],
+        "supervised": stages.run(*_convert_stage("supervised", sup_ckpt))["weights"],
+    }
+    second = [(init, seed) for seed in trials for init in ("moco", "supervised")]
+    done = stages.run_many([_detect_stage(cfg, init, weights[init], seed, synthetic_root)
+                            for init, seed in second], cfg.JOBS)  # fmt: skip
+    for (init, _), out in zip(second, done):
+        runs[init].append(out["run_dir"])
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
     table = summarize(runs, baseline="supervised")
-    verdicts = [compare(table, "moco", other) for other in ("random", "supervised")]
-    paths = write_report(table, report_dir, title="Detection transfer on the embedded set"
-                         if cfg.DATA.SYNTHETIC else "Detection transfer", notes=verdicts)  # fmt: skip
+    comparisons, verdicts = {}, []
+    for other in ("random", "supervised"):
+        if len(trials) >= 2:
+            result = paired(table, "moco", other)
+            comparisons[f"moco_vs_{other}"] = result.to_dict()
+            verdicts.append(result.line())
+        else:
+            verdicts.append(compare(table, "moco", other))
+    title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
+    paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
-        "pretrain_moco": moco,
+        "pretrain_moco": pretrained["moco"],
+        "pretraining": {k: {m: v.get(m) for m in ("knn_untrained", "knn_final", "knn_chance", "val_top1")}
+                        for k, v in pretrained.items()},  # fmt: skip
+        "comparisons": comparisons,
         "runs": runs,
         "verdicts": verdicts,
         "report": paths,
     }
     atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
     print(f"[{stages.done}/{total}] report")
-    print(_pretrain_lines(stages.records))
+    print(_pretrain_lines(pretrained))
     print(to_markdown(table), end="")
     print("\n".join(verdicts))
     print("report written to:\n  " + "\n  ".join(paths.values()))
@@ -244,14 +281,15 @@ def run_pipeline(cfg):
     return paths
 
 
-def _pretrain_lines(records):
+def _pretrain_lines(pretrained):
     lines = []
-    for r in records:
-        out = r["outputs"]
-        if r["name"].startswith("pretrain_") and out.get("knn"):
+    for name, out in pretrained.items():
+        if out.get("knn"):
             last = out["knn"][-1]
-            lines.append(f"{r['name']}: kNN top-1 {last['top1']:.1f}% after {last['epoch']} epochs "
-                         f"(chance {out['knn_chance']:.1f}%)")  # fmt: skip
+            base = out.get("knn_untrained")
+            start = f"{base:.1f}% untrained -> " if base is not None else ""
+            lines.append(f"pretrain_{name}: backbone kNN top-1 {start}{last['top1']:.1f}% after "
+                         f"{last['epoch']} epochs (chance {out['knn_chance']:.1f}%)")  # fmt: skip
     return "\n".join(lines)
 
 

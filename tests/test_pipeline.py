@@ -1,4 +1,5 @@
-"""The main job end to end at CI scale: every stage's artefact, the three-row report, reuse."""
+"""The main job end to end at CI scale: every stage's artefact, the three-row report with paired
+comparisons, worker processes, reuse."""
 
 import csv
 import json
@@ -16,7 +17,7 @@ TINY = [
     "DATA.SPEC", "['cls_train_per_class', 8, 'cls_val_per_class', 2, 'det_trainval_images', 8, "
     "'det_test_images', 10]",
     "PRETRAIN.OPTS", "['SOLVER.EPOCHS', 2, 'SOLVER.IMS_PER_BATCH', 32, 'MODEL.K', 64, "
-    "'MODEL.SPLIT_BN_GROUPS', 4, 'DATALOADER.NUM_WORKERS', 0, 'KNN.BATCH_SIZE', 64]",
+    "'MODEL.SPLIT_BN_GROUPS', 4, 'DATALOADER.NUM_WORKERS', 0, 'KNN.BATCH_SIZE', 64, 'KNN.PERIOD', 2]",
 ]
 
 
@@ -36,8 +37,9 @@ def _stage_dirs(run_dir, name):
 def test_pipeline_writes_every_artefact(pipeline_run):
     cfg, paths = pipeline_run
     run_dir = cfg.RUN_DIR
-    for stage in ("data", "pretrain_moco", "pretrain_supervised", "convert_moco",
-                  "convert_supervised", "detect_moco_s0", "detect_supervised_s0", "detect_random_s0"):
+    for stage in ("data", "pretrain_moco", "pretrain_supervised", "convert_moco", "convert_supervised",
+                  "detect_moco_s0", "detect_supervised_s0", "detect_random_s0", "detect_moco_s1",
+                  "detect_supervised_s1", "detect_random_s1"):  # fmt: skip
         dirs = _stage_dirs(run_dir, stage)
         assert len(dirs) == 1, (stage, dirs)
         with open(os.path.join(run_dir, dirs[0], "stage.json")) as f:
@@ -45,7 +47,7 @@ def test_pipeline_writes_every_artefact(pipeline_run):
 
     moco_dir = os.path.join(run_dir, _stage_dirs(run_dir, "pretrain_moco")[0])
     ckpt = torch.load(os.path.join(moco_dir, "checkpoint_0001.pth.tar"), weights_only=True)
-    assert ckpt["epoch"] == 2 and "module.encoder_q.conv1.weight" in ckpt["state_dict"]
+    assert ckpt["epoch"] == 2 and ckpt["state_dict"]["module.encoder_q.conv1.weight"].shape[0] == 16
     sup_dir = os.path.join(run_dir, _stage_dirs(run_dir, "pretrain_supervised")[0])
     sup = torch.load(os.path.join(sup_dir, "model_final.pth"), weights_only=True)
     assert sup["fc.weight"].shape[0] == 10  # a torchvision ResNet over the 10 classes
@@ -53,7 +55,7 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     for label in ("moco", "supervised"):
         conv = os.path.join(run_dir, _stage_dirs(run_dir, f"convert_{label}")[0], f"{label}.pkl")
         model = safe_load_pickle(conv)["model"]
-        assert "stem.conv1.weight" in model and "res5.1.conv2.norm.running_var" in model
+        assert model["stem.conv1.weight"].shape[0] == 16 and "res5.1.conv2.norm.running_var" in model
         assert not any(k.startswith("fc") for k in model)
 
     for init in ("moco", "supervised", "random"):
@@ -73,11 +75,24 @@ def test_pipeline_writes_every_artefact(pipeline_run):
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
     assert os.path.getsize(paths["png"]) > 1000
     with open(paths["md"]) as f:
-        verdict_lines = [line for line in f if line.startswith("- moco vs ")]
+        text = f.read()
+    verdict_lines = [line for line in text.splitlines() if line.startswith("- moco vs ")]
     assert [line.split(":")[0] for line in verdict_lines] == ["- moco vs random", "- moco vs supervised"]
+    assert all("paired difference" in line and "(n = 2 pairs)" in line for line in verdict_lines)
+    assert "Published figures" in text and "not measured here" in text
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
-        verdicts = json.load(f)["verdicts"]
-    assert verdicts[0].startswith("moco vs random: AP ") and verdicts[1].startswith("moco vs supervised: AP ")
+        summary = json.load(f)
+    for name in ("moco_vs_random", "moco_vs_supervised"):
+        c = summary["comparisons"][name]
+        assert c["metric"] == "AP50" and c["n_pairs"] == 2 and len(c["ci95"]) == 2
+        assert c["ci95"][0] <= c["mean_diff"] <= c["ci95"][1] and 0.0 <= c["p_value"] <= 1.0
+    for name in ("moco", "supervised"):
+        knn = summary["pretraining"][name]
+        assert 0.0 <= knn["knn_untrained"] <= 100.0 and 0.0 <= knn["knn_final"] <= 100.0
+    assert 0.0 <= summary["pretraining"]["supervised"]["val_top1"] <= 100.0
+    # JOBS 2: pretraining and detection ran in worker processes, each stage's console in its folder
+    moco_dir = os.path.join(run_dir, _stage_dirs(run_dir, "pretrain_moco")[0])
+    assert "kNN top-1" in open(os.path.join(moco_dir, "console.log")).read()
 
 
 def test_pipeline_rerun_reuses_finished_stages(pipeline_run, capsys):
@@ -86,7 +101,7 @@ def test_pipeline_rerun_reuses_finished_stages(pipeline_run, capsys):
               for d in os.listdir(cfg.RUN_DIR) if os.path.isfile(os.path.join(cfg.RUN_DIR, d, "stage.json"))}
     run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert out.count("done earlier, reusing") == 8
+    assert out.count("done earlier, reusing") == 11
     after = {d: os.path.getmtime(os.path.join(cfg.RUN_DIR, d, "stage.json")) for d in before}
     assert after == before
 
@@ -104,5 +119,7 @@ def test_bad_pipeline_settings_fail_clearly():
         load_pipeline_cfg("nope.yaml")
     with pytest.raises(ValueError, match="DETECTION.TRIALS"):
         load_pipeline_cfg(None, ["DETECTION.TRIALS", "0"])
+    with pytest.raises(ValueError, match="JOBS must be >= 1"):
+        load_pipeline_cfg(None, ["JOBS", "0"])
     with pytest.raises(ValueError, match="DATA.SPEC"):
         synthetic_spec(load_pipeline_cfg(None, ["DATA.SPEC", "['colour', 3]"]))
