@@ -115,7 +115,9 @@ class SyntheticSpec:
 
     seed: int = 0
     cls_image_size: int = 48  # square classification / pretraining images
-    cls_train_per_class: int = 2000  # the unlabelled pretraining pool (labels: kNN and supervised)
+    # 1,000 images keep the small CPU configs' epochs short; the main job (configs/pipeline/
+    # embedded_cpu.yaml) asks for 2,000 per class: a 20,000-image unlabelled pretraining pool
+    cls_train_per_class: int = 100
     cls_val_per_class: int = 50
     det_image_size: int = 96  # longer side of a detection image; the shorter is 75-100% of it
     det_trainval_images: int = 200  # label-scarce fine-tuning set
