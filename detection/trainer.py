@@ -100,6 +100,7 @@ class DetectionTrainer(DefaultTrainer):
     def build_writers(self):
         """Detectron2's ``default_writers``, with metrics.json written atomically."""
         out = self.cfg.OUTPUT_DIR
+        os.makedirs(out, exist_ok=True)
         return [CommonMetricPrinter(self.max_iter),
                 AtomicJSONWriter(os.path.join(out, "metrics.json")), TensorboardXWriter(out)]  # fmt: skip
 
