@@ -126,6 +126,13 @@ def prepare_datasets(cfg):
         evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
 
 
+def check_test_annotations(cfg):
+    """Load the test sets once at start: their loaders check the annotations (detection.data_checks),
+    so a bad test file fails now with its name, not in the evaluator after training."""
+    for name in cfg.DATASETS.TEST:
+        DatasetCatalog.get(name)
+
+
 def _finite(obj):
     # COCOeval reports NaN for empty area ranges; JSON has no NaN, so write null
     if isinstance(obj, dict):
@@ -226,6 +233,7 @@ def run(args):
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     prepare_datasets(cfg)
+    check_test_annotations(cfg)
     weights = cfg.MODEL.WEIGHTS
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
