@@ -105,3 +105,42 @@ def test_a_coco_box_with_negative_width_is_refused_at_load(data_copy):
     with pytest.raises(ValueError, match=rf"^COCO annotations {path} \(image .*\): object \d+ has box "
                                          r".* non-positive width or height$"):  # fmt: skip
         DatasetCatalog.get("synthetic_coco_test")
+
+
+@pytest.fixture
+def image_folder_copy(synthetic_root, tmp_path):
+    dst = tmp_path / "imagefolder"
+    shutil.copytree(os.path.join(synthetic_root, "imagefolder", "train"), dst / "train")
+    return dst
+
+
+def test_directory_symlinks_do_not_loop_or_leave_the_root(image_folder_copy, tmp_path):
+    from moco.data_checks import CheckedImageFolder
+
+    train = image_folder_copy / "train"
+    before = CheckedImageFolder(str(train)).samples
+    disk = train / "disk"
+    os.symlink(".", disk / "loop")  # a cycle: multiplied the class 41x
+    os.symlink("..", disk / "up")  # back to the root: every class again, under disk
+    os.symlink("/", disk / "slash")  # out of the root: listing never finished
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(before[0][0], outside / "x.png")
+    os.symlink(str(outside), train / "ring" / "elsewhere")
+    after = CheckedImageFolder(str(train)).samples
+    assert after == before
+
+
+def test_images_above_the_pixel_limit_are_skipped_and_counted(image_folder_copy, caplog):
+    from PIL import Image
+
+    from moco.data import image_folder
+
+    big = image_folder_copy / "train" / "disk" / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    with caplog.at_level("WARNING"):
+        ds = image_folder(str(image_folder_copy), "train", None, "DATA.ROOT", max_bad_fraction=0.1,
+                          max_pixels=50_000)  # fmt: skip
+    assert str(big) not in [p for p, _ in ds.samples] and ds.skipped_images == 1
+    assert f"skipping unreadable image {big} (300x200 = 60000 pixels > DATA.MAX_IMAGE_PIXELS 50000)" in caplog.text
+    assert len(image_folder(str(image_folder_copy), "train", None, "DATA.ROOT").samples) == 31  # default
