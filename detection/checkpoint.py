@@ -11,18 +11,23 @@ people), so this module treats them as untrusted:
 
 :class:`SafeDetectionCheckpointer` plugs both into Detectron2's checkpointer by overriding only the
 file-reading hooks, so URL handling, ndarray->tensor conversion, name-matching heuristics
-(``align_and_update_state_dicts``) and resume stay Detectron2's own.
+(``align_and_update_state_dicts``) and resume stay Detectron2's own. Its writes (``model_*.pth``,
+``last_checkpoint``) go through :mod:`moco.file_io`'s atomic write: fvcore writes in place, and a
+SIGTERM mid-save left a 0-byte ``model_*.pth`` under its final name.
 """
 
 import _codecs
 import collections
 import logging
+import os
 import pickle
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+
+from moco.file_io import atomic_save, atomic_write_text
 
 __all__ = [
     "RestrictedUnpickler",
@@ -160,3 +165,20 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f):
         return load_weights_only(f)
+
+    def save(self, name, **kwargs):
+        """fvcore's ``Checkpointer.save`` (same payload and name), written atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        atomic_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)

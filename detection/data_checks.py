@@ -2,10 +2,15 @@
 
 * :func:`check_voc_annotations` parses every annotation file of a VOC split with ``defusedxml``
   (no entity expansion, no external references) and checks what Detectron2's
-  ``load_voc_instances`` reads: ``size/width``, ``size/height``, and per object a ``name`` among
-  the dataset's classes and a numeric ``bndbox``. A bad file is a one-line ValueError naming it,
-  instead of Detectron2's bare ``IndexError`` / ``AttributeError`` / ``ValueError`` traceback.
+  ``load_voc_instances`` and VOC evaluation (``parse_rec``: ``int()``) read: integer
+  ``size/width``, ``size/height``, and per object a ``name`` among the dataset's classes and an
+  integer ``bndbox``; image-set ids that would leave the dataset folder (``../x``) are refused.
+  A bad file is a one-line ValueError naming it, instead of Detectron2's bare ``IndexError`` /
+  ``AttributeError`` / ``ValueError`` traceback (the test split's only after training).
   :func:`register_pascal_voc_checked` registers a VOC split whose loader runs this check first.
+* :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
+  with positive width and height (as torchvision's detectors require); a box slightly outside its
+  image is clipped to it and counted, one far outside (beyond one image size) is refused.
 * :func:`drop_unreadable_images`: the training images are decoded once at start
   (:func:`moco.data_checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
   warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
@@ -16,6 +21,7 @@
 """
 
 import logging
+import math
 import multiprocessing
 import os
 from functools import partial
@@ -24,17 +30,21 @@ import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.build import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.pascal_voc import load_voc_instances
+from detectron2.structures import BoxMode
 
 from moco.data_checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
 
 __all__ = [
     "SkipUnreadableMapper",
     "build_checked_train_loader",
+    "check_boxes",
     "check_voc_annotations",
     "drop_unreadable_images",
     "load_voc_checked",
     "max_bad_fraction",
+    "register_coco_checked",
     "register_pascal_voc_checked",
 ]
 
@@ -50,13 +60,14 @@ def _text(node, path, file, what):
     return found.text.strip()
 
 
-def _number(node, path, file, what):
+def _integer(node, path, file, what):
+    # VOC coordinates and sizes are integer pixels; VOC evaluation reads them with int()
     text = _text(node, path, file, what)
     try:
-        return float(text)
+        return int(text)
     except ValueError:
         raise ValueError(f"VOC annotation {file}: <{path}> in {what} is {text!r}, "
-                         "not a number") from None  # fmt: skip
+                         "not an integer") from None  # fmt: skip
 
 
 def check_voc_file(file, class_names):
@@ -71,7 +82,7 @@ def check_voc_file(file, class_names):
     except DET.ParseError as e:
         raise ValueError(f"VOC annotation {file}: not well-formed XML ({e})") from None
     for key in ("size/width", "size/height"):
-        if _number(root, key, file, "<annotation>") <= 0:
+        if _integer(root, key, file, "<annotation>") <= 0:
             raise ValueError(f"VOC annotation {file}: <{key}> must be positive")
     for i, obj in enumerate(root.findall("object")):
         what = f"object {i}"
@@ -80,7 +91,7 @@ def check_voc_file(file, class_names):
             raise ValueError(f"VOC annotation {file}: {what} has class {name!r}, not one of the "
                              f"dataset's {len(class_names)} classes")  # fmt: skip
         for key in _BOX:
-            _number(obj, f"bndbox/{key}", file, what)
+            _integer(obj, f"bndbox/{key}", file, what)
 
 
 def check_voc_annotations(dirname, split, class_names):
@@ -91,13 +102,73 @@ def check_voc_annotations(dirname, split, class_names):
     if not ids:
         raise ValueError(f"VOC image set {listing} lists no image")
     for file_id in ids:
+        # an id is a file name in Annotations/ and JPEGImages/, never a path (../../outside/evil)
+        if os.path.basename(file_id) != file_id or file_id.startswith("."):
+            raise ValueError(f"VOC image set {listing}: id {file_id!r} is a path, not a file name; "
+                             "it would read files outside the dataset folder")  # fmt: skip
         check_voc_file(os.path.join(dirname, "Annotations", file_id + ".xml"), class_names)
 
 
+def check_boxes(dicts, source):
+    """Check and clip the boxes of Detectron2 dataset dicts in place; returns how many were clipped.
+
+    Refused (one-line ValueError naming ``source(d)``, the file the box came from): a non-finite
+    coordinate, a non-positive width or height, a box beyond one image size outside its image (a
+    typo or a sentinel such as 1e6) or wholly outside it. A box partly outside is clipped to the
+    image (it would otherwise be trained on and scored as drawn).
+    """
+    clipped, example = 0, None
+    for d in dicts:
+        w, h = d["width"], d["height"]
+        for i, ann in enumerate(d.get("annotations", ())):
+            box = ann["bbox"]
+            try:
+                values = [float(v) for v in box]
+            except (TypeError, ValueError):
+                values = [math.nan]
+            if len(values) != 4 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{source(d)}: object {i} has box {box}, not 4 finite numbers")
+            x0, y0, x1, y1 = BoxMode.convert(values, ann["bbox_mode"], BoxMode.XYXY_ABS)
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(f"{source(d)}: object {i} has box {box} with non-positive width or "
+                                 "height")  # fmt: skip
+            if min(x0, x1) < -w or max(x0, x1) > 2 * w or min(y0, y1) < -h or max(y0, y1) > 2 * h:
+                raise ValueError(f"{source(d)}: object {i} has box {box}, far outside the {w}x{h} "
+                                 "image")  # fmt: skip
+            inside = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w),
+                      min(max(y1, 0.0), h)]  # fmt: skip
+            if inside == [x0, y0, x1, y1]:
+                continue
+            if inside[2] <= inside[0] or inside[3] <= inside[1]:
+                raise ValueError(f"{source(d)}: object {i} has box {box}, outside the {w}x{h} image")
+            ann["bbox"], ann["bbox_mode"] = inside, BoxMode.XYXY_ABS
+            clipped += 1
+            example = example or source(d)
+    if clipped:
+        logger.warning("clipped %d boxes to their image (e.g. in %s)", clipped, example)
+    return clipped
+
+
 def load_voc_checked(dirname, split, class_names):
-    """:func:`check_voc_annotations`, then Detectron2's own ``load_voc_instances``."""
+    """:func:`check_voc_annotations`, then Detectron2's own ``load_voc_instances``, boxes checked."""
     check_voc_annotations(dirname, split, class_names)
-    return load_voc_instances(dirname, split, class_names)
+    dicts = load_voc_instances(dirname, split, class_names)
+    check_boxes(dicts, lambda d: os.path.join(dirname, "Annotations", d["image_id"] + ".xml"))
+    return dicts
+
+
+def load_coco_checked(json_file, image_root, name):
+    """Detectron2's ``load_coco_json``, boxes checked (:func:`check_boxes`)."""
+    dicts = load_coco_json(json_file, image_root, name)
+    check_boxes(dicts, lambda d: f"COCO annotations {json_file} (image {d['file_name']})")
+    return dicts
+
+
+def register_coco_checked(name, metadata, json_file, image_root):
+    """Detectron2's ``register_coco_instances`` (same metadata) with the checked loader."""
+    DatasetCatalog.register(name, partial(load_coco_checked, json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  evaluator_type="coco", **metadata)  # fmt: skip
 
 
 def register_pascal_voc_checked(name, dirname, split, year, class_names):

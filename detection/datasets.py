@@ -8,7 +8,8 @@
   "pascal_voc" as Detectron2's builtin VOC sets;
 * ``synthetic_coco_trainval`` / ``synthetic_coco_test``: ``register_coco_instances`` on
   ``root/coco/annotations/instances_{split}.json`` with images in ``root/VOC2007/JPEGImages``
-  (``evaluator_type`` "coco", boxes and polygon masks).
+  (``evaluator_type`` "coco", boxes and polygon masks; its loader checks the boxes,
+  :func:`detection.data_checks.check_boxes`).
 
 Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are never touched.
 """
@@ -18,11 +19,10 @@ import os
 from typing import Dict, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 
 from moco.synthetic import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
 
-from .data_checks import register_pascal_voc_checked
+from .data_checks import register_coco_checked, register_pascal_voc_checked
 
 __all__ = [
     "CLASS_NAMES",
@@ -90,7 +90,7 @@ def register_synthetic(root: Optional[str] = None) -> Dict[str, str]:
                 "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CLASS_NAMES))},
                 "synthetic_root": root,
             }
-            register_coco_instances(name, metadata, paths["json_file"], paths["image_root"])
+            register_coco_checked(name, metadata, paths["json_file"], paths["image_root"])
     return registered
 
 

@@ -7,7 +7,10 @@ What this adds to Detectron2:
 * weights and resume checkpoints are read by :class:`SafeDetectionCheckpointer` (no code execution);
 * the embedded datasets (``synthetic_*``) are registered when a config names them (root:
   ``default_synthetic_root()``, i.e. ``$DETECTRON2_DATASETS/moco_det_synthetic``);
-* ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads.
+* ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads;
+  checkpoints and metrics.json are written atomically too;
+* one run per OUTPUT_DIR (``run`` holds its lock, moco.file_io.run_folder_lock); SIGTERM / SIGINT
+  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop).
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
@@ -24,8 +27,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
+from moco import file_io
 from moco.file_io import atomic_write_json
+from moco.hooks import AtomicJSONWriter, SignalStop
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
@@ -77,7 +83,26 @@ class DetectionTrainer(DefaultTrainer):
         if skipped is not None:  # before the writers (last): metrics.json gets the count
             ret.insert(1, hooks.CallbackHook(after_step=lambda t: t.storage.put_scalar(
                 "data/skipped_images", skipped(), smoothing_hint=False)))  # fmt: skip
+        # last: the step's checkpoint and metrics hooks have run when a signal stops the run
+        ret.append(SignalStop(self._save_stop_checkpoint,
+                              f"rerun the same command with --resume (OUTPUT_DIR {self.cfg.OUTPUT_DIR})"))
         return ret
+
+    def _save_stop_checkpoint(self):
+        """``model_{iter:07d}.pth`` as PeriodicCheckpointer names it (unless it just wrote it)."""
+        name = f"model_{self.iter:07d}"
+        path = os.path.abspath(os.path.join(self.cfg.OUTPUT_DIR, name + ".pth"))
+        if os.path.basename(self.checkpointer.get_checkpoint_file()) != name + ".pth":
+            self.checkpointer.save(name, iteration=self.iter)
+        comm.synchronize()
+        return path
+
+    def build_writers(self):
+        """Detectron2's ``default_writers``, with metrics.json written atomically."""
+        out = self.cfg.OUTPUT_DIR
+        os.makedirs(out, exist_ok=True)
+        return [CommonMetricPrinter(self.max_iter),
+                AtomicJSONWriter(os.path.join(out, "metrics.json")), TensorboardXWriter(out)]  # fmt: skip
 
 
 def prepare_datasets(cfg):
@@ -99,6 +124,13 @@ def prepare_datasets(cfg):
             )
     for name in cfg.DATASETS.TEST:
         evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
+
+
+def check_test_annotations(cfg):
+    """Load the test sets once at start: their loaders check the annotations (detection.data_checks),
+    so a bad test file fails now with its name, not in the evaluator after training."""
+    for name in cfg.DATASETS.TEST:
+        DatasetCatalog.get(name)
 
 
 def _finite(obj):
@@ -199,11 +231,24 @@ def run(args):
         )
     # fail here with one clear line rather than inside every spawned worker
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     prepare_datasets(cfg)
+    check_test_annotations(cfg)
     weights = cfg.MODEL.WEIGHTS
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
+    if args.machine_rank != 0:  # machine 0 holds the folder's lock
+        return _launch(args)
+    with file_io.run_folder_lock(cfg.OUTPUT_DIR):
+        if not (args.resume or args.eval_only):  # an evaluation writes no checkpoints
+            file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
+        for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
+            logger.warning("removed %s: a partial write of an earlier, killed run", name)
+        return _launch(args)
+
+
+def _launch(args):
     return launch(
         main,
         args.num_gpus,

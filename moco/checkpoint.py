@@ -9,7 +9,8 @@ an exact resume needs: ``iteration``, ``scheduler`` (LRMultiplier state), ``samp
 with ``torch.load(weights_only=True)``; nothing is ever loaded otherwise (pickles run code).
 
 Files are named ``checkpoint_{epoch:04d}.pth.tar`` with the official 0-based index of the last
-finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 200``); the file
+finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 200``); a run stopped
+by a signal mid-epoch writes ``checkpoint_interrupted.pth.tar`` (its ``iteration`` says where); the file
 ``last_checkpoint`` in the same folder names the newest one. Both are written to a temporary file in
 the same folder, flushed, fsync'ed and moved into place with ``os.replace`` (moco.file_io).
 """
@@ -206,9 +207,13 @@ def build_checkpoint(model, optimizer, epoch, arch, **resume_state):
     return ckpt
 
 
-def save_checkpoint(ckpt, output_dir):
-    """Write ``ckpt`` as ``checkpoint_{epoch-1:04d}.pth.tar`` and point ``last_checkpoint`` to it."""
-    name = checkpoint_filename(ckpt["epoch"])
+INTERRUPTED_CHECKPOINT = "checkpoint_interrupted.pth.tar"
+
+
+def save_checkpoint(ckpt, output_dir, name=None):
+    """Write ``ckpt`` as ``name`` (default ``checkpoint_{epoch-1:04d}.pth.tar``) and point
+    ``last_checkpoint`` to it."""
+    name = name or checkpoint_filename(ckpt["epoch"])
     path = os.path.join(output_dir, name)
     atomic_save(ckpt, path)
     write_last_checkpoint(output_dir, name)

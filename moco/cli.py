@@ -10,6 +10,18 @@ import traceback
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM / SIGINT at a step boundary (moco.hooks.SignalStop); the message
+    names the checkpoint and how to resume. Exit code 128 + the signal's number, as a shell's.
+
+    A KeyboardInterrupt, so Detectron2's training loop does not log it as a failure.
+    """
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 def run_cli(prog, fn, errors=(), rewrite=None):
     """Call ``fn()`` and return the exit code: ``fn``'s (0 when it returns None). Every tool runs
     through it (``sys.exit(main())``).
@@ -17,7 +29,8 @@ def run_cli(prog, fn, errors=(), rewrite=None):
     Bad input (INPUT_ERRORS and the tool's ``errors``) becomes one line ``prog: error: ...`` on
     stderr (``rewrite``: maps the message, e.g. to flag names) and exit code 2. Errors raised inside
     processes started by ``launch`` arrive as a traceback text; its last line (``ValueError: ...``)
-    is reported the same way. Ctrl-C is 130; anything else prints its traceback and is 1.
+    is reported the same way. Ctrl-C is 130 (:class:`Interrupted`: its one line and 128 + signal);
+    anything else prints its traceback and is 1.
     """
     try:
         code = fn()
@@ -25,9 +38,9 @@ def run_cli(prog, fn, errors=(), rewrite=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"{prog}: error: {rewrite(msg) if rewrite else msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:
         if not _raised_in_worker(e):
             traceback.print_exc()

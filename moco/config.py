@@ -61,6 +61,9 @@ _C.DATA.ROOT = ""
 # start and skipped with a warning (moco.data_checks); more than this fraction of a folder stops
 # the run with an error.
 _C.DATA.MAX_BAD_FRACTION = 0.01
+# images with more pixels are skipped and counted like unreadable ones (moco.data_checks); PIL's
+# own limit (only a warning up to twice it) let 177-MP images through at ~1.4 GB each
+_C.DATA.MAX_IMAGE_PIXELS = 89478485
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4  # per process (official -j 32 per 8-GPU node)

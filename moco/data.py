@@ -43,11 +43,12 @@ def validate_data(cfg):
                 raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
 
 
-def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None):
+def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None, max_pixels=None):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
 
     Unreadable files are skipped, counted and bounded by ``max_bad_fraction`` (default
-    DATA.MAX_BAD_FRACTION): :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
+    DATA.MAX_BAD_FRACTION); so are images above ``max_pixels`` (default DATA.MAX_IMAGE_PIXELS):
+    :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
     """
     if not root:
         raise ValueError(f"{what} is not set: give a folder with {split}/<class>/ images")
@@ -59,7 +60,7 @@ def image_folder(root, split, transform, what, loader=None, max_bad_fraction=Non
         )
     try:
         return CheckedImageFolder(folder, transform=transform, loader=loader, what=f"{what}={root}",
-                                  max_bad_fraction=max_bad_fraction)  # fmt: skip
+                                  max_bad_fraction=max_bad_fraction, max_pixels=max_pixels)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
@@ -74,7 +75,8 @@ def build_pretrain_dataset(cfg, with_index=False):
     transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale)
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
                            loader=JpegDraftLoader(crop, min_scale) if fast else None,
-                           max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
+                           max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
+                           max_pixels=cfg.DATA.MAX_IMAGE_PIXELS)  # fmt: skip
     return WithIndex(dataset) if with_index else dataset
 
 

@@ -261,8 +261,9 @@ class PretrainTrainer(SimpleTrainer):
         self.completed_iters = self.iter + 1
         self._step_seconds += time.perf_counter() - start
 
-    def save_checkpoint(self, epoch):
-        """Official checkpoint after ``epoch`` finished epochs; call on every process."""
+    def save_checkpoint(self, epoch, name=None):
+        """Official checkpoint after ``epoch`` finished epochs (file ``name``, default the official
+        one); call on every process."""
         rng_states = comm.all_gather(ckpt_lib.capture_rng_state())
         if comm.is_main_process():
             ckpt = ckpt_lib.build_checkpoint(
@@ -270,9 +271,19 @@ class PretrainTrainer(SimpleTrainer):
                 iteration=self.iter + 1, scheduler=self.scheduler.state_dict(),
                 sampler_seed=self.sampler_seed, rng_states=rng_states, config=self.cfg.dump(),
             )  # fmt: skip
-            self.last_checkpoint = ckpt_lib.save_checkpoint(ckpt, self.cfg.OUTPUT_DIR)
+            self.last_checkpoint = ckpt_lib.save_checkpoint(ckpt, self.cfg.OUTPUT_DIR, name)
             logger.info("saved %s (epoch %d, iteration %d)", self.last_checkpoint, epoch, self.iter + 1)
+        self._saved_iter = self.iter + 1
         comm.synchronize()
+
+    def save_stop_checkpoint(self):
+        """The checkpoint of a run stopped by a signal after this step (moco.hooks.SignalStop):
+        the epoch's own when this step ended an epoch that was saved, else a mid-epoch one whose
+        ``iteration`` resumes exactly here. Returns its path (rank 0's)."""
+        done = self.iter + 1
+        if getattr(self, "_saved_iter", None) != done:
+            self.save_checkpoint(done // self.iters_per_epoch, name=ckpt_lib.INTERRUPTED_CHECKPOINT)
+        return os.path.abspath(self.last_checkpoint) if self.last_checkpoint else None
 
     def train(self):
         """Train from ``start_iter`` to ``max_iter``; returns the summary (also pretrain_summary.json)."""

@@ -9,11 +9,15 @@
 - kNN monitor: Detectron2's ``EvalHook`` running :func:`moco.knn.knn_evaluate`; the results are
   the scalars ``knn_top1`` / ``knn_top5`` (backbone features) and ``knn_head_top1`` /
   ``knn_head_top5`` of the event storage (metrics.json, TensorBoard).
+- :class:`SignalStop`: SIGTERM / SIGINT end the run at the next step boundary after a checkpoint
+  (pretraining and detection alike); :class:`AtomicJSONWriter`: metrics.json written atomically.
 """
 
 import logging
 import math
 import os
+import signal
+import threading
 
 from detectron2.engine import hooks
 from detectron2.engine.hooks import EvalHook, HookBase
@@ -21,7 +25,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from moco.cli import Interrupted
 from moco.data import build_eval_loader, build_labeled_datasets
+from moco.file_io import AtomicAppendFile
 from moco.knn import knn_evaluate
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,60 @@ class EpochCheckpointer(HookBase):
         epoch = next_iter // self.iters_per_epoch
         if next_iter >= self.trainer.max_iter or (self.period > 0 and epoch % self.period == 0):
             self.trainer.save_checkpoint(epoch)
+
+
+class SignalStop(HookBase):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) stop training at the next step boundary.
+
+    The handler only records the signal; after the step, every process agrees (a signal may reach
+    one rank only), ``save()`` writes a checkpoint (collective; returns its path) and
+    :class:`moco.cli.Interrupted` ends the run with one line naming it and ``resume_hint``. A second
+    SIGINT while waiting for the step stops at once. Handlers can only be set in the main thread;
+    elsewhere the hook does nothing. The previous handlers are restored after training.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, save, resume_hint):
+        self._save, self._hint = save, resume_hint
+        self._received, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self._received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._received = signum
+        logger.warning("%s received: stopping after this step, with a checkpoint",
+                       signal.Signals(signum).name)  # fmt: skip
+
+    def before_train(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def after_step(self):
+        received = self._received or 0
+        if comm.get_world_size() > 1:
+            received = max(comm.all_gather(received))
+        if not received:
+            return
+        path = self._save()
+        raise Interrupted(f"stopped by {signal.Signals(received).name} after iteration "
+                          f"{self.trainer.iter + 1}; checkpoint {path}; to continue, {self._hint}",
+                          received)  # fmt: skip
+
+    def after_train(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+class AtomicJSONWriter(JSONWriter):
+    """Detectron2's ``JSONWriter`` (same lines, same resume behaviour: it appends) whose file is
+    replaced atomically on each write, so a signal or a full disk never leaves a torn line."""
+
+    def __init__(self, json_file, window_size=20):
+        super().__init__(json_file, window_size)
+        self._file_handle.close()  # the append-mode handle JSONWriter opened
+        self._file_handle = AtomicAppendFile(json_file)
 
 
 class KNNMonitor(EvalHook):
@@ -122,7 +182,7 @@ def build_epoch_hooks(trainer, cfg):
     """The hooks of an epoch-based pretraining run (MoCo or the supervised baseline), in order.
 
     ``trainer`` provides ``optimizer``, ``scheduler``, ``iters_per_epoch``, ``max_iter``,
-    ``save_checkpoint(epoch)`` and what :func:`build_knn_hook` needs.
+    ``save_checkpoint(epoch)``, ``save_stop_checkpoint()`` and what :func:`build_knn_hook` needs.
     """
     ret = [hooks.IterationTimer(), hooks.LRScheduler(trainer.optimizer, trainer.scheduler)]
     knn = build_knn_hook(trainer, cfg)
@@ -132,6 +192,9 @@ def build_epoch_hooks(trainer, cfg):
     if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
         ret.append(hooks.PeriodicWriter(build_writers(cfg.OUTPUT_DIR, trainer.max_iter),
                                         period=cfg.LOG_PERIOD))  # fmt: skip
+    # after the writers: the step that was running when a signal came is logged before the stop
+    ret.append(SignalStop(trainer.save_stop_checkpoint,
+                          f"rerun the same command with --resume auto (OUTPUT_DIR {cfg.OUTPUT_DIR})"))
     return ret
 
 
@@ -144,5 +207,5 @@ def build_writers(output_dir, max_iter):
     """
     os.makedirs(output_dir, exist_ok=True)
     return [CommonMetricPrinter(max_iter),
-            JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+            AtomicJSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
             TensorboardXWriter(output_dir, window_size=1)]  # fmt: skip

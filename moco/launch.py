@@ -10,10 +10,14 @@
 - :func:`resolve_device`: the one device rule (auto, cpu, cuda, cuda:N) of every caller.
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from moco import file_io
+from moco.cli import Interrupted
 
 logger = logging.getLogger("moco")
 
@@ -121,9 +126,57 @@ def _init_from_env():
 
 def launch_training(trainer_cls, cfg, spec, resume=None):
     """``trainer_cls(cfg, resume).train()`` in every process of ``spec``; returns its summary when
-    in-process. ``trainer_cls.check_launch(cfg, world_size)`` runs first, before any process starts."""
+    in-process. ``trainer_cls.check_launch(cfg, world_size)`` runs first, before any process starts.
+
+    The first process of the run (this one on machine 0; rank 0 under torchrun) holds OUTPUT_DIR's
+    lock for the whole run (moco.file_io.run_folder_lock), refuses a folder of another config
+    unless resuming, and removes temporary files a killed run left there.
+    """
     trainer_cls.check_launch(cfg, spec.world_size)
-    return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+    file_io.check_output_dir(cfg.OUTPUT_DIR)
+    first = os.environ.get("RANK", "0") == "0" if spec.from_env else spec.machine_rank == 0
+    if not first:
+        return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+    with file_io.run_folder_lock(cfg.OUTPUT_DIR):
+        if not resume:
+            file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume auto")
+        for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
+            logger.warning("removed %s: a partial write of an earlier, killed run", name)
+        if spec.from_env or spec.world_size == 1:  # training runs here: its SignalStop hook
+            return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+        received = []
+        with _signals_to_children(received):
+            launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+        if received:  # the workers stopped with a checkpoint (their KeyboardInterrupt ends quietly)
+            from moco.checkpoint import read_last_checkpoint
+
+            raise Interrupted(f"stopped by {signal.Signals(received[0]).name}; checkpoint "
+                              f"{read_last_checkpoint(cfg.OUTPUT_DIR)}; to continue, rerun the same "
+                              "command with --resume auto", received[0])  # fmt: skip
+        return None
+
+
+@contextlib.contextmanager
+def _signals_to_children(received):
+    """While Detectron2's launch waits for its worker processes: a SIGTERM or SIGINT of this process
+    is passed on to them as SIGTERM (each stops after its step, with a checkpoint; a terminal's
+    Ctrl-C reaches them too, and SIGINT twice would mean "stop now")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        received.append(signum)
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def launch_processes(fn, spec, args):

@@ -1,0 +1,174 @@
+"""One run per output folder, signals, atomic detection files (issue 17, findings 5, 6 and 8).
+
+Each test reproduces the mistake or attack: a second run on a busy folder, a folder of another
+configuration, an OUTPUT_DIR that is a file, SIGTERM / SIGINT during training, a kill mid-save,
+a temporary file left by a killed run. Runs are the tiny ones of test_reliability / test_train_net;
+signals go to subprocesses once a checkpoint exists (polled, every wait bounded).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, load_tool
+from moco import file_io
+from test_reliability import ENV, tiny_opts
+from test_train_net import TINY, VOC_CFG
+
+_HOLD = r"""
+import sys, time
+from moco.file_io import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _one_line(err):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """(folder, pid): a folder whose lock another live process holds."""
+    out = tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "held"  # bounded: the holder prints or dies
+        yield out, proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(synthetic_root, held_folder,
+                                                                        capsys):  # fmt: skip
+    out, pid = held_folder
+    pretrain, train_net = load_tool("pretrain").main, load_tool("train_net").main
+    assert pretrain(tiny_opts(synthetic_root, out)) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("pretrain.py: error: OUTPUT_DIR") and str(out) in err and f"pid {pid}" in err
+    assert train_net(["--config-file", VOC_CFG, *TINY, "OUTPUT_DIR", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("train_net: error: OUTPUT_DIR") and f"pid {pid}" in err
+    assert sorted(os.listdir(out)) == [".lock"]  # neither run wrote anything there
+
+
+def test_a_folder_of_another_config_is_refused_unless_resuming(synthetic_root, tmp_path, capsys):
+    from moco.config import get_cfg
+
+    out = tmp_path / "k16"
+    first = get_cfg()
+    first.merge_from_list(tiny_opts(synthetic_root, out))
+    out.mkdir()
+    (out / "config.yaml").write_text(first.dump())  # what a K 16 run leaves
+    pretrain = load_tool("pretrain").main
+    assert pretrain(tiny_opts(synthetic_root, out, **{"MODEL.K": 32})) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "holds a run of another configuration" in err and "--resume auto" in err
+    assert (out / "config.yaml").read_text() == first.dump()
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
+    log = tmp_path / "notes.txt"
+    log.write_text("mine\n")
+    assert load_tool("pretrain").main(tiny_opts(synthetic_root, log)) == 2
+    assert _one_line(capsys.readouterr().err).endswith(f"OUTPUT_DIR {log} is a file, not a folder; "
+                                                       "give a folder path")  # fmt: skip
+    assert load_tool("train_net").main(["--config-file", VOC_CFG, "OUTPUT_DIR", str(log)]) == 2
+    assert "is a file, not a folder" in _one_line(capsys.readouterr().err)
+    assert log.read_text() == "mine\n"  # detection used to append its log to it
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def _stop(proc, signum):
+    proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return err
+
+
+def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint_0000.pth.tar.k3x9_a1b.tmp"  # what a kill mid-save leaves
+    stale.write_bytes(b"\0" * 4096)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "pretrain.py"),
+           *tiny_opts(synthetic_root, out, **{"SOLVER.EPOCHS": 500})]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(out / "last_checkpoint", proc)  # the first epoch's checkpoint
+    assert not stale.exists()
+    err = _stop(proc, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("pretrain.py: stopped by SIGTERM after iteration")
+    assert "--resume auto" in line
+    path = line.split("checkpoint ", 1)[1].split(";")[0]
+    assert os.path.dirname(path) == str(out) and (out / "last_checkpoint").read_text() == os.path.basename(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert f"after iteration {ckpt['iteration']};" in line and ckpt["iteration"] >= 3
+    rows = [json.loads(r) for r in (out / "metrics.json").read_text().splitlines()]
+    assert rows[-1]["iteration"] == ckpt["iteration"] - 1  # the last step is logged, then resumed after
+    assert not file_io.remove_stale_temp_files(str(out))
+
+
+def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):
+    out = tmp_path / "det"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", VOC_CFG,
+           *TINY, "SOLVER.MAX_ITER", "2000", "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()",
+           "TEST.PRECISE_BN.ENABLED", "False", "OUTPUT_DIR", str(out)]  # fmt: skip
+    env = dict(ENV, DETECTRON2_DATASETS=os.path.dirname(synthetic_root))
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(out / "last_checkpoint", proc)
+    err = _stop(proc, signal.SIGINT)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("train_net: stopped by SIGINT after iteration") and "--resume" in line
+    models = sorted(out.glob("model_*.pth"))
+    assert models and (out / "last_checkpoint").read_text() == models[-1].name
+    for m in models:  # each complete: never a 0-byte file under the final name
+        assert "iteration" in torch.load(m, map_location="cpu", weights_only=True)
+    for row in (out / "metrics.json").read_text().splitlines():
+        json.loads(row)
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_a_kill_during_a_detection_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    from detection.checkpoint import SafeDetectionCheckpointer
+
+    model = torch.nn.Linear(4, 2)
+    ckpt = SafeDetectionCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+
+    def dies_mid_write(obj, f, *a, **k):
+        f.write(b"PK\3\4 partial")
+        raise KeyboardInterrupt  # what SIGINT (or SIGTERM's default) does mid-save
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000003")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
