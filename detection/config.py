@@ -20,6 +20,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
+from moco.config import check_safe_yaml
 from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
@@ -66,10 +67,13 @@ def load_cfg(config_file, opts=(), world_size=1):
         raise ValueError("--config-file is required (e.g. configs/detection/embedded_voc_R_18_FPN.yaml)")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    check_safe_yaml(config_file, "--config-file")
     cfg = get_cfg()
     add_moco_det_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        # Detectron2's default allow_unsafe=True falls back to yaml.unsafe_load, which runs
+        # !!python/object/apply tags: never.
+        cfg.merge_from_file(config_file, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
         raise ValueError(f"{config_file}: invalid config ({reason})") from None
