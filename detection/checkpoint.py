@@ -32,6 +32,7 @@ from detectron2.utils.file_io import PathManager
 from moco.checkpoint import check_torch_file
 
 __all__ = [
+    "backbone_keys",
     "RestrictedUnpickler",
     "safe_load_pickle",
     "load_weights_only",
@@ -208,10 +209,53 @@ def load_weights_only(path):
         raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
 
 
+def backbone_keys(model):
+    """State-dict keys of the pretrained part of a detector: the ResNet (``backbone.bottom_up`` under
+    an FPN, else ``backbone``) and, in C4 models, the res5 blocks inside the ROI head. The FPN, the
+    heads and the extra norm after res5 (``roi_heads.res5.norm``) are new by design."""
+    backbone = getattr(model, "backbone", None)
+    prefix = "backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."
+    keys = []
+    for k in model.state_dict():
+        if k.endswith("num_batches_tracked"):  # a counter, not a weight; converters drop it
+            continue
+        if k.startswith(prefix) or k.startswith("roi_heads.res5.") and k.split(".")[2].isdigit():
+            keys.append(k)
+    return keys
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose file reading never executes code from the file."""
+    """``DetectionCheckpointer`` whose file reading never executes code from the file, and which
+    refuses weights that leave part of the backbone unloaded: Detectron2 only warns and trains the
+    rest from random init, so a "moco" result could be a random-init one. ``weights_load`` records
+    ``{"file", "backbone_tensors", "matched", "allow_partial"}`` of the last load
+    (``allow_partial_weights``: the expert override, MODEL.ALLOW_PARTIAL_WEIGHTS)."""
+
+    def __init__(self, model, save_dir="", *, allow_partial_weights=False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.allow_partial_weights = bool(allow_partial_weights)
+        self.weights_load = None
+        self._loading = None
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        keys = backbone_keys(self.model)
+        lost = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+        unmatched = [k for k in keys if k in lost]
+        self.weights_load = {"file": self._loading, "backbone_tensors": len(keys),
+                             "matched": len(keys) - len(unmatched),
+                             "allow_partial": self.allow_partial_weights}  # fmt: skip
+        if unmatched and not self.allow_partial_weights:
+            raise ValueError(
+                f"{self._loading}: {len(unmatched)} of {len(keys)} backbone tensors did not load "
+                f"(missing or of another shape, e.g. {unmatched[0]}); check MODEL.RESNETS (depth, "
+                "width) against the weights and convert them with tools/convert_to_d2.py, or set "
+                "MODEL.ALLOW_PARTIAL_WEIGHTS True to train anyway (recorded in final_metrics.json)"
+            )
+        return incompatible
 
     def _load_file(self, filename):
+        self._loading = filename
         if filename.endswith(".pkl"):
             data = safe_load_pickle(filename)
             if not isinstance(data, dict):

@@ -2,7 +2,8 @@
 
 Adjustments made here, and why:
 
-* :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``).
+* :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``,
+  ``MODEL.ALLOW_PARTIAL_WEIGHTS``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
   computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
@@ -45,6 +46,9 @@ def add_moco_det_config(cfg):
     """The toolkit's keys on top of Detectron2's config (as PointRend's ``add_pointrend_config``)."""
     # unreadable training images tolerated before the run stops (detection.data_checks)
     cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
+    # Weights must load every backbone tensor, shape for shape (detection.checkpoint); True trains
+    # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
 
 def _single_process_norms(cfg):
