@@ -57,6 +57,10 @@ def validate_solver(cfg, world_size):
                          "processes; each process must get the same batch")  # fmt: skip
     if s.EPOCHS < 1:
         raise ValueError(f"SOLVER.EPOCHS (--epochs) must be >= 1, got {s.EPOCHS}")
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "GAMMA"):
+        # a NaN/inf LR trains NaN from the first step (and metrics.json would hold a bare NaN)
+        if not math.isfinite(s[key]) or s[key] < 0:
+            raise ValueError(f"SOLVER.{key} must be a finite number >= 0, got {s[key]}")
     if not 0 <= s.START_EPOCH < s.EPOCHS:
         raise ValueError(f"SOLVER.START_EPOCH (--start-epoch) {s.START_EPOCH} must be in [0, {s.EPOCHS})")
     if cfg.LOG_PERIOD < 1:

@@ -96,3 +96,18 @@ def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
         assert main(["--config-file", str(path)]) == 2
         msg = _one_line_error(capsys.readouterr().err, "train_net")
         assert str(path) in msg and message in msg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--moco-k", "0"], "MODEL.K"), (["--moco-k", "-8"], "MODEL.K"),
+    (["--lr", "nan"], "SOLVER.BASE_LR"), (["--lr", "inf"], "SOLVER.BASE_LR"),
+    (["--moco-t", "inf"], "MODEL.T"),
+])  # fmt: skip
+def test_values_that_cannot_train_are_one_line_exit_2(synthetic_root, tmp_path, capsys, args,
+                                                      message):
+    main = load_tool("pretrain").main
+    argv = ["--config-file", PRETRAIN_CFG, *args, "--output-dir", str(tmp_path / "o"),
+            os.path.join(synthetic_root, "imagefolder"), "MODEL.DEVICE", "cpu"]
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys.readouterr().err, "pretrain.py")
+    assert not (tmp_path / "o" / "metrics.json").exists()  # nothing ran: no bare NaN written
