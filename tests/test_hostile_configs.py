@@ -29,27 +29,18 @@ def _one_line_error(err, prog):
     return lines[0]
 
 
-def test_tagged_detection_config_is_one_line_and_runs_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("in_base", [False, True], ids=["in_the_file", "in_its_base"])
+def test_tagged_detection_config_is_one_line_and_runs_nothing(tmp_path, capsys, in_base):
+    """The tag is refused in the file given and in a ``_BASE_`` file (named in the error)."""
     marker, line = _payload(tmp_path)
-    cfg = tmp_path / "evil.yaml"
-    cfg.write_text(f"_BASE_: {DETECTION_CFG}\n{line}")
-    main = load_tool("train_net").main
-    assert main(["--config-file", str(cfg), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
-    msg = _one_line_error(capsys.readouterr().err, "train_net")
-    assert str(cfg) in msg and TAG in msg
-    assert not marker.exists()
-
-
-def test_tag_in_a_base_file_is_refused_naming_that_file(tmp_path, capsys):
-    marker, line = _payload(tmp_path)
-    base = tmp_path / "base.yaml"
-    base.write_text(f"_BASE_: {DETECTION_CFG}\n{line}")
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(f"_BASE_: {DETECTION_CFG}\n{line}")
     cfg = tmp_path / "child.yaml"
-    cfg.write_text("_BASE_: base.yaml\nSOLVER:\n  MAX_ITER: 3\n")
+    cfg.write_text("_BASE_: tagged.yaml\nSOLVER:\n  MAX_ITER: 3\n")
     main = load_tool("train_net").main
-    assert main(["--config-file", str(cfg), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
+    assert main(["--config-file", str(cfg if in_base else tagged), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
     msg = _one_line_error(capsys.readouterr().err, "train_net")
-    assert str(base) in msg and TAG in msg
+    assert str(tagged) in msg and TAG in msg
     assert not marker.exists()
 
 
