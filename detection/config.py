@@ -2,7 +2,8 @@
 
 Adjustments made here, and why:
 
-* :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``).
+* :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``,
+  ``MODEL.ALLOW_PARTIAL_WEIGHTS``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
   computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
@@ -20,6 +21,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
+from moco.config import check_safe_yaml
 from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
@@ -44,6 +46,9 @@ def add_moco_det_config(cfg):
     """The toolkit's keys on top of Detectron2's config (as PointRend's ``add_pointrend_config``)."""
     # unreadable training images tolerated before the run stops (detection.data_checks)
     cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
+    # Weights must load every backbone tensor, shape for shape (detection.checkpoint); True trains
+    # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
 
 def _single_process_norms(cfg):
@@ -66,10 +71,13 @@ def load_cfg(config_file, opts=(), world_size=1):
         raise ValueError("--config-file is required (e.g. configs/detection/embedded_voc_R_18_FPN.yaml)")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    check_safe_yaml(config_file, "--config-file")
     cfg = get_cfg()
     add_moco_det_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        # Detectron2's default allow_unsafe=True falls back to yaml.unsafe_load, which runs
+        # !!python/object/apply tags: never.
+        cfg.merge_from_file(config_file, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
         raise ValueError(f"{config_file}: invalid config ({reason})") from None

@@ -135,6 +135,12 @@ def load_metrics(run_dir):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("task") not in ("voc", "coco") or "metrics" not in data:
         raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
+    load = data.get("weights_load")
+    if isinstance(load, dict) and load.get("matched") != load.get("backbone_tensors") \
+            and not load.get("allow_partial"):
+        # such a run trained a partly random backbone: its row would be mislabelled
+        raise ValueError(f"{path}: its weights did not load ({load.get('matched')} of "
+                         f"{load.get('backbone_tensors')} backbone tensors from {load.get('file')})")
     return data
 
 

@@ -76,7 +76,8 @@ class DetectionTrainer(DefaultTrainer):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer and then calls build_hooks,
         # whose PeriodicCheckpointer captures self.checkpointer: swap it in first.
         self.checkpointer = SafeDetectionCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            allow_partial_weights=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
         )
         ret = super().build_hooks()
         skipped = getattr(self._trainer.data_loader, "skipped_images", None)
@@ -192,9 +193,10 @@ def main(args):
         logger.warning("MODEL.WEIGHTS is empty: the backbone starts from random initialization")
     if args.eval_only:
         model = DetectionTrainer.build_model(cfg)
-        checkpoint = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = SafeDetectionCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_partial_weights=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS
         )
+        checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         start = time.perf_counter()
         results = DetectionTrainer.test(cfg, model)
         seconds = time.perf_counter() - start
@@ -207,12 +209,15 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
         start = time.perf_counter()
         trainer.train()
+        checkpointer = trainer.checkpointer
         extra = {"train_seconds": time.perf_counter() - start}
         times = trainer.storage.history("time").values() if "time" in trainer.storage.histories() else []
         if times:  # IterationTimer's per-iteration time, hooks (PreciseBN, eval) excluded
             extra["s_per_iter"] = sum(t for t, _ in times) / len(times)
         # DefaultTrainer's EvalHook stores the last evaluation here (it always runs after training)
         results = getattr(trainer, "_last_eval_results", None)
+    # which file filled how many backbone tensors (None: random init); tools/report.py checks it
+    extra["weights_load"] = checkpointer.weights_load
     if comm.is_main_process():
         write_final_metrics(cfg, args, results, **extra)
     return results

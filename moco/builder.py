@@ -13,6 +13,7 @@ the gradient uses exactly the forward-time negatives; any other in-place change 
 between forward and backward raises instead of giving a wrong gradient.
 """
 
+import math
 import weakref
 
 import torch
@@ -92,7 +93,8 @@ def _is_channels_last(x):
 def validate_model(cfg):
     """MODEL.ARCH, M, T and DIM: one-line ValueError for values MoCo cannot train with."""
     resnet_encoder(cfg.MODEL.ARCH)  # raises for an unknown arch
-    if not 0.0 <= cfg.MODEL.M <= 1.0 or cfg.MODEL.T <= 0 or cfg.MODEL.DIM < 1:
+    # T must be finite too: with T = inf every logit is 0 and the run learns nothing
+    if not 0.0 <= cfg.MODEL.M <= 1.0 or not 0 < cfg.MODEL.T < math.inf or cfg.MODEL.DIM < 1:
         raise ValueError(f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
                          f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}")  # fmt: skip
 

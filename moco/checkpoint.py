@@ -17,6 +17,7 @@ the same folder, flushed, fsync'ed and moved into place with ``os.replace`` (moc
 
 import os
 import pickle
+import pickletools
 import random
 import re
 import zipfile
@@ -90,6 +91,7 @@ def load_checkpoint(path, map_location="cpu"):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_torch_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -107,6 +109,45 @@ def load_checkpoint(path, map_location="cpu"):
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def check_torch_file(path):
+    """Refuse, before ``torch.load``, what weights_only still lets allocate more than the file holds:
+    a compressed zip member (torch.save stores members uncompressed; 4 MB of deflate expands to
+    4 GiB) and a ``bytearray(N)`` call (on torch's allow-list: N bytes from a few bytes of file).
+    One-line ValueError naming the file."""
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = []
+                for info in archive.infolist():
+                    if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                        raise ValueError(f"{path}: archive member {info.filename} is compressed or "
+                                         f"larger than the file ({info.file_size} bytes); torch.save "
+                                         "writes members uncompressed, so this file was crafted")  # fmt: skip
+                    if info.filename.endswith(".pkl"):
+                        pickles.append(archive.read(info))
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
+        for data in pickles:
+            _refuse_bytearray(path, [data])
+    else:  # legacy torch.save format: magic, protocol, sys_info, object, storage keys pickles
+        with open(path, "rb") as f:
+            _refuse_bytearray(path, [f] * 5)
+
+
+def _refuse_bytearray(path, streams):
+    try:
+        for stream in streams:
+            for op, arg, _ in pickletools.genops(stream):  # reads the opcodes, runs nothing
+                if isinstance(arg, str) and arg.split(" ")[-1] == "bytearray":
+                    raise ValueError(f"{path}: refusing to load: it calls bytearray, which "
+                                     "allocates any size it names; weights never need it")  # fmt: skip
+    except (ValueError, EOFError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        # not a pickle stream (or past the last one): torch.load reports what is wrong
 
 
 def _first_line(exc):
@@ -148,6 +189,49 @@ def load_model_state(model, state_dict, path="<checkpoint>"):
             "MODEL.DIM / MODEL.ARCH"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_optimizer_state(saved, optimizer, path, field="optimizer"):
+    """Check a saved optimizer state against ``optimizer`` before ``load_state_dict``, which checks
+    only the group sizes: a crafted state (a momentum_buffer of the wrong shape) reaches the update
+    kernel, where fused SGD writes a parameter-sized result into it (SIGSEGV). Every per-parameter
+    tensor must be a floating tensor of its parameter's shape; ``step`` one number."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        raise ValueError(f"{path}: {field} is not an optimizer state ('state', 'param_groups')")
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list)
+            and len(g["params"]) == len(own["params"]) for g, own in zip(saved["param_groups"], groups)):
+        raise ValueError(f"{path}: {field}.param_groups do not match the model's parameters")
+    params = {}  # the saved ids -> this model's parameters, as load_state_dict maps them
+    for g, own in zip(saved["param_groups"], groups):
+        params.update(zip(g["params"], own["params"]))
+    for pid, state in saved["state"].items():
+        if pid not in params or not isinstance(state, dict):
+            raise ValueError(f"{path}: {field}.state[{pid!r}] is not the state of a parameter")
+        shape = tuple(params[pid].shape)
+        for name, value in state.items():
+            where = f"{path}: {field}.state[{pid!r}].{name}"
+            if name == "step":
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                        or isinstance(value, torch.Tensor) and value.numel() == 1):
+                    raise ValueError(f"{where} is not one number")
+            elif isinstance(value, torch.Tensor):
+                if tuple(value.shape) != shape or not value.is_floating_point():
+                    raise ValueError(f"{where} is a {value.dtype} tensor of shape "
+                                     f"{tuple(value.shape)}; the parameter's shape is {shape}")  # fmt: skip
+            elif value is not None:
+                raise ValueError(f"{where} is a {type(value).__name__}, not a tensor")
+
+
+def check_count(value, path, field, upper=2**62):
+    """An int in [0, upper) (an epoch, iteration, pointer or seed from a file); one-line error."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
+        raise ValueError(f"{path}: {field} {value!r} is not an integer in [0, {upper})")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

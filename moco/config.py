@@ -12,6 +12,8 @@ Conventions: ``SOLVER.IMS_PER_BATCH`` is the *global* batch (all processes) and
 import math
 import os
 
+import yaml
+from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as CN
 
 
@@ -112,10 +114,50 @@ def load_cfg(config_file=None, opts=None, defaults=None, what="config file", key
 def merge_config_file(cfg, path, what="config file", keys="moco/config.py"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
+    check_safe_yaml(path, what)
     try:
-        cfg.merge_from_file(path)
+        # allow_unsafe=False: fvcore must never fall back to yaml.unsafe_load (Detectron2's
+        # CfgNode defaults to True); check_safe_yaml already refused tags with a clear line.
+        cfg.merge_from_file(path, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
         raise ValueError(f"{what} {path}: {_reason(e)} (keys: {keys})") from None
+
+
+def check_safe_yaml(path, what="config file", _chain=()):
+    """Parse ``path`` and its ``_BASE_`` chain with ``yaml.SafeLoader`` only; one-line ValueError
+    for a tagged value (``!!python/object/apply:...``: code), a syntax error, a non-mapping file, a
+    URL base or a ``_BASE_`` cycle. Configs are shared like checkpoints, so they are untrusted: safe
+    YAML builds plain values only and never runs anything. Bases resolve as fvcore's do (relative
+    to the file that names them, ``~`` expanded)."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        cycle = " -> ".join([*(os.path.basename(p) for p in _chain[_chain.index(real):]),
+                             os.path.basename(real)])  # fmt: skip
+        raise ValueError(f"{what} {_chain[0]}: _BASE_ cycle ({cycle})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {_chain[-1] if _chain else path}: _BASE_ {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=yaml.SafeLoader)
+    except yaml.constructor.ConstructorError as e:
+        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+        raise ValueError(f"{what} {path}: {line}{_reason_text(e.problem)}; configs are read as safe "
+                         "YAML (plain values only) and nothing in them is run") from None  # fmt: skip
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path}: invalid config (not valid YAML: {_reason_text(str(e))})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of KEY: value, got "
+                         f"{type(data).__name__}")  # fmt: skip
+    bases = data.get(BASE_KEY, [])
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str):
+            raise ValueError(f"{what} {path}: _BASE_ must be a file name, got {base!r}")
+        if base.startswith(("https://", "http://")):
+            raise ValueError(f"{what} {path}: _BASE_ {base}: only local files (no URLs)")
+        base = os.path.expanduser(base)
+        if not base.startswith("/"):
+            base = os.path.join(os.path.dirname(path), base)
+        check_safe_yaml(base, what, (*_chain, real))
 
 
 def merge_opts(cfg, opts, keys="moco/config.py"):
@@ -129,7 +171,10 @@ def merge_opts(cfg, opts, keys="moco/config.py"):
 
 
 def _reason(exc):
-    text = exc.args[0] if exc.args else type(exc).__name__
+    return _reason_text(exc.args[0] if exc.args else type(exc).__name__)
+
+
+def _reason_text(text):
     return " ".join(str(text).split())
 
 

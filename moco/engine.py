@@ -15,6 +15,7 @@ before any process starts; each module checks its own settings.
 
 import hashlib
 import logging
+import math
 import os
 import time
 
@@ -56,6 +57,10 @@ def validate_solver(cfg, world_size):
                          "processes; each process must get the same batch")  # fmt: skip
     if s.EPOCHS < 1:
         raise ValueError(f"SOLVER.EPOCHS (--epochs) must be >= 1, got {s.EPOCHS}")
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "GAMMA"):
+        # a NaN/inf LR trains NaN from the first step (and metrics.json would hold a bare NaN)
+        if not math.isfinite(s[key]) or s[key] < 0:
+            raise ValueError(f"SOLVER.{key} must be a finite number >= 0, got {s[key]}")
     if not 0 <= s.START_EPOCH < s.EPOCHS:
         raise ValueError(f"SOLVER.START_EPOCH (--start-epoch) {s.START_EPOCH} must be in [0, {s.EPOCHS})")
     if cfg.LOG_PERIOD < 1:
@@ -163,8 +168,12 @@ class PretrainTrainer(SimpleTrainer):
         self.register_hooks(self.build_hooks())
         rng = state.get("rng_states")
         if rng is not None:  # last, so nothing above consumes the restored streams
-            if len(rng) == world:
-                ckpt_lib.restore_rng_state(rng[comm.get_rank()])
+            if isinstance(rng, (list, tuple)) and len(rng) == world:
+                try:
+                    ckpt_lib.restore_rng_state(rng[comm.get_rank()])
+                except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+                    raise ValueError(f"{resume_path}: rng_states[{comm.get_rank()}] is not an RNG "
+                                     "state of torch, numpy and python") from None  # fmt: skip
             else:
                 logger.warning("checkpoint has RNG states of %d processes, this run has %d: "
                                "not restored", len(rng), world)  # fmt: skip
@@ -207,8 +216,14 @@ class PretrainTrainer(SimpleTrainer):
         if ckpt.get("arch") not in (None, cfg.MODEL.ARCH):
             raise ValueError(f"{path}: checkpoint arch {ckpt['arch']} != MODEL.ARCH (-a) "
                              f"{cfg.MODEL.ARCH}")  # fmt: skip
+        if not isinstance(ckpt["state_dict"], dict) or not all(
+                isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+            raise ValueError(f"{path}: state_dict is not a dict of tensors")
+        epoch = ckpt_lib.check_count(ckpt["epoch"], path, "epoch")
         ckpt_lib.load_model_state(self.moco, ckpt["state_dict"], path)
+        self._check_dictionary(path)
         if ckpt.get("optimizer"):
+            ckpt_lib.check_optimizer_state(ckpt["optimizer"], optimizer, path)
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError) as e:
@@ -218,21 +233,42 @@ class PretrainTrainer(SimpleTrainer):
                 group["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY
         else:
             logger.warning("%s has no optimizer state: SGD momentum restarts from zero", path)
-        iteration = int(ckpt.get("iteration", int(ckpt["epoch"]) * self.iters_per_epoch))
+        iteration = ckpt_lib.check_count(ckpt.get("iteration", epoch * self.iters_per_epoch),
+                                         path, "iteration")  # fmt: skip
         sched = ckpt.get("scheduler") or {}
-        if sched and int(sched.get("last_epoch", iteration)) != iteration:
+        if not isinstance(sched, dict):
+            raise ValueError(f"{path}: scheduler is a {type(sched).__name__}, not a state dict")
+        lrs = sched.get("base_lrs", [cfg.SOLVER.BASE_LR])
+        if not isinstance(lrs, list) or not all(isinstance(lr, (int, float)) and math.isfinite(lr)
+                                                for lr in lrs):  # fmt: skip
+            raise ValueError(f"{path}: scheduler.base_lrs {lrs!r} is not a list of finite numbers")
+        if sched and ckpt_lib.check_count(sched.get("last_epoch", iteration), path,
+                                          "scheduler.last_epoch") != iteration:  # fmt: skip
             raise ValueError(f"{path}: scheduler is at iteration {sched['last_epoch']} but the "
                              f"checkpoint at {iteration}; the file is inconsistent")  # fmt: skip
-        saved_lr = sched.get("base_lrs", [cfg.SOLVER.BASE_LR])
+        saved_lr = lrs
         if any(abs(lr - cfg.SOLVER.BASE_LR) > 1e-12 for lr in saved_lr):
             logger.warning("base LR %s of %s replaced by SOLVER.BASE_LR %s (official resume uses "
                            "the command line's --lr)", saved_lr, path, cfg.SOLVER.BASE_LR)  # fmt: skip
         logger.info("resuming from %s: epoch %s, iteration %d", path, ckpt["epoch"], iteration)
+        seed = ckpt.get("sampler_seed")
         return {
             "iteration": iteration,
-            "sampler_seed": ckpt.get("sampler_seed"),
+            "sampler_seed": None if seed is None else ckpt_lib.check_count(seed, path, "sampler_seed"),
             "rng_states": ckpt.get("rng_states"),
         }
+
+    def _check_dictionary(self, path):
+        """MoCo's queue pointer must name a slot where a global batch of keys fits (K % batch == 0
+        is checked at start): out of range, the enqueue writes outside the queue."""
+        ptr = dict(self.moco.named_buffers()).get("queue_ptr")
+        if ptr is None:
+            return
+        k, batch = int(self.moco.K), self.cfg.SOLVER.IMS_PER_BATCH
+        value = int(ptr.reshape(-1)[0])
+        if not 0 <= value < k or value % batch:
+            raise ValueError(f"{path}: queue_ptr {value} is not in [0, MODEL.K {k}) in steps of the "
+                             f"global batch {batch}")  # fmt: skip
 
     @property
     def encoder(self):

@@ -214,6 +214,7 @@ def run_lincls(opts: LinclsOptions):
             raise ValueError(f"--resume {opts.resume}: not a linear-classifier checkpoint of "
                              f"-a {opts.arch} ({str(e).splitlines()[0]})") from None  # fmt: skip
         if ckpt.get("optimizer"):
+            ckpt_lib.check_optimizer_state(ckpt["optimizer"], optimizer, f"--resume {opts.resume}")
             optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_acc1 = int(ckpt.get("epoch", 0)), float(ckpt.get("best_acc1", 0.0))
         history = list(ckpt.get("history", []))

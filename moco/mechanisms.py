@@ -149,6 +149,8 @@ def validate_mechanism(cfg, world_size):
         if not 0.0 <= m.MEMORY_BANK_MOMENTUM < 1.0:
             raise ValueError(f"MODEL.MEMORY_BANK_MOMENTUM must be in [0, 1), got {m.MEMORY_BANK_MOMENTUM}")
     batch = cfg.SOLVER.IMS_PER_BATCH
+    if m.MECHANISM == "moco" and m.K < 1:  # K % batch alone lets 0 and negatives through
+        raise ValueError(f"MODEL.K (--moco-k, the queue size) must be >= 1, got {m.K}")
     if m.MECHANISM == "moco" and m.K % batch:
         raise ValueError(
             f"MODEL.K (--moco-k) = {m.K} is not a multiple of the global batch "
