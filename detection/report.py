@@ -271,18 +271,22 @@ class Paired:
                 f"(n = {self.n_pairs} pairs): {verdict}")
 
 
+def _two_rows(table, a, b, what):
+    rows = {r.label: r for r in table.rows}
+    for label in (a, b):
+        if label not in rows:
+            raise ValueError(f"{what}: no row {label!r} (rows: {', '.join(rows)})")
+    return rows[a], rows[b]
+
+
 def paired(table, a, b, column=None):
     """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
     over the trials whose seeds both rows have. Statistics from scipy (t distribution)."""
     from scipy import stats as st
 
     column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
-    rows = {r.label: r for r in table.rows}
-    for label in (a, b):
-        if label not in rows:
-            raise ValueError(f"paired: no row {label!r} (rows: {', '.join(rows)})")
     i = table.columns.index(column)
-    by_seed = [dict(zip(rows[x].seeds, rows[x].values[i])) for x in (a, b)]
+    by_seed = [dict(zip(row.seeds, row.values[i])) for row in _two_rows(table, a, b, "paired")]
     common = [s for s in by_seed[0] if s is not None and s in by_seed[1]]
     if not common:
         raise ValueError(f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials")
@@ -308,12 +312,9 @@ def compare(table, a, b, column=None):
     with one run per row there is no spread estimate and the line says so.
     """
     column = column or ("AP" if table.task == "voc" else "AP^bb")
-    rows = {r.label: r for r in table.rows}
-    for label in (a, b):
-        if label not in rows:
-            raise ValueError(f"compare: no row {label!r} (rows: {', '.join(rows)})")
+    row_a, row_b = _two_rows(table, a, b, "compare")
     i = table.columns.index(column)
-    sa, sb = rows[a].stats[i], rows[b].stats[i]
+    sa, sb = row_a.stats[i], row_b.stats[i]
     diff = sa.mean - sb.mean
     head = f"{a} vs {b}: {column} {sa.mean:.1f} vs {sb.mean:.1f} ({diff:+.1f})"
     if sa.std is None or sb.std is None:
