@@ -105,31 +105,42 @@ def atomic_write_json(path, data):
 
 
 class AtomicAppendFile:
-    """A text file that is only ever appended to, replaced whole on each ``flush()`` (atomic_write).
+    """A text file that is only ever appended to, each ``flush()`` one ``write(2)`` of whole lines.
 
-    For Detectron2's ``JSONWriter`` (metrics.json), which appends lines to an open file: a signal
-    mid-write could leave a torn last line. The content is kept in memory (metrics files are small).
+    For Detectron2's ``JSONWriter`` (metrics.json), which appends lines to an open file and flushes
+    after each event: its buffered file object could be cut mid-line by a signal. Here what was
+    written since the last flush goes out in a single ``os.write`` on an ``O_APPEND`` descriptor (a
+    regular-file write is not split by a signal), and a torn last line left by a crash elsewhere
+    (power loss) is cut off when the file is opened again. Appending, unlike rewriting the whole
+    file, keeps a write's cost independent of the run's length.
     """
 
     def __init__(self, path):
         self.path, self._pending = path, []
         try:
-            with open(path, encoding="utf-8") as f:
-                self._text = f.read()
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
         except FileNotFoundError:
-            self._text = ""
+            pass
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, text):
         self._pending.append(text)
 
     def flush(self):
         if self._pending:
-            self._text += "".join(self._pending)
+            data = "".join(self._pending).encode("utf-8")
             self._pending = []
-            atomic_write_text(self.path, self._text)
+            while data:  # a regular file takes it whole; loop only for the rare short write
+                data = data[os.write(self._fd, data) :]
 
     def close(self):
-        self.flush()
+        if self._fd is not None:
+            self.flush()
+            os.close(self._fd)
+            self._fd = None
 
 
 def remove_stale_temp_files(folder):

@@ -130,3 +130,19 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     assert torch.equal(got[0], expected[0])
     assert np.array_equal(got[1], expected[1])
     assert got[2] == expected[2] and got[3] == expected[3]
+
+
+def test_append_file_writes_whole_lines_and_cuts_a_torn_last_line(tmp_path):
+    from moco.file_io import AtomicAppendFile
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 0}\n{"iterat')  # a crash elsewhere tore the last line
+    f = AtomicAppendFile(str(path))
+    assert path.read_text() == '{"iteration": 0}\n'
+    f.write('{"iteration": 1')
+    assert path.read_text() == '{"iteration": 0}\n'  # nothing reaches the file before flush
+    f.write("}\n")
+    f.flush()
+    f.write('{"iteration": 2}\n')
+    f.close()
+    assert path.read_text().splitlines() == ['{"iteration": 0}', '{"iteration": 1}', '{"iteration": 2}']
