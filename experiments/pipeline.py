@@ -197,9 +197,10 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
 
 def _detect_stage(cfg, init, weights, seed, synthetic_root):
     opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
-    material = {"config": os.path.abspath(cfg.DETECTION.CONFIG),
-                "config_text": open(cfg.DETECTION.CONFIG).read(), "opts": opts,
-                "data": synthetic_root}  # fmt: skip
+    with open(cfg.DETECTION.CONFIG) as f:
+        config_text = f.read()
+    material = {"config": os.path.abspath(cfg.DETECTION.CONFIG), "config_text": config_text,
+                "opts": opts, "data": synthetic_root}  # fmt: skip
     work = functools.partial(_detect_work, cfg.DETECTION.CONFIG, cfg.DETECTION.NUM_PROCESSES, opts,
                              synthetic_root)  # fmt: skip
     return f"detect_{init}_s{seed}", material, work
