@@ -54,6 +54,11 @@ _C.INPUT.MIN_SCALE = 0.2  # smallest RandomResizedCrop area fraction (official 0
 # Same transforms, parameters and random draws with OpenCV hue/blur and a reduced-scale JPEG
 # decode (moco.augment, fast=True); False = torchvision's PIL implementations as official.
 _C.INPUT.FAST_AUGMENT = True
+# Augment whole batches in the training process (moco.batch_augment): the loader only decodes each
+# image to a BATCH_AUGMENT_SIZE square (0 = 1.5 x CROP_SIZE); same v1/v2 augmentation, per-sample
+# draws. Measured on 2 cores it frees the loader's core (docs/RESULTS.md).
+_C.INPUT.BATCH_AUGMENT = False
+_C.INPUT.BATCH_AUGMENT_SIZE = 0
 
 _C.DATA = CN()
 # Folder with train/<class>/ images (ImageFolder). "$DETECTRON2_DATASETS" expands with the

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
+from moco.batch_augment import batch_source_transform
 from moco.data_checks import CheckedImageFolder
 from moco.fast import to_device as tensor_batch_to  # noqa: F401  (image batch -> device, layout)
 
@@ -65,16 +66,29 @@ def image_folder(root, split, transform, what, loader=None, max_bad_fraction=Non
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
 
+def batch_augment_size(cfg):
+    """INPUT.BATCH_AUGMENT_SIZE, or 1.5 x CROP_SIZE when 0."""
+    if cfg.INPUT.BATCH_AUGMENT_SIZE < 0:
+        raise ValueError(f"INPUT.BATCH_AUGMENT_SIZE must be >= 0 (0 = 1.5 x INPUT.CROP_SIZE), got "
+                         f"{cfg.INPUT.BATCH_AUGMENT_SIZE}")  # fmt: skip
+    return cfg.INPUT.BATCH_AUGMENT_SIZE or int(round(1.5 * cfg.INPUT.CROP_SIZE))
+
+
 def build_pretrain_dataset(cfg, with_index=False):
-    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image.
+    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image (with
+    INPUT.BATCH_AUGMENT: one uint8 square per image, augmented by the trainer).
 
     ``with_index``: items are ``(crops, label, index)`` (the memory bank's sample index).
     """
     crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
     min_scale = cfg.INPUT.MIN_SCALE
-    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale)
-    dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
-                           loader=JpegDraftLoader(crop, min_scale) if fast else None,
+    loader = JpegDraftLoader(crop, min_scale) if fast else None
+    if cfg.INPUT.BATCH_AUGMENT:  # uint8 squares; the trainer draws both crops (moco.batch_augment)
+        transform, loader = batch_source_transform(batch_augment_size(cfg)), None
+    else:
+        transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast,
+                                       min_scale=min_scale)  # fmt: skip
+    dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
                            max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
                            max_pixels=cfg.DATA.MAX_IMAGE_PIXELS)  # fmt: skip
     return WithIndex(dataset) if with_index else dataset

@@ -28,6 +28,7 @@ from detectron2.utils import comm
 
 from moco import checkpoint as ckpt_lib
 from moco import file_io
+from moco.batch_augment import BatchAugment
 from moco.builder import validate_model
 from moco.data import build_pretrain_dataset, build_pretrain_loader, validate_data
 from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
@@ -139,6 +140,10 @@ class PretrainTrainer(SimpleTrainer):
                                      channels_last=cfg.MODEL.CHANNELS_LAST,
                                      fused_sgd=cfg.SOLVER.FUSED_SGD)  # fmt: skip
         self.moco = prepare_model(self.build_model(dataset).to(self.device), self.fast.channels_last)
+        self.batch_augment = None
+        if cfg.INPUT.BATCH_AUGMENT:
+            self.batch_augment = BatchAugment(cfg.INPUT.CROP_SIZE, cfg.INPUT.AUG_PLUS,
+                                              cfg.INPUT.MIN_SCALE).to(self.device)  # fmt: skip
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
@@ -200,8 +205,13 @@ class PretrainTrainer(SimpleTrainer):
 
     def forward_batch(self, batch):
         """``(logits, labels)`` of one loader batch; the step's loss is their cross-entropy."""
-        (im_q, im_k), *rest = batch
-        inputs = [to_device(im, self.device, self.fast.channels_last) for im in (im_q, im_k)]
+        if self.batch_augment is not None:  # uint8 images: both crops drawn here
+            images, *rest = batch
+            images = images.to(self.device, non_blocking=True)
+            crops = (self.batch_augment(images), self.batch_augment(images))
+        else:
+            crops, *rest = batch
+        inputs = [to_device(im, self.device, self.fast.channels_last) for im in crops]
         if getattr(self.moco, "needs_index", False):  # memory bank: (crops, label, index)
             inputs.append(rest[1].to(self.device, non_blocking=True))
         with autocast_context(self.device, self.fast.amp):
