@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from experiments.official import OfficialMoCo, official_train_step
 from moco import fast as fastlib
 from moco.augment import JpegDraftLoader, pretrain_transform
+from moco.batch_augment import BatchAugment, batch_source_transform
 from moco.builder import MoCo
 from moco.resnet import resnet_encoder
 from moco.launch import resolve_device
@@ -245,12 +246,16 @@ class _LoaderRunner:
     goes to the device and through a training step, so a data bottleneck shows as a slower step.
     """
 
-    def __init__(self, loader, fill, timed, device, step=None, channels_last=False):
+    def __init__(self, loader, fill, timed, device, step=None, channels_last=False, augment=None):
         self.loader, self.fill, self.timed, self.device = loader, fill, timed, device
-        self.step, self.channels_last = step, channels_last
+        self.step, self.channels_last, self.augment = step, channels_last, augment
 
     def _consume(self, batch):
-        (im_q, im_k), _ = batch
+        if self.augment is not None:  # uint8 images: both crops drawn on the device
+            images = batch[0].to(self.device, non_blocking=True)
+            im_q, im_k = self.augment(images), self.augment(images)
+        else:
+            (im_q, im_k), _ = batch
         if self.step is not None:
             self.step(fastlib.to_device(im_q, self.device, self.channels_last),
                       fastlib.to_device(im_k, self.device, self.channels_last))
@@ -279,13 +284,15 @@ def loader_schedule(workers, at_least):
     return 2 * w, w * math.ceil(at_least / w)
 
 
-def _loader(folder, cfg, fast, device, images):
+def _loader(folder, cfg, fast, device, images, batched=False):
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision.datasets import ImageFolder
 
     crop = cfg.image_size
-    kwargs = {"loader": JpegDraftLoader(crop)} if fast else {}
-    dataset = ImageFolder(folder, transform=pretrain_transform(crop, cfg.mlp, fast=fast), **kwargs)
+    kwargs = {"loader": JpegDraftLoader(crop)} if fast and not batched else {}
+    transform = (batch_source_transform(int(round(1.5 * crop))) if batched
+                 else pretrain_transform(crop, cfg.mlp, fast=fast))  # fmt: skip
+    dataset = ImageFolder(folder, transform=transform, **kwargs)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = RandomSampler(dataset, replacement=True, num_samples=images, generator=generator)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
@@ -442,19 +449,23 @@ def build_rows(cfg, device):
         fast_desc = (f"JpegDraftLoader + fast {cfg.moco} transform (OpenCV hue/blur, fused "
                      f"normalise), {cfg.workers} workers")  # fmt: skip
         off_desc = f"torchvision PIL {cfg.moco} transform, {cfg.workers} workers"
+        augment = BatchAugment(cfg.image_size, cfg.mlp).to(device)
+        batch_desc = (f"INPUT.BATCH_AUGMENT: {cfg.workers} workers decode, {cfg.moco} crops "
+                      f"drawn per batch on {device.type}")  # fmt: skip
+        variants = ((BASELINE, False, off_desc, None), ("moco-det", True, fast_desc, None),
+                    ("moco-det batch", True, batch_desc, augment))  # fmt: skip
         if "data" in cfg.groups:
-            for name, is_fast, desc in ((BASELINE, False, off_desc), ("moco-det", True, fast_desc)):
-                loader = _loader(folder, cfg, is_fast, device, n_data)
+            for name, is_fast, desc, aug in variants:
+                loader = _loader(folder, cfg, is_fast, device, n_data, batched=aug is not None)
                 add(Row("data", name, "batch", B, desc),
-                    _LoaderRunner(loader, data_fill, data_timed, device))
+                    _LoaderRunner(loader, data_fill, data_timed, device, augment=aug))
         if "e2e" in cfg.groups:
-            for name, is_fast, desc, step, cl in (
-                (BASELINE, False, f"{off_desc} + official step", official_step, False),
-                ("moco-det", True, f"{fast_desc} + fast step", fast_step, path.channels_last),
-            ):
-                loader = _loader(folder, cfg, is_fast, device, n_e2e)
-                add(Row("e2e", name, "step", B, desc),
-                    _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl))
+            for name, is_fast, desc, aug in variants:
+                step, cl = (fast_step, path.channels_last) if is_fast else (official_step, False)
+                loader = _loader(folder, cfg, is_fast, device, n_e2e, batched=aug is not None)
+                add(Row("e2e", name, "step", B, desc + (" + fast step" if is_fast else
+                                                        " + official step")),
+                    _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl, augment=aug))
     return rows, runners, path
 
 

@@ -93,8 +93,9 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     rows = {(r["group"], r["name"]): r for r in report["rows"]}
     assert set(rows) == {("model", "official"), ("model", "moco-det"), ("model", "lightly"),
                          ("momentum", "official"), ("momentum", "moco-det"),
-                         ("data", "official"), ("data", "moco-det"),
-                         ("e2e", "official"), ("e2e", "moco-det")}  # fmt: skip
+                         ("data", "official"), ("data", "moco-det"), ("data", "moco-det batch"),
+                         ("e2e", "official"), ("e2e", "moco-det"),
+                         ("e2e", "moco-det batch")}  # fmt: skip
     assert rows[("model", "lightly")]["status"].startswith("not installed")
     for key, r in rows.items():
         if key[1] == "lightly":
@@ -124,7 +125,8 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     table = captured.out
     assert "median ms" in table and "cpu ms" in table and "x baseline" in table
     groups = ("model", "momentum", "data", "e2e")
-    assert sum(line.startswith(groups) for line in table.splitlines()) == 9
+    assert sum(line.startswith(groups) for line in table.splitlines()) == 11
+    assert "BATCH_AUGMENT" in rows[("e2e", "moco-det batch")]["detail"]
     assert "not installed" in table and f"wrote {out}" in table
 
 
