@@ -228,25 +228,28 @@ def run_pipeline(cfg):
     sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None
     if sup_ckpt and not os.path.isfile(sup_ckpt):
         raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
+
+    def trials_of(init, checkpoint):
+        """Convert ``checkpoint`` (here: it takes a moment) and return ``init``'s trials."""
+        weights = stages.run(*_convert_stage(init, checkpoint))["weights"]
+        return [_detect_stage(cfg, init, weights, seed, synthetic_root) for seed in trials]
+
+    # Each init's trials join the queue as soon as its weights exist, so neither worker waits
+    # for an unrelated stage: the random trials and the supervised baseline's run beside MoCo's.
     first = [_pretrain_stage(cfg, folder, supervised=False)]
     first += [_pretrain_stage(cfg, folder, supervised=True)] if train_supervised else []
     first += [_detect_stage(cfg, "random", "", seed, synthetic_root) for seed in trials]
-    done = stages.run_many(first, cfg.JOBS)
-    pretrained = {"moco": done[0]}
-    if train_supervised:
-        pretrained["supervised"] = done[1]
-        sup_ckpt = done[1]["checkpoint"]
-    runs = {init: [] for init in INITS}
-    runs["random"] = [out["run_dir"] for out in done[len(pretrained):]]
-    weights = {
-        "moco": stages.run(*_convert_stage("moco", done[0]["checkpoint"]))["weights"],
-        "supervised": stages.run(*_convert_stage("supervised", sup_ckpt))["weights"],
-    }
-    second = [(init, seed) for seed in trials for init in ("moco", "supervised")]
-    done = stages.run_many([_detect_stage(cfg, init, weights[init], seed, synthetic_root)
-                            for init, seed in second], cfg.JOBS)  # fmt: skip
-    for (init, _), out in zip(second, done):
-        runs[init].append(out["run_dir"])
+    pretrain_init = {"pretrain_moco": "moco", "pretrain_supervised": "supervised"}
+    later = [] if train_supervised else trials_of("supervised", sup_ckpt)
+
+    def then(i, outputs):  # a finished pretraining's trials
+        init = pretrain_init.get(first[i][0]) if i < len(first) else None
+        return trials_of(init, outputs["checkpoint"]) if init else []
+
+    stages.run_many(first + later, cfg.JOBS, then=then)
+    outputs = {r["name"]: r["outputs"] for r in stages.records}
+    pretrained = {init: outputs[name] for name, init in pretrain_init.items() if name in outputs}
+    runs = {init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in INITS}
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")

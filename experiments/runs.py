@@ -85,10 +85,6 @@ def fresh_loggers():
         _cached_log_stream.cache_clear()  # its streams were closed with the handlers
 
 
-class StageFailed(RuntimeError):
-    """A stage's process failed; the message names the stage and its console log."""
-
-
 @contextlib.contextmanager
 def _console_to(path):
     """Send this process's stdout and stderr (file descriptors too) to ``path`` for a while."""
@@ -177,42 +173,57 @@ class Stages:
             outputs = fn(out, resume)
         return self._finish(head, name, key, material, out, outputs, time.perf_counter() - start)
 
-    def run_many(self, stages, jobs=1, threads=None):
+    def run_many(self, stages, jobs=1, threads=None, then=None):
         """Run ``[(name, material, fn), ...]`` (independent stages), ``jobs`` at a time.
 
+        ``then(i, outputs)``, if given, is called in this process when stage ``i`` finishes (or is
+        reused) and returns the stages that depended on it, which join the queue at once: a lane
+        never waits for an unrelated stage. Stages are numbered in the order they are added.
+
         ``jobs == 1``: one after the other in this process, as :meth:`run`. Otherwise ``jobs``
-        worker processes (spawned) take the unfinished stages in list order, each with ``threads``
+        worker processes (spawned) take the unfinished stages in queue order, each with ``threads``
         torch threads (default: cores // jobs) and each stage's console in
         ``<stage folder>/console.log``; ``fn`` must then be picklable (a module-level function or
         a ``functools.partial`` of one). If a stage fails, the workers are stopped (finished
         stages are kept, an interrupted one resumes on the next run) and :class:`StageFailed`
-        names it. Returns the outputs in list order.
+        names it. Returns the outputs of every stage, added ones included, in order.
         """
+        then = then or (lambda i, outputs: [])
         if jobs <= 1:
-            return [self.run(*stage) for stage in stages]
+            stages, results = list(stages), []
+            while len(results) < len(stages):
+                results.append(self.run(*stages[len(results)]))
+                stages += then(len(results) - 1, results[-1])
+            return results
         threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-        results, pending = {}, {}
-        for i, (name, material, fn) in enumerate(stages):
-            head, out, resume, key, record = self._start(name, material)
-            if record is not None:
-                results[i] = record["outputs"]
-            else:
-                pending[i] = (name, material, fn, head, out, resume, key)
-        if not pending:
-            return [results[i] for i in range(len(stages))]
+        initial, stages = list(stages), []
+        results, pending, started = {}, {}, {}
         ctx = multiprocessing.get_context("spawn")
         tasks, messages = ctx.Queue(), ctx.Queue()
-        for i, (name, material, fn, head, out, resume, key) in pending.items():
-            os.makedirs(out, exist_ok=True)
-            tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
-        lanes = [ctx.Process(target=_lane, args=(tasks, messages, threads), name=f"lane{j}")
-                 for j in range(min(jobs, len(pending)))]  # fmt: skip
-        for _ in lanes:
-            tasks.put(None)
-        started = {}
+        lanes = []
+
+        def add(new):
+            """Queue ``new`` stages; reused ones finish at once (and may add their own)."""
+            while new:
+                i = len(stages)
+                stages.append(new.pop(0))
+                name, material, fn = stages[i]
+                head, out, resume, key, record = self._start(name, material)
+                if record is not None:
+                    results[i] = record["outputs"]
+                    new += then(i, results[i])
+                    continue
+                pending[i] = (name, material, fn, head, out, resume, key)
+                os.makedirs(out, exist_ok=True)
+                tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
+                if len(lanes) < jobs:
+                    lane = ctx.Process(target=_lane, args=(tasks, messages, threads),
+                                       name=f"lane{len(lanes)}")  # fmt: skip
+                    lanes.append(lane)
+                    lane.start()
+
         try:
-            for lane in lanes:
-                lane.start()
+            add(initial)
             while len(results) < len(stages):
                 try:
                     i, event, payload = messages.get(timeout=5)
@@ -234,7 +245,10 @@ class Stages:
                 else:
                     seconds = time.perf_counter() - started.pop(i)
                     results[i] = self._finish(head, name, key, material, out, payload, seconds)
+                    add(then(i, results[i]))
         finally:
+            for _ in lanes:
+                tasks.put(None)
             for lane in lanes:
                 if lane.is_alive() and len(results) < len(stages):
                     lane.terminate()

@@ -62,3 +62,25 @@ def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_pa
     for i in range(2):
         (folder,) = [d for d in os.listdir(tmp_path) if d.startswith(f"s{i}-")]
         assert (tmp_path / folder / STAGE_FILE).exists()
+
+
+def _dependants(calls, i, outputs):
+    """Stage s0's finish adds d0 and d1; d0's finish adds d2; nothing else adds anything."""
+    calls.append(outputs["value"])
+    more = {0: ["d0", "d1"], "d0": ["d2"]}.get(outputs["value"], [])
+    return [(name, {"name": name}, functools.partial(_work, name)) for name in more]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_dependants_join_the_queue_when_their_stage_finishes_or_is_reused(tmp_path, jobs):
+    calls = []
+    then = functools.partial(_dependants, calls)
+    outputs = Stages(str(tmp_path), total=6).run_many(_stages(3), jobs=jobs, threads=1, then=then)
+    values = [o["value"] for o in outputs]
+    assert values[:3] == [0, 1, 2] and sorted(values[3:]) == ["d0", "d1", "d2"]
+    assert values.index("d2") > values.index("d0")  # added when d0 finished
+    assert sorted(calls, key=str) == sorted([0, 1, 2, "d0", "d1", "d2"], key=str)
+    # a rerun reuses every stage, and the reused ones still add their dependants
+    again = Stages(str(tmp_path), total=6)
+    assert again.run_many(_stages(3), jobs=jobs, then=then) == outputs
+    assert len(again.records) == 6 and all(r["reused"] for r in again.records)
