@@ -295,7 +295,8 @@ def _pretrain_lines(pretrained):
 
 
 def build_argument_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help="YAML under configs/pipeline/ (default: embedded_cpu.yaml, the CPU demo)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",

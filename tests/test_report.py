@@ -133,7 +133,7 @@ def test_cli(voc_runs, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]
     assert main([f"a={tmp_path}/none_*"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("report: error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("report.py: error:") and len(err.strip().splitlines()) == 1
 
 
 def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):

@@ -59,7 +59,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(syntheti
     assert err.startswith("pretrain.py: error: OUTPUT_DIR") and str(out) in err and f"pid {pid}" in err
     assert train_net(["--config-file", VOC_CFG, *TINY, "OUTPUT_DIR", str(out)]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert err.startswith("train_net: error: OUTPUT_DIR") and f"pid {pid}" in err
+    assert err.startswith("train_net.py: error: OUTPUT_DIR") and f"pid {pid}" in err
     assert sorted(os.listdir(out)) == [".lock"]  # neither run wrote anything there
 
 

@@ -123,5 +123,5 @@ def test_cli_errors_are_one_line(synthetic_datasets, tmp_path, capsys):
     for argv, message in cases:
         assert main(argv + ["OUTPUT_DIR", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err.startswith("train_net: error:") and message in err, err
+        assert err.startswith("train_net.py: error:") and message in err, err
         assert len(err.splitlines()) == 1

@@ -29,7 +29,7 @@ _D = BenchConfig()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--arch", default=_D.arch, help="torchvision ResNet (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=_D.image_size,
@@ -126,7 +126,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli("benchmark", lambda: run(parse_args(argv)))
+    return run_cli("benchmark.py", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from moco.cli import run_cli
 
 def main(argv=None):
     args = default_argument_parser(epilog=__doc__).parse_args(argv)
-    return run_cli("train_net", lambda: run(args), errors=(OSError, pickle.UnpicklingError))
+    return run_cli("train_net.py", lambda: run(args), errors=(OSError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":
