@@ -125,3 +125,21 @@ def test_cli_errors_are_one_line(synthetic_datasets, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("train_net.py: error:") and message in err, err
         assert len(err.splitlines()) == 1
+
+
+def test_an_unconverted_moco_checkpoint_as_weights_names_the_converter(synthetic_datasets, tmp_path,
+                                                                        capsys):  # fmt: skip
+    from moco import checkpoint as C
+    from moco.builder import MoCo
+    from moco.resnet import resnet_encoder
+
+    model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
+    path = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))
+    argv = ["--config-file", VOC_CFG, *TINY, "MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "o")]
+    assert _cli()(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    err = err.splitlines()[-1]  # torch may warn once on its first import of cpp_extension
+    assert err.startswith(f"train_net.py: error: {path} is a pretraining checkpoint (MoCo format)")
+    assert f"tools/convert_to_d2.py {path} OUT.pkl" in err
+
