@@ -21,7 +21,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
-from moco.config import check_safe_yaml
+from moco.config import check_safe_yaml, key_hint
 from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
@@ -80,11 +80,11 @@ def load_cfg(config_file, opts=(), world_size=1):
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
-        raise ValueError(f"{config_file}: invalid config ({reason})") from None
+        raise ValueError(f"{config_file}: invalid config ({reason}){key_hint(cfg, e)}") from None
     try:
         cfg.merge_from_list(list(opts or []))
     except (KeyError, AssertionError, ValueError) as e:
-        raise ValueError(f"command-line overrides {list(opts)}: {e}") from None
+        raise ValueError(f"command-line overrides {list(opts)}: {e}{key_hint(cfg, e)}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if world_size == 1:

@@ -83,7 +83,8 @@ def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("SOLVER: [\n")
     main = load_tool("train_net").main
-    for path, message in ((cfg, "MAX_ITERS"), (broken, "not valid YAML")):
+    for path, message in ((cfg, "MAX_ITERS'); did you mean SOLVER.MAX_ITER or "),
+                          (broken, "not valid YAML")):  # fmt: skip
         assert main(["--config-file", str(path)]) == 2
         msg = _one_line_error(capsys.readouterr().err, "train_net.py")
         assert str(path) in msg and message in msg
