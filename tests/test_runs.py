@@ -62,3 +62,29 @@ def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_pa
     for i in range(2):
         (folder,) = [d for d in os.listdir(tmp_path) if d.startswith(f"s{i}-")]
         assert (tmp_path / folder / STAGE_FILE).exists()
+
+
+def test_a_copied_repository_reuses_its_finished_stages(tmp_path, capsys):
+    """Keys and records hold paths relative to the repository root: after a copy to another
+    place the stage is found finished, and its outputs point into the copy."""
+    import shutil
+
+    def stage(root):
+        material = {"config": os.path.join(root, "configs", "a.yaml"), "text": f"DATA: {root}/d\n"}
+        return "s", material, lambda out, resume: {"weights": os.path.join(out, "w.pkl")}
+
+    first = tmp_path / "one" / "repo"
+    out = Stages(str(first / "output"), 1, root=str(first)).run(*stage(str(first)))
+    assert out == {"weights": os.path.join(str(first / "output"), _only_dir(first / "output"), "w.pkl")}
+    copy = tmp_path / "two" / "repo"
+    shutil.copytree(first, copy)
+    capsys.readouterr()
+    reused = Stages(str(copy / "output"), 1, root=str(copy)).run(*stage(str(copy)))
+    assert "done earlier, reusing" in capsys.readouterr().out
+    assert reused == {"weights": os.path.join(str(copy / "output"), _only_dir(copy / "output"), "w.pkl")}
+    assert os.listdir(copy / "output") == os.listdir(first / "output")  # no new, partial folder
+
+
+def _only_dir(path):
+    (name,) = os.listdir(path)
+    return name
