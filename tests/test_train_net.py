@@ -143,3 +143,15 @@ def test_an_unconverted_moco_checkpoint_as_weights_names_the_converter(synthetic
     assert err.startswith(f"train_net.py: error: {path} is a pretraining checkpoint (MoCo format)")
     assert f"tools/convert_to_d2.py {path} OUT.pkl" in err
 
+
+def test_the_fast_parser_is_detectron2s_default_argument_parser():
+    """tools/train_net.py builds its parser without Detectron2 (a fast --help): same flags,
+    defaults, types and actions as default_argument_parser."""
+
+    def spec(parser):
+        return sorted((a.dest, tuple(a.option_strings), a.default, a.type, a.nargs, type(a).__name__)
+                      for a in parser._actions)  # fmt: skip
+
+    assert spec(load_tool("train_net").build_parser()) == spec(default_argument_parser())
+    argv = ["--config-file", "c.yaml", "--resume", "--num-gpus", "2", "SOLVER.MAX_ITER", "5"]
+    assert vars(load_tool("train_net").build_parser().parse_args(argv)) == vars(_args(argv))
