@@ -13,7 +13,6 @@ import argparse
 import pickle
 import sys
 
-from detection.convert import FORMATS, convert_checkpoint
 from moco.cli import run_cli
 
 
@@ -22,14 +21,18 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="input layout (default: detected from the keys)")
+    parser.add_argument("--format", default=None, metavar="FORMAT",
+                        help="input layout (default: detected from the keys; a wrong one is "
+                             "answered with the list)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def run(args):
+    from detection.convert import convert_checkpoint  # after parsing: --help answers at once
+
     result = convert_checkpoint(args.input, args.output, args.format)
     print(result.summary(args.input, args.output))
+    print(f"convert_to_d2.py: wrote {args.output} (fine-tune with MODEL.WEIGHTS {args.output})")
 
 
 def main(argv=None):
