@@ -213,7 +213,7 @@ def run_pipeline(cfg):
     pretraining, the supervised baseline and the random-init trials (which need no pretraining),
     then the MoCo and supervised trials.
     """
-    from detection.report import compare, paired, summarize, to_markdown, write_report
+    from detection.report import compare, paired, plot_curves, summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
@@ -261,6 +261,12 @@ def run_pipeline(cfg):
             verdicts.append(compare(table, "moco", other))
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
     paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
+    # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
+    curves = plot_curves({f"pretrain_{name}": os.path.dirname(out["checkpoint"])
+                          for name, out in pretrained.items()},
+                         os.path.join(report_dir, "pretraining_curves.png"))  # fmt: skip
+    if curves:
+        paths["curves"] = curves
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],

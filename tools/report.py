@@ -5,13 +5,15 @@
         --output-dir out/report
 
 Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
-final_metrics.json. Prints the Markdown table; writes transfer.md / .csv / .png to --output-dir.
+final_metrics.json. Prints the Markdown table; writes transfer.md (with what was run) / .csv /
+.png (AP bars with value labels and std error bars) and curves.png (loss and lr over iterations,
+from each run's metrics.json) to --output-dir.
 """
 
 import argparse
+import os
 import sys
 
-from detection.report import parse_groups, summarize, to_markdown, write_report
 from moco.cli import run_cli
 
 
@@ -26,11 +28,20 @@ def parse_args(argv=None):
 
 
 def run(args):
-    table = summarize(parse_groups(args.groups), baseline=args.baseline)
+    from detection.report import (parse_groups, plot_curves, summarize, to_markdown,
+                                  write_report)  # after parsing: --help answers at once
+
+    if args.output_dir:
+        print(f"report.py: output folder {args.output_dir}", flush=True)
+    groups = parse_groups(args.groups)
+    table = summarize(groups, baseline=args.baseline)
     print(to_markdown(table), end="")
     if args.output_dir:
         paths = write_report(table, args.output_dir, title=args.title)
-        print("wrote " + ", ".join(paths.values()))
+        runs = {f"{label}/{os.path.basename(os.path.normpath(run))}": run
+                for label, group in groups.items() for run in group}  # fmt: skip
+        curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
+        print("report.py: wrote " + ", ".join([*paths.values(), *([curves] if curves else [])]))
 
 
 def main(argv=None):
