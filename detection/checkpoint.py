@@ -288,9 +288,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         raw = data.get("model")
         if isinstance(raw, dict) and "state_dict" in raw and "epoch" in raw:
             # Detectron2 would fail on the first non-tensor ("Unsupported type found in checkpoint")
-            raise ValueError(f"{filename} is a pretraining checkpoint (MoCo format), not Detectron2 "
-                             f"weights; convert it first: tools/convert_to_d2.py {filename} "
-                             "OUT.pkl, then MODEL.WEIGHTS OUT.pkl")  # fmt: skip
+            raise ValueError(f"{filename} is a pretraining checkpoint (MoCo format), not "
+                             f"Detectron2 weights; convert it first: tools/convert_to_d2.py "
+                             f"{filename} OUT.pkl, then MODEL.WEIGHTS OUT.pkl")  # fmt: skip
         return data
 
     def _torch_load(self, f):

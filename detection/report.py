@@ -387,7 +387,8 @@ def plot_table(table, path, title=None):
         xs = [j + (i - (k - 1) / 2) * width for j in range(len(table.columns))]
         means = [s.mean for s in row.stats]
         errs = [math.nan if s.std is None else s.std for s in row.stats]  # NaN: no bar for n == 1
-        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=f"{row.label} (n={row.stats[0].n})")
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3,
+                      label=f"{row.label} (n={row.stats[0].n})")  # fmt: skip
         # values on the bars: a near-zero bar is otherwise invisible
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=7)
     ax.set_xticks(range(len(table.columns)))
@@ -482,10 +483,11 @@ def what_was_run(table):
 
         configs = ", ".join(sorted({os.path.relpath(d["config_file"]) if d.get("config_file")
                                     else "?" for d in runs}))  # fmt: skip
-        lines.append(f"- {row.label}: {len(runs)} trial(s), seeds {', '.join(map(str, row.seeds))}; "
-                     f"config {configs} (overrides: {values('opts')}); {values('iterations')} "
-                     f"iterations of {values('ims_per_batch')} images on {values('device')} "
-                     f"x {values('world_size')}; weights {values('weights') or 'none'}")  # fmt: skip
+        seeds = ", ".join(map(str, row.seeds))
+        lines.append(f"- {row.label}: {len(runs)} trial(s), seeds {seeds}; config {configs} "
+                     f"(overrides: {values('opts')}); {values('iterations')} iterations of "
+                     f"{values('ims_per_batch')} images on {values('device')} x "
+                     f"{values('world_size')}; weights {values('weights') or 'none'}")  # fmt: skip
     lines.append(f"- code: commit {git_commit() or 'unknown (not a git checkout)'}")
     lines.append(f"- machine: {platform.node()}, {platform.platform()}, {platform.machine()}, "
                  f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip

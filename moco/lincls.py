@@ -137,8 +137,8 @@ def load_pretrained(model, path, arch):
         )
     bad = [k for k in backbone if tuple(backbone[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but -a {arch} "
-                         f"needs {tuple(own[bad[0]].shape)}; check --arch")  # fmt: skip
+        raise ValueError(f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but "
+                         f"-a {arch} needs {tuple(own[bad[0]].shape)}; check --arch")  # fmt: skip
     result = model.load_state_dict(backbone, strict=False)
     assert set(result.missing_keys) == set(HEAD_KEYS), result.missing_keys
     logger.info("loaded %s backbone from %s (%d tensors)", fmt, path, len(backbone))
@@ -188,7 +188,8 @@ def check_new_run(output_dir):
     ckpt = os.path.join(output_dir, CHECKPOINT_FILE)
     if os.path.exists(ckpt):
         raise ValueError(f"--output-dir {output_dir} holds a linear classifier run ({ckpt}); "
-                         f"continue it with --resume {ckpt}, or give another --output-dir")  # fmt: skip
+                         f"continue it with --resume {ckpt}, or give another "
+                         "--output-dir")  # fmt: skip
 
 
 def run_lincls(opts: LinclsOptions):
@@ -312,7 +313,8 @@ def _train_epoch(model, loader, optimizer, device, storage, printer, print_freq)
         storage.put_scalars(loss=loss.item(), lr=optimizer.param_groups[0]["lr"], time=now - start,
                             smoothing_hint=False)  # fmt: skip
         start = now
-        if printer is not None and print_freq > 0 and ((i + 1) % print_freq == 0 or i + 1 == len(loader)):
+        due = print_freq > 0 and ((i + 1) % print_freq == 0 or i + 1 == len(loader))
+        if printer is not None and due:
             printer.write()
         storage.step()
     return total / max(n, 1)

@@ -74,7 +74,8 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     for label in ("moco", "random"):  # the others: three cells "mean (+delta)"
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
     assert os.path.getsize(paths["png"]) > 1000
-    assert paths["curves"].endswith("pretraining_curves.png") and os.path.getsize(paths["curves"]) > 1000
+    assert paths["curves"].endswith("pretraining_curves.png")
+    assert os.path.getsize(paths["curves"]) > 1000
     with open(paths["md"]) as f:
         text = f.read()
     assert "## What was run" in text and "- moco: 2 trial(s), seeds 0, 1; config configs/" in text

@@ -207,7 +207,8 @@ def test_training_curves_from_metrics_json(tmp_path, monkeypatch):
     axes = figures[0].axes
     assert [ax.get_title() for ax in axes] == ["loss", "kNN top-1 (%)", "learning rate"]
     knn = axes[1].lines
-    assert len(knn) == 1 and list(knn[0].get_xdata()) == [1, 3] and list(knn[0].get_ydata()) == [21.0, 23.0]
+    assert len(knn) == 1 and list(knn[0].get_xdata()) == [1, 3]
+    assert list(knn[0].get_ydata()) == [21.0, 23.0]
     assert [len(line.get_xdata()) for line in axes[0].lines] == [4, 1]
     assert plot_curves({"none": str(tmp_path / "missing")}, str(tmp_path / "x.png")) is None
     assert not (tmp_path / "x.png").exists()

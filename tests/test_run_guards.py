@@ -146,7 +146,8 @@ def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(sy
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and line.startswith("pretrain.py: stopped by SIGTERM after iteration")
-    assert line.endswith(f"tools/pretrain.py {shlex.join(cmd[2:])} --resume auto"), line  # to continue
+    # to continue: the command that was run, with --resume auto
+    assert line.endswith(f"tools/pretrain.py {shlex.join(cmd[2:])} --resume auto"), line
     path = line.split("checkpoint ", 1)[1].split(";")[0]
     assert os.path.dirname(path) == str(out) and (out / "last_checkpoint").read_text() == os.path.basename(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

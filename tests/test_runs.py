@@ -75,13 +75,13 @@ def test_a_copied_repository_reuses_its_finished_stages(tmp_path, capsys):
 
     first = tmp_path / "one" / "repo"
     out = Stages(str(first / "output"), 1, root=str(first)).run(*stage(str(first)))
-    assert out == {"weights": os.path.join(str(first / "output"), _only_dir(first / "output"), "w.pkl")}
+    assert out == {"weights": str(first / "output" / _only_dir(first / "output") / "w.pkl")}
     copy = tmp_path / "two" / "repo"
     shutil.copytree(first, copy)
     capsys.readouterr()
     reused = Stages(str(copy / "output"), 1, root=str(copy)).run(*stage(str(copy)))
     assert "done earlier, reusing" in capsys.readouterr().out
-    assert reused == {"weights": os.path.join(str(copy / "output"), _only_dir(copy / "output"), "w.pkl")}
+    assert reused == {"weights": str(copy / "output" / _only_dir(copy / "output") / "w.pkl")}
     assert os.listdir(copy / "output") == os.listdir(first / "output")  # no new, partial folder
 
 

@@ -135,7 +135,8 @@ def test_an_unconverted_moco_checkpoint_as_weights_names_the_converter(synthetic
 
     model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
     path = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))
-    argv = ["--config-file", VOC_CFG, *TINY, "MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "o")]
+    argv = ["--config-file", VOC_CFG, *TINY, "MODEL.WEIGHTS", path,
+            "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
     assert _cli()(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err, err
@@ -149,8 +150,8 @@ def test_the_fast_parser_is_detectron2s_default_argument_parser():
     defaults, types and actions as default_argument_parser."""
 
     def spec(parser):
-        return sorted((a.dest, tuple(a.option_strings), a.default, a.type, a.nargs, type(a).__name__)
-                      for a in parser._actions)  # fmt: skip
+        return sorted((a.dest, tuple(a.option_strings), a.default, a.type, a.nargs,
+                       type(a).__name__) for a in parser._actions)  # fmt: skip
 
     assert spec(load_tool("train_net").build_parser()) == spec(default_argument_parser())
     argv = ["--config-file", "c.yaml", "--resume", "--num-gpus", "2", "SOLVER.MAX_ITER", "5"]

@@ -87,7 +87,8 @@ def _print_report(report):
     from experiments.benchmark import format_table
 
     for name in ("fast_path", "environment"):  # a line each, the whole record is in the JSON
-        print(f"{name.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in report[name].items()))
+        items = ", ".join(f"{k} {v}" for k, v in report[name].items())
+        print(f"{name.replace('_', ' ')}: {items}")
     if report["rows"]:
         print(format_table(report))
     det = report.get("detectron2")

@@ -17,8 +17,9 @@ from moco.cli import run_cli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="convert_to_d2.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="convert_to_d2.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
     parser.add_argument("--format", default=None, metavar="FORMAT",
@@ -36,7 +37,8 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli("convert_to_d2.py", lambda: run(parse_args(argv)), errors=(OSError, pickle.UnpicklingError))
+    return run_cli("convert_to_d2.py", lambda: run(parse_args(argv)),
+                   errors=(OSError, pickle.UnpicklingError))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def run(args):
 
 def main(argv=None) -> int:
     # FileExistsError / permission problems are OSErrors
-    return run_cli("make_data.py", lambda: run(parse_args(argv)), errors=(OSError,), rewrite=_flag_names)
+    return run_cli("make_data.py", lambda: run(parse_args(argv)), errors=(OSError,),
+                   rewrite=_flag_names)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from moco.cli import run_cli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="report.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders")
     parser.add_argument("--baseline", default=None, help="label whose means the deltas are taken against")
     parser.add_argument("--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here")
