@@ -2,7 +2,7 @@
 """Convert a pretrained ResNet checkpoint to Detectron2 weights.
 
     python tools/convert_to_d2.py checkpoint_0199.pth.tar moco_r50.pkl
-    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \
+    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \\
         MODEL.WEIGHTS moco_r50.pkl
 
 Reads official MoCo v1/v2 and this toolkit's checkpoints, MoCo v3 ResNet checkpoints and

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Paper-style table of detection transfer runs (mean±std over trials, delta to a baseline).
 
-    python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \
+    python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \\
         --output-dir out/report
 
 Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
