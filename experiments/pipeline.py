@@ -73,6 +73,11 @@ def get_pipeline_cfg():
 
 
 def load_pipeline_cfg(preset=None, opts=()):
+    """The pipeline config of ``preset`` (a path, or a file name under configs/pipeline/) and
+    ``opts`` (KEY VALUE)."""
+    presets = os.path.dirname(DEFAULT_PRESET)
+    if preset and not os.path.exists(preset) and os.path.isfile(os.path.join(presets, preset)):
+        preset = os.path.join(presets, preset)  # --preset ci.yaml, as the help names them
     cfg = load_cfg(preset, list(opts), defaults=get_pipeline_cfg, what="--preset",
                    keys="experiments/pipeline.py")  # fmt: skip
     if cfg.DETECTION.TRIALS < 1:
@@ -304,7 +309,8 @@ def build_argument_parser():
     p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="YAML under configs/pipeline/ (default: embedded_cpu.yaml, the CPU demo)")
+                   help="a YAML file, or the name of one under configs/pipeline/ (default: "
+                        "embedded_cpu.yaml, the CPU demo)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3")  # fmt: skip
     return p

@@ -117,6 +117,10 @@ def test_stage_key_follows_the_config():
     assert synthetic_spec(b).seed == 1
 
 
+def test_a_preset_may_be_named_by_its_file_name():
+    assert load_pipeline_cfg("ci.yaml").dump() == load_pipeline_cfg("configs/pipeline/ci.yaml").dump()
+
+
 def test_bad_pipeline_settings_fail_clearly():
     with pytest.raises(FileNotFoundError, match="--preset nope.yaml"):
         load_pipeline_cfg("nope.yaml")
