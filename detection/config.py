@@ -15,6 +15,7 @@ Importing this module registers ``Res5ROIHeadsExtraNorm`` (the paper's C4 ROI he
 
 import logging
 import os
+import re
 
 import torch
 import yaml
@@ -93,10 +94,27 @@ def load_cfg(config_file, opts=(), world_size=1):
     return cfg
 
 
+class UnusedCExtensionNote(logging.Filter):
+    """Detectron2's environment dump says "detectron2._C not built correctly", which reads as a
+    broken install; this toolkit never uses ``_C`` (ROIAlign and NMS come from torchvision), so
+    the line says that instead."""
+
+    _LINE = re.compile(r"(detectron2\._C\s+)not built correctly[^\n]*")
+
+    def filter(self, record):
+        if isinstance(record.msg, str) and "detectron2._C" in record.msg:
+            record.msg = self._LINE.sub(r"\1not used (ROIAlign and NMS come from torchvision)",
+                                        record.msg)  # fmt: skip
+        return True
+
+
 def setup_cfg(args):
     """``load_cfg`` from parsed ``default_argument_parser`` args, then Detectron2's ``default_setup``
     (logger, config.yaml in OUTPUT_DIR, seeding)."""
     world_size = args.num_gpus * args.num_machines
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    d2_logger = logging.getLogger("detectron2")
+    if not any(isinstance(f, UnusedCExtensionNote) for f in d2_logger.filters):
+        d2_logger.addFilter(UnusedCExtensionNote())
     default_setup(cfg, args)
     return cfg
