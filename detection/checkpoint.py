@@ -284,7 +284,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             }
             return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
         # everything else (.pth, resume checkpoints): Detectron2's path, reading via _torch_load
-        return super()._load_file(filename)
+        data = super()._load_file(filename)
+        raw = data.get("model")
+        if isinstance(raw, dict) and "state_dict" in raw and "epoch" in raw:
+            # Detectron2 would fail on the first non-tensor ("Unsupported type found in checkpoint")
+            raise ValueError(f"{filename} is a pretraining checkpoint (MoCo format), not "
+                             f"Detectron2 weights; convert it first: tools/convert_to_d2.py "
+                             f"{filename} OUT.pkl, then MODEL.WEIGHTS OUT.pkl")  # fmt: skip
+        return data
 
     def _torch_load(self, f):
         name = getattr(f, "name", None)

@@ -15,13 +15,14 @@ Importing this module registers ``Res5ROIHeadsExtraNorm`` (the paper's C4 ROI he
 
 import logging
 import os
+import re
 
 import torch
 import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
-from moco.config import check_safe_yaml
+from moco.config import check_safe_yaml, key_hint
 from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
@@ -80,11 +81,11 @@ def load_cfg(config_file, opts=(), world_size=1):
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
-        raise ValueError(f"{config_file}: invalid config ({reason})") from None
+        raise ValueError(f"{config_file}: invalid config ({reason}){key_hint(cfg, e)}") from None
     try:
         cfg.merge_from_list(list(opts or []))
     except (KeyError, AssertionError, ValueError) as e:
-        raise ValueError(f"command-line overrides {list(opts)}: {e}") from None
+        raise ValueError(f"command-line overrides {list(opts)}: {e}{key_hint(cfg, e)}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if world_size == 1:
@@ -93,10 +94,27 @@ def load_cfg(config_file, opts=(), world_size=1):
     return cfg
 
 
+class UnusedCExtensionNote(logging.Filter):
+    """Detectron2's environment dump says "detectron2._C not built correctly", which reads as a
+    broken install; this toolkit never uses ``_C`` (ROIAlign and NMS come from torchvision), so
+    the line says that instead."""
+
+    _LINE = re.compile(r"(detectron2\._C\s+)not built correctly[^\n]*")
+
+    def filter(self, record):
+        if isinstance(record.msg, str) and "detectron2._C" in record.msg:
+            record.msg = self._LINE.sub(r"\1not used (ROIAlign and NMS come from torchvision)",
+                                        record.msg)  # fmt: skip
+        return True
+
+
 def setup_cfg(args):
     """``load_cfg`` from parsed ``default_argument_parser`` args, then Detectron2's ``default_setup``
     (logger, config.yaml in OUTPUT_DIR, seeding)."""
     world_size = args.num_gpus * args.num_machines
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    d2_logger = logging.getLogger("detectron2")
+    if not any(isinstance(f, UnusedCExtensionNote) for f in d2_logger.filters):
+        d2_logger.addFilter(UnusedCExtensionNote())
     default_setup(cfg, args)
     return cfg

@@ -387,7 +387,10 @@ def plot_table(table, path, title=None):
         xs = [j + (i - (k - 1) / 2) * width for j in range(len(table.columns))]
         means = [s.mean for s in row.stats]
         errs = [math.nan if s.std is None else s.std for s in row.stats]  # NaN: no bar for n == 1
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=f"{row.label} (n={row.stats[0].n})")
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3,
+                      label=f"{row.label} (n={row.stats[0].n})")  # fmt: skip
+        # values on the bars: a near-zero bar is otherwise invisible
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=7)
     ax.set_xticks(range(len(table.columns)))
     ax.set_xticklabels(table.columns)
     ax.set_ylabel("AP (%)")
@@ -397,14 +400,110 @@ def plot_table(table, path, title=None):
     save_figure(fig, path)
 
 
+# panels of the training curves: (title, metrics.json keys tried in order)
+CURVE_PANELS = (("loss", ("total_loss", "loss")), ("kNN top-1 (%)", ("knn_top1",)),
+                ("learning rate", ("lr",)))  # fmt: skip
+
+
+def read_metrics_json(run_dir):
+    """The rows of ``run_dir/metrics.json`` (Detectron2's JSONWriter: one JSON object a line);
+    [] when there is none. A torn or foreign line is skipped."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "iteration" in row:
+                rows.append(row)
+    return rows
+
+
+def plot_curves(runs, path, title=None):
+    """Training curves of run folders ({label: folder}) from their metrics.json, one panel per
+    :data:`CURVE_PANELS` entry that any run recorded (loss, kNN top-1, lr over iterations).
+    Returns ``path``, or None when no run has recorded metrics (nothing is written)."""
+    series = {}  # panel -> [(label, iterations, values)]
+    for label, folder in runs.items():
+        rows = read_metrics_json(folder)
+        for panel, keys in CURVE_PANELS:
+            key = next((k for k in keys if any(k in r for r in rows)), None)
+            if key is not None:
+                points = [(r["iteration"], r[key]) for r in rows if key in r]
+                series.setdefault(panel, []).append((label, *zip(*points)))
+    if not series:
+        return None
+    plt = pyplot()
+    panels = [p for p, _ in CURVE_PANELS if p in series]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, xs, ys in series[panel]:
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
+        ax.set_title(panel)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+    return path
+
+
+def git_commit(folder=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+    """This code's git commit (short), "+ local changes" when the tree differs; None outside git."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit and commit + (" + local changes" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def what_was_run(table):
+    """Markdown lines saying what each row ran (config, iterations, batch, seeds, weights) and
+    where (code commit, machine), read from the runs' final_metrics.json."""
+    import platform
+
+    lines = ["## What was run", ""]
+    for row in table.rows:
+        runs = [load_metrics(run) for run in row.runs]
+
+        def values(key, runs=runs):
+            return ", ".join(sorted({str(d.get(key)) for d in runs}))
+
+        configs = ", ".join(sorted({os.path.relpath(d["config_file"]) if d.get("config_file")
+                                    else "?" for d in runs}))  # fmt: skip
+        seeds = ", ".join(map(str, row.seeds))
+        lines.append(f"- {row.label}: {len(runs)} trial(s), seeds {seeds}; config {configs} "
+                     f"(overrides: {values('opts')}); {values('iterations')} iterations of "
+                     f"{values('ims_per_batch')} images on {values('device')} x "
+                     f"{values('world_size')}; weights {values('weights') or 'none'}")  # fmt: skip
+    lines.append(f"- code: commit {git_commit() or 'unknown (not a git checkout)'}")
+    lines.append(f"- machine: {platform.node()}, {platform.platform()}, {platform.machine()}, "
+                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def write_report(table, output_dir, name="transfer", title=None, notes=(), published=False):
-    """Write ``name.md`` (the table, then ``notes`` lines, then with ``published`` the published
-    reference tables), ``name.csv`` and ``name.png`` into ``output_dir``; return their paths."""
+    """Write ``name.md`` (the table, then ``notes`` lines, what was run, then with ``published``
+    the published reference tables), ``name.csv`` and ``name.png`` into ``output_dir``; return
+    their paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
     with open(paths["md"], "w") as f:
         f.write(to_markdown(table))
         f.write("".join(f"\n- {line}" for line in notes) + ("\n" if notes else ""))
+        f.write("\n" + what_was_run(table))
         if published:
             f.write("\n" + published_markdown())
     write_csv(table, paths["csv"])

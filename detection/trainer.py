@@ -223,8 +223,9 @@ def main(args):
     return results
 
 
-def run(args):
-    """Validate the command line in this process, then ``launch`` :func:`main` (the CLI entry)."""
+def run(args, prog="train_net.py"):
+    """Validate the command line in this process, then ``launch`` :func:`main` (the CLI entry);
+    prints (as ``prog``) the output folder first and the metrics file last."""
     world_size = args.num_gpus * args.num_machines
     if args.num_gpus < 1:
         raise ValueError(f"--num-gpus {args.num_gpus}: must be at least 1")
@@ -237,6 +238,7 @@ def run(args):
     # fail here with one clear line rather than inside every spawned worker
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
+    print(f"{prog}: output folder {cfg.OUTPUT_DIR}", flush=True)
     prepare_datasets(cfg)
     check_test_annotations(cfg)
     weights = cfg.MODEL.WEIGHTS
@@ -250,7 +252,10 @@ def run(args):
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
-        return _launch(args)
+        result = _launch(args)
+    print(f"{prog}: wrote {os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)} (AP: tools/report.py); "
+          f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}")  # fmt: skip
+    return result
 
 
 def _launch(args):

@@ -73,6 +73,11 @@ def get_pipeline_cfg():
 
 
 def load_pipeline_cfg(preset=None, opts=()):
+    """The pipeline config of ``preset`` (a path, or a file name under configs/pipeline/) and
+    ``opts`` (KEY VALUE)."""
+    presets = os.path.dirname(DEFAULT_PRESET)
+    if preset and not os.path.exists(preset) and os.path.isfile(os.path.join(presets, preset)):
+        preset = os.path.join(presets, preset)  # --preset ci.yaml, as the help names them
     cfg = load_cfg(preset, list(opts), defaults=get_pipeline_cfg, what="--preset",
                    keys="experiments/pipeline.py")  # fmt: skip
     if cfg.DETECTION.TRIALS < 1:
@@ -209,11 +214,11 @@ def _detect_stage(cfg, init, weights, seed, synthetic_root):
 def run_pipeline(cfg):
     """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths.
 
-    With ``JOBS`` > 1, independent stages run side by side in their own processes: first MoCo
-    pretraining, the supervised baseline and the random-init trials (which need no pretraining),
-    then the MoCo and supervised trials.
+    With ``JOBS`` > 1, independent stages run side by side in worker processes: MoCo pretraining,
+    the supervised baseline and the random-init trials (which need no pretraining) first, and each
+    pretraining's trials as soon as its weights exist.
     """
-    from detection.report import compare, paired, summarize, to_markdown, write_report
+    from detection.report import compare, paired, plot_curves, summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
@@ -264,6 +269,12 @@ def run_pipeline(cfg):
             verdicts.append(compare(table, "moco", other))
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
     paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
+    # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
+    curves = plot_curves({f"pretrain_{name}": os.path.dirname(out["checkpoint"])
+                          for name, out in pretrained.items()},
+                         os.path.join(report_dir, "pretraining_curves.png"))  # fmt: skip
+    if curves:
+        paths["curves"] = curves
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
@@ -298,9 +309,11 @@ def _pretrain_lines(pretrained):
 
 
 def build_argument_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="YAML under configs/pipeline/ (default: embedded_cpu.yaml, the CPU demo)")
+                   help="a YAML file, or the name of one under configs/pipeline/ (default: "
+                        "embedded_cpu.yaml, the CPU demo)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3")  # fmt: skip
     return p

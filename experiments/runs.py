@@ -31,11 +31,27 @@ from moco.file_io import atomic_write_json
 
 STAGE_FILE = "stage.json"
 _LOGGERS = ("moco", "detectron2", "fvcore", "d2")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_MARK = "$REPO/"
 
 
-def stage_key(material):
-    """Short hash of what decides a stage's result (JSON-serialisable)."""
-    blob = json.dumps(material, sort_keys=True, default=str).encode()
+def portable(obj, root=REPO_ROOT):
+    """``obj`` (JSON-serialisable) with every path under ``root`` written ``$REPO/...``, so a
+    repository copied or moved elsewhere keeps its stage keys and reuses its finished stages."""
+    prefix = json.dumps(root.rstrip(os.sep) + os.sep)[1:-1]  # as it appears inside JSON strings
+    return json.loads(json.dumps(obj, sort_keys=True, default=str).replace(prefix, _REPO_MARK))
+
+
+def localize(obj, root=REPO_ROOT):
+    """The inverse of :func:`portable`: ``$REPO/...`` paths under this copy's ``root``."""
+    prefix = json.dumps(root.rstrip(os.sep) + os.sep)[1:-1]
+    return json.loads(json.dumps(obj).replace(_REPO_MARK, prefix))
+
+
+def stage_key(material, root=REPO_ROOT):
+    """Short hash of what decides a stage's result (JSON-serialisable), paths under ``root``
+    taken relative to it."""
+    blob = json.dumps(portable(material, root), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
@@ -135,19 +151,21 @@ class StageFailed(RuntimeError):
 class Stages:
     """Runs named stages under ``run_dir``, reusing finished ones, and prints progress."""
 
-    def __init__(self, run_dir, total):
+    def __init__(self, run_dir, total, root=REPO_ROOT):
         self.run_dir, self.total, self.done = run_dir, total, 0
+        self.root = root  # paths under it are keyed and recorded relative to it (portable)
         self.records = []
 
     def _start(self, name, material):
         """(head, out, resume, record): record is the finished marker's, else None."""
-        key = stage_key(material)
+        key = stage_key(material, self.root)
         out = os.path.join(self.run_dir, f"{name}-{key}")
         self.done += 1
         head = f"[{self.done}/{self.total}] {name}"
         record = read_marker(os.path.join(out, STAGE_FILE))
         if record is not None:
             print(f"{head}: done earlier, reusing {out}", flush=True)
+            record = localize(record, self.root)
             record["reused"] = True
             self.records.append(record)
         return head, out, os.path.isdir(out), key, record
@@ -155,7 +173,7 @@ class Stages:
     def _finish(self, head, name, key, material, out, outputs, seconds):
         record = {"name": name, "key": key, "material": material, "outputs": outputs,
                   "seconds": round(seconds, 1)}  # fmt: skip
-        atomic_write_json(os.path.join(out, STAGE_FILE), record)
+        atomic_write_json(os.path.join(out, STAGE_FILE), portable(record, self.root))
         print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
         record["reused"] = False
         self.records.append(record)

@@ -134,6 +134,13 @@ def check_torch_file(path):
             _refuse_bytearray(path, [data])
     else:  # legacy torch.save format: magic, protocol, sys_info, object, storage keys pickles
         with open(path, "rb") as f:
+            # a pickle of protocol >= 2 starts with PROTO, a (damaged) archive with PK; text never
+            head = f.read(2)
+            if head[:1] != b"\x80" and head != b"PK":
+                raise ValueError(f"{path} is not a readable torch checkpoint (neither a torch.save "
+                                 "archive nor a pickle); give a .pth / .pth.tar / .pkl weights "
+                                 "file")  # fmt: skip
+            f.seek(0)
             _refuse_bytearray(path, [f] * 5)
 
 

@@ -3,6 +3,8 @@
 Kept free of heavy imports (torch, Detectron2), so a tool that needs neither starts fast.
 """
 
+import os
+import shlex
 import sys
 import traceback
 
@@ -51,6 +53,23 @@ def run_cli(prog, fn, errors=(), rewrite=None):
         names = tuple(t.__name__ for t in INPUT_ERRORS) + ("UnsafeCheckpointError",)
         return 2 if last.split(":", 1)[0].split(".")[-1] in names else 1
     return 0 if code is None else code
+
+
+def resume_command(script, argv, resume=("--resume", "auto")):
+    """The command line that continues a run: this interpreter, ``script`` and ``argv`` with
+    ``resume`` (the flag and its value, if it takes one) in place of any ``--resume`` given; the
+    interpreter relative to the current folder when inside it, as a user would type it."""
+    args, rest = [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        if a == "--resume" and len(resume) > 1 and rest:
+            rest.pop(0)  # its value
+        elif a != "--resume" and not a.startswith("--resume="):
+            args.append(a)
+    python = sys.executable
+    if python.startswith(os.getcwd() + os.sep):
+        python = os.path.relpath(python)
+    return shlex.join([python, script, *args, *resume])
 
 
 def _raised_in_worker(e):

@@ -9,8 +9,10 @@ Conventions: ``SOLVER.IMS_PER_BATCH`` is the *global* batch (all processes) and
 ``DATALOADER.NUM_WORKERS`` is per process, as in Detectron2; epochs count the schedule.
 """
 
+import difflib
 import math
 import os
+import re
 
 import yaml
 from fvcore.common.config import BASE_KEY
@@ -125,7 +127,7 @@ def merge_config_file(cfg, path, what="config file", keys="moco/config.py"):
         # CfgNode defaults to True); check_safe_yaml already refused tags with a clear line.
         cfg.merge_from_file(path, allow_unsafe=False)
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(f"{what} {path}: {_reason(e)} (keys: {keys})") from None
+        raise ValueError(f"{what} {path}: {_reason(e)}{key_hint(cfg, e, keys)}") from None
 
 
 def check_safe_yaml(path, what="config file", _chain=()):
@@ -171,8 +173,28 @@ def merge_opts(cfg, opts, keys="moco/config.py"):
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(f"config override {' '.join(map(str, opts))}: {_reason(e)} "
-                         f"(keys: {keys})") from None
+        raise ValueError(f"config override {' '.join(map(str, opts))}: {_reason(e)}"
+                         f"{key_hint(cfg, e, keys)}") from None
+
+
+def all_keys(cfg, prefix=""):
+    """Every leaf key of a CfgNode, dotted (``SOLVER.BASE_LR``)."""
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            yield from all_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def key_hint(cfg, exc, keys=None):
+    """For yacs' "Non-existent config key: X": the closest existing keys (difflib), so a typo is
+    answered with its fix; else where the keys are defined (``keys``), if given."""
+    match = re.search(r"Non-existent (?:config )?key: (\S+)", _reason(exc))
+    wrong = match.group(1).upper() if match else ""
+    close = difflib.get_close_matches(wrong, list(all_keys(cfg)), n=3, cutoff=0.8) if wrong else []
+    if close:
+        return f"; did you mean {' or '.join(close)}?"
+    return f" (keys: {keys})" if keys else ""
 
 
 def _reason(exc):

@@ -148,6 +148,10 @@ class PretrainTrainer(SimpleTrainer):
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
         resume_path = ckpt_lib.resolve_resume(resume, cfg.OUTPUT_DIR)
+        if resume == "auto":  # say which way "auto" went: a fresh start is no silent surprise
+            found = f"resuming from {resume_path}" if resume_path else \
+                f"no checkpoint in {cfg.OUTPUT_DIR}, starting from the beginning"  # fmt: skip
+            logger.info("--resume auto: %s", found)
         state = self._load_resume_state(resume_path, optimizer) if resume_path else {}
         start_iter = state.get("iteration", cfg.SOLVER.START_EPOCH * self.iters_per_epoch)
         for group in optimizer.param_groups:  # the schedule's base LR is this run's SOLVER.BASE_LR

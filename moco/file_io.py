@@ -17,7 +17,6 @@ import os
 import re
 import tempfile
 
-import torch
 
 
 _TMP_SUFFIX = ".tmp"
@@ -83,6 +82,7 @@ class _KeepWriteError:
 
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
+    import torch  # here: the text and JSON writers serve tools that start without torch
 
     def save(f):
         out = _KeepWriteError(f)

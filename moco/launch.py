@@ -140,6 +140,7 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
     with file_io.run_folder_lock(cfg.OUTPUT_DIR):
         if not resume:
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume auto")
+            _check_no_earlier_run(cfg.OUTPUT_DIR)
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
         if spec.from_env or spec.world_size == 1:  # training runs here: its SignalStop hook
@@ -154,6 +155,17 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
                               f"{read_last_checkpoint(cfg.OUTPUT_DIR)}; to continue, rerun the same "
                               "command with --resume auto", received[0])  # fmt: skip
         return None
+
+
+def _check_no_earlier_run(folder):
+    """A fresh start never writes over a finished or interrupted run of the same configuration
+    (its checkpoints, metrics.json, TensorBoard events)."""
+    from moco.checkpoint import read_last_checkpoint
+
+    last = read_last_checkpoint(folder)
+    if last is not None:
+        raise ValueError(f"OUTPUT_DIR {folder} holds a run (last checkpoint {last}); continue it "
+                         "with --resume auto, or give another --output-dir")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -219,7 +231,7 @@ def setup_process(cfg):
     rank = comm.get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for name in ("moco", "detectron2", "fvcore"):
-        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:4])
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name)
     if comm.is_main_process():
         file_io.atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     logger.info("rank %d of %d, config:\n%s", rank, comm.get_world_size(), cfg.dump())

@@ -25,6 +25,7 @@ import torchvision.transforms as T
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter, EventStorage
 from detectron2.utils.logger import setup_logger
 from torch.utils.data import DistributedSampler
 
@@ -40,6 +41,7 @@ from moco.launch import resolve_device
 logger = logging.getLogger("moco.lincls")
 
 RESULTS_FILE = "lincls_results.json"
+CHECKPOINT_FILE, BEST_FILE = "checkpoint.pth.tar", "model_best.pth.tar"  # official names
 HEAD_KEYS = ("fc.weight", "fc.bias")
 # (prefix of the backbone keys, format name), tried in this order
 _PRETRAINED_FORMATS = (
@@ -120,22 +122,23 @@ def read_pretrained(path):
     return backbone_state(state, path)
 
 
-def load_pretrained(model, path):
-    """Load the backbone of ``path`` into ``model``; every non-fc weight must be present."""
+def load_pretrained(model, path, arch):
+    """Load the backbone of ``path`` into ``model`` (built as ``arch``, named in errors); every
+    non-fc weight must be present."""
     backbone, fmt = read_pretrained(path)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in HEAD_KEYS and k not in backbone)
     unexpected = sorted(k for k in backbone if k not in own)
     if missing or unexpected:
         raise ValueError(
-            f"{path} ({fmt}) does not fit -a {type(model).__name__.lower()}: {len(missing)} weights "
+            f"{path} ({fmt}) does not fit -a {arch}: {len(missing)} weights "
             f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
             "check --arch"
         )
     bad = [k for k in backbone if tuple(backbone[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but the model "
-                         f"needs {tuple(own[bad[0]].shape)}; check --arch")  # fmt: skip
+        raise ValueError(f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but "
+                         f"-a {arch} needs {tuple(own[bad[0]].shape)}; check --arch")  # fmt: skip
     result = model.load_state_dict(backbone, strict=False)
     assert set(result.missing_keys) == set(HEAD_KEYS), result.missing_keys
     logger.info("loaded %s backbone from %s (%d tensors)", fmt, path, len(backbone))
@@ -180,6 +183,15 @@ def validate(model, loader, device):
     return 100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n
 
 
+def check_new_run(output_dir):
+    """A new training run never writes into an earlier run's files: one line naming the resume."""
+    ckpt = os.path.join(output_dir, CHECKPOINT_FILE)
+    if os.path.exists(ckpt):
+        raise ValueError(f"--output-dir {output_dir} holds a linear classifier run ({ckpt}); "
+                         f"continue it with --resume {ckpt}, or give another "
+                         "--output-dir")  # fmt: skip
+
+
 def run_lincls(opts: LinclsOptions):
     """Train (or with ``evaluate`` only validate) the linear classifier; returns the results dict.
 
@@ -187,7 +199,8 @@ def run_lincls(opts: LinclsOptions):
     """
     os.makedirs(opts.output_dir, exist_ok=True)
     rank, world = comm.get_rank(), comm.get_world_size()
-    setup_logger(opts.output_dir, distributed_rank=rank, name="moco", abbrev_name="moco")
+    for name in ("moco", "detectron2"):  # detectron2: its CommonMetricPrinter (progress, ETA)
+        setup_logger(opts.output_dir, distributed_rank=rank, name=name, abbrev_name=name)
     if opts.seed is not None:
         seed_all_rng(opts.seed + rank)
     if opts.epochs < 1 or opts.batch_size < 1:
@@ -197,7 +210,7 @@ def run_lincls(opts: LinclsOptions):
                                                 lincls_train_transform(opts.crop_size))  # fmt: skip
     num_classes = len(train_set.classes)
     model = build_linear_model(opts.arch, num_classes)
-    fmt = load_pretrained(model, opts.pretrained) if opts.pretrained else None
+    fmt = load_pretrained(model, opts.pretrained, opts.arch) if opts.pretrained else None
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2, "only fc.weight and fc.bias are trained"
@@ -246,36 +259,49 @@ def run_lincls(opts: LinclsOptions):
     train_loader = make_loader(train_set, opts.batch_size, sampler, opts.workers, drop_last=False,
                                pin_memory=pin)  # fmt: skip
     factors = epoch_lr_factors(opts.epochs, tuple(opts.schedule), 0.1, cos=False)
-    for epoch in range(start_epoch, opts.epochs):
-        sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = opts.lr * factors[epoch]
-        train_loss = _train_epoch(ddp, train_loader, optimizer, device, epoch, opts.print_freq)
-        top1, top5, val_loss = validate(ddp, val_loader, device)
-        is_best = top1 >= best_acc1
-        best_acc1 = max(best_acc1, top1)
-        logger.info(" * epoch %d: Acc@1 %.3f Acc@5 %.3f (best %.3f)", epoch, top1, top5, best_acc1)
-        history.append({"epoch": epoch + 1, "lr": opts.lr * factors[epoch], "train_loss": train_loss,
-                        "val_loss": val_loss, "top1": top1, "top5": top5})  # fmt: skip
-        if comm.is_main_process():
-            state = {
-                "epoch": epoch + 1, "arch": opts.arch,
-                "state_dict": ckpt_lib.model_state_dict(ddp),  # module.* as official
-                "best_acc1": best_acc1, "optimizer": optimizer.state_dict(), "history": history,
-            }  # fmt: skip
-            file_io.atomic_save(state, os.path.join(opts.output_dir, "checkpoint.pth.tar"))
-            if is_best:
-                file_io.atomic_save(state, os.path.join(opts.output_dir, "model_best.pth.tar"))
-        if epoch == start_epoch and opts.pretrained:
-            sanity_check(model.state_dict(), opts.pretrained)
-        write_results(top1=top1, top5=top5, best_top1=best_acc1)
+    iters = len(train_loader)
+    # Detectron2's event storage and console printer, as the trainers: ETA, median loss, lr
+    printer = CommonMetricPrinter(opts.epochs * iters) if comm.is_main_process() else None
+    with EventStorage(start_epoch * iters) as storage:
+        for epoch in range(start_epoch, opts.epochs):
+            sampler.set_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = opts.lr * factors[epoch]
+            train_loss = _train_epoch(ddp, train_loader, optimizer, device, storage, printer,
+                                      opts.print_freq)  # fmt: skip
+            top1, top5, val_loss = validate(ddp, val_loader, device)
+            is_best = top1 >= best_acc1
+            best_acc1 = max(best_acc1, top1)
+            # epochs count from 1 on the console and in the JSON (the number finished)
+            logger.info(" * epoch %d/%d: Acc@1 %.3f Acc@5 %.3f (best %.3f; chance %.1f)",
+                        epoch + 1, opts.epochs, top1, top5, best_acc1,
+                        100.0 / num_classes)  # fmt: skip
+            history.append({"epoch": epoch + 1, "lr": opts.lr * factors[epoch],
+                            "train_loss": train_loss, "val_loss": val_loss, "top1": top1,
+                            "top5": top5})  # fmt: skip
+            if comm.is_main_process():
+                state = {
+                    "epoch": epoch + 1, "arch": opts.arch,
+                    "state_dict": ckpt_lib.model_state_dict(ddp),  # module.* as official
+                    "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }  # fmt: skip
+                file_io.atomic_save(state, os.path.join(opts.output_dir, CHECKPOINT_FILE))
+                if is_best:
+                    file_io.atomic_save(state, os.path.join(opts.output_dir, BEST_FILE))
+            if epoch == start_epoch and opts.pretrained:
+                sanity_check(model.state_dict(), opts.pretrained)
+            write_results(top1=top1, top5=top5, best_top1=best_acc1)
     comm.synchronize()
     return results
 
 
-def _train_epoch(model, loader, optimizer, device, epoch, print_freq):
+def _train_epoch(model, loader, optimizer, device, storage, printer, print_freq):
+    """One epoch; each step's loss, lr and time go to ``storage``, every ``print_freq`` steps to
+    the console through ``printer`` (rank 0's CommonMetricPrinter; None elsewhere)."""
     model.eval()  # BN in eval mode: only the linear classifier is trained (official)
-    total, n, start = 0.0, 0, time.perf_counter()
+    total, n = 0.0, 0
+    start = time.perf_counter()
     for i, (images, target) in enumerate(loader):
         images, target = to_device(images, device), target.to(device)
         loss = F.cross_entropy(model(images), target)
@@ -283,7 +309,12 @@ def _train_epoch(model, loader, optimizer, device, epoch, print_freq):
         loss.backward()
         optimizer.step()
         total, n = total + loss.item() * target.shape[0], n + target.shape[0]
-        if print_freq > 0 and (i + 1) % print_freq == 0:
-            logger.info("epoch %d [%d/%d] loss %.4f (%.2f s/it)", epoch, i + 1, len(loader),
-                        loss.item(), (time.perf_counter() - start) / (i + 1))  # fmt: skip
+        now = time.perf_counter()
+        storage.put_scalars(loss=loss.item(), lr=optimizer.param_groups[0]["lr"], time=now - start,
+                            smoothing_hint=False)  # fmt: skip
+        start = now
+        due = print_freq > 0 and ((i + 1) % print_freq == 0 or i + 1 == len(loader))
+        if printer is not None and due:
+            printer.write()
+        storage.step()
     return total / max(n, 1)

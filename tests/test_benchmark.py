@@ -163,7 +163,7 @@ def test_format_table_shows_failed_rows_and_numbers():
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("benchmark: error: ") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("benchmark.py: error: ") and message in err[0]
 
 
 def test_cuda_device_without_cuda_is_a_clear_error(capsys):

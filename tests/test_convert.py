@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from detection.checkpoint import SafeDetectionCheckpointer, load_weights_only, safe_load_pickle
 from detection.config import load_cfg
 from detection.convert import convert_checkpoint, convert_state_dict, load_source_state_dict, rename_key
-from conftest import REPO
+from conftest import REPO, load_tool
 
 ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")
@@ -317,3 +317,16 @@ def test_restricted_unpickler_reads_numpy_weights_of_any_protocol(tmp_path, prot
 def test_load_weights_only_names_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_weights_only(str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b'{"a": 1}', b"", b"\x00\x01garbage" * 50])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    assert load_tool("convert_to_d2").main([str(path), str(tmp_path / "out.pkl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"convert_to_d2.py: error: {path} is not a readable torch "
+                                    "checkpoint (neither a torch.save archive nor a pickle); give "
+                                    "a .pth / .pth.tar / .pkl weights file"), err  # fmt: skip
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.pkl").exists()

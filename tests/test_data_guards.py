@@ -43,7 +43,7 @@ def test_a_non_integer_box_in_the_voc_test_split_fails_at_start_naming_the_file(
     argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)]
     assert load_tool("train_net").main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"train_net: error: VOC annotation {xml}: <bndbox/xmin> in object 0 is '10.5', "
+    assert err == (f"train_net.py: error: VOC annotation {xml}: <bndbox/xmin> in object 0 is '10.5', "
                    "not an integer")  # fmt: skip
     assert not out.exists()  # refused before training, not in the evaluator after it
 

@@ -143,3 +143,16 @@ def test_extra_norm_head_needs_a_norm():
     cfg = load_cfg(os.path.join(CONFIGS, "pascal_voc_R_50_C4_24k_moco.yaml"), ["MODEL.RESNETS.NORM", ""])
     with pytest.raises(ValueError, match="MODEL.RESNETS.NORM"):
         build_model(cfg)
+
+
+def test_the_environment_dump_says_c_is_unused_not_broken():
+    import logging
+
+    from detection.config import UnusedCExtensionNote
+
+    record = logging.LogRecord("detectron2", logging.INFO, __file__, 1, "Environment info:\n"
+                               "detectron2._C                    not built correctly: No module "
+                               "named 'detectron2._C'\nnext line", None, None)  # fmt: skip
+    assert UnusedCExtensionNote().filter(record)
+    assert record.getMessage() == ("Environment info:\ndetectron2._C                    not used "
+                                   "(ROIAlign and NMS come from torchvision)\nnext line")

@@ -39,7 +39,7 @@ def test_tagged_detection_config_is_one_line_and_runs_nothing(tmp_path, capsys, 
     cfg.write_text("_BASE_: tagged.yaml\nSOLVER:\n  MAX_ITER: 3\n")
     main = load_tool("train_net").main
     assert main(["--config-file", str(cfg if in_base else tagged), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
-    msg = _one_line_error(capsys.readouterr().err, "train_net")
+    msg = _one_line_error(capsys.readouterr().err, "train_net.py")
     assert str(tagged) in msg and TAG in msg
     assert not marker.exists()
 
@@ -74,7 +74,7 @@ def test_base_cycle_is_one_line(tmp_path, capsys):
         load_cfg(str(tmp_path / "a.yaml"))
     main = load_tool("train_net").main
     assert main(["--config-file", str(tmp_path / "a.yaml")]) == 2
-    assert "_BASE_ cycle" in _one_line_error(capsys.readouterr().err, "train_net")
+    assert "_BASE_ cycle" in _one_line_error(capsys.readouterr().err, "train_net.py")
 
 
 def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
@@ -83,9 +83,10 @@ def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("SOLVER: [\n")
     main = load_tool("train_net").main
-    for path, message in ((cfg, "MAX_ITERS"), (broken, "not valid YAML")):
+    for path, message in ((cfg, "MAX_ITERS'); did you mean SOLVER.MAX_ITER or "),
+                          (broken, "not valid YAML")):  # fmt: skip
         assert main(["--config-file", str(path)]) == 2
-        msg = _one_line_error(capsys.readouterr().err, "train_net")
+        msg = _one_line_error(capsys.readouterr().err, "train_net.py")
         assert str(path) in msg and message in msg
 
 

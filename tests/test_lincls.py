@@ -19,7 +19,7 @@ from moco.lincls import (
     run_lincls,
     sanity_check,
 )
-from conftest import REPO
+from conftest import REPO, load_tool
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_lincls_trains_fc_only_and_sanity_check_passes(synthetic_root, moco_chec
 def test_sanity_check_catches_a_changed_backbone(moco_checkpoint):
     path, _ = moco_checkpoint
     model = build_linear_model("resnet18", 10)
-    load_pretrained(model, path)
+    load_pretrained(model, path, "resnet18")
     sanity_check(model.state_dict(), path)  # unchanged: passes
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["layer3.0.bn1.running_mean"] += 1e-3
@@ -104,8 +104,8 @@ def test_pretrained_formats_moco_v3_and_torchvision(moco_checkpoint, tmp_path):
     # a file of another arch is refused with the arch named
     other = str(tmp_path / "r34.pth")
     torch.save({"state_dict": resnet_encoder("resnet34")().state_dict()}, other)
-    with pytest.raises(ValueError, match="r34.pth .*does not fit.*--arch"):
-        load_pretrained(build_linear_model("resnet18", 10), other)
+    with pytest.raises(ValueError, match="r34.pth .*does not fit -a resnet18:.*--arch"):
+        load_pretrained(build_linear_model("resnet18", 10), other, "resnet18")
 
 
 def _lincls_cli(args):
@@ -127,11 +127,31 @@ def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path)
         res = json.load(f)
     assert res["pretrained_format"] == "moco" and len(res["history"]) == 1
     assert "Acc@1" in r.stdout and "sanity check passed" in r.stdout
+    # where the files go, progress with an ETA, epochs counted from 1 as in the JSON
+    assert r.stdout.startswith(f"lincls.py: output folder {tmp_path}\n"), r.stdout[:300]
+    assert "eta: " in r.stdout and " * epoch 1/1: Acc@1" in r.stdout
+    assert r.stdout.rstrip().endswith(f"lincls.py: wrote {tmp_path / 'lincls_results.json'}, "
+                                      f"{tmp_path / 'checkpoint.pth.tar'}, "
+                                      f"{tmp_path / 'model_best.pth.tar'}")  # fmt: skip
+    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
 
     for args, message in (
         (["--pretrained", str(tmp_path / "missing.pth"), data], "--pretrained"),
-        (["-a", "resnet34", "--pretrained", path, data], "does not fit -a resnet"),
+        (["-a", "resnet34", "--pretrained", path, "--output-dir", str(tmp_path / "r34"), data],
+         "does not fit -a resnet34: "),
+        # a new run never writes over an earlier one
+        (["--pretrained", path, data], f"--output-dir {tmp_path} holds a linear classifier run "
+                                       f"({tmp_path / 'checkpoint.pth.tar'}); continue it with "
+                                       f"--resume {tmp_path / 'checkpoint.pth.tar'}"),
     ):
         r = _lincls_cli([*common, *args])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
+
+
+def test_lincls_output_goes_under_output_named_after_the_pretraining_run():
+    default = load_tool("lincls").default_output_dir
+    assert default("output/pretrain/moco_v2_R18_cpu/checkpoint_0001.pth.tar") == os.path.join(
+        "output", "lincls", "moco_v2_R18_cpu")
+    assert default("") == os.path.join("output", "lincls", "random_init")

@@ -74,8 +74,11 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     for label in ("moco", "random"):  # the others: three cells "mean (+delta)"
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
     assert os.path.getsize(paths["png"]) > 1000
+    assert paths["curves"].endswith("pretraining_curves.png")
+    assert os.path.getsize(paths["curves"]) > 1000
     with open(paths["md"]) as f:
         text = f.read()
+    assert "## What was run" in text and "- moco: 2 trial(s), seeds 0, 1; config configs/" in text
     verdict_lines = [line for line in text.splitlines() if line.startswith("- moco vs ")]
     assert [line.split(":")[0] for line in verdict_lines] == ["- moco vs random", "- moco vs supervised"]
     assert all("paired difference" in line and "(n = 2 pairs)" in line for line in verdict_lines)
@@ -112,6 +115,10 @@ def test_stage_key_follows_the_config():
     assert stage_key(dict(a.DATA)) != stage_key(dict(b.DATA))
     assert stage_key(dict(a.DATA)) == stage_key(dict(load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml").DATA))
     assert synthetic_spec(b).seed == 1
+
+
+def test_a_preset_may_be_named_by_its_file_name():
+    assert load_pipeline_cfg("ci.yaml").dump() == load_pipeline_cfg("configs/pipeline/ci.yaml").dump()
 
 
 def test_bad_pipeline_settings_fail_clearly():

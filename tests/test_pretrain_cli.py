@@ -115,6 +115,7 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--moco-k", "100", "-b", "8"], "MODEL.K (--moco-k) = 100 is not a multiple"),
     (["-b", "8", "--moco-k", "16", "NOT.A_KEY", "1"], "Non-existent key: NOT.A_KEY"),
+    (["SOLVER.BASE_LRR", "0.1"], "Non-existent key: SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?"),
     (["-a", "vgg16"], "unknown ResNet arch 'vgg16'"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(synthetic_root, tmp_path, args, message):

@@ -129,11 +129,13 @@ def test_cli(voc_runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_groups(voc_runs) + ["--baseline", "supervised", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith(f"report.py: output folder {out}\n")
     assert all(row in printed for row in EXPECTED_VOC_ROWS)
-    assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]
+    assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]  # no curves:
+    # these runs recorded no metrics.json
     assert main([f"a={tmp_path}/none_*"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("report: error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("report.py: error:") and len(err.strip().splitlines()) == 1
 
 
 def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
@@ -153,3 +155,60 @@ def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
         "(2 standard errors = 0.5)")
     with pytest.raises(ValueError, match="compare: no row 'moco'"):
         compare(table, "moco", "random")
+
+
+def _captured_figures(monkeypatch):
+    """The figures the report saves, kept open for inspection (files are still written)."""
+    import detection.report as R
+
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        fig.savefig(path)
+
+    monkeypatch.setattr(R, "save_figure", keep)
+    return figures
+
+
+def test_ap_chart_labels_every_bar_and_draws_std_error_bars(voc_runs, tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    table = summarize(parse_groups(_groups(voc_runs)), baseline="supervised")
+    write_report(table, str(tmp_path / "report"))
+    (ax,) = figures[0].axes
+    labels = {t.get_text() for t in ax.texts}
+    assert {"81.3", "53.5", "58.8", "82.4", "57.0", "63.6", "60.2", "33.8", "33.1"} <= labels
+    bars = [c for c in ax.containers if hasattr(c, "errorbar")]
+    assert len(bars) == 3 and all(c.errorbar is not None for c in bars)
+
+
+def test_report_records_what_was_run(voc_runs, tmp_path):
+    table = summarize(parse_groups(_groups(voc_runs)), baseline="supervised")
+    with open(write_report(table, str(tmp_path / "report"))["md"]) as f:
+        text = f.read()
+    assert "## What was run" in text
+    assert "- moco_v2: 3 trial(s), seeds 0, 0, 0; config ?" in text and "10 iterations" in text
+    assert "- code: commit " in text and f"{os.cpu_count()} CPUs" in text
+
+
+def test_training_curves_from_metrics_json(tmp_path, monkeypatch):
+    from detection.report import plot_curves
+
+    figures = _captured_figures(monkeypatch)
+    pre, det = tmp_path / "pre", tmp_path / "det"
+    pre.mkdir(), det.mkdir()
+    (pre / "metrics.json").write_text("".join(
+        json.dumps({"iteration": i, "total_loss": 5.0 - i, "lr": 0.03, **({"knn_top1": 20.0 + i}
+                                                                          if i % 2 else {})}) + "\n"
+        for i in range(4)) + '{"iteration": 4, "total_lo')  # a torn last line is skipped
+    (det / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 2.0, "lr": 0.02}))
+    path = str(tmp_path / "curves.png")
+    assert plot_curves({"pre": str(pre), "det": str(det)}, path) == path and os.path.isfile(path)
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "kNN top-1 (%)", "learning rate"]
+    knn = axes[1].lines
+    assert len(knn) == 1 and list(knn[0].get_xdata()) == [1, 3]
+    assert list(knn[0].get_ydata()) == [21.0, 23.0]
+    assert [len(line.get_xdata()) for line in axes[0].lines] == [4, 1]
+    assert plot_curves({"none": str(tmp_path / "missing")}, str(tmp_path / "x.png")) is None
+    assert not (tmp_path / "x.png").exists()

@@ -8,6 +8,7 @@ signals go to subprocesses once a checkpoint exists (polled, every wait bounded)
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(syntheti
     assert err.startswith("pretrain.py: error: OUTPUT_DIR") and str(out) in err and f"pid {pid}" in err
     assert train_net(["--config-file", VOC_CFG, *TINY, "OUTPUT_DIR", str(out)]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert err.startswith("train_net: error: OUTPUT_DIR") and f"pid {pid}" in err
+    assert err.startswith("train_net.py: error: OUTPUT_DIR") and f"pid {pid}" in err
     assert sorted(os.listdir(out)) == [".lock"]  # neither run wrote anything there
 
 
@@ -76,6 +77,28 @@ def test_a_folder_of_another_config_is_refused_unless_resuming(synthetic_root, t
     err = _one_line(capsys.readouterr().err)
     assert "holds a run of another configuration" in err and "--resume auto" in err
     assert (out / "config.yaml").read_text() == first.dump()
+
+
+def test_a_new_run_never_writes_over_a_finished_one_and_resume_auto_says_what_it_found(
+        synthetic_root, tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "run"
+    pretrain = load_tool("pretrain").main
+    assert pretrain([*tiny_opts(synthetic_root, out), "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"pretrain.py: output folder {out}\n")
+    assert f"pretrain.py: wrote {out / 'checkpoint_0001.pth.tar'}, " in printed
+    assert f"--resume auto: no checkpoint in {out}, starting from the beginning" in \
+        (out / "log.txt").read_text()  # fmt: skip
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    assert pretrain(tiny_opts(synthetic_root, out)) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"pretrain.py: error: OUTPUT_DIR {out} holds a run (last checkpoint "
+        f"{out / 'checkpoint_0001.pth.tar'}); continue it with --resume auto, or give another "
+        "--output-dir")  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == files
+    assert pretrain([*tiny_opts(synthetic_root, out), "--resume", "auto"]) == 0
+    assert f"--resume auto: resuming from {out / 'checkpoint_0001.pth.tar'}" in \
+        (out / "log.txt").read_text()  # fmt: skip
 
 
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
@@ -123,7 +146,8 @@ def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(sy
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and line.startswith("pretrain.py: stopped by SIGTERM after iteration")
-    assert "--resume auto" in line
+    # to continue: the command that was run, with --resume auto
+    assert line.endswith(f"tools/pretrain.py {shlex.join(cmd[2:])} --resume auto"), line
     path = line.split("checkpoint ", 1)[1].split(";")[0]
     assert os.path.dirname(path) == str(out) and (out / "last_checkpoint").read_text() == os.path.basename(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,7 +170,8 @@ def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root,
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("train_net: stopped by SIGINT after iteration") and "--resume" in line
+    assert line.startswith("train_net.py: stopped by SIGINT after iteration") and "--resume" in line
+    assert line.endswith(f"tools/train_net.py {shlex.join(cmd[2:])} --resume"), line  # to continue
     models = sorted(out.glob("model_*.pth"))
     assert models and (out / "last_checkpoint").read_text() == models[-1].name
     for m in models:  # each complete: never a 0-byte file under the final name

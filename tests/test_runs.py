@@ -84,3 +84,29 @@ def test_dependants_join_the_queue_when_their_stage_finishes_or_is_reused(tmp_pa
     again = Stages(str(tmp_path), total=6)
     assert again.run_many(_stages(3), jobs=jobs, then=then) == outputs
     assert len(again.records) == 6 and all(r["reused"] for r in again.records)
+
+
+def test_a_copied_repository_reuses_its_finished_stages(tmp_path, capsys):
+    """Keys and records hold paths relative to the repository root: after a copy to another
+    place the stage is found finished, and its outputs point into the copy."""
+    import shutil
+
+    def stage(root):
+        material = {"config": os.path.join(root, "configs", "a.yaml"), "text": f"DATA: {root}/d\n"}
+        return "s", material, lambda out, resume: {"weights": os.path.join(out, "w.pkl")}
+
+    first = tmp_path / "one" / "repo"
+    out = Stages(str(first / "output"), 1, root=str(first)).run(*stage(str(first)))
+    assert out == {"weights": str(first / "output" / _only_dir(first / "output") / "w.pkl")}
+    copy = tmp_path / "two" / "repo"
+    shutil.copytree(first, copy)
+    capsys.readouterr()
+    reused = Stages(str(copy / "output"), 1, root=str(copy)).run(*stage(str(copy)))
+    assert "done earlier, reusing" in capsys.readouterr().out
+    assert reused == {"weights": str(copy / "output" / _only_dir(copy / "output") / "w.pkl")}
+    assert os.listdir(copy / "output") == os.listdir(first / "output")  # no new, partial folder
+
+
+def _only_dir(path):
+    (name,) = os.listdir(path)
+    return name

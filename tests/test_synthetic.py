@@ -268,7 +268,7 @@ def test_cli_generates_and_reports(tmp_path):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     r = _cli("--root", str(tmp_path / "x"), "--det-test", "1")
     assert r.returncode == 2
-    assert r.stderr.strip() == "make_data: error: --det-test must be >= 2, got 1"
+    assert r.stderr.strip() == "make_data.py: error: --det-test must be >= 2, got 1"
     (tmp_path / "y" / "coco").mkdir(parents=True)
     r = _cli("--root", str(tmp_path / "y"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -123,5 +123,36 @@ def test_cli_errors_are_one_line(synthetic_datasets, tmp_path, capsys):
     for argv, message in cases:
         assert main(argv + ["OUTPUT_DIR", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err.startswith("train_net: error:") and message in err, err
+        assert err.startswith("train_net.py: error:") and message in err, err
         assert len(err.splitlines()) == 1
+
+
+def test_an_unconverted_moco_checkpoint_as_weights_names_the_converter(synthetic_datasets, tmp_path,
+                                                                        capsys):  # fmt: skip
+    from moco import checkpoint as C
+    from moco.builder import MoCo
+    from moco.resnet import resnet_encoder
+
+    model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
+    path = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))
+    argv = ["--config-file", VOC_CFG, *TINY, "MODEL.WEIGHTS", path,
+            "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
+    assert _cli()(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    err = err.splitlines()[-1]  # torch may warn once on its first import of cpp_extension
+    assert err.startswith(f"train_net.py: error: {path} is a pretraining checkpoint (MoCo format)")
+    assert f"tools/convert_to_d2.py {path} OUT.pkl" in err
+
+
+def test_the_fast_parser_is_detectron2s_default_argument_parser():
+    """tools/train_net.py builds its parser without Detectron2 (a fast --help): same flags,
+    defaults, types and actions as default_argument_parser."""
+
+    def spec(parser):
+        return sorted((a.dest, tuple(a.option_strings), a.default, a.type, a.nargs,
+                       type(a).__name__) for a in parser._actions)  # fmt: skip
+
+    assert spec(load_tool("train_net").build_parser()) == spec(default_argument_parser())
+    argv = ["--config-file", "c.yaml", "--resume", "--num-gpus", "2", "SOLVER.MAX_ITER", "5"]
+    assert vars(load_tool("train_net").build_parser().parse_args(argv)) == vars(_args(argv))

@@ -3,7 +3,7 @@
 pretraining + kNN (optionally linear) evaluation per value and seed; table (Markdown, CSV, JSON)
 and plot in OUTPUT_DIR. Finished runs are reused, interrupted ones resume.
 
-  # the paper's momentum ablation at CPU scale (preset), 3 seeds
+  # the paper's momentum ablation at CPU scale (preset), 2 seeds
   python tools/ablate.py --preset configs/ablation/momentum_cpu.yaml
   # the mechanisms over K (paper Fig. 3) at CPU scale
   python tools/ablate.py --preset configs/ablation/mechanisms_K_cpu.yaml
@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 
-from experiments.ablate import SETTINGS, load_ablation_cfg, run_ablation
 from moco.cli import run_cli
 
 
@@ -25,7 +24,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", metavar="FILE", help="sweep preset (configs/ablation/*.yaml)")
     p.add_argument("--config-file", metavar="FILE", help="pretraining config of every run")
-    p.add_argument("--setting", choices=sorted(SETTINGS), help="the setting swept")
+    p.add_argument("--setting", metavar="NAME", help="the setting swept: m, K, T or mechanism")
     p.add_argument("--values", nargs="+", metavar="V", help="values of the setting")
     p.add_argument("--series", nargs="+", metavar="MECH",
                    help="one line per mechanism (moco end_to_end memory_bank), e.g. over K")
@@ -41,6 +40,8 @@ def build_parser():
 
 
 def run(args):
+    from experiments.ablate import load_ablation_cfg, run_ablation  # after parsing: a fast --help
+
     acfg = load_ablation_cfg(args.preset)
     for flag, key in (("config_file", "PRETRAIN_CONFIG"), ("setting", "SETTING"),
                       ("values", "VALUES"), ("series", "SERIES"), ("seeds", "SEEDS"),

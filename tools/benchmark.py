@@ -2,26 +2,16 @@
 """Pretraining throughput, side by side: moco-det's fast path vs the official MoCo algorithm.
 
     python tools/benchmark.py --arch resnet50 --image-size 96 --batch-size 32 --workers 2 \\
-        --reps 5 --output output/benchmark.json
+        --reps 5 --output output/benchmark/r50.json
 
 Rows, groups and method: see experiments/benchmark.py. Prints a table (median ms per step / update /
 batch, min-max over repetitions, images/s, speed relative to the official row) and writes JSON.
 """
 
 import argparse
-import json
 import sys
 
-import torch
-
-from experiments.benchmark import (
-    GROUPS,
-    BenchConfig,
-    format_table,
-    run_benchmark,
-    time_detectron2_iteration,
-    write_json,
-)
+from experiments.bench_config import GROUPS, BenchConfig
 from moco.cli import run_cli
 from moco.synthetic import default_synthetic_root, ensure_generated
 
@@ -29,7 +19,7 @@ _D = BenchConfig()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--arch", default=_D.arch, help="torchvision ResNet (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=_D.image_size,
@@ -71,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--det-iters", type=int, default=5, help="default: %(default)s")
     p.add_argument("--det-opts", nargs="*", default=[],
                    help="KEY VALUE overrides for the detection config")  # fmt: skip
-    p.add_argument("--output", default=None, help="JSON report path")
+    p.add_argument("--output", default="output/benchmark/benchmark.json", metavar="FILE",
+                   help="JSON report (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -93,7 +84,11 @@ def _config(args):
 
 
 def _print_report(report):
-    print(json.dumps({"fast_path": report["fast_path"], "environment": report["environment"]}))
+    from experiments.benchmark import format_table
+
+    for name in ("fast_path", "environment"):  # a line each, the whole record is in the JSON
+        items = ", ".join(f"{k} {v}" for k, v in report[name].items())
+        print(f"{name.replace('_', ' ')}: {items}")
     if report["rows"]:
         print(format_table(report))
     det = report.get("detectron2")
@@ -106,6 +101,10 @@ def _print_report(report):
 
 
 def run(args):
+    import torch  # after parsing: --help answers at once
+
+    from experiments.benchmark import run_benchmark, time_detectron2_iteration, write_json
+
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -113,6 +112,7 @@ def run(args):
     if len(args.det_opts) % 2:
         raise ValueError(f"--det-opts must be KEY VALUE pairs, got {args.det_opts}")
     cfg = _config(args)
+    print(f"benchmark.py: report to {args.output}", flush=True)
     report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.detection_config:
         report["detectron2"] = time_detectron2_iteration(
@@ -120,13 +120,12 @@ def run(args):
             device=args.device, opts=args.det_opts,
         )  # fmt: skip
     _print_report(report)
-    if args.output:
-        write_json(report, args.output)
-        print(f"wrote {args.output}")
+    write_json(report, args.output)
+    print(f"benchmark.py: wrote {args.output}")
 
 
 def main(argv=None):
-    return run_cli("benchmark", lambda: run(parse_args(argv)))
+    return run_cli("benchmark.py", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """Convert a pretrained ResNet checkpoint to Detectron2 weights.
 
     python tools/convert_to_d2.py checkpoint_0199.pth.tar moco_r50.pkl
-    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \
+    python tools/train_net.py --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \\
         MODEL.WEIGHTS moco_r50.pkl
 
 Reads official MoCo v1/v2 and this toolkit's checkpoints, MoCo v3 ResNet checkpoints and
@@ -13,26 +13,32 @@ import argparse
 import pickle
 import sys
 
-from detection.convert import FORMATS, convert_checkpoint
 from moco.cli import run_cli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="convert_to_d2.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="input layout (default: detected from the keys)")
+    parser.add_argument("--format", default=None, metavar="FORMAT",
+                        help="input layout (default: detected from the keys; a wrong one is "
+                             "answered with the list)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def run(args):
+    from detection.convert import convert_checkpoint  # after parsing: --help answers at once
+
     result = convert_checkpoint(args.input, args.output, args.format)
     print(result.summary(args.input, args.output))
+    print(f"convert_to_d2.py: wrote {args.output} (fine-tune with MODEL.WEIGHTS {args.output})")
 
 
 def main(argv=None):
-    return run_cli("convert_to_d2", lambda: run(parse_args(argv)), errors=(OSError, pickle.UnpicklingError))
+    return run_cli("convert_to_d2.py", lambda: run(parse_args(argv)),
+                   errors=(OSError, pickle.UnpicklingError))  # fmt: skip
 
 
 if __name__ == "__main__":

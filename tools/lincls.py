@@ -5,12 +5,14 @@
       --pretrained output/pretrain/moco_v2_R50/checkpoint_0199.pth.tar \\
       --dist-url tcp://localhost:10001 --multiprocessing-distributed --world-size 1 --rank 0 \\
       /path/to/imagenet
-  # embedded data, CPU
-  python tools/lincls.py -a resnet18 --crop-size 64 -b 64 --epochs 10 --schedule 6 8 -j 1 \\
+  # embedded data, CPU: 1,000 images of 64 px, 10 classes (defaults assume ImageNet, 1.28M images)
+  python tools/lincls.py -a resnet18 --crop-size 64 -b 64 --epochs 10 --lr 0.01 --schedule 6 8 \\
       --pretrained output/pretrain/moco_v2_R18_cpu/checkpoint_0019.pth.tar \\
       datasets/moco_det_synthetic/imagefolder
 
-Top-1/top-5 of every epoch are logged and written to OUTPUT_DIR/lincls_results.json.
+Top-1/top-5 of every epoch are logged and written to OUTPUT_DIR/lincls_results.json, with the
+checkpoints checkpoint.pth.tar and model_best.pth.tar (OUTPUT_DIR: --output-dir, default
+output/lincls/<the pretrained checkpoint's folder name>).
 """
 
 import argparse
@@ -19,23 +21,26 @@ import os
 import sys
 
 from moco.cli import run_cli
-from moco.data import resolve_data_path
-from moco.launch import launch_from_args, launch_processes
-from moco.lincls import LinclsOptions, run_lincls
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="lincls.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (ImageFolder)")
-    p.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet (default resnet50)")
-    p.add_argument("-j", "--workers", default=32, type=int,
-                   help="data loading workers per node, split over its processes (default 32)")
-    p.add_argument("--epochs", default=100, type=int)
+    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet50",
+                   help="torchvision ResNet (default resnet50)")
+    p.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
+                   help="data loading workers per node, split over its processes (default: this "
+                        "machine's CPU count, at most the official 32: %(default)s)")  # fmt: skip
+    p.add_argument("--epochs", default=100, type=int, metavar="N",
+                   help="default 100 (ImageNet); about 10 at CPU scale")
     p.add_argument("--start-epoch", default=0, type=int, help="manual epoch (useful on restarts)")
     p.add_argument("-b", "--batch-size", default=256, type=int,
                    help="batch of one node, all its processes (default 256)")
-    p.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr")
+    p.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr", metavar="LR",
+                   help="default 30 (official: ImageNet, batch 256, 200-epoch MoCo); on the "
+                        "embedded 64-px data after a few epochs of pretraining the loss diverges "
+                        "above about 0.01")  # fmt: skip
     p.add_argument("--schedule", default=[60, 80], nargs="*", type=int,
                    help="epochs where lr drops x0.1 (default 60 80)")
     p.add_argument("--momentum", default=0.9, type=float)
@@ -54,14 +59,27 @@ def build_parser():
     p.add_argument("--pretrained", default="", help="pretrained checkpoint (MoCo, MoCo v3, torchvision)")
     p.add_argument("--crop-size", default=224, type=int,
                    help="training crop / center crop (val resizes to crop*256/224)")
-    p.add_argument("--output-dir", default=".", help="checkpoints and lincls_results.json")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="checkpoints and lincls_results.json (default: output/lincls/<the "
+                        "--pretrained file's folder name>, output/lincls/random_init without one)")
     p.add_argument("--num-gpus", type=int, help="processes per machine (CPU processes without CUDA)")
     p.add_argument("--num-machines", type=int)
     p.add_argument("--machine-rank", type=int)
     return p
 
 
+def default_output_dir(pretrained):
+    """output/lincls/<folder of the pretrained checkpoint>: one folder per pretraining run."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(pretrained))) if pretrained else ""
+    return os.path.join("output", "lincls", name or "random_init")
+
+
 def run(args):
+    from moco.data import resolve_data_path
+    from moco.launch import launch_from_args, launch_processes
+    from moco.lincls import (BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, LinclsOptions, check_new_run,
+                             run_lincls)
+
     spec = launch_from_args(args)
     if args.batch_size % spec.procs_per_machine:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
@@ -71,6 +89,9 @@ def run(args):
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if not os.path.isdir(resolve_data_path(args.data)):
         raise FileNotFoundError(f"DATA {args.data}: no such folder (expected train/ and val/)")
+    out = args.output_dir or default_output_dir(args.pretrained)
+    if not args.resume and not args.evaluate:
+        check_new_run(out)
     opts = LinclsOptions(
         data=args.data, arch=args.arch,
         workers=int(math.ceil(args.workers / spec.procs_per_machine)),
@@ -79,9 +100,12 @@ def run(args):
         schedule=tuple(args.schedule), momentum=args.momentum, weight_decay=args.wd,
         print_freq=args.print_freq, resume=args.resume, evaluate=args.evaluate,
         pretrained=args.pretrained, seed=args.seed, crop_size=args.crop_size,
-        output_dir=args.output_dir, device=f"cuda:{args.gpu}" if args.gpu is not None else "auto",
+        output_dir=out, device=f"cuda:{args.gpu}" if args.gpu is not None else "auto",
     )  # fmt: skip
+    print(f"lincls.py: output folder {out}", flush=True)
     launch_processes(run_lincls, spec, (opts,))
+    files = (RESULTS_FILE,) if args.evaluate else (RESULTS_FILE, CHECKPOINT_FILE, BEST_FILE)
+    print("lincls.py: wrote " + ", ".join(os.path.join(out, f) for f in files))
 
 
 def main(argv=None):

@@ -32,7 +32,8 @@ _SPEC_FLAGS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="make_data.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--root", default=None,
                    help=f"output directory (default: {default_synthetic_root()})")  # fmt: skip
     for flag, field in _SPEC_FLAGS.items():
@@ -68,7 +69,8 @@ def run(args):
 
 def main(argv=None) -> int:
     # FileExistsError / permission problems are OSErrors
-    return run_cli("make_data", lambda: run(parse_args(argv)), errors=(OSError,), rewrite=_flag_names)
+    return run_cli("make_data.py", lambda: run(parse_args(argv)), errors=(OSError,),
+                   rewrite=_flag_names)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli("pipeline", lambda: run(build_argument_parser().parse_args(argv)))
+    return run_cli("pipeline.py", lambda: run(build_argument_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ overrides. Order of precedence: defaults < --config-file < flags given < KEY VAL
 """
 
 import argparse
+import os
 import re
 import sys
 
-from moco.cli import run_cli
+from moco.cli import Interrupted, resume_command, run_cli
 from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts
-from moco.engine import PretrainTrainer
-from moco.launch import launch_from_args, launch_training
 
 
 def build_parser():
@@ -97,18 +96,33 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
+def run(args, argv):
+    # heavy imports after parsing: --help and argument errors answer at once
+    from moco.checkpoint import read_last_checkpoint
+    from moco.engine import SUMMARY_FILE, PretrainTrainer
+    from moco.launch import launch_from_args, launch_training
+
     spec = launch_from_args(args)
     cfg = load_cfg(args.config_file)
     apply_official_args(cfg, args, spec.procs_per_machine, spec.num_machines)
     if args.opts:
         merge_opts(cfg, args.opts)
     cfg.freeze()
-    launch_training(PretrainTrainer, cfg, spec, resume=args.resume)
+    out = cfg.OUTPUT_DIR
+    print(f"pretrain.py: output folder {out}", flush=True)
+    try:
+        launch_training(PretrainTrainer, cfg, spec, resume=args.resume)
+    except Interrupted as e:
+        raise Interrupted(f"{e}: {resume_command('tools/pretrain.py', argv)}",
+                          e.exit_code - 128) from None  # fmt: skip
+    print(f"pretrain.py: wrote {read_last_checkpoint(out)}, "
+          f"{os.path.join(out, SUMMARY_FILE)}, {os.path.join(out, 'metrics.json')}; "
+          f"curves: tensorboard --logdir {out}")  # fmt: skip
 
 
 def main(argv=None):
-    return run_cli("pretrain.py", lambda: run(parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_cli("pretrain.py", lambda: run(parse_args(argv), argv))
 
 
 if __name__ == "__main__":

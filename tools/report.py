@@ -1,22 +1,26 @@
 #!/usr/bin/env python
 """Paper-style table of detection transfer runs (mean±std over trials, delta to a baseline).
 
-    python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \
+    python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \\
         --output-dir out/report
 
 Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
-final_metrics.json. Prints the Markdown table; writes transfer.md / .csv / .png to --output-dir.
+final_metrics.json. Prints the Markdown table; writes transfer.md (with what was run) / .csv /
+.png (AP bars with value labels and std error bars) and curves.png (loss and lr over iterations,
+from each run's metrics.json) to --output-dir.
 """
 
 import argparse
+import os
 import sys
 
-from detection.report import parse_groups, summarize, to_markdown, write_report
 from moco.cli import run_cli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="report.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders")
     parser.add_argument("--baseline", default=None, help="label whose means the deltas are taken against")
     parser.add_argument("--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here")
@@ -25,15 +29,24 @@ def parse_args(argv=None):
 
 
 def run(args):
-    table = summarize(parse_groups(args.groups), baseline=args.baseline)
+    from detection.report import (parse_groups, plot_curves, summarize, to_markdown,
+                                  write_report)  # after parsing: --help answers at once
+
+    if args.output_dir:
+        print(f"report.py: output folder {args.output_dir}", flush=True)
+    groups = parse_groups(args.groups)
+    table = summarize(groups, baseline=args.baseline)
     print(to_markdown(table), end="")
     if args.output_dir:
         paths = write_report(table, args.output_dir, title=args.title)
-        print("wrote " + ", ".join(paths.values()))
+        runs = {f"{label}/{os.path.basename(os.path.normpath(run))}": run
+                for label, group in groups.items() for run in group}  # fmt: skip
+        curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
+        print("report.py: wrote " + ", ".join([*paths.values(), *([curves] if curves else [])]))
 
 
 def main(argv=None):
-    return run_cli("report", lambda: run(parse_args(argv)), errors=(OSError,))
+    return run_cli("report.py", lambda: run(parse_args(argv)), errors=(OSError,))
 
 
 if __name__ == "__main__":
