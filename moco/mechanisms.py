@@ -101,19 +101,30 @@ class MemoryBankModel(nn.Module):
         self._ddp_params_and_buffers_to_ignore = ["memory_bank.bank"]
         self._bank_synced = False
 
-    def forward(self, im_q, im_k, index):
-        if index.shape[0] != im_q.shape[0]:
-            raise ValueError(f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices")
+    def _sync_bank(self):
         if not self._bank_synced:
             if get_world_size() > 1:  # ranks seed differently: start from rank 0's bank
                 dist.broadcast(self.memory_bank.bank, src=0)
             self._bank_synced = True
-        q = F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+
+    def _query(self, im_q):
+        return F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+
+    def _logits(self, q, index):
+        """InfoNCE ``(logits, labels)`` of ``q``: positives the bank's entries ``index`` (before
+        this step's update), negatives K entries drawn from the bank."""
         with torch.no_grad():
-            positive = self.memory_bank.bank.index_select(0, index)  # before this step's update
+            positive = self.memory_bank.bank.index_select(0, index)
             negatives, _ = self.memory_bank.sample(self.K)
         with torch.autocast(q.device.type, enabled=False):
-            logits, labels = info_nce_logits(q, positive, negatives, self.T)
+            return info_nce_logits(q, positive, negatives, self.T)
+
+    def forward(self, im_q, im_k, index):
+        if index.shape[0] != im_q.shape[0]:
+            raise ValueError(f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices")
+        self._sync_bank()
+        q = self._query(im_q)
+        logits, labels = self._logits(q, index)
         self.memory_bank.update(index, q.detach())
         return logits, labels
 
