@@ -65,14 +65,16 @@ def image_folder(root, split, transform, what, loader=None, max_bad_fraction=Non
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
 
-def build_pretrain_dataset(cfg, with_index=False):
-    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image.
+def build_pretrain_dataset(cfg, with_index=False, color=True):
+    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image
+    (``color=False``: crops and flips only, see moco.augment.pretrain_transform).
 
     ``with_index``: items are ``(crops, label, index)`` (the memory bank's sample index).
     """
     crop, fast = cfg.INPUT.CROP_SIZE, cfg.INPUT.FAST_AUGMENT
     min_scale = cfg.INPUT.MIN_SCALE
-    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale)
+    transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale,
+                                   color=color)  # fmt: skip
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)",
                            loader=JpegDraftLoader(crop, min_scale) if fast else None,
                            max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
