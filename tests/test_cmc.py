@@ -6,6 +6,7 @@ and the same gradients, banks and queues in 1 process and in 2 gloo processes.""
 import datetime
 import json
 import math
+import os
 
 import cv2
 import numpy as np
@@ -195,7 +196,6 @@ def test_cmc_trains_and_resumes_exactly_with_the_engine(synthetic_root, tmp_path
     assert summary["mechanism"] == "cmc" and summary["max_iter"] == 6 and len(summary["knn"]) == 2
     with open(tmp_path / "a" / "metrics.json") as f:
         assert all(math.isfinite(json.loads(line)["total_loss"]) for line in f if "total_loss" in line)
-    first = load_checkpoint(str(tmp_path / "a" / "checkpoint_0000.pth.tar"))
     last = load_checkpoint(str(tmp_path / "a" / "checkpoint_0001.pth.tar"))
     keys = set(last["state_dict"])
     dictionaries = ({"memory_bank.bank"} if dictionary == "memory_bank"
@@ -205,12 +205,20 @@ def test_cmc_trains_and_resumes_exactly_with_the_engine(synthetic_root, tmp_path
         assert {f"module.{view}.{k}" for k in dictionaries} <= keys
     assert last["state_dict"]["module.l.encoder_q.conv1.weight"].shape == (8, 1, 7, 7)
     assert last["state_dict"]["module.ab.encoder_q.conv1.weight"].shape == (8, 2, 7, 7)
-    trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path / "b", **opts),
-                              resume=str(tmp_path / "a" / "checkpoint_0000.pth.tar"))  # fmt: skip
+    assert_resumes_exactly(tiny_cfg(synthetic_root, tmp_path / "b", **opts), tmp_path / "a")
+
+
+def assert_resumes_exactly(cfg, finished):
+    """A run of ``cfg`` resumed from the first epoch's checkpoint of the 2-epoch run in folder
+    ``finished`` starts from that state and ends with every tensor of its last checkpoint."""
+    first = load_checkpoint(str(finished / "checkpoint_0000.pth.tar"))
+    last = load_checkpoint(str(finished / "checkpoint_0001.pth.tar"))
+    trainer = PretrainTrainer(cfg, resume=str(finished / "checkpoint_0000.pth.tar"))
     for name, value in trainer.moco.state_dict().items():
         assert torch.equal(value, first["state_dict"]["module." + name]), name
     trainer.train()
-    resumed = load_checkpoint(str(tmp_path / "b" / "checkpoint_0001.pth.tar"))
+    resumed = load_checkpoint(os.path.join(cfg.OUTPUT_DIR, "checkpoint_0001.pth.tar"))
+    assert resumed["state_dict"].keys() == last["state_dict"].keys()
     for name, value in last["state_dict"].items():  # every tensor, dictionaries included
         assert torch.equal(resumed["state_dict"][name], value), name
 
@@ -241,41 +249,49 @@ def test_cmc_settings_that_cannot_train_are_one_line_errors(synthetic_root, tmp_
 # ---------------------------------------------------------------- 2 gloo processes
 
 
-def _two_process_worker(rank, world, port):
-    """DDP over 2 processes of 4 images = 1 process on the 8: gradients of both encoders, banks,
-    queues. BatchNorm in eval mode, so each image's features do not depend on the batch split."""
+def _compare_worker(rank, world, port, run):
     torch.set_num_threads(1)
-    n = 4
-    x, index = _images(seed=3, n=world * n), torch.tensor([0, 2, 3, 5, 6, 8, 9, 11])
-    mine = slice(rank * n, (rank + 1) * n)
-
-    def run(dictionary, images, idx, ddp=False):
-        torch.manual_seed(1)
-        model = CMC("resnet18_w8", dictionary, size=12, dim=DIM, K=8, m=0.9, T=T, shuffle_bn="off").eval()
-        net = nn.parallel.DistributedDataParallel(model) if ddp else model
-        torch.manual_seed(7)  # the memory bank's negative draws: the same on every rank
-        F.cross_entropy(*net(images, images, idx)).backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        return grads, {name: model.get_buffer(name).clone() for name in model.dictionary_buffers}
-
-    refs = {d: run(d, x, index) for d in ("memory_bank", "moco")}  # before the process group exists
+    expected = run(rank, world, ddp=False)  # one process, the whole batch, before the group exists
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
-        for dictionary, (ref_grads, ref_dicts) in refs.items():
-            grads, dicts = run(dictionary, x[mine], index[mine], ddp=True)
-            assert set(grads) == set(ref_grads) and any(k.startswith("ab.") for k in grads)
-            for name, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-            for name, buf in dicts.items():
-                torch.testing.assert_close(buf, ref_dicts[name], msg=name)
+        got = run(rank, world, ddp=True)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
 
 
+def same_in_one_and_two_gloo_processes(run):
+    """``run(rank, world, ddp)`` -> named tensors: on the whole batch in one process (ddp False)
+    they must equal those of the rank's share under DDP in 2 gloo processes (ddp True)."""
+    mp.spawn(_compare_worker, args=(2, _free_port(), run), nprocs=2, join=True)
+
+
+def _cmc_gradients_and_dictionaries(rank, world, ddp):
+    """BatchNorm in eval mode, so each image's features do not depend on the batch split."""
+    n = 4
+    x, index = _images(seed=3, n=world * n), torch.tensor([0, 2, 3, 5, 6, 8, 9, 11])
+    if ddp:
+        x, index = x[rank * n : (rank + 1) * n], index[rank * n : (rank + 1) * n]
+    out = {}
+    for dictionary in ("memory_bank", "moco"):
+        torch.manual_seed(1)
+        model = CMC("resnet18_w8", dictionary, size=12, dim=DIM, K=8, m=0.9, T=T, shuffle_bn="off").eval()
+        net = nn.parallel.DistributedDataParallel(model) if ddp else model
+        torch.manual_seed(7)  # the memory bank's negative draws: the same on every rank
+        F.cross_entropy(*net(x, x, index)).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert any(name.startswith("ab.") for name in grads) and any(name.startswith("l.") for name in grads)
+        out.update({f"{dictionary} grad {name}": g for name, g in grads.items()})
+        out.update({f"{dictionary} {name}": model.get_buffer(name).clone() for name in model.dictionary_buffers})
+    return out
+
+
 @pytest.mark.timeout(240)
 def test_one_process_and_two_gloo_processes_give_the_same_gradients_and_dictionaries():
-    mp.spawn(_two_process_worker, args=(2, _free_port()), nprocs=2, join=True)
+    same_in_one_and_two_gloo_processes(_cmc_gradients_and_dictionaries)
 
 
 @pytest.mark.timeout(300)

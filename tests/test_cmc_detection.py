@@ -34,6 +34,17 @@ def _cmc_checkpoint(path, dictionary, seed):
     return model
 
 
+def fine_tune(synthetic_root, config, weights, out, iterations):
+    """tools/train_net.py on the embedded VOC set at test size; returns final_metrics.json."""
+    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_root))
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    cmd += TINY + ["SOLVER.MAX_ITER", str(iterations), "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        return json.load(f)
+
+
 def test_converted_cmc_loads_every_tensor_and_runs_both_views(tmp_path, capsys):
     model = _cmc_checkpoint(tmp_path / "cmc.pth.tar", "moco", seed=3)
     result = convert_checkpoint(tmp_path / "cmc.pth.tar", tmp_path / "cmc.pkl")
@@ -94,14 +105,7 @@ def test_train_net_fine_tunes_converted_cmc_weights(synthetic_datasets, syntheti
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert convert.returncode == 0, convert.stderr[-2000:]
     assert "cmc checkpoint" in convert.stdout
-    out = str(tmp_path / "voc_cmc")
-    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_root))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", CMC_CFG]
-    cmd += TINY + ["SOLVER.MAX_ITER", "3", "MODEL.WEIGHTS", str(tmp_path / "cmc.pkl"), "OUTPUT_DIR", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(out, "final_metrics.json")) as f:
-        data = json.load(f)
+    data = fine_tune(synthetic_root, CMC_CFG, tmp_path / "cmc.pkl", tmp_path / "voc_cmc", 3)
     assert data["iterations"] == 3 and data["weights"] == str(tmp_path / "cmc.pkl")
     load = data["weights_load"]
     assert load["matched"] == load["backbone_tensors"] > 0 and not load["allow_partial"]
