@@ -11,6 +11,8 @@
   negatives are drawn uniformly from the bank, and the entry is then updated with momentum 0.5.
 - ``cmc`` (:class:`moco.cmc.CMC`): the L and ab views of a crop, one half-width encoder each,
   contrasted both ways with a memory bank or a MoCo queue per view (``MODEL.CMC_DICTIONARY``).
+- ``cpc`` (:class:`moco.cpc.CPC`): CPC v2, a grid of patches of one crop, a masked-convolution
+  context network predicting the rows below, InfoNCE against the batch's other patches.
 
 All three use the same encoder constructor and head (:func:`moco.builder.build_encoder`), the
 same augmentation, InfoNCE with temperature T and the same engine; each returns ``(logits, labels)``
@@ -33,12 +35,13 @@ import torch.nn.functional as F
 from moco.builder import MoCo, build_encoder, encode
 from moco.resnet import half_width, resnet_encoder
 from moco.heads import HEADS, resolve_head
+from moco.cpc import CPC
 from moco.dist import all_gather_with_grad, get_world_size
 from moco.losses import LOSSES, batch_info_nce_logits, info_nce_logits, nt_xent_logits
 from moco.memory_bank import MemoryBank
 from moco.shuffle_bn import batch_shuffle_ddp, batch_shuffle_single, resolve_shuffle_bn
 
-MECHANISMS = ("moco", "end_to_end", "memory_bank", "cmc")
+MECHANISMS = ("moco", "end_to_end", "memory_bank", "cmc", "cpc")
 CMC_DICTIONARIES = ("memory_bank", "moco")  # MODEL.CMC_DICTIONARY
 
 
@@ -162,6 +165,8 @@ def validate_mechanism(cfg, world_size):
             raise ValueError(f"unknown MODEL.CMC_DICTIONARY {m.CMC_DICTIONARY!r}; choose one of: "
                              f"{', '.join(CMC_DICTIONARIES)}")  # fmt: skip
         half_width(m.ARCH)
+    if m.MECHANISM == "cpc":
+        CPC.check_geometry(cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS)
     if uses_memory_bank(cfg):
         if m.K < 1:
             raise ValueError(f"MODEL.K (negatives drawn from the memory bank) must be >= 1, got {m.K}")
@@ -181,8 +186,8 @@ def validate_mechanism(cfg, world_size):
 
 def color_augmentation(cfg):
     """Whether the loader's crops get colour jitter and grayscale: not for CMC, whose ab view is
-    what its L view predicts."""
-    return cfg.MODEL.MECHANISM != "cmc"
+    what its L view predicts, nor for CPC, whose colour dropping is per patch (moco.cpc)."""
+    return cfg.MODEL.MECHANISM not in ("cmc", "cpc")
 
 
 def uses_memory_bank(cfg):
@@ -211,4 +216,6 @@ def build_contrastive_model(cfg, world_size, dataset_size=None):
     if m.MECHANISM == "cmc":
         return CMC(m.ARCH, m.CMC_DICTIONARY, dataset_size, K=m.K, m=m.M,
                    bank_momentum=m.MEMORY_BANK_MOMENTUM, **common)  # fmt: skip
+    if m.MECHANISM == "cpc":
+        return CPC(base, cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS, dim=m.DIM, head=common["head"])
     raise ValueError(f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}")
