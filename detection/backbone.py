@@ -7,17 +7,28 @@ width ``MODEL.RESNETS.RES2_OUT_CHANNELS``: the stem has that many channels (as t
 narrow ResNet) and stage i has width x 2**(i-2). Module names are Detectron2's (``stem.conv1``,
 ``res2.0.conv1`` ...), so weights converted by ``tools/convert_to_d2.py`` load unchanged.
 
-Importing this module registers the builder in ``BACKBONE_REGISTRY``
-(``MODEL.BACKBONE.NAME: build_basic_resnet_fpn_backbone``).
+``build_lab_resnet_fpn_backbone`` is the backbone of CMC's weights (moco.cmc): the detector's
+RGB input is converted to Lab (moco.lab) and split into L and ab, the L ResNet runs on L and the
+ab ResNet on ab, each at half of ``RES2_OUT_CHANNELS`` with a 1- or 2-channel stem, and each
+stage's two outputs are concatenated, so the FPN sees the channels of the full-width network (the
+paper's evaluation concatenates the two views' features). Module names are ``l.stem.conv1`` ...,
+``ab.res5.1.conv2`` ..., as the converter writes a CMC checkpoint.
+
+Importing this module registers both builders in ``BACKBONE_REGISTRY``
+(``MODEL.BACKBONE.NAME: build_basic_resnet_fpn_backbone`` / ``build_lab_resnet_fpn_backbone``).
 """
 
+import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone import FPN, Backbone, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 
-__all__ = ["build_basic_resnet_fpn_backbone", "build_basic_resnet"]
+from moco.lab import LabSplit
+
+__all__ = ["build_basic_resnet_fpn_backbone", "build_basic_resnet", "build_lab_resnet_fpn_backbone",
+           "LabResNet"]  # fmt: skip
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -49,14 +60,60 @@ def build_basic_resnet(cfg, input_shape: ShapeSpec):
     return ResNet(stem, stages, out_features=r.OUT_FEATURES).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-@BACKBONE_REGISTRY.register()
-def build_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+class LabResNet(Backbone):
+    """Detectron2's normalised input -> L and ab -> two half-width ResNets (``l``, ``ab``) ->
+    each feature map the concatenation of the two views' (L channels first)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        r = cfg.MODEL.RESNETS
+        if r.RES2_OUT_CHANNELS % 2 or r.STEM_OUT_CHANNELS % 2:
+            raise ValueError(f"build_lab_resnet_fpn_backbone: MODEL.RESNETS.RES2_OUT_CHANNELS "
+                             f"{r.RES2_OUT_CHANNELS} is split between the L and ab views, so it "
+                             "must be even")  # fmt: skip
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ValueError(f"build_lab_resnet_fpn_backbone: INPUT.FORMAT {cfg.INPUT.FORMAT} "
+                             "must be RGB or BGR (the input is converted to Lab)")  # fmt: skip
+        half = cfg.clone()
+        half.defrost()
+        half.MODEL.RESNETS.RES2_OUT_CHANNELS = r.RES2_OUT_CHANNELS // 2
+        half.MODEL.RESNETS.STEM_OUT_CHANNELS = r.STEM_OUT_CHANNELS // 2
+        self.l = build_basic_resnet(half, ShapeSpec(channels=1))
+        self.ab = build_basic_resnet(half, ShapeSpec(channels=2))
+        self.bgr = cfg.INPUT.FORMAT == "BGR"
+        mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+        if self.bgr:
+            mean, std = mean[::-1], std[::-1]
+        # the model feeds (x - PIXEL_MEAN) / PIXEL_STD of 0-255 pixels: LabSplit undoes it to [0, 1]
+        self.lab = LabSplit([m / 255.0 for m in mean], [s / 255.0 for s in std])
+
+    def forward(self, x):
+        l_view, ab_view = self.lab(x.flip(1) if self.bgr else x)
+        l_out, ab_out = self.l(l_view), self.ab(ab_view)
+        return {name: torch.cat([l_out[name], ab_out[name]], dim=1) for name in l_out}
+
+    def output_shape(self):
+        return {name: ShapeSpec(channels=2 * s.channels, stride=s.stride)
+                for name, s in self.l.output_shape().items()}  # fmt: skip
+
+
+def _fpn(cfg, bottom_up):
     fpn = cfg.MODEL.FPN
     return FPN(
-        bottom_up=build_basic_resnet(cfg, input_shape),
+        bottom_up=bottom_up,
         in_features=fpn.IN_FEATURES,
         out_channels=fpn.OUT_CHANNELS,
         norm=fpn.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=fpn.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    return _fpn(cfg, build_basic_resnet(cfg, input_shape))
+
+
+@BACKBONE_REGISTRY.register()
+def build_lab_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    return _fpn(cfg, LabResNet(cfg))

@@ -7,7 +7,11 @@ Accepted inputs (read with ``torch.load(weights_only=True)`` only):
 * ``mocov3``: MoCo v3 ResNet checkpoints (``module.base_encoder.*``; momentum encoder, predictor
   and the projector in ``fc`` are dropped);
 * ``torchvision``: a supervised torchvision ResNet state dict, plain or under ``state_dict`` /
-  ``model`` (an optional DDP ``module.`` prefix is removed).
+  ``model`` (an optional DDP ``module.`` prefix is removed);
+* ``cmc``: this toolkit's CMC checkpoints (``module.l.encoder_q.*`` and ``module.ab.encoder_q.*``,
+  moco.cmc): both views' query encoders, written as ``l.<Detectron2 key>`` and
+  ``ab.<Detectron2 key>`` for ``build_lab_resnet_fpn_backbone`` (detection.backbone), which runs
+  both halves on the Lab split of the input; the dictionaries and heads are dropped.
 
 Key rule (official ``convert-pretrain-to-detectron2.py``): keys without ``layer`` get ``stem.``;
 ``layer1..4`` -> ``res2..5``; ``bn1..3`` -> ``conv1..3.norm``; ``downsample.0`` -> ``shortcut``;
@@ -52,7 +56,9 @@ _BACKBONE_PREFIXES = {
     "mocov3": ("module.base_encoder.", "base_encoder."),
     "torchvision": ("module.", ""),
 }
-FORMATS = tuple(_BACKBONE_PREFIXES)
+# CMC (moco.cmc): one ResNet per view, written under the view's name
+_CMC_VIEW_PREFIXES = {view: (f"module.{view}.encoder_q.", f"{view}.encoder_q.") for view in ("l", "ab")}
+FORMATS = (*_BACKBONE_PREFIXES, "cmc")
 
 # blocks per stage -> depth, for a readable summary and a hint on MODEL.RESNETS settings
 _DEPTHS = {
@@ -76,10 +82,15 @@ class ConversionResult:
     width: int = 64  # base width: channels of the stem (64 for torchvision's ResNets)
 
     def summary(self, src, dst):
+        cmc = self.format == "cmc"
+        w = self.width // 2 if cmc else self.width  # CMC: each view's ResNet has half the width
         arch = f"ResNet-{self.depth}" if self.depth else f"ResNet ({self.block}, {self.blocks_per_stage})"
-        arch += f", base width {self.width}"
-        w = self.width
-        if w != 64 and self.block == "basic":  # Detectron2's R18/R34 builder asserts width 64
+        arch += f", base width {w}"
+        if cmc:
+            arch = (f"two {arch}s (L and ab views; fine-tune with MODEL.BACKBONE.NAME "
+                    f"build_lab_resnet_fpn_backbone and MODEL.RESNETS.STEM_OUT_CHANNELS / "
+                    f"RES2_OUT_CHANNELS {self.width})")
+        elif w != 64 and self.block == "basic":  # Detectron2's R18/R34 builder asserts width 64
             arch += (f" (fine-tune with MODEL.BACKBONE.NAME build_basic_resnet_fpn_backbone and "
                      f"MODEL.RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS {w})")
         elif w != 64:
@@ -113,6 +124,8 @@ def load_source_state_dict(path):
 def detect_format(state_dict, source="<checkpoint>"):
     """Return one of :data:`FORMATS` by the key prefixes present."""
     keys = list(state_dict)
+    if any(k.startswith(p) for p in _CMC_VIEW_PREFIXES["l"] for k in keys):
+        return "cmc"
     for fmt in ("moco", "mocov3"):
         if any(k.startswith(p) for p in _BACKBONE_PREFIXES[fmt] for k in keys):
             return fmt
@@ -125,11 +138,15 @@ def detect_format(state_dict, source="<checkpoint>"):
     )
 
 
-def extract_backbone(state_dict, fmt, source="<checkpoint>"):
-    """Return ``(backbone, dropped)``: torchvision-named backbone tensors, and dropped key names."""
-    if fmt not in _BACKBONE_PREFIXES:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    prefixes = _BACKBONE_PREFIXES[fmt]
+def extract_backbone(state_dict, fmt, source="<checkpoint>", view=None):
+    """Return ``(backbone, dropped)``: torchvision-named backbone tensors, and dropped key names
+    (``view``: CMC's ``l`` or ``ab``)."""
+    if fmt == "cmc" and view in _CMC_VIEW_PREFIXES:
+        prefixes = _CMC_VIEW_PREFIXES[view]
+    elif fmt in _BACKBONE_PREFIXES and view is None:
+        prefixes = _BACKBONE_PREFIXES[fmt]
+    else:
+        raise ValueError(f"unknown format {fmt!r} / view {view!r}; expected one of {', '.join(FORMATS)}")
     # the first prefix any key carries wins, so "module.encoder_q." is never read as "encoder_q."
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), None)
     if fmt == "torchvision" and prefix == "module." and "conv1.weight" in state_dict:
@@ -146,7 +163,7 @@ def extract_backbone(state_dict, fmt, source="<checkpoint>"):
         if not torch.is_tensor(value):
             raise ValueError(f"{source}: backbone entry {key!r} is a {type(value).__name__}, not a tensor")
         backbone[name] = value
-    _check_resnet(backbone, fmt, source)
+    _check_resnet(backbone, fmt if view is None else f"{fmt} {view}", source)
     return backbone, dropped
 
 
@@ -191,15 +208,20 @@ def _to_numpy(t):
 def convert_state_dict(state_dict, fmt=None, source="<checkpoint>"):
     """Convert a loaded state dict. Returns ``(model, result)``: D2-named numpy arrays and a summary."""
     fmt = fmt or detect_format(state_dict, source)
-    backbone, dropped = extract_backbone(state_dict, fmt, source)
-    model = OrderedDict()
-    for key, value in backbone.items():
-        new_key = rename_key(key)
-        if new_key in model:  # cannot happen for a torchvision ResNet; guards odd inputs
-            raise ValueError(f"{source}: keys collide after renaming at {new_key!r}")
-        model[new_key] = _to_numpy(value)
-    block, blocks, depth = _architecture(backbone)
-    width = int(backbone["conv1.weight"].shape[0])  # the stem's output channels
+    views = tuple(_CMC_VIEW_PREFIXES) if fmt == "cmc" else (None,)
+    model, dropped, width = OrderedDict(), None, 0
+    for view in views:
+        backbone, not_this_view = extract_backbone(state_dict, fmt, source, view)
+        elsewhere = set(not_this_view)
+        dropped = not_this_view if dropped is None else [k for k in dropped if k in elsewhere]
+        prefix = "" if view is None else f"{view}."
+        for key, value in backbone.items():
+            new_key = prefix + rename_key(key)
+            if new_key in model:  # cannot happen for a torchvision ResNet; guards odd inputs
+                raise ValueError(f"{source}: keys collide after renaming at {new_key!r}")
+            model[new_key] = _to_numpy(value)
+        width += int(backbone["conv1.weight"].shape[0])  # the stem's output channels
+    block, blocks, depth = _architecture(backbone)  # CMC: the views share the architecture
     result = ConversionResult(fmt, len(model), len(dropped), block, blocks, depth, dropped[:10], width)
     return model, result
 

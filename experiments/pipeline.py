@@ -3,17 +3,20 @@
 Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
 
 1. ``data``: the embedded synthetic set (:func:`moco.synthetic.ensure_generated`; cached);
-2. ``pretrain_moco``: MoCo (v2 by default) on the image folder, labels unused;
+2. ``pretrain_<method>``: each of ``METHODS`` (default MoCo, v2 by default; also ``cmc``, ``cpc``)
+   on the image folder, labels unused: ``PRETRAIN.CONFIG`` with ``MODEL.MECHANISM <method>``;
 3. ``pretrain_supervised``: the same ResNet, data and budget, trained with the labels (stands in
    for ImageNet-supervised weights), unless ``SUPERVISED.WEIGHTS`` names released weights;
 4. ``convert_*``: both checkpoints to Detectron2 pickles (official key rule);
-5. ``detect_<init>_s<seed>``: the detector fine-tuned from MoCo, supervised and random init, same
-   config and schedule, ``DETECTION.TRIALS`` paired trials: trial i uses detection seed
+5. ``detect_<init>_s<seed>``: the detector fine-tuned from each method, supervised and random
+   init, same config and schedule (CMC: ``CMC.DETECTION_CONFIG``, the same detector on its Lab
+   backbone), ``DETECTION.TRIALS`` paired trials: trial i uses detection seed
    ``DETECTION.SEED + i`` (so the same data order and head initialisation) for every init;
 6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised;
-   with 2 or more trials, MoCo minus random and MoCo minus supervised as paired differences with a
-   95% confidence interval and a one-sided paired t-test (scipy), also in ``pipeline_summary.json``
-   (``comparisons``), next to each pretraining's untrained and final kNN (``pretraining``).
+   with 2 or more trials, each method minus random and minus supervised as paired differences
+   with a 95% confidence interval and a one-sided paired t-test (scipy), also in
+   ``pipeline_summary.json`` (``comparisons``), next to each pretraining's untrained and final kNN
+   (``pretraining``).
 
 ``JOBS`` > 1 runs independent stages side by side, each in its own process (``Stages.run_many``).
 
@@ -39,7 +42,8 @@ logger = logging.getLogger("moco_det.pipeline")
 
 DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "pipeline", "embedded_cpu.yaml")  # the README's demo
-INITS = ("moco", "supervised", "random")  # detection initialisations, in report order
+BASELINES = ("supervised", "random")  # detection initialisations after the methods, in report order
+METHODS = ("moco", "cmc", "cpc")  # the contrastive pretrainings the pipeline can compare
 
 
 def get_pipeline_cfg():
@@ -60,6 +64,14 @@ def get_pipeline_cfg():
     c.PRETRAIN.CONFIG = "configs/pretrain/moco_v2_R18_cpu.yaml"
     c.PRETRAIN.OPTS = []  # KEY VALUE overrides of the MoCo run
     c.PRETRAIN.NUM_PROCESSES = 1  # per machine (GPUs, or CPU processes without CUDA)
+    # The methods pretrained and compared (MODEL.MECHANISM of each run, in report order): any of
+    # moco, cmc, cpc. Each runs PRETRAIN.CONFIG and PRETRAIN.OPTS, then its own OPTS below.
+    c.METHODS = ["moco"]
+    c.CMC = CN()
+    c.CMC.OPTS = []  # e.g. ["MODEL.CMC_DICTIONARY", "moco"]
+    c.CMC.DETECTION_CONFIG = "configs/detection/embedded_voc_R_18w16_FPN_cmc.yaml"  # Lab backbone
+    c.CPC = CN()
+    c.CPC.OPTS = []  # e.g. ["MODEL.CPC_PATCH_SIZE", 16] (32-px crops: a 3 x 3 grid of patches)
     c.SUPERVISED = CN()
     c.SUPERVISED.WEIGHTS = ""  # torchvision ResNet weights to use instead of training a baseline
     c.SUPERVISED.OPTS = []  # overrides of the supervised run on top of PRETRAIN's config and opts
@@ -84,6 +96,9 @@ def load_pipeline_cfg(preset=None, opts=()):
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
     if cfg.JOBS < 1:
         raise ValueError(f"JOBS must be >= 1, got {cfg.JOBS}")
+    methods = list(cfg.METHODS)
+    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
+        raise ValueError(f"METHODS {methods}: expected distinct names among {', '.join(METHODS)}")
     cfg.freeze()
     return cfg
 
@@ -121,6 +136,17 @@ def synthetic_spec(cfg):
     return SyntheticSpec(seed=cfg.DATA.SEED, **values)
 
 
+def _method_opts(cfg, method):
+    """The pretraining overrides of ``method`` on top of PRETRAIN's (none for MoCo, the default)."""
+    if method == "moco":
+        return []
+    return ["MODEL.MECHANISM", method, *cfg[method.upper()].OPTS]
+
+
+def _detection_config(cfg, init):
+    return cfg.CMC.DETECTION_CONFIG if init == "cmc" else cfg.DETECTION.CONFIG
+
+
 def _pretrain_cfg(cfg, image_folder, extra_opts=()):
     opts = ["DATA.ROOT", image_folder, "KNN.DATA", image_folder]
     return load_cfg(cfg.PRETRAIN.CONFIG, opts + list(cfg.PRETRAIN.OPTS) + list(extra_opts))
@@ -155,7 +181,7 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out
     launch_training(trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
-    what = "supervised pretraining" if supervised else "MoCo pretraining"
+    what = "supervised pretraining" if supervised else f"{pcfg.MODEL.MECHANISM} pretraining"
     summary = _read_json(os.path.join(out, SUMMARY_FILE), what)
     outputs = {"checkpoint": summary["weights" if supervised else "last_checkpoint"], **_knn_outputs(summary)}
     if supervised:
@@ -165,10 +191,12 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
     return outputs
 
 
-def _pretrain_stage(cfg, image_folder, supervised):
-    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else ())
+def _pretrain_stage(cfg, image_folder, method):
+    """``method``: one of METHODS, or "supervised"."""
+    supervised = method == "supervised"
+    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else _method_opts(cfg, method))
     work = functools.partial(_pretrain_work, pcfg, supervised, cfg.PRETRAIN.NUM_PROCESSES)
-    return "pretrain_supervised" if supervised else "pretrain_moco", {"config": pcfg.dump()}, work
+    return f"pretrain_{method}", {"config": pcfg.dump()}, work
 
 
 def _convert_work(label, checkpoint, out, resume):
@@ -202,12 +230,12 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
 
 def _detect_stage(cfg, init, weights, seed, synthetic_root):
     opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
-    with open(cfg.DETECTION.CONFIG) as f:
+    config = _detection_config(cfg, init)
+    with open(config) as f:
         config_text = f.read()
-    material = {"config": os.path.abspath(cfg.DETECTION.CONFIG), "config_text": config_text,
+    material = {"config": os.path.abspath(config), "config_text": config_text,
                 "opts": opts, "data": synthetic_root}  # fmt: skip
-    work = functools.partial(_detect_work, cfg.DETECTION.CONFIG, cfg.DETECTION.NUM_PROCESSES, opts,
-                             synthetic_root)  # fmt: skip
+    work = functools.partial(_detect_work, config, cfg.DETECTION.NUM_PROCESSES, opts, synthetic_root)
     return f"detect_{init}_s{seed}", material, work
 
 
@@ -222,9 +250,12 @@ def run_pipeline(cfg):
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
+    methods = list(cfg.METHODS)
     trials = list(range(cfg.DETECTION.SEED, cfg.DETECTION.SEED + cfg.DETECTION.TRIALS))
     train_supervised = not cfg.SUPERVISED.WEIGHTS
-    total = 1 + 1 + int(train_supervised) + 2 + len(INITS) * len(trials) + 1
+    pretrainings = methods + ["supervised"] * int(train_supervised)
+    inits = methods + list(BASELINES)
+    total = 1 + len(pretrainings) + len(methods) + 1 + len(inits) * len(trials) + 1
     stages = Stages(run_dir, total)
     start = time.perf_counter()
 
@@ -241,32 +272,30 @@ def run_pipeline(cfg):
 
     # Each init's trials join the queue as soon as its weights exist, so neither worker waits
     # for an unrelated stage: the random trials and the supervised baseline's run beside MoCo's.
-    first = [_pretrain_stage(cfg, folder, supervised=False)]
-    first += [_pretrain_stage(cfg, folder, supervised=True)] if train_supervised else []
+    first = [_pretrain_stage(cfg, folder, method) for method in pretrainings]
     first += [_detect_stage(cfg, "random", "", seed, synthetic_root) for seed in trials]
-    pretrain_init = {"pretrain_moco": "moco", "pretrain_supervised": "supervised"}
     later = [] if train_supervised else trials_of("supervised", sup_ckpt)
 
     def then(i, outputs):  # a finished pretraining's trials
-        init = pretrain_init.get(first[i][0]) if i < len(first) else None
-        return trials_of(init, outputs["checkpoint"]) if init else []
+        return trials_of(pretrainings[i], outputs["checkpoint"]) if i < len(pretrainings) else []
 
     stages.run_many(first + later, cfg.JOBS, then=then)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
-    pretrained = {init: outputs[name] for name, init in pretrain_init.items() if name in outputs}
-    runs = {init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in INITS}
+    pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
+    runs = {init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in inits}
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
     table = summarize(runs, baseline="supervised")
     comparisons, verdicts = {}, []
-    for other in ("random", "supervised"):
-        if len(trials) >= 2:
-            result = paired(table, "moco", other)
-            comparisons[f"moco_vs_{other}"] = result.to_dict()
-            verdicts.append(result.line())
-        else:
-            verdicts.append(compare(table, "moco", other))
+    for method in methods:
+        for other in ("random", "supervised"):
+            if len(trials) >= 2:
+                result = paired(table, method, other)
+                comparisons[f"{method}_vs_{other}"] = result.to_dict()
+                verdicts.append(result.line())
+            else:
+                verdicts.append(compare(table, method, other))
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
     paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
     # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
@@ -278,7 +307,7 @@ def run_pipeline(cfg):
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
-        "pretrain_moco": pretrained["moco"],
+        **{f"pretrain_{method}": pretrained[method] for method in methods},
         "pretraining": {k: {m: v.get(m) for m in ("knn_untrained", "knn_final", "knn_chance", "val_top1")}
                         for k, v in pretrained.items()},  # fmt: skip
         "comparisons": comparisons,

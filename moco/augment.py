@@ -224,9 +224,24 @@ class JpegDraftLoader:
         return f"{type(self).__name__}(crop_size={self.crop_size})"
 
 
-def pretrain_transform(crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE):
-    """Two crops of the MoCo v1 (``aug_plus=False``) or v2 augmentation."""
+def crop_flip_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
+    """CMC's augmentation: random resized crop and horizontal flip, colours untouched (jitter and
+    grayscale would change the ab view that CMC's L view learns to predict)."""
+    _check_size("crop_size", crop_size)
+    _check_min_scale(min_scale)
+    return T.Compose([
+        T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
+        T.RandomHorizontalFlip(),
+        *_to_tensor(fast),
+    ])
+
+
+def pretrain_transform(crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE, color=True):
+    """Two crops of the MoCo v1 (``aug_plus=False``) or v2 augmentation; ``color=False``: of
+    :func:`crop_flip_transform` (CMC)."""
     make = moco_v2_transform if aug_plus else moco_v1_transform
+    if not color:
+        make = crop_flip_transform
     return TwoCropsTransform(make(crop_size, fast=fast, min_scale=min_scale))
 
 

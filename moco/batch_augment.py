@@ -157,13 +157,14 @@ class BatchAugment(torch.nn.Module):
 
     ``aug_plus`` False: MoCo v1 / InstDisc (crop, grayscale 0.2, jitter 0.4 each, flip);
     True: MoCo v2 (crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur p 0.5, flip).
+    ``color=False``: crop and flip only (CMC and CPC, as moco.augment.pretrain_transform).
     """
 
-    def __init__(self, crop_size, aug_plus=False, min_scale=DEFAULT_MIN_SCALE):
+    def __init__(self, crop_size, aug_plus=False, min_scale=DEFAULT_MIN_SCALE, color=True):
         super().__init__()
         _check_size("INPUT.CROP_SIZE", crop_size)
         _check_min_scale(min_scale)
-        self.crop_size, self.aug_plus = int(crop_size), bool(aug_plus)
+        self.crop_size, self.aug_plus, self.color = int(crop_size), bool(aug_plus), bool(color)
         self.scale = (float(min_scale), 1.0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -177,15 +178,16 @@ class BatchAugment(torch.nn.Module):
         x = images.float().div_(255)
         x = resized_crops(x, crop_boxes(n, hgt, wid, self.scale, device=dev), self.crop_size)
         x = x.clamp_(0, 1)
-        if self.aug_plus:
+        if self.color and self.aug_plus:
             x = _where(0.8, n, dev, color_jitter(x, 0.4, 0.4, 0.4, 0.1), x)
             x = _where(0.2, n, dev, grayscale(x).expand_as(x), x)
             x = _where(0.5, n, dev, gaussian_blur(x, _uniform(n, 0.1, 2.0, dev)), x)
-        else:
+        elif self.color:
             x = _where(0.2, n, dev, grayscale(x).expand_as(x), x)
             x = color_jitter(x, 0.4, 0.4, 0.4, 0.4)
         x = _where(0.5, n, dev, x.flip(3), x)
         return (x - self.mean) / self.std
 
     def extra_repr(self):
-        return f"crop_size={self.crop_size}, aug_plus={self.aug_plus}, scale={self.scale}"
+        return (f"crop_size={self.crop_size}, aug_plus={self.aug_plus}, scale={self.scale}, "
+                f"color={self.color}")  # fmt: skip

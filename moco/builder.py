@@ -129,6 +129,9 @@ class MoCo(nn.Module):
     ``F.cross_entropy(logits, labels)``; the positive is column 0.
     """
 
+    dictionary_buffers = ("queue", "queue_ptr")  # equal on every replica (moco.engine.queue_digest)
+    needs_index = False
+
     def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False,
                  shuffle_bn="split", split_bn_groups=8, head=None):
         super().__init__()
@@ -199,24 +202,36 @@ class MoCo(nn.Module):
                 "torch.distributed; use 'ddp' (the paper's Shuffle BN) for CPU multi-process runs"
             )
 
-    def forward(self, im_q, im_k):
-        self._check_inputs(im_q, im_k)
-        q = F.normalize(self._encode(self.encoder_q, im_q).float(), dim=1)
-        with torch.no_grad():
-            self._momentum_update_key_encoder()  # before computing k, as the official code
-            if self.shuffle_bn == "ddp":
-                im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
-            elif self.shuffle_bn == "split":
-                im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            k = F.normalize(self._encode(self.encoder_k, im_k).float(), dim=1)
-            if self.shuffle_bn == "ddp":
-                k = batch_unshuffle_ddp(k, idx_unshuffle)
-            elif self.shuffle_bn == "split":
-                k = batch_unshuffle_single(k, idx_unshuffle)
+    def _query(self, im_q):
+        return F.normalize(self._encode(self.encoder_q, im_q).float(), dim=1)
+
+    @torch.no_grad()
+    def _keys(self, im_k):
+        """The momentum encoder's keys of ``im_k``, after its momentum update (as official)."""
+        self._momentum_update_key_encoder()
+        if self.shuffle_bn == "ddp":
+            im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
+        elif self.shuffle_bn == "split":
+            im_k, idx_unshuffle = batch_shuffle_single(im_k)
+        k = F.normalize(self._encode(self.encoder_k, im_k).float(), dim=1)
+        if self.shuffle_bn == "ddp":
+            k = batch_unshuffle_ddp(k, idx_unshuffle)
+        elif self.shuffle_bn == "split":
+            k = batch_unshuffle_single(k, idx_unshuffle)
+        return k
+
+    def _logits(self, q, k):
+        """InfoNCE ``(logits, labels)`` of queries ``q``: positives ``k``, negatives this queue."""
         with torch.autocast(q.device.type, enabled=False):  # logits/T in fp32 even under AMP
             l_neg = None
-            if q.requires_grad:  # the enqueue below overwrites negatives this backward needs
+            if q.requires_grad:  # the enqueue after the forward overwrites negatives backward needs
                 l_neg = _NegativeLogits.apply(q, self.queue, _UndoLog(self.queue, self._undo_logs))
-            logits, labels = info_nce_logits(q, k, self.queue, self.T, l_neg=l_neg)
+            return info_nce_logits(q, k, self.queue, self.T, l_neg=l_neg)
+
+    def forward(self, im_q, im_k):
+        self._check_inputs(im_q, im_k)
+        q = self._query(im_q)
+        k = self._keys(im_k)
+        logits, labels = self._logits(q, k)
         self._dequeue_and_enqueue(k)
         return logits, labels

@@ -36,11 +36,19 @@ _C.MODEL.T = 0.07  # softmax temperature
 _C.MODEL.MLP = False  # MoCo v2 2-layer MLP head (the official --mlp: MODEL.HEAD "mlp")
 # Contrastive mechanism (moco.mechanisms): "moco" (momentum encoder + queue), "end_to_end" (keys of
 # the global batch, one encoder with gradients; MODEL.K unused), "memory_bank" (InstDisc; MODEL.K
-# negatives sampled from a bank of one feature per training image).
+# negatives sampled from a bank of one feature per training image), "cmc" (L and ab views of Lab),
+# "cpc" (CPC v2: patches predicted by a masked-convolution context network).
 _C.MODEL.MECHANISM = "moco"
 _C.MODEL.LOSS = "info_nce"  # or "nt_xent" (SimCLR, symmetric; end_to_end only)
 _C.MODEL.HEAD = "linear"  # projection head (moco.heads): "linear", "mlp", "simclr_v2"
 _C.MODEL.MEMORY_BANK_MOMENTUM = 0.5  # InstDisc's bank entry update
+# "cmc" (moco.cmc): each view's dictionary, "memory_bank" (the paper; MODEL.K negatives drawn) or
+# "moco" (momentum encoders, queues of MODEL.K keys)
+_C.MODEL.CMC_DICTIONARY = "memory_bank"
+# "cpc" (moco.cpc): patches of this many pixels (stride half a patch) tile INPUT.CROP_SIZE; the
+# context network predicts the patch embeddings 1 .. CPC_STEPS rows below
+_C.MODEL.CPC_PATCH_SIZE = 16
+_C.MODEL.CPC_STEPS = 2
 # Shuffle BN: "auto" (ddp when world size > 1, else split), "ddp", "split", "sync", "off".
 _C.MODEL.SHUFFLE_BN = "auto"
 _C.MODEL.SPLIT_BN_GROUPS = 8  # sub-batches of "split" (MoCo CIFAR demo: 8)

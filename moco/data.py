@@ -74,8 +74,9 @@ def batch_augment_size(cfg):
     return cfg.INPUT.BATCH_AUGMENT_SIZE or int(round(1.5 * cfg.INPUT.CROP_SIZE))
 
 
-def build_pretrain_dataset(cfg, with_index=False):
-    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image (with
+def build_pretrain_dataset(cfg, with_index=False, color=True):
+    """DATA.ROOT/train with two crops of the v1 or v2 ("aug+") augmentation per image
+    (``color=False``: crops and flips only, see moco.augment.pretrain_transform; with
     INPUT.BATCH_AUGMENT: one uint8 square per image, augmented by the trainer).
 
     ``with_index``: items are ``(crops, label, index)`` (the memory bank's sample index).
@@ -87,7 +88,7 @@ def build_pretrain_dataset(cfg, with_index=False):
         transform, loader = batch_source_transform(batch_augment_size(cfg)), None
     else:
         transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast,
-                                       min_scale=min_scale)  # fmt: skip
+                                       min_scale=min_scale, color=color)  # fmt: skip
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
                            max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
                            max_pixels=cfg.DATA.MAX_IMAGE_PIXELS)  # fmt: skip

@@ -35,7 +35,8 @@ from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
 from moco.knn import validate_knn
 from moco.launch import resolve_device
-from moco.mechanisms import build_contrastive_model, validate_mechanism
+from moco.mechanisms import (build_contrastive_model, color_augmentation, uses_memory_bank,
+                             validate_mechanism)  # fmt: skip
 from moco.shuffle_bn import validate_shuffle_bn
 
 logger = logging.getLogger("moco")
@@ -143,7 +144,8 @@ class PretrainTrainer(SimpleTrainer):
         self.batch_augment = None
         if cfg.INPUT.BATCH_AUGMENT:
             self.batch_augment = BatchAugment(cfg.INPUT.CROP_SIZE, cfg.INPUT.AUG_PLUS,
-                                              cfg.INPUT.MIN_SCALE).to(self.device)  # fmt: skip
+                                              cfg.INPUT.MIN_SCALE,
+                                              color=color_augmentation(cfg)).to(self.device)  # fmt: skip
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
@@ -200,8 +202,9 @@ class PretrainTrainer(SimpleTrainer):
         validate_cfg(self.cfg, world_size)
 
     def build_dataset(self):
-        """DATA.ROOT/train, two crops per image (and the sample index for the memory bank)."""
-        return build_pretrain_dataset(self.cfg, with_index=self.cfg.MODEL.MECHANISM == "memory_bank")
+        """DATA.ROOT/train, two crops per image (and the sample index for a memory bank)."""
+        return build_pretrain_dataset(self.cfg, with_index=uses_memory_bank(self.cfg),
+                                      color=color_augmentation(self.cfg))  # fmt: skip
 
     def build_model(self, dataset):
         """The unwrapped model trained by the step (MoCo or another mechanism)."""
@@ -273,16 +276,18 @@ class PretrainTrainer(SimpleTrainer):
         }
 
     def _check_dictionary(self, path):
-        """MoCo's queue pointer must name a slot where a global batch of keys fits (K % batch == 0
-        is checked at start): out of range, the enqueue writes outside the queue."""
-        ptr = dict(self.moco.named_buffers()).get("queue_ptr")
-        if ptr is None:
-            return
-        k, batch = int(self.moco.K), self.cfg.SOLVER.IMS_PER_BATCH
-        value = int(ptr.reshape(-1)[0])
-        if not 0 <= value < k or value % batch:
-            raise ValueError(f"{path}: queue_ptr {value} is not in [0, MODEL.K {k}) in steps of the "
-                             f"global batch {batch}")  # fmt: skip
+        """Each MoCo queue pointer must name a slot where a global batch of keys fits (K % batch
+        == 0 is checked at start): out of range, the enqueue writes outside the queue."""
+        buffers = dict(self.moco.named_buffers())
+        batch = self.cfg.SOLVER.IMS_PER_BATCH
+        for name, ptr in buffers.items():
+            if name.rsplit(".", 1)[-1] != "queue_ptr":
+                continue
+            k = buffers[name[: -len("_ptr")]].shape[1]  # the queue beside it: dim x K
+            value = int(ptr.reshape(-1)[0])
+            if not 0 <= value < k or value % batch:
+                raise ValueError(f"{path}: {name} {value} is not in [0, MODEL.K {k}) in steps of "
+                                 f"the global batch {batch}")  # fmt: skip
 
     @property
     def encoder(self):

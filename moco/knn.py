@@ -53,20 +53,31 @@ def knn_correct(features, labels, bank, bank_labels, num_classes, k=200, t=0.1, 
 
 
 class _PooledFeatures:
-    """Captures the input of ``encoder.fc`` (the pooled backbone features) during a forward."""
+    """Captures the input of ``encoder.fc`` (the pooled backbone features) during a forward; for
+    an encoder of several views (``encoder.views``, CMC) the views' pooled features concatenated."""
 
     def __init__(self, encoder):
-        self.value, self._handle = None, None
-        fc = getattr(encoder, "fc", None)
-        if fc is not None:
-            self._handle = fc.register_forward_hook(self._store)
+        self._parts, self._handles = {}, []
+        for i, view in enumerate(getattr(encoder, "views", [encoder])):
+            fc = getattr(view, "fc", None)
+            if fc is not None:
+                self._handles.append(fc.register_forward_hook(self._store(i)))
 
-    def _store(self, module, inputs, output):
-        self.value = inputs[0]
+    def _store(self, i):
+        def hook(module, inputs, output):
+            self._parts[i] = inputs[0]
+
+        return hook
+
+    @property
+    def value(self):
+        if not self._parts:
+            return None
+        return torch.cat([torch.flatten(self._parts[i], 1) for i in sorted(self._parts)], dim=1)
 
     def remove(self):
-        if self._handle is not None:
-            self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -9,6 +9,10 @@
 - ``memory_bank`` (:class:`MemoryBankModel`): InstDisc's bank of one feature per dataset sample
   (:mod:`moco.memory_bank`); the positive is the sample's bank entry from its last visit, the K
   negatives are drawn uniformly from the bank, and the entry is then updated with momentum 0.5.
+- ``cmc`` (:class:`moco.cmc.CMC`): the L and ab views of a crop, one half-width encoder each,
+  contrasted both ways with a memory bank or a MoCo queue per view (``MODEL.CMC_DICTIONARY``).
+- ``cpc`` (:class:`moco.cpc.CPC`): CPC v2, a grid of patches of one crop, a masked-convolution
+  context network predicting the rows below, InfoNCE against the batch's other patches.
 
 All three use the same encoder constructor and head (:func:`moco.builder.build_encoder`), the
 same augmentation, InfoNCE with temperature T and the same engine; each returns ``(logits, labels)``
@@ -29,14 +33,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.builder import MoCo, build_encoder, encode
-from moco.resnet import resnet_encoder
+from moco.resnet import half_width, resnet_encoder
 from moco.heads import HEADS, resolve_head
+from moco.cpc import CPC
 from moco.dist import all_gather_with_grad, get_world_size
 from moco.losses import LOSSES, batch_info_nce_logits, info_nce_logits, nt_xent_logits
 from moco.memory_bank import MemoryBank
 from moco.shuffle_bn import batch_shuffle_ddp, batch_shuffle_single, resolve_shuffle_bn
 
-MECHANISMS = ("moco", "end_to_end", "memory_bank")
+MECHANISMS = ("moco", "end_to_end", "memory_bank", "cmc", "cpc")
+CMC_DICTIONARIES = ("memory_bank", "moco")  # MODEL.CMC_DICTIONARY
 
 
 class EndToEnd(nn.Module):
@@ -101,19 +107,30 @@ class MemoryBankModel(nn.Module):
         self._ddp_params_and_buffers_to_ignore = ["memory_bank.bank"]
         self._bank_synced = False
 
-    def forward(self, im_q, im_k, index):
-        if index.shape[0] != im_q.shape[0]:
-            raise ValueError(f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices")
+    def _sync_bank(self):
         if not self._bank_synced:
             if get_world_size() > 1:  # ranks seed differently: start from rank 0's bank
                 dist.broadcast(self.memory_bank.bank, src=0)
             self._bank_synced = True
-        q = F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+
+    def _query(self, im_q):
+        return F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+
+    def _logits(self, q, index):
+        """InfoNCE ``(logits, labels)`` of ``q``: positives the bank's entries ``index`` (before
+        this step's update), negatives K entries drawn from the bank."""
         with torch.no_grad():
-            positive = self.memory_bank.bank.index_select(0, index)  # before this step's update
+            positive = self.memory_bank.bank.index_select(0, index)
             negatives, _ = self.memory_bank.sample(self.K)
         with torch.autocast(q.device.type, enabled=False):
-            logits, labels = info_nce_logits(q, positive, negatives, self.T)
+            return info_nce_logits(q, positive, negatives, self.T)
+
+    def forward(self, im_q, im_k, index):
+        if index.shape[0] != im_q.shape[0]:
+            raise ValueError(f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices")
+        self._sync_bank()
+        q = self._query(im_q)
+        logits, labels = self._logits(q, index)
         self.memory_bank.update(index, q.detach())
         return logits, labels
 
@@ -143,15 +160,23 @@ def validate_mechanism(cfg, world_size):
     if m.LOSS == "nt_xent" and m.MECHANISM != "end_to_end":
         raise ValueError(f"MODEL.LOSS nt_xent (SimCLR) contrasts the views of the batch and needs "
                          f"MODEL.MECHANISM end_to_end, not {m.MECHANISM}")  # fmt: skip
-    if m.MECHANISM == "memory_bank":
+    if m.MECHANISM == "cmc":
+        if m.CMC_DICTIONARY not in CMC_DICTIONARIES:
+            raise ValueError(f"unknown MODEL.CMC_DICTIONARY {m.CMC_DICTIONARY!r}; choose one of: "
+                             f"{', '.join(CMC_DICTIONARIES)}")  # fmt: skip
+        half_width(m.ARCH)
+    if m.MECHANISM == "cpc":
+        CPC.check_geometry(cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS)
+    if uses_memory_bank(cfg):
         if m.K < 1:
             raise ValueError(f"MODEL.K (negatives drawn from the memory bank) must be >= 1, got {m.K}")
         if not 0.0 <= m.MEMORY_BANK_MOMENTUM < 1.0:
             raise ValueError(f"MODEL.MEMORY_BANK_MOMENTUM must be in [0, 1), got {m.MEMORY_BANK_MOMENTUM}")
     batch = cfg.SOLVER.IMS_PER_BATCH
-    if m.MECHANISM == "moco" and m.K < 1:  # K % batch alone lets 0 and negatives through
+    queue = m.MECHANISM == "moco" or m.MECHANISM == "cmc" and m.CMC_DICTIONARY == "moco"
+    if queue and m.K < 1:  # K % batch alone lets 0 and negatives through
         raise ValueError(f"MODEL.K (--moco-k, the queue size) must be >= 1, got {m.K}")
-    if m.MECHANISM == "moco" and m.K % batch:
+    if queue and m.K % batch:
         raise ValueError(
             f"MODEL.K (--moco-k) = {m.K} is not a multiple of the global batch "
             f"SOLVER.IMS_PER_BATCH = {batch}: the queue takes whole batches (official assert "
@@ -159,8 +184,22 @@ def validate_mechanism(cfg, world_size):
         )
 
 
+def color_augmentation(cfg):
+    """Whether the loader's crops get colour jitter and grayscale: not for CMC, whose ab view is
+    what its L view predicts, nor for CPC, whose colour dropping is per patch (moco.cpc)."""
+    return cfg.MODEL.MECHANISM not in ("cmc", "cpc")
+
+
+def uses_memory_bank(cfg):
+    """Whether the mechanism keeps a memory bank, so its loader must name each sample's index."""
+    m = cfg.MODEL
+    return m.MECHANISM == "memory_bank" or m.MECHANISM == "cmc" and m.CMC_DICTIONARY == "memory_bank"
+
+
 def build_contrastive_model(cfg, world_size, dataset_size=None):
     """The ``MODEL.MECHANISM`` model of ``cfg`` (``dataset_size``: memory bank entries)."""
+    from moco.cmc import CMC  # moco.cmc builds on the models of this module
+
     m = cfg.MODEL
     common = dict(dim=m.DIM, T=m.T, head=head_name(cfg),
                   shuffle_bn=resolve_shuffle_bn(m.SHUFFLE_BN, world_size),
@@ -174,4 +213,9 @@ def build_contrastive_model(cfg, world_size, dataset_size=None):
         if dataset_size is None:
             raise ValueError("memory_bank: the dataset size (bank entries) is needed to build the model")
         return MemoryBankModel(base, dataset_size, K=m.K, bank_momentum=m.MEMORY_BANK_MOMENTUM, **common)
+    if m.MECHANISM == "cmc":
+        return CMC(m.ARCH, m.CMC_DICTIONARY, dataset_size, K=m.K, m=m.M,
+                   bank_momentum=m.MEMORY_BANK_MOMENTUM, **common)  # fmt: skip
+    if m.MECHANISM == "cpc":
+        return CPC(base, cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS, dim=m.DIM, head=common["head"])
     raise ValueError(f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}")

@@ -15,7 +15,7 @@ import re
 import torch.nn as nn
 import torchvision
 
-__all__ = ["parse_arch", "resnet_encoder", "STANDARD_WIDTH"]
+__all__ = ["parse_arch", "resnet_encoder", "half_width", "STANDARD_WIDTH"]
 
 STANDARD_WIDTH = 64
 _NARROW = re.compile(r"^(?P<base>[a-z0-9_]+?)_w(?P<width>\d+)$")
@@ -42,6 +42,15 @@ def parse_arch(arch):
     )
 
 
+def half_width(arch):
+    """``arch`` at half its base width (CMC splits a network's width between its two views)."""
+    base, width = parse_arch(arch)
+    if width % 2 or width < 2:
+        raise ValueError(f"MODEL.ARCH {arch} has base width {width}: CMC's two views split it, "
+                         "so it must be even")  # fmt: skip
+    return f"{base}_w{width // 2}"
+
+
 def _narrow(base, width, **kwargs):
     model = getattr(torchvision.models, base)(**kwargs)
     block = type(model.layer1[0])
@@ -63,14 +72,27 @@ def _narrow(base, width, **kwargs):
     return model
 
 
-def resnet_encoder(arch):
-    """The constructor for ``arch``: called as ``constructor(num_classes=N)``, like torchvision's."""
+def _set_in_channels(model, in_channels):
+    """A stem for ``in_channels`` input channels (CMC's L and ab views: 1 and 2), same init."""
+    old = model.conv1
+    model.conv1 = nn.Conv2d(in_channels, old.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def resnet_encoder(arch, in_channels=3):
+    """The constructor for ``arch``: called as ``constructor(num_classes=N)``, like torchvision's.
+    ``in_channels``: input channels of the stem (3: RGB)."""
     base, width = parse_arch(arch)
-    if width == STANDARD_WIDTH:
+    if width == STANDARD_WIDTH and in_channels == 3:
         return getattr(torchvision.models, base)
 
     def build(**kwargs):
-        return _narrow(base, width, **kwargs)
+        if width == STANDARD_WIDTH:
+            model = getattr(torchvision.models, base)(**kwargs)
+        else:
+            model = _narrow(base, width, **kwargs)
+        return model if in_channels == 3 else _set_in_channels(model, in_channels)
 
-    build.__name__ = arch
+    build.__name__ = arch if in_channels == 3 else f"{arch}_in{in_channels}"
     return build

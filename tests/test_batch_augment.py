@@ -109,6 +109,17 @@ def test_batch_augment_crops_are_normalised_independent_and_seeded(aug_plus):
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+def test_without_colour_only_crops_and_flips():
+    grey = torch.full((4, 3, 30, 30), 128, dtype=torch.uint8)
+    grey[:, 0] = 200  # a flat reddish image: crops and flips of it are the image itself
+    torch.manual_seed(0)
+    out = B.BatchAugment(16, aug_plus=True, color=False)(grey)
+    mean = torch.tensor(B.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(B.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (grey[:, :, :16, :16].float() / 255 - mean) / std
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_batch_augment_refuses_float_images_and_bad_settings():
     with pytest.raises(ValueError, match="uint8"):
         B.BatchAugment(16)(torch.rand(2, 3, 20, 20))

@@ -29,6 +29,7 @@ def test_config_set_is_complete():
     expected = {"pascal_voc_R_50_C4_24k", "coco_R_50_C4_1x", "coco_R_50_C4_2x", "coco_R_50_FPN_1x", "coco_R_50_FPN_2x"}
     expected |= {n + "_moco" for n in expected}
     expected |= {"embedded_voc_R_18_FPN", "embedded_voc_R_18w16_FPN", "embedded_coco_R_18_FPN_mask"}
+    expected |= {"embedded_voc_R_18w16_FPN_cmc"}  # CMC's weights: the Lab backbone
     assert names == expected
 
 

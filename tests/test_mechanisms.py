@@ -313,25 +313,28 @@ def test_gathered_losses_and_bank_in_two_gloo_processes():
     mp.spawn(_gathered_loss_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
+def pretrain_in_two_processes(synthetic_root, out, opts):
+    """tools/pretrain.py in 2 CPU processes (gloo), 1 epoch of 32-px crops; returns the summary."""
+    data = os.path.join(synthetic_root, "imagefolder")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([
+        sys.executable, os.path.join(REPO, "tools", "pretrain.py"),
+        "--config-file", os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml"),
+        "--num-gpus", "2", "-b", "8", "--epochs", "1", "-j", "0", "--output-dir", str(out), data,
+        "INPUT.CROP_SIZE", "32", "MODEL.DIM", "16", "KNN.PERIOD", "0", *opts,
+    ], capture_output=True, text=True, timeout=280, env=env, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "pretrain_summary.json") as f:
+        return json.load(f)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mechanism, extra", [
     ("end_to_end", []),
     ("memory_bank", ["MODEL.K", "40"]),
 ])  # fmt: skip
 def test_mechanism_trains_in_two_processes_via_cli(synthetic_root, tmp_path, mechanism, extra):
-    data = os.path.join(synthetic_root, "imagefolder")
-    out = tmp_path / mechanism
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([
-        sys.executable, os.path.join(REPO, "tools", "pretrain.py"),
-        "--config-file", os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml"),
-        "--num-gpus", "2", "-b", "8", "--epochs", "1", "-j", "0", "--output-dir", str(out), data,
-        "MODEL.MECHANISM", mechanism, "INPUT.CROP_SIZE", "32", "MODEL.DIM", "16", "KNN.PERIOD", "0",
-        *extra,
-    ], capture_output=True, text=True, timeout=280, env=env, cwd=REPO)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(out / "pretrain_summary.json") as f:
-        s = json.load(f)
+    s = pretrain_in_two_processes(synthetic_root, tmp_path / mechanism, ["MODEL.MECHANISM", mechanism, *extra])
     assert s["world_size"] == 2 and s["mechanism"] == mechanism and s["shuffle_bn"] == "ddp"
     digests = s["queue_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]  # identical banks on both ranks

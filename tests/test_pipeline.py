@@ -130,3 +130,29 @@ def test_bad_pipeline_settings_fail_clearly():
         load_pipeline_cfg(None, ["JOBS", "0"])
     with pytest.raises(ValueError, match="DATA.SPEC"):
         synthetic_spec(load_pipeline_cfg(None, ["DATA.SPEC", "['colour', 3]"]))
+
+
+def test_methods_add_cmc_and_cpc_rows_reusing_the_moco_only_stages(pipeline_run, capsys):
+    cfg, _ = pipeline_run
+    opts = ["RUN_DIR", cfg.RUN_DIR, "DATA.ROOT", cfg.DATA.ROOT, *TINY, "METHODS", "['moco', 'cmc', 'cpc']"]
+    paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    assert capsys.readouterr().out.count("done earlier, reusing") == 11  # all of the MoCo-only run
+    with open(paths["csv"]) as f:
+        assert [r["pretraining"] for r in csv.DictReader(f)] == ["moco", "cmc", "cpc", "supervised", "random"]
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        summary = json.load(f)
+    assert {f"{m}_vs_{o}" for m in ("moco", "cmc", "cpc") for o in ("random", "supervised")} == set(
+        summary["comparisons"])
+    for method, key in (("cmc", "module.l.encoder_q.conv1.weight"), ("cpc", "module.context.0.weight")):
+        pretrain = os.path.join(cfg.RUN_DIR, _stage_dirs(cfg.RUN_DIR, f"pretrain_{method}")[0])
+        ckpt = torch.load(os.path.join(pretrain, "checkpoint_0001.pth.tar"), weights_only=True)
+        assert key in ckpt["state_dict"]
+        for seed in (0, 1):
+            run = os.path.join(cfg.RUN_DIR, _stage_dirs(cfg.RUN_DIR, f"detect_{method}_s{seed}")[0])
+            with open(os.path.join(run, "final_metrics.json")) as f:
+                metrics = json.load(f)
+            assert metrics["weights"].endswith(f"{method}.pkl")
+            assert metrics["weights_load"]["matched"] == metrics["weights_load"]["backbone_tensors"] > 0
+            assert metrics["config_file"].endswith("_cmc.yaml") == (method == "cmc")
+    with pytest.raises(ValueError, match="METHODS \\['moco', 'byol'\\]: expected distinct names"):
+        load_pipeline_cfg("configs/pipeline/ci.yaml", ["METHODS", "['moco', 'byol']"])
