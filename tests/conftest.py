@@ -75,3 +75,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handlers():
+    """A test that runs a tool in this process leaves Detectron2's log handlers on its captured
+    (afterwards closed) stdout; they are dropped after every test, as the pipeline does after each
+    stage (experiments.runs.fresh_loggers)."""
+    from experiments.runs import fresh_loggers
+
+    with fresh_loggers():
+        yield
