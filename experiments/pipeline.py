@@ -261,6 +261,10 @@ def run_pipeline(cfg):
 
     data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
     folder, synthetic_root = data["image_folder"], data["synthetic_root"]
+    if synthetic_root:  # a reused data stage: the set may have been regenerated with another spec
+        from moco.synthetic import ensure_generated
+
+        ensure_generated(synthetic_root, synthetic_spec(cfg), workers=cfg.DATA.WORKERS)
     sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None
     if sup_ckpt and not os.path.isfile(sup_ckpt):
         raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")

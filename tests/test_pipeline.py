@@ -156,3 +156,17 @@ def test_methods_add_cmc_and_cpc_rows_reusing_the_moco_only_stages(pipeline_run,
             assert metrics["config_file"].endswith("_cmc.yaml") == (method == "cmc")
     with pytest.raises(ValueError, match="METHODS \\['moco', 'byol'\\]: expected distinct names"):
         load_pipeline_cfg("configs/pipeline/ci.yaml", ["METHODS", "['moco', 'byol']"])
+
+
+def test_a_reused_data_stage_regenerates_a_set_overwritten_with_another_spec(pipeline_run, capsys):
+    """Another command may regenerate the data folder with its own spec; a rerun must not
+    train on that set because the data stage's record says it finished."""
+    from moco.synthetic import SyntheticSpec, ensure_generated, read_manifest
+
+    cfg, _ = pipeline_run
+    wanted = read_manifest(cfg.DATA.ROOT)["spec"]
+    ensure_generated(cfg.DATA.ROOT, SyntheticSpec(seed=7, cls_train_per_class=1, cls_val_per_class=1,
+                                                 det_trainval_images=2, det_test_images=2))  # fmt: skip
+    run_pipeline(cfg)
+    assert read_manifest(cfg.DATA.ROOT)["spec"] == wanted
+    assert capsys.readouterr().out.count("done earlier, reusing") >= 11
