@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from torchvision.ops import roi_align
+from torchvision.transforms.v2.functional import rgb_to_grayscale as grayscale
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from moco.augment import (DEFAULT_MIN_SCALE, IMAGENET_MEAN, IMAGENET_STD, _check_min_scale,
                           _check_size)  # fmt: skip
-
-_GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
 
 def batch_source_transform(size):
     """PIL image -> uint8 CHW tensor of ``size`` x ``size``: shorter side resized, centre square."""
@@ -77,11 +75,6 @@ def resized_crops(images, boxes, size):
     rois = torch.cat([torch.arange(len(images), device=images.device, dtype=images.dtype)[:, None],
                       boxes.to(images.dtype)], 1)  # fmt: skip
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
-
-
-def grayscale(x):
-    r, g, b = x.unbind(1)
-    return (r * _GREY[0] + g * _GREY[1] + b * _GREY[2]).unsqueeze(1)
 
 
 def _blend(x, other, factor):
