@@ -71,15 +71,22 @@ def check_image(path, max_pixels=None):
     return None
 
 
+def _map_in_chunks(fn, items, threads, chunk=256):
+    """``[fn(x) for x in items]`` on ``threads`` threads (PIL releases the GIL while decoding), a
+    task per ``chunk`` items: ``ThreadPoolExecutor.map`` ignores its ``chunksize``, and a future per
+    file cost ~45 us, 4.5 s per 100,000 files."""
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(threads) as pool:
+        return [y for part in pool.map(lambda xs: [fn(x) for x in xs], chunks) for y in part]
+
+
 def scan_images(paths, threads=None, max_pixels=None):
     """{path: reason} of the unreadable (or too large) files among ``paths``, all ranks' shares
     gathered."""
     world, rank = comm.get_world_size(), comm.get_rank()
     mine = list(paths)[rank::world]
     threads = threads or min(8, max(1, (os.cpu_count() or 1) // max(1, comm.get_local_size())))
-    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding
-        check = functools.partial(check_image, max_pixels=max_pixels)
-        reasons = list(pool.map(check, mine, chunksize=64))
+    reasons = _map_in_chunks(functools.partial(check_image, max_pixels=max_pixels), mine, threads)
     bad = {p: r for p, r in zip(mine, reasons) if r is not None}
     if world > 1:
         merged = {}
