@@ -44,11 +44,17 @@ def validate_data(cfg):
                 raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
 
 
-def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None, max_pixels=None):
+def folder_checks(cfg):
+    """A config's checks of every image folder its run reads (:func:`image_folder`'s ``checks``)."""
+    data = cfg.DATA
+    return {"max_bad_fraction": data.MAX_BAD_FRACTION, "max_pixels": data.MAX_IMAGE_PIXELS}
+
+
+def image_folder(root, split, transform, what, loader=None, **checks):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
 
-    Unreadable files are skipped, counted and bounded by ``max_bad_fraction`` (default
-    DATA.MAX_BAD_FRACTION); so are images above ``max_pixels`` (default DATA.MAX_IMAGE_PIXELS):
+    Unreadable files are skipped, counted and bounded by ``max_bad_fraction``; so are images above
+    ``max_pixels`` (``checks``: :func:`folder_checks`, each DATA's default when left out):
     :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
     """
     if not root:
@@ -61,7 +67,7 @@ def image_folder(root, split, transform, what, loader=None, max_bad_fraction=Non
         )
     try:
         return CheckedImageFolder(folder, transform=transform, loader=loader, what=f"{what}={root}",
-                                  max_bad_fraction=max_bad_fraction, max_pixels=max_pixels)  # fmt: skip
+                                  **checks)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
@@ -90,8 +96,7 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
         transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast,
                                        min_scale=min_scale, color=color)  # fmt: skip
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
-                           max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
-                           max_pixels=cfg.DATA.MAX_IMAGE_PIXELS)  # fmt: skip
+                           **folder_checks(cfg))  # fmt: skip
     return WithIndex(dataset) if with_index else dataset
 
 
@@ -174,12 +179,12 @@ def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False):
                    drop_last=False, pin_memory=pin_memory)  # fmt: skip
 
 
-def build_labeled_datasets(root, crop_size, what, train_transform=None, max_bad_fraction=None):
-    """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``."""
+def build_labeled_datasets(root, crop_size, what, train_transform=None, **checks):
+    """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``;
+    ``checks``: :func:`image_folder`'s."""
     val_tf = eval_transform(crop=crop_size)
-    train = image_folder(root, "train", train_transform or val_tf, what,
-                         max_bad_fraction=max_bad_fraction)  # fmt: skip
-    val = image_folder(root, "val", val_tf, what, max_bad_fraction=max_bad_fraction)
+    train = image_folder(root, "train", train_transform or val_tf, what, **checks)
+    val = image_folder(root, "val", val_tf, what, **checks)
     if train.classes != val.classes:
         raise ValueError(
             f"{what}={root}: train/ and val/ have different classes "
