@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
 from moco.batch_augment import batch_source_transform
-from moco.data_checks import CheckedImageFolder
+from moco.data_checks import CheckedImageFolder, check_scan_mode
 from moco.fast import to_device as tensor_batch_to  # noqa: F401  (image batch -> device, layout)
 
 _DATASETS_VAR = "$DETECTRON2_DATASETS"
@@ -31,7 +31,9 @@ def resolve_data_path(path):
 
 
 def validate_data(cfg):
-    """DATA.ROOT has train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
+    """DATA.SCAN_IMAGES is a mode, DATA.ROOT has train/, and KNN.DATA (when the monitor runs)
+    train/ and val/: one-line error."""
+    check_scan_mode(cfg.DATA.SCAN_IMAGES)
     if not cfg.DATA.ROOT:
         raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
     train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
@@ -45,16 +47,19 @@ def validate_data(cfg):
 
 
 def folder_checks(cfg):
-    """A config's checks of every image folder its run reads (:func:`image_folder`'s ``checks``)."""
+    """A config's checks of every image folder its run reads (:func:`image_folder`'s ``checks``);
+    the scan cache goes to OUTPUT_DIR when a folder is not writable."""
     data = cfg.DATA
-    return {"max_bad_fraction": data.MAX_BAD_FRACTION, "max_pixels": data.MAX_IMAGE_PIXELS}
+    return {"max_bad_fraction": data.MAX_BAD_FRACTION, "max_pixels": data.MAX_IMAGE_PIXELS,
+            "scan": data.SCAN_IMAGES, "cache_dir": cfg.OUTPUT_DIR}  # fmt: skip
 
 
 def image_folder(root, split, transform, what, loader=None, **checks):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
 
     Unreadable files are skipped, counted and bounded by ``max_bad_fraction``; so are images above
-    ``max_pixels`` (``checks``: :func:`folder_checks`, each DATA's default when left out):
+    ``max_pixels``; ``scan`` and ``cache_dir`` choose the start-up scan and where its cache may go
+    (``checks``: :func:`folder_checks`, each DATA's default when left out):
     :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
     """
     if not root:
