@@ -3,8 +3,9 @@ line can show its defaults without loading it."""
 
 import dataclasses
 
-GROUPS = ("model", "momentum", "data", "e2e")
+GROUPS = ("model", "momentum", "data", "e2e", "startup")
 BASELINE = "official"
+BASELINES = {"startup": "imagefolder"}  # groups whose baseline row is not the official algorithm
 
 
 
@@ -63,7 +64,7 @@ class BenchConfig:
                              f"{', '.join(GROUPS)} or none")  # fmt: skip
         fastlib.resolve_amp(self.amp, "cpu")  # value check only
         fastlib.resolve_channels_last(self.channels_last, "cpu")
-        if "data" in self.groups or "e2e" in self.groups:
+        if any(g in self.groups for g in ("data", "e2e", "startup")):
             resolve_image_folder(self.data)
 
     @property

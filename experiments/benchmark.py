@@ -23,6 +23,13 @@ the ratio to the group's baseline. Groups:
   times whole rounds of the workers (:func:`loader_schedule`).
 * ``e2e`` -- data and step together (official loader + official step vs fast loader + fast step),
   timed the same way, so a data bottleneck shows as a slower step.
+* ``startup`` -- seconds from the start of a fresh process to the first batch of its training
+  loader (interpreter, imports, dataset, workers; the data rows' fast loader and transform), one
+  process per repetition: torchvision's ``ImageFolder`` (the baseline) against
+  :class:`moco.data_checks.CheckedImageFolder` with DATA.SCAN_IMAGES ``always`` (scan cache removed
+  first, then reused), ``never`` and ``auto``. The cold row removes the folder's scan cache. CPU
+  time is the process tree's. The 100,000-file run of docs/RESULTS.md: ``--rows startup --data DIR
+  --data-per-class 10000``.
 
 ``time_detectron2_iteration`` times Detectron2 fine-tuning iterations of a config (the paper's
 VOC R50-C4) on synthetic inputs at the config's input sizes.
@@ -33,7 +40,11 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -41,12 +52,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # the settings live in a torch-free module, so tools/benchmark.py --help answers at once
-from experiments.bench_config import BASELINE, GROUPS, BenchConfig  # noqa: F401
+from experiments.bench_config import BASELINE, BASELINES, GROUPS, BenchConfig  # noqa: F401
 from experiments.official import OfficialMoCo, official_train_step
+from moco import config as moco_config
 from moco import fast as fastlib
 from moco.augment import JpegDraftLoader, pretrain_transform
 from moco.batch_augment import BatchAugment, batch_source_transform
 from moco.builder import MoCo
+from moco.data_checks import CheckedImageFolder, scan_cache_path, scan_wanted
 from moco.resnet import resnet_encoder
 from moco.launch import resolve_device
 
@@ -212,6 +225,85 @@ class _LoaderRunner:
             return _per_unit(start, self.timed)
         finally:
             del it  # shuts the workers down before the next row runs
+
+
+# where a start-up row's scan cache goes when the folder is not writable (scan_cache_path)
+STARTUP_CACHE_DIR = os.path.join(tempfile.gettempdir(), "moco_det_benchmark")
+
+
+class _StartupRunner:
+    """One fresh process per repetition (:func:`startup_child`), timed from its start to its first
+    batch; ``cold``: the folder's scan cache is removed first."""
+
+    def __init__(self, folder, scan, cfg, cold=False):
+        self.cold = cold
+        self.spec = json.dumps({"folder": folder, "scan": scan, "image_size": cfg.image_size,
+                                "batch_size": cfg.batch_size, "workers": cfg.workers,
+                                "v2": cfg.mlp, "cache_dir": STARTUP_CACHE_DIR})  # fmt: skip
+        self.cache = scan and scan_cache_path(folder, STARTUP_CACHE_DIR)
+
+    def warm(self, n):
+        for _ in range(n):
+            self.run()
+
+    def run(self):
+        if self.cold and self.cache and os.path.exists(self.cache):
+            os.remove(self.cache)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this copy's code
+        path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        code = "import json, sys; from experiments.benchmark import startup_child; " \
+               "startup_child(json.loads(sys.argv[1]))"  # fmt: skip
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with tempfile.TemporaryFile("w+") as err:  # a file: a chatty child cannot fill a pipe
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", code, self.spec], stdout=subprocess.PIPE,
+                                    stderr=err, env=env, text=True)  # fmt: skip
+            line = proc.stdout.readline()
+            wall = time.perf_counter() - start
+            proc.communicate()
+            if proc.returncode or not line.startswith("first batch"):
+                err.seek(0)
+                raise RuntimeError(f"start-up row failed ({proc.returncode}): {err.read()[-2000:]}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return wall, cpu
+
+
+def startup_child(spec):
+    """A start-up row's process: build the dataset (``scan`` None: torchvision's ImageFolder), a
+    shuffling DataLoader with ``workers`` processes, take its first batch, say so on stdout."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    transform = pretrain_transform(spec["image_size"], spec["v2"], fast=True)
+    loader = JpegDraftLoader(spec["image_size"])
+    if spec["scan"] is None:
+        dataset = ImageFolder(spec["folder"], transform=transform, loader=loader)
+    else:
+        dataset = CheckedImageFolder(spec["folder"], transform=transform, loader=loader,
+                                     scan=spec["scan"], cache_dir=spec["cache_dir"])  # fmt: skip
+    batches = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True,
+                         num_workers=spec["workers"], generator=torch.Generator().manual_seed(0))  # fmt: skip
+    next(iter(batches))
+    print(f"first batch of {len(dataset)} images", flush=True)
+
+
+def startup_rows(folder):
+    """(name, scan mode, cold, detail) of the start-up rows; auto's detail says what it chose."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    n = sum(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder) for f in files)
+    auto = "full scan" if scan_wanted("auto", n) else "no scan"
+    checked = "CheckedImageFolder, DATA.SCAN_IMAGES"
+    return (
+        ("imagefolder", None, False, f"torchvision ImageFolder, {n} files, no check"),
+        ("scan always cold", "always", True, f"{checked} always, no scan cache"),
+        ("scan always warm", "always", False, f"{checked} always, the scan cache of the row above"),
+        ("scan never", "never", False, f"{checked} never: load-time check only"),
+        ("scan auto", "auto", False,
+         f"{checked} auto: {auto} ({n} files, threshold {moco_config.SCAN_AUTO_MAX_FILES})"),
+    )  # fmt: skip
 
 
 def loader_schedule(workers, at_least):
@@ -402,6 +494,12 @@ def build_rows(cfg, device):
                 add(Row("e2e", name, "step", B, desc + (" + fast step" if is_fast else
                                                         " + official step")),
                     _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl, augment=aug))
+
+    if "startup" in cfg.groups:
+        folder = resolve_image_folder(cfg.data)
+        for name, scan, cold, desc in startup_rows(folder):
+            add(Row("startup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
+                _StartupRunner(folder, scan, cfg, cold))  # fmt: skip
     return rows, runners, path
 
 
@@ -423,7 +521,7 @@ def measure(rows, runners, reps, warmup, log=None):
                 if log:
                     ms = row.seconds[-1] * 1e3
                     log(f"{group:8s} {row.name:20s} rep {rep + 1}/{reps}: {ms:.1f} ms")
-        base = next((r for r in members if r.name == BASELINE), None)
+        base = next((r for r in members if r.name == BASELINES.get(group, BASELINE)), None)
         for row in members:
             if base is not None and base.seconds and row.seconds:
                 row.ratio = base.median / row.median  # speed relative to the baseline

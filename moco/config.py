@@ -75,12 +75,22 @@ _C.DATA = CN()
 # default "datasets" (see moco.data.resolve_data_path).
 _C.DATA.ROOT = ""
 # Unreadable image files (corrupt, truncated, empty, not an image) are found by a decode scan at
-# start and skipped with a warning (moco.data_checks); more than this fraction of a folder stops
-# the run with an error.
+# start (DATA.SCAN_IMAGES) and skipped with a warning (moco.data_checks); more than this fraction
+# of a folder stops the run with an error.
 _C.DATA.MAX_BAD_FRACTION = 0.01
 # images with more pixels are skipped and counted like unreadable ones (moco.data_checks); PIL's
 # own limit (only a warning up to twice it) let 177-MP images through at ~1.4 GB each
 _C.DATA.MAX_IMAGE_PIXELS = 89478485
+# The start-up decode scan (moco.data_checks): "always", "never", or "auto" = a full scan of a folder
+# of up to SCAN_AUTO_MAX_FILES files. Results are cached per file (path, size, mtime), so a later
+# start decodes only new or changed files. Without the scan an unreadable file is replaced by the
+# next image and counted when loaded, and DATA.MAX_BAD_FRACTION is not enforced.
+_C.DATA.SCAN_IMAGES = "auto"
+# auto's bound: a cold scan of 50,000 files costs 61-90 CPU-s at ImageNet's JPEG sizes (1.22 ms a
+# file measured, 1.8 ms in issue #16), once; a warm start ~12 us a file. So ImageNet val and the
+# embedded sets are scanned, ImageNet train (1.28M files: 26-38 CPU-min cold) is not
+# (docs/RESULTS.md, 2026-12-03).
+SCAN_AUTO_MAX_FILES = 50_000
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4  # per process (official -j 32 per 8-GPU node)

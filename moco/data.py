@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
 from moco.batch_augment import batch_source_transform
-from moco.data_checks import CheckedImageFolder
+from moco.data_checks import CheckedImageFolder, check_scan_mode
 from moco.fast import to_device as tensor_batch_to  # noqa: F401  (image batch -> device, layout)
 
 _DATASETS_VAR = "$DETECTRON2_DATASETS"
@@ -31,7 +31,9 @@ def resolve_data_path(path):
 
 
 def validate_data(cfg):
-    """DATA.ROOT has train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
+    """DATA.SCAN_IMAGES is a mode, DATA.ROOT has train/, and KNN.DATA (when the monitor runs)
+    train/ and val/: one-line error."""
+    check_scan_mode(cfg.DATA.SCAN_IMAGES)
     if not cfg.DATA.ROOT:
         raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
     train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
@@ -44,11 +46,20 @@ def validate_data(cfg):
                 raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
 
 
-def image_folder(root, split, transform, what, loader=None, max_bad_fraction=None, max_pixels=None):
+def folder_checks(cfg):
+    """A config's checks of every image folder its run reads (:func:`image_folder`'s ``checks``);
+    the scan cache goes to OUTPUT_DIR when a folder is not writable."""
+    data = cfg.DATA
+    return {"max_bad_fraction": data.MAX_BAD_FRACTION, "max_pixels": data.MAX_IMAGE_PIXELS,
+            "scan": data.SCAN_IMAGES, "cache_dir": cfg.OUTPUT_DIR}  # fmt: skip
+
+
+def image_folder(root, split, transform, what, loader=None, **checks):
     """``ImageFolder(root/split)`` with a one-line error naming ``what`` (the config key/flag).
 
-    Unreadable files are skipped, counted and bounded by ``max_bad_fraction`` (default
-    DATA.MAX_BAD_FRACTION); so are images above ``max_pixels`` (default DATA.MAX_IMAGE_PIXELS):
+    Unreadable files are skipped, counted and bounded by ``max_bad_fraction``; so are images above
+    ``max_pixels``; ``scan`` and ``cache_dir`` choose the start-up scan and where its cache may go
+    (``checks``: :func:`folder_checks`, each DATA's default when left out):
     :class:`moco.data_checks.CheckedImageFolder`. Call in every process.
     """
     if not root:
@@ -61,7 +72,7 @@ def image_folder(root, split, transform, what, loader=None, max_bad_fraction=Non
         )
     try:
         return CheckedImageFolder(folder, transform=transform, loader=loader, what=f"{what}={root}",
-                                  max_bad_fraction=max_bad_fraction, max_pixels=max_pixels)  # fmt: skip
+                                  **checks)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
@@ -90,8 +101,7 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
         transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast,
                                        min_scale=min_scale, color=color)  # fmt: skip
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
-                           max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
-                           max_pixels=cfg.DATA.MAX_IMAGE_PIXELS)  # fmt: skip
+                           **folder_checks(cfg))  # fmt: skip
     return WithIndex(dataset) if with_index else dataset
 
 
@@ -174,12 +184,12 @@ def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False):
                    drop_last=False, pin_memory=pin_memory)  # fmt: skip
 
 
-def build_labeled_datasets(root, crop_size, what, train_transform=None, max_bad_fraction=None):
-    """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``."""
+def build_labeled_datasets(root, crop_size, what, train_transform=None, **checks):
+    """(train, val) ImageFolders of ``root`` with the same classes; val uses ``eval_transform``;
+    ``checks``: :func:`image_folder`'s."""
     val_tf = eval_transform(crop=crop_size)
-    train = image_folder(root, "train", train_transform or val_tf, what,
-                         max_bad_fraction=max_bad_fraction)  # fmt: skip
-    val = image_folder(root, "val", val_tf, what, max_bad_fraction=max_bad_fraction)
+    train = image_folder(root, "train", train_transform or val_tf, what, **checks)
+    val = image_folder(root, "val", val_tf, what, **checks)
     if train.classes != val.classes:
         raise ValueError(
             f"{what}={root}: train/ and val/ have different classes "

@@ -26,7 +26,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from moco.cli import Interrupted
-from moco.data import build_eval_loader, build_labeled_datasets
+from moco.data import build_eval_loader, build_labeled_datasets, folder_checks
 from moco.file_io import AtomicAppendFile
 from moco.knn import knn_evaluate
 
@@ -150,8 +150,7 @@ def build_knn_hook(trainer, cfg):
     if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
         return None
     train_set, val_set = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE,
-                                                "KNN.DATA (--knn-data)",
-                                                max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
+                                                "KNN.DATA (--knn-data)", **folder_checks(cfg))  # fmt: skip
     pin = trainer.device.type == "cuda"
     workers = cfg.DATALOADER.NUM_WORKERS
     train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)

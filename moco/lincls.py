@@ -76,6 +76,7 @@ class LinclsOptions:
     crop_size: int = 224
     output_dir: str = "."
     device: str = "auto"
+    scan_images: str | None = None  # DATA.SCAN_IMAGES (None: its default)
 
 
 def lincls_train_transform(crop_size):
@@ -207,7 +208,8 @@ def run_lincls(opts: LinclsOptions):
         raise ValueError(f"--epochs ({opts.epochs}) and --batch-size ({opts.batch_size}) must be >= 1")
     device = resolve_device(opts.device, "device (--gpu)")
     train_set, val_set = build_labeled_datasets(opts.data, opts.crop_size, "DATA",
-                                                lincls_train_transform(opts.crop_size))  # fmt: skip
+                                                lincls_train_transform(opts.crop_size),
+                                                scan=opts.scan_images, cache_dir=opts.output_dir)  # fmt: skip
     num_classes = len(train_set.classes)
     model = build_linear_model(opts.arch, num_classes)
     fmt = load_pretrained(model, opts.pretrained, opts.arch) if opts.pretrained else None

@@ -20,7 +20,7 @@ from torchvision import transforms
 from moco import file_io
 from moco.augment import imagenet_normalize
 from moco.resnet import resnet_encoder
-from moco.data import build_eval_loader, build_labeled_datasets, image_folder
+from moco.data import build_eval_loader, build_labeled_datasets, folder_checks, image_folder
 from moco.engine import PretrainTrainer
 from moco.fast import autocast_context, to_device
 from moco.lincls import validate
@@ -60,7 +60,7 @@ class SupervisedTrainer(PretrainTrainer):
     def build_dataset(self):
         dataset = image_folder(self.cfg.DATA.ROOT, "train",
                                supervised_transform(self.cfg.INPUT.CROP_SIZE, self.cfg.INPUT.MIN_SCALE), "DATA.ROOT (DATA)",
-                               max_bad_fraction=self.cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
+                               **folder_checks(self.cfg))  # fmt: skip
         self.num_classes = len(dataset.classes)
         return dataset
 
@@ -91,7 +91,7 @@ class SupervisedTrainer(PretrainTrainer):
         if not cfg.KNN.DATA:
             return None
         _, val = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)",
-                                        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)  # fmt: skip
+                                        **folder_checks(cfg))  # fmt: skip
         loader = build_eval_loader(val, cfg.KNN.BATCH_SIZE, cfg.DATALOADER.NUM_WORKERS)
         was_training = self.net.training
         try:

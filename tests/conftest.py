@@ -2,6 +2,8 @@
 
 ``REPO``: the repository root (tests import it: ``from conftest import REPO, load_tool``).
 ``load_tool(name)``: ``tools/<name>.py`` as a module (its ``main(argv)`` returns the exit code).
+``folder_with_bad_files(synthetic_root, dst)``: a copy of the fixture's image folder with 3
+unreadable files in train/.
 
 ``synthetic_root``: a small embedded data set (generated once per session, into a temporary
 directory) registered under the standard names (``synthetic_voc_trainval`` ...). Tests that read
@@ -26,6 +28,26 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def folder_with_bad_files(synthetic_root, dst):
+    """Copy of the fixture's imagefolder (30 train images) plus 3 unreadable files in train/."""
+    import shutil
+
+    shutil.copytree(os.path.join(synthetic_root, "imagefolder"), dst)
+    train = os.path.join(dst, "train")
+    good = os.path.join(train, "disk", sorted(os.listdir(os.path.join(train, "disk")))[0])
+    with open(good, "rb") as f:
+        data = f.read()
+    bad = {
+        os.path.join(train, "disk", "zz_truncated.jpg"): data[: len(data) // 2],
+        os.path.join(train, "ring", "zz_empty.jpg"): b"",
+        os.path.join(train, "star", "zz_notes.jpg"): b"not an image\n" * 20,
+    }
+    for path, content in bad.items():
+        with open(path, "wb") as f:
+            f.write(content)
+    return sorted(bad)
 
 
 # Small enough to generate in about a second, large enough that every class occurs in both

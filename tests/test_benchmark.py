@@ -130,6 +130,34 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     assert "not installed" in table and f"wrote {out}" in table
 
 
+def test_startup_rows_time_fresh_processes_against_imagefolder(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    from moco.data_checks import SCAN_CACHE_NAME
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(synthetic_root, "imagefolder"), data)
+    out = tmp_path / "startup.json"
+    rc = cli.main(["--rows", "startup", "--data", str(data), "--reps", "1", "--warmup", "0",
+                   "--workers", "0", "--batch-size", "8", "--image-size", "32", "--device", "cpu",
+                   "--output", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["imagefolder", "scan always cold", "scan always warm", "scan never",
+                          "scan auto"]  # fmt: skip
+    base = rows["imagefolder"]
+    for r in rows.values():
+        assert r["group"] == "startup" and r["unit"] == "start" and r["status"] == "ok"
+        assert len(r["seconds_per_unit"]) == 1 and r["seconds_per_unit"][0] > 0
+        assert r["median_cpu_ms"] > 0  # the child process's
+        assert r["ratio_vs_baseline"] == pytest.approx(base["median_ms"] / r["median_ms"])
+    assert base["ratio_vs_baseline"] == 1.0 and "ImageFolder, 30 files" in base["detail"]
+    assert "auto: full scan (30 files, threshold 50000)" in rows["scan auto"]["detail"]
+    assert (data / "train" / SCAN_CACHE_NAME).is_file()  # the scan rows wrote the folder's cache
+    assert sum(line.startswith("startup") for line in captured.out.splitlines()) == 5
+
+
 def test_loader_schedule_skips_the_start_up_burst_and_times_whole_worker_rounds():
     assert loader_schedule(2, 3) == (4, 4)
     assert loader_schedule(0, 3) == (2, 3)  # in-process loading: one "worker"
@@ -159,6 +187,7 @@ def test_format_table_shows_failed_rows_and_numbers():
     (["--reps", "0"], "--reps must be >= 1, got 0"),
     (["--det-opts", "MODEL.X"], "--det-opts must be KEY VALUE pairs"),
     (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
+    (["--rows", "startup", "--data-per-class", "10"], "--data-per-class needs --data"),
 ])  # fmt: skip
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(argv) == 2

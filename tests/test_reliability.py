@@ -22,7 +22,7 @@ from moco import checkpoint as C
 from moco import file_io
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
-from conftest import REPO
+from conftest import REPO, folder_with_bad_files
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
@@ -342,32 +342,12 @@ def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(sy
 # 3. bad data in image folders
 
 
-def _folder_with_bad_files(synthetic_root, dst):
-    """Copy of the fixture's imagefolder (30 train images) plus 3 unreadable files in train/."""
-    import shutil
-
-    shutil.copytree(os.path.join(synthetic_root, "imagefolder"), dst)
-    train = os.path.join(dst, "train")
-    good = os.path.join(train, "disk", sorted(os.listdir(os.path.join(train, "disk")))[0])
-    with open(good, "rb") as f:
-        data = f.read()
-    bad = {
-        os.path.join(train, "disk", "zz_truncated.jpg"): data[: len(data) // 2],
-        os.path.join(train, "ring", "zz_empty.jpg"): b"",
-        os.path.join(train, "star", "zz_notes.jpg"): b"not an image\n" * 20,
-    }
-    for path, content in bad.items():
-        with open(path, "wb") as f:
-            f.write(content)
-    return sorted(bad)
-
-
 def test_check_image_catches_what_verify_misses(synthetic_root, tmp_path):
     from PIL import Image
 
     from moco.data_checks import check_image
 
-    truncated, empty, notes = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    truncated, empty, notes = folder_with_bad_files(synthetic_root, tmp_path / "f")
     with Image.open(truncated) as im:
         im.verify()  # PIL's cheap check passes a JPEG cut in half ...
     assert "truncated" in check_image(truncated)  # ... a decode does not
@@ -380,7 +360,7 @@ def test_check_image_catches_what_verify_misses(synthetic_root, tmp_path):
 def test_unreadable_images_are_skipped_counted_and_bounded(synthetic_root, tmp_path, caplog):
     from moco.data import image_folder
 
-    bad = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    bad = folder_with_bad_files(synthetic_root, tmp_path / "f")
     root = str(tmp_path / "f")
     with caplog.at_level("WARNING", logger="moco.data_checks"):
         ds = image_folder(root, "train", None, "DATA.ROOT", max_bad_fraction=0.1)  # 3/33 < 10%
@@ -412,7 +392,7 @@ def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(s
     from moco.augment import eval_transform
     from moco.data import image_folder
 
-    _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    folder_with_bad_files(synthetic_root, tmp_path / "f")
     ds = image_folder(str(tmp_path / "f"), "train", eval_transform(crop=32), "DATA.ROOT",
                       max_bad_fraction=0.1)  # fmt: skip
     victim = ds.samples[5][0]
@@ -427,7 +407,7 @@ def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(s
 
 def test_pretraining_skips_unreadable_images_and_reports_them(synthetic_root, tmp_path, caplog,
                                                               one_thread):  # fmt: skip
-    bad = _folder_with_bad_files(synthetic_root, tmp_path / "f")
+    bad = folder_with_bad_files(synthetic_root, tmp_path / "f")
     cfg = tiny_cfg(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 1,
                    "DATA.ROOT": str(tmp_path / "f"), "DATA.MAX_BAD_FRACTION": 0.1})  # fmt: skip
     with caplog.at_level("WARNING", logger="moco"):  # the "moco" logger writes the run's log.txt

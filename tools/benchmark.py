@@ -3,17 +3,21 @@
 
     python tools/benchmark.py --arch resnet50 --image-size 96 --batch-size 32 --workers 2 \\
         --reps 5 --output output/benchmark/r50.json
+    # start-up to the first batch, ImageFolder vs the scan modes, on 100,000 generated files
+    python tools/benchmark.py --rows startup --data /tmp/startup100k --data-per-class 10000
 
 Rows, groups and method: see experiments/benchmark.py. Prints a table (median ms per step / update /
-batch, min-max over repetitions, images/s, speed relative to the official row) and writes JSON.
+batch / start, min-max over repetitions, images/s, speed relative to the official row, for start-up
+ImageFolder's) and writes JSON.
 """
 
 import argparse
+import os
 import sys
 
 from experiments.bench_config import GROUPS, BenchConfig
 from moco.cli import run_cli
-from moco.synthetic import default_synthetic_root, ensure_generated
+from moco.synthetic import SyntheticSpec, default_synthetic_root, ensure_generated
 
 _D = BenchConfig()
 
@@ -47,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None,
                    help="synthetic root or image folder with train/ (default: the embedded data, "
                         f"{default_synthetic_root()}, generated if missing)")  # fmt: skip
+    p.add_argument("--data-per-class", type=int, default=None, metavar="N",
+                   help="generate (or reuse) the embedded set at --data with N training images per "
+                        "class (10 classes; 10000 = the 100,000-file start-up run)")  # fmt: skip
     p.add_argument("--data-batches", type=int, default=_D.data_batches)
     p.add_argument("--rows", default=",".join(_D.groups),
                    help=f"groups to measure, comma-separated from {','.join(GROUPS)}, or none "
@@ -71,7 +78,15 @@ def _config(args):
     if not groups and not args.detection_config:
         raise ValueError("--rows none and no --detection-config: nothing to measure")
     data = args.data
-    if data is None and any(g in ("data", "e2e") for g in groups):
+    if args.data_per_class is not None:
+        if not data or args.data_per_class < 1:
+            raise ValueError("--data-per-class needs --data (the folder to generate the set in) "
+                             "and N >= 1")  # fmt: skip
+        # only the image folder's training split matters here: the other parts at their minimum
+        ensure_generated(data, SyntheticSpec(cls_train_per_class=args.data_per_class,
+                                             cls_val_per_class=1, det_trainval_images=2,
+                                             det_test_images=2), workers=os.cpu_count() or 1)  # fmt: skip
+    if data is None and any(g in ("data", "e2e", "startup") for g in groups):
         data = default_synthetic_root()
         ensure_generated(data)
     return BenchConfig(

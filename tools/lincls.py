@@ -59,6 +59,9 @@ def build_parser():
     p.add_argument("--pretrained", default="", help="pretrained checkpoint (MoCo, MoCo v3, torchvision)")
     p.add_argument("--crop-size", default=224, type=int,
                    help="training crop / center crop (val resizes to crop*256/224)")
+    p.add_argument("--scan-images", default=None, metavar="MODE",
+                   help="decode every image at start: auto (small folders, see DATA.SCAN_IMAGES in "
+                        "moco/config.py), always or never; the results are cached (default: auto)")
     p.add_argument("--output-dir", metavar="DIR",
                    help="checkpoints and lincls_results.json (default: output/lincls/<the "
                         "--pretrained file's folder name>, output/lincls/random_init without one)")
@@ -76,6 +79,7 @@ def default_output_dir(pretrained):
 
 def run(args):
     from moco.data import resolve_data_path
+    from moco.data_checks import check_scan_mode
     from moco.launch import launch_from_args, launch_processes
     from moco.lincls import (BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, LinclsOptions, check_new_run,
                              run_lincls)
@@ -87,6 +91,8 @@ def run(args):
     for flag, path in (("--pretrained", args.pretrained), ("--resume", args.resume)):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.scan_images is not None:
+        check_scan_mode(args.scan_images, "--scan-images")
     if not os.path.isdir(resolve_data_path(args.data)):
         raise FileNotFoundError(f"DATA {args.data}: no such folder (expected train/ and val/)")
     out = args.output_dir or default_output_dir(args.pretrained)
@@ -101,6 +107,7 @@ def run(args):
         print_freq=args.print_freq, resume=args.resume, evaluate=args.evaluate,
         pretrained=args.pretrained, seed=args.seed, crop_size=args.crop_size,
         output_dir=out, device=f"cuda:{args.gpu}" if args.gpu is not None else "auto",
+        scan_images=args.scan_images,
     )  # fmt: skip
     print(f"lincls.py: output folder {out}", flush=True)
     launch_processes(run_lincls, spec, (opts,))
