@@ -24,7 +24,7 @@ import weakref
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
@@ -32,6 +32,7 @@ from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 from moco import file_io
 from moco.file_io import atomic_write_json
 from moco.hooks import AtomicJSONWriter, SignalStop
+from moco.launch import LaunchSpec, launch_processes, process_group_timeout
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
@@ -237,6 +238,7 @@ def run(args, prog="train_net.py"):
         )
     # fail here with one clear line rather than inside every spawned worker
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    process_group_timeout(cfg.DIST.TIMEOUT_MINUTES)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     print(f"{prog}: output folder {cfg.OUTPUT_DIR}", flush=True)
     prepare_datasets(cfg)
@@ -246,24 +248,20 @@ def run(args, prog="train_net.py"):
     if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
     if args.machine_rank != 0:  # machine 0 holds the folder's lock
-        return _launch(args)
+        return _launch(args, cfg)
     with file_io.run_folder_lock(cfg.OUTPUT_DIR):
         if not (args.resume or args.eval_only):  # an evaluation writes no checkpoints
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
-        result = _launch(args)
+        result = _launch(args, cfg)
     print(f"{prog}: wrote {os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)} (AP: tools/report.py); "
           f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}")  # fmt: skip
     return result
 
 
-def _launch(args):
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+def _launch(args, cfg):
+    """Detectron2's launch of :func:`main` (moco.launch: DIST.TIMEOUT_MINUTES, a timed-out
+    collective names the silent ranks)."""
+    spec = LaunchSpec(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+    return launch_processes(main, spec, (args,), timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)

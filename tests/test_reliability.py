@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,32 +250,34 @@ from moco.launch import LaunchSpec, launch_processes, resolve_launch, setup_proc
 
 
 class Die(HookBase):
-    def __init__(self, victim, stop):
-        self.victim, self.stop = victim, stop
+    def __init__(self, victim, stop, signum):
+        self.victim, self.stop, self.signum = victim, stop, signum
 
     def after_step(self):
         if comm.get_rank() == self.victim and self.trainer.iter + 1 == self.stop:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
-def worker(cfg, victim, stop, pid_dir):
+def worker(cfg, victim, stop, pid_dir, signum):
     setup_process(cfg)
     with open(os.path.join(pid_dir, f"rank{comm.get_rank()}.pid"), "w") as f:
         f.write(str(os.getpid()))
     trainer = PretrainTrainer(cfg)
-    trainer.register_hooks([Die(victim, stop)])
+    trainer.register_hooks([Die(victim, stop, signum)])
     trainer.train()
 
 
 if __name__ == "__main__":
     opts, (victim, stop), pid_dir = json.loads(sys.argv[1]), map(int, sys.argv[2:4]), sys.argv[4]
+    signum = getattr(signal, sys.argv[5] if len(sys.argv) > 5 else "SIGKILL")
     cfg = get_cfg()
     cfg.merge_from_list(opts)
     cfg.freeze()
     # torchrun's environment: each process on its own (no parent to stop the others); else
     # Detectron2's launch spawns both
     spec = resolve_launch(environ=os.environ) if "RANK" in os.environ else LaunchSpec(2)
-    launch_processes(worker, spec, (cfg, victim, stop, pid_dir))
+    launch_processes(worker, spec, (cfg, victim, stop, pid_dir, signum),
+                     timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)
 """
 
 
@@ -316,26 +319,70 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
-    # as torchrun or several machines start them: independent processes, rendezvous via env://
+def _without_a_parent(synthetic_root, tmp_path, signum, **overrides):
+    """Two processes as torchrun or several machines start them (independent, rendezvous via
+    env://); rank 1 sends itself ``signum`` after iteration 4."""
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(_DDP_DRIVER)
-    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3}))
+    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3},
+                                **overrides))  # fmt: skip
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path)],
-                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path),
+                                       signum], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    procs = _without_a_parent(synthetic_root, tmp_path, "SIGKILL")
     start = time.monotonic()
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode not in (0, None), errs[0][-3000:]
-    assert "gloo" in errs[0]  # gloo notices the closed connection; a hung peer: the PG timeout
+    assert "gloo" in errs[0]  # gloo notices the closed connection (a stopped peer: the next test)
     assert time.monotonic() - start < 120
+
+
+def _stopped(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] == "T"
+
+
+def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    # SIGSTOP: a frozen or cut-off machine; its connections stay open, so only the timeout tells
+    timeout_s = 9  # DIST.TIMEOUT_MINUTES 0.15
+    procs = _without_a_parent(synthetic_root, tmp_path, "SIGSTOP",
+                              **{"DIST.TIMEOUT_MINUTES": timeout_s / 60})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(procs[1].pid):
+            assert procs[1].poll() is None and time.monotonic() < deadline, "rank 1 never stopped"
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        err = procs[0].communicate(timeout=timeout_s + 10 + 60)[1]  # + the roll call + slack
+        elapsed = time.monotonic() - stopped
+        assert procs[0].returncode == 1, err[-3000:]
+        last = err.strip().splitlines()[-1]  # torch may prefix "[rank0]: "
+        # gloo's own words: its timeout, or the pair it closed on a timeout (another thread's op)
+        assert re.search(r"RuntimeError: rank 0: (\[.*gloo.*\] Timed out waiting 9000ms for \w+ "
+                         r"operation to complete|Application timeout caused pair closure); rank 1 "
+                         r"of 2 did not answer a roll call within 10 s \(hung, stopped or cut "
+                         r"off\)$", last), last  # fmt: skip
+        assert elapsed < timeout_s + 10 + 45, elapsed
+        os.kill(procs[1].pid, signal.SIGCONT)  # back again, it finds its peer gone
+        err1 = procs[1].communicate(timeout=60)[1]
+        assert procs[1].returncode not in (0, None), err1[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped process too
+                p.communicate()
 
 
 # ------------------------------------------------------------------------------------------------
