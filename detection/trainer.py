@@ -27,11 +27,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
 from moco import file_io
 from moco.file_io import atomic_write_json
-from moco.hooks import AtomicJSONWriter, SignalStop
+from moco.hooks import SignalStop, build_writers
 from moco.launch import LaunchSpec, launch_processes, process_group_timeout
 
 from .checkpoint import SafeDetectionCheckpointer
@@ -100,11 +99,9 @@ class DetectionTrainer(DefaultTrainer):
         return path
 
     def build_writers(self):
-        """Detectron2's ``default_writers``, with metrics.json written atomically."""
-        out = self.cfg.OUTPUT_DIR
-        os.makedirs(out, exist_ok=True)
-        return [CommonMetricPrinter(self.max_iter),
-                AtomicJSONWriter(os.path.join(out, "metrics.json")), TensorboardXWriter(out)]  # fmt: skip
+        """Detectron2's ``default_writers`` as pretraining's (moco.hooks.build_writers): metrics.json
+        written atomically, with each logged iteration's own values, which a resumed run repeats."""
+        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
 
 def prepare_datasets(cfg):
