@@ -21,9 +21,10 @@
   (:func:`moco.data_checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
   warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
 * :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
-  None, which Detectron2's ``MapDataset`` answers with another image, and is counted.
-* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``;
-  the trainer writes the count as the ``data/skipped_images`` scalar (metrics.json, TensorBoard).
+  None, which the loader answers with the next image, and is counted.
+* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``
+  (a :class:`detection.data_order.ResumableTrainLoader`); the trainer writes the count as the
+  ``data/skipped_images`` scalar (metrics.json, TensorBoard).
 """
 
 import json
@@ -37,12 +38,14 @@ from functools import partial
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
-from detectron2.data.build import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from detectron2.structures import BoxMode
 
 from moco.data_checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
+
+from .data_order import build_resumable_train_loader
 
 __all__ = [
     "SkipUnreadableMapper",
@@ -328,7 +331,7 @@ class SkipUnreadableMapper:
 
 
 def build_checked_train_loader(cfg):
-    """Detectron2's train loader over the readable images; returns (loader, skipped_images()).
+    """The resumable train loader over the readable images; returns (loader, skipped_images()).
 
     ``skipped_images()`` = images dropped at start + images skipped at load time so far.
     """
@@ -342,5 +345,5 @@ def build_checked_train_loader(cfg):
     what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
     dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
     mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
-    loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    loader = build_resumable_train_loader(cfg, dicts, mapper)
     return loader, lambda: dropped + mapper.skipped

@@ -10,7 +10,9 @@ What this adds to Detectron2:
 * ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads;
   checkpoints and metrics.json are written atomically too;
 * one run per OUTPUT_DIR (``run`` holds its lock, moco.file_io.run_folder_lock); SIGTERM / SIGINT
-  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop).
+  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop);
+* ``--resume`` continues the data order and augmentation draws where the checkpoint left them
+  (detection.data_order: the loader's position in the trainer's checkpoint, per-step seeds).
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
@@ -36,6 +38,7 @@ from moco.launch import LaunchSpec, launch_processes, process_group_timeout
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
 from .data_checks import build_checked_train_loader
+from .data_order import DataOrder
 from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
 
 __all__ = [
@@ -80,6 +83,8 @@ class DetectionTrainer(DefaultTrainer):
             allow_partial_weights=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
         )
         ret = super().build_hooks()
+        # first: the step's RNGs are seeded before anything draws; its state is the data position
+        ret.insert(0, DataOrder(self._trainer.data_loader))
         skipped = getattr(self._trainer.data_loader, "skipped_images", None)
         if skipped is not None:  # before the writers (last): metrics.json gets the count
             ret.insert(1, hooks.CallbackHook(after_step=lambda t: t.storage.put_scalar(

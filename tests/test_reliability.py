@@ -72,8 +72,19 @@ def _tmp_files(folder):
 # ------------------------------------------------------------------------------------------------
 # 1. kill -9 after the checkpoint at N/2, resume to N: bit-identical to N iterations straight
 
-# train_worker's steps (logging, seeds, trainer, train), plus a hook that announces the end of
-# iteration STOP (after its checkpoint and metrics are written) and then waits to be killed.
+# a hook that announces the end of iteration `stop` (after its checkpoint and metrics are written)
+# and then waits to be killed
+_WAIT_FOR_KILL = r"""
+class WaitForKill(HookBase):
+    def after_step(self):
+        if self.trainer.iter + 1 == stop:
+            with open(marker + ".part", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(marker + ".part", marker)
+            time.sleep(600)
+"""
+
+# train_worker's steps (logging, seeds, trainer, train), plus WaitForKill
 _DRIVER = r"""
 import json, os, sys, time
 from detectron2.engine import HookBase
@@ -87,18 +98,10 @@ cfg.merge_from_list(opts)
 cfg.freeze()
 setup_process(cfg)
 trainer = PretrainTrainer(cfg, resume="auto")
-
-class WaitForKill(HookBase):
-    def after_step(self):
-        if self.trainer.iter + 1 == stop:
-            with open(marker + ".part", "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(marker + ".part", marker)
-            time.sleep(600)
-
+""" + _WAIT_FOR_KILL + r"""
 trainer.register_hooks([WaitForKill()])
 trainer.train()
-"""
+"""  # fmt: skip
 
 
 def _driver(opts, stop=0, marker=""):
@@ -112,20 +115,25 @@ def _wait(proc, timeout=240):
     assert proc.returncode == 0, err[-3000:]
 
 
+def _kill_when_marked(proc, marker, stop):
+    """SIGKILL ``proc`` once it wrote ``marker`` (WaitForKill after iteration ``stop``)."""
+    deadline = time.monotonic() + 240
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"the run never reached iteration {stop}"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_sigkill_after_half_then_resume_is_bit_identical(synthetic_root, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     marker = str(tmp_path / "at_half")
     a = _driver(tiny_opts(synthetic_root, straight))
     b = _driver(tiny_opts(synthetic_root, killed), stop=3, marker=marker)  # N = 6, N/2 = 3
-    deadline = time.monotonic() + 240
-    while not os.path.exists(marker):
-        assert b.poll() is None, b.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached iteration 3"
-        time.sleep(0.1)
+    _kill_when_marked(b, marker, 3)
     assert (killed / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
-    os.kill(b.pid, signal.SIGKILL)
-    b.communicate(timeout=60)
-    assert b.returncode == -signal.SIGKILL
     assert not os.path.exists(killed / "checkpoint_0001.pth.tar")
     assert sorted(_losses(killed)) == [0, 1, 2]
 
@@ -570,7 +578,7 @@ def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_pat
         with caplog.at_level("WARNING", logger="detection"):
             trainer = DetectionTrainer(cfg)
         assert f"skipping unreadable image {jpeg}" in caplog.text
-        assert len(trainer.data_loader.dataset.dataset.dataset) == 11  # the loader's list
+        assert len(trainer.data_loader.dataset) == 11  # the loader's list
         trainer.train()
     finally:
         DatasetCatalog.remove(name)
@@ -613,6 +621,117 @@ def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
     assert final["iteration"] == 3 and not torch.equal(
         final["model"]["backbone.bottom_up.stem.conv1.weight"],
         saved["model"]["backbone.bottom_up.stem.conv1.weight"])  # fmt: skip
+
+
+def test_the_detection_loader_continues_at_any_batch_whatever_the_workers():
+    import itertools
+    import random
+
+    import numpy as np
+    from detectron2.data.samplers import TrainingSampler
+
+    from detection.data_order import ResumableTrainLoader
+
+    # two aspect groups (width > height or not): Detectron2's grouping buffers one while the other
+    # fills; every draw of the mapper (augmentation) is recorded
+    dicts = [{"i": i, "width": 130 if i % 3 == 0 else 100, "height": 100} for i in range(10)]
+
+    def mapper(d):
+        return d["i"], float(np.random.rand()), float(torch.rand(1)), random.random()
+
+    def batches(workers, start, n):
+        loader = ResumableTrainLoader(dicts, mapper, TrainingSampler(10, seed=3), 3, True, workers)
+        loader.load_state_dict({"seed": 3, "batches": start})
+        return list(itertools.islice(loader, n)), loader.consumed
+
+    straight, consumed = batches(0, 0, 9)
+    assert consumed == 9
+    assert all(len({dicts[i]["width"] for i, *_ in b}) == 1 for b in straight)  # grouped
+    assert len({i for b in straight for i, *_ in b}) == 10
+    for workers, start in ((0, 4), (2, 4), (2, 7)):
+        assert batches(workers, start, 9 - start) == (straight[start:], 9), (workers, start)
+    loader = ResumableTrainLoader(dicts, mapper, TrainingSampler(10, seed=3), 3, True, 0)
+    for state, field in (({"seed": "3", "batches": 1}, "seed '3'"), ({"seed": 3, "batches": -1},
+                         "batches -1"), ([], "seed None")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^m.pth: data order {field} is not"):
+            loader.load_state_dict(state, "m.pth")
+
+
+# detection's main() up to training (setup_cfg seeds as train_net does), metrics.json written every
+# iteration, and WaitForKill
+_DET_DRIVER = r"""
+import json, os, sys, time
+from detectron2.engine import HookBase, default_argument_parser, hooks
+from detection.config import setup_cfg
+from detection.datasets import register_synthetic
+from detection.trainer import DetectionTrainer, prepare_datasets
+
+argv, root, stop, marker = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+register_synthetic(root)
+cfg = setup_cfg(default_argument_parser().parse_args(argv))
+prepare_datasets(cfg)
+trainer = DetectionTrainer(cfg)
+trainer.resume_or_load(resume=True)
+""" + _WAIT_FOR_KILL + r"""
+for h in trainer._hooks:
+    if isinstance(h, hooks.PeriodicWriter):
+        h._period = 1  # Detectron2 writes every 20 iterations; compare each one
+trainer.register_hooks([WaitForKill()])
+trainer.train()
+"""  # fmt: skip
+
+
+def _det_driver(root, out, workers, stop=0, marker=""):
+    from test_train_net import TINY, VOC_CFG
+
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "4",
+            "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", str(workers), "SEED", "5",
+            "OUTPUT_DIR", str(out)]  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", _DET_DRIVER, json.dumps(argv), root, str(stop),
+                             marker], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _det_losses(out):
+    """{iteration: every loss and the lr} of the training rows of a detection metrics.json."""
+    return {
+        r["iteration"]: {
+            k: v for k, v in r.items() if k.startswith("loss") or k in ("total_loss", "lr")
+        }
+        for r in _metrics(out)
+        if "total_loss" in r
+    }
+
+
+def test_detection_sigkill_after_a_checkpoint_then_resume_is_bit_identical(synthetic_root,
+                                                                           tmp_path):  # fmt: skip
+    # the killed run has data-loading workers that prefetch, the straight one none: the data order,
+    # augmentation and step RNGs depend on (seed, position) only
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    marker = str(tmp_path / "at_4")
+    a = _det_driver(synthetic_root, straight, workers=0)
+    b = _det_driver(synthetic_root, killed, workers=2, stop=4, marker=marker)
+    _kill_when_marked(b, marker, 4)
+    assert (killed / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert sorted(_det_losses(killed)) == [0, 1, 2, 3]
+
+    _wait(_det_driver(synthetic_root, killed, workers=2))  # --resume: from model_0000003.pth
+    _wait(a)
+    want, got = _det_losses(straight), _det_losses(killed)
+    assert sorted(want) == list(range(8)) and len(want[0]) >= 5
+    assert got == want  # bit-identical losses of the RPN and ROI heads, and LRs
+
+    x = torch.load(straight / "model_final.pth", map_location="cpu", weights_only=True)
+    y = torch.load(killed / "model_final.pth", map_location="cpu", weights_only=True)
+    assert x["iteration"] == y["iteration"] == 7
+    assert x["model"].keys() == y["model"].keys()
+    for k, v in x["model"].items():  # weights and the precise-BN statistics of the end
+        assert torch.equal(v, y["model"][k]), k
+    ox, oy = x["trainer"]["_trainer"]["optimizer"], y["trainer"]["_trainer"]["optimizer"]
+    for i, s in ox["state"].items():
+        assert torch.equal(s["momentum_buffer"], oy["state"][i]["momentum_buffer"]), i
+    assert x["trainer"]["hooks"] == y["trainer"]["hooks"]  # LR schedule, data order {seed, batches}
+    assert x["trainer"]["hooks"]["DataOrder"]["batches"] == 8
 
 
 # ------------------------------------------------------------------------------------------------
