@@ -3,7 +3,7 @@
 Adjustments made here, and why:
 
 * :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``,
-  ``MODEL.ALLOW_PARTIAL_WEIGHTS``).
+  ``MODEL.ALLOW_PARTIAL_WEIGHTS``, ``DIST.TIMEOUT_MINUTES``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
   computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
@@ -19,10 +19,11 @@ import re
 
 import torch
 import yaml
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 
 from moco.config import check_safe_yaml, key_hint
+from moco.config import get_cfg as moco_defaults
 from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
@@ -50,6 +51,9 @@ def add_moco_det_config(cfg):
     # Weights must load every backbone tensor, shape for shape (detection.checkpoint); True trains
     # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+    # the process group's timeout in minutes (moco.launch.process_group_timeout): pretraining's key
+    cfg.DIST = CfgNode()
+    cfg.DIST.TIMEOUT_MINUTES = moco_defaults().DIST.TIMEOUT_MINUTES
 
 
 def _single_process_norms(cfg):

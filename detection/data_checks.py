@@ -8,6 +8,12 @@
   A bad file is a one-line ValueError naming it, instead of Detectron2's bare ``IndexError`` /
   ``AttributeError`` / ``ValueError`` traceback (the test split's only after training).
   :func:`register_pascal_voc_checked` registers a VOC split whose loader runs this check first.
+* :func:`check_coco_json` reads a COCO annotation file before pycocotools does and checks what
+  Detectron2's ``load_coco_json`` relies on: valid JSON, the top-level lists ``images``,
+  ``annotations`` and ``categories``, the fields of each entry, unique ids, every annotation's
+  ``image_id`` and ``category_id`` declared, a 4-number ``bbox``, and every image file on disk. A
+  bad file is a one-line ValueError naming it and the offending id or key, instead of a
+  pycocotools ``KeyError`` / ``AssertionError`` traceback (or an orphan annotation silently lost).
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
   with positive width and height (as torchvision's detectors require); a box slightly outside its
   image is clipped to it and counted, one far outside (beyond one image size) is refused.
@@ -15,31 +21,37 @@
   (:func:`moco.data_checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
   warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
 * :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
-  None, which Detectron2's ``MapDataset`` answers with another image, and is counted.
-* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``;
-  the trainer writes the count as the ``data/skipped_images`` scalar (metrics.json, TensorBoard).
+  None, which the loader answers with the next image, and is counted.
+* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``
+  (a :class:`detection.data_order.ResumableTrainLoader`); the trainer writes the count as the
+  ``data/skipped_images`` scalar (metrics.json, TensorBoard).
 """
 
+import json
 import logging
 import math
 import multiprocessing
+import numbers
 import os
 from functools import partial
 
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
-from detectron2.data.build import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from detectron2.structures import BoxMode
 
 from moco.data_checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
 
+from .data_order import build_resumable_train_loader
+
 __all__ = [
     "SkipUnreadableMapper",
     "build_checked_train_loader",
     "check_boxes",
+    "check_coco_json",
     "check_voc_annotations",
     "drop_unreadable_images",
     "load_voc_checked",
@@ -157,8 +169,106 @@ def load_voc_checked(dirname, split, class_names):
     return dicts
 
 
+_COCO_FIELDS = {  # what load_coco_json reads of each entry
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _coco_entries(data, key, what):
+    entries = data.get(key)
+    if key not in data:
+        raise ValueError(f"{what}: missing top-level key '{key}' (COCO needs images, annotations "
+                         "and categories)")  # fmt: skip
+    if not isinstance(entries, list):
+        raise ValueError(f"{what}: '{key}' must be a list, found {type(entries).__name__}")
+    ids = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{what}: {key}[{i}] is a {type(entry).__name__}, not an object")
+        for field in _COCO_FIELDS[key]:
+            if field not in entry:
+                raise ValueError(f"{what}: {key}[{i}] has no '{field}'")
+        if not _is_int(entry["id"]):
+            raise ValueError(f"{what}: {key}[{i}] has id {entry['id']!r}, not an integer")
+        if entry["id"] in ids:
+            raise ValueError(f"{what}: {key}[{i}] repeats id {entry['id']}")
+        ids.add(entry["id"])
+    return entries, ids
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _missing_files(paths):
+    """The paths that are not files, listing each folder once (not one stat per image)."""
+    listed = {}
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in listed:
+            listed[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if os.path.basename(path) not in listed[folder] or not os.path.isfile(path):
+            yield path
+
+
+def check_coco_json(json_file, image_root):
+    """Raise a one-line ValueError naming ``json_file`` (and the id or key) if it is not a COCO
+    annotation file Detectron2's ``load_coco_json`` reads correctly, or names an image that is not
+    under ``image_root``. Boxes' values are :func:`check_boxes`' part, after the load."""
+    what = f"COCO annotations {json_file}"
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} does not exist") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise ValueError(f"{what}: not valid JSON ({e.msg}: {where})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a JSON object with images, annotations and categories, "
+                         f"found a {type(data).__name__}")  # fmt: skip
+    images, image_ids = _coco_entries(data, "images", what)
+    annotations, _ = _coco_entries(data, "annotations", what)
+    _, category_ids = _coco_entries(data, "categories", what)
+    for ann in annotations:
+        where = f"{what}: annotation id {ann['id']}"
+        if ann["image_id"] not in image_ids:
+            raise ValueError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' "
+                             "has")  # fmt: skip
+        if ann["category_id"] not in category_ids:
+            raise ValueError(f"{where} (image id {ann['image_id']}) has category_id "
+                             f"{ann['category_id']!r}, not declared in 'categories'")  # fmt: skip
+        box = ann["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(map(_is_number, box)):
+            raise ValueError(f"{where} (image id {ann['image_id']}) has bbox {box!r}, not "
+                             "[x, y, width, height]")  # fmt: skip
+    for image in images:
+        name = image["file_name"]
+        # a file name below image_root, never a way out of it (as VOC ids, check_voc_annotations)
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/"):
+            raise ValueError(f"{what}: image id {image['id']} has file_name {name!r}, not a file "
+                             "name below the image folder")  # fmt: skip
+        for key in ("height", "width"):
+            if not _is_int(image[key]) or image[key] <= 0:
+                raise ValueError(f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
+                                 "positive integer")  # fmt: skip
+    paths = {os.path.join(image_root, im["file_name"]): im["id"] for im in images}
+    for path in _missing_files(paths):
+        raise ValueError(f"{what}: image id {paths[path]} is {path}, which does not exist")
+
+
 def load_coco_checked(json_file, image_root, name):
-    """Detectron2's ``load_coco_json``, boxes checked (:func:`check_boxes`)."""
+    """:func:`check_coco_json`, then Detectron2's ``load_coco_json``, boxes checked
+    (:func:`check_boxes`)."""
+    check_coco_json(json_file, image_root)
     dicts = load_coco_json(json_file, image_root, name)
     check_boxes(dicts, lambda d: f"COCO annotations {json_file} (image {d['file_name']})")
     return dicts
@@ -221,7 +331,7 @@ class SkipUnreadableMapper:
 
 
 def build_checked_train_loader(cfg):
-    """Detectron2's train loader over the readable images; returns (loader, skipped_images()).
+    """The resumable train loader over the readable images; returns (loader, skipped_images()).
 
     ``skipped_images()`` = images dropped at start + images skipped at load time so far.
     """
@@ -235,5 +345,5 @@ def build_checked_train_loader(cfg):
     what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
     dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
     mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
-    loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    loader = build_resumable_train_loader(cfg, dicts, mapper)
     return loader, lambda: dropped + mapper.skipped

@@ -10,7 +10,9 @@ What this adds to Detectron2:
 * ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads;
   checkpoints and metrics.json are written atomically too;
 * one run per OUTPUT_DIR (``run`` holds its lock, moco.file_io.run_folder_lock); SIGTERM / SIGINT
-  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop).
+  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop);
+* ``--resume`` continues the data order and augmentation draws where the checkpoint left them
+  (detection.data_order: the loader's position in the trainer's checkpoint, per-step seeds).
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
@@ -24,18 +26,19 @@ import weakref
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
 from moco import file_io
 from moco.file_io import atomic_write_json
-from moco.hooks import AtomicJSONWriter, SignalStop
+from moco.hooks import SignalStop, build_writers
+from moco.launch import LaunchSpec, launch_processes, process_group_timeout
 
 from .checkpoint import SafeDetectionCheckpointer
 from .config import load_cfg, setup_cfg
 from .data_checks import build_checked_train_loader
+from .data_order import DataOrder
 from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
 
 __all__ = [
@@ -80,6 +83,8 @@ class DetectionTrainer(DefaultTrainer):
             allow_partial_weights=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
         )
         ret = super().build_hooks()
+        # first: the step's RNGs are seeded before anything draws; its state is the data position
+        ret.insert(0, DataOrder(self._trainer.data_loader))
         skipped = getattr(self._trainer.data_loader, "skipped_images", None)
         if skipped is not None:  # before the writers (last): metrics.json gets the count
             ret.insert(1, hooks.CallbackHook(after_step=lambda t: t.storage.put_scalar(
@@ -99,11 +104,9 @@ class DetectionTrainer(DefaultTrainer):
         return path
 
     def build_writers(self):
-        """Detectron2's ``default_writers``, with metrics.json written atomically."""
-        out = self.cfg.OUTPUT_DIR
-        os.makedirs(out, exist_ok=True)
-        return [CommonMetricPrinter(self.max_iter),
-                AtomicJSONWriter(os.path.join(out, "metrics.json")), TensorboardXWriter(out)]  # fmt: skip
+        """Detectron2's ``default_writers`` as pretraining's (moco.hooks.build_writers): metrics.json
+        written atomically, with each logged iteration's own values, which a resumed run repeats."""
+        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
 
 def prepare_datasets(cfg):
@@ -237,6 +240,7 @@ def run(args, prog="train_net.py"):
         )
     # fail here with one clear line rather than inside every spawned worker
     cfg = load_cfg(args.config_file, args.opts, world_size=world_size)
+    process_group_timeout(cfg.DIST.TIMEOUT_MINUTES)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     print(f"{prog}: output folder {cfg.OUTPUT_DIR}", flush=True)
     prepare_datasets(cfg)
@@ -246,24 +250,20 @@ def run(args, prog="train_net.py"):
     if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
     if args.machine_rank != 0:  # machine 0 holds the folder's lock
-        return _launch(args)
+        return _launch(args, cfg)
     with file_io.run_folder_lock(cfg.OUTPUT_DIR):
         if not (args.resume or args.eval_only):  # an evaluation writes no checkpoints
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
-        result = _launch(args)
+        result = _launch(args, cfg)
     print(f"{prog}: wrote {os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)} (AP: tools/report.py); "
           f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}")  # fmt: skip
     return result
 
 
-def _launch(args):
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+def _launch(args, cfg):
+    """Detectron2's launch of :func:`main` (moco.launch: DIST.TIMEOUT_MINUTES, a timed-out
+    collective names the silent ranks)."""
+    spec = LaunchSpec(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+    return launch_processes(main, spec, (args,), timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)

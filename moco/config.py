@@ -119,6 +119,12 @@ _C.KNN.PERIOD = 1  # epochs between measurements (the last epoch always); 0 = mo
 _C.KNN.AT_START = False  # also measure before the first step (the untrained encoder's baseline)
 _C.KNN.BATCH_SIZE = 256  # per process, feature extraction
 
+_C.DIST = CN()
+# Minutes a collective, and the start-up rendezvous, waits for the other processes (the process
+# group's timeout; torch's default is 30). A peer that hangs without closing its connection (a
+# frozen or cut-off machine) ends the run after this long; a float (0.5 = 30 s). moco.launch.
+_C.DIST.TIMEOUT_MINUTES = 30.0
+
 _C.OUTPUT_DIR = "./output/pretrain"
 _C.SEED = -1  # < 0: a random seed per run; >= 0: SEED + rank seeds torch/numpy/random
 _C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)

@@ -34,7 +34,7 @@ from moco.data import build_pretrain_dataset, build_pretrain_loader, validate_da
 from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
 from moco.knn import validate_knn
-from moco.launch import resolve_device
+from moco.launch import process_group_timeout, resolve_device
 from moco.mechanisms import (build_contrastive_model, color_augmentation, uses_memory_bank,
                              validate_mechanism)  # fmt: skip
 from moco.shuffle_bn import validate_shuffle_bn
@@ -71,6 +71,7 @@ def validate_solver(cfg, world_size):
 
 def validate_cfg(cfg, world_size):
     """One-line ValueError/FileNotFoundError for a configuration that cannot train."""
+    process_group_timeout(cfg.DIST.TIMEOUT_MINUTES)
     validate_model(cfg)
     validate_solver(cfg, world_size)
     validate_mechanism(cfg, world_size)

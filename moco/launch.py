@@ -7,17 +7,24 @@
 - :func:`launch_processes`: a function in every process (Detectron2's ``launch``: gloo on CPU,
   NCCL on GPU; or the processes torchrun started); :func:`launch_training`: a trainer class
   (moco.engine.PretrainTrainer, moco.supervised.SupervisedTrainer) in every process.
+- :func:`process_group_timeout`: ``DIST.TIMEOUT_MINUTES`` as the process group's timeout, so a peer
+  that hangs without closing its connection (a frozen or cut-off machine) ends the run after that
+  long; a collective that timed out names the ranks that did not answer a roll call.
 - :func:`resolve_device`: the one device rule (auto, cpu, cuda, cuda:N) of every caller.
 """
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import logging
+import math
 import multiprocessing
 import os
+import re
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -111,7 +118,28 @@ def launch_from_args(args):
     )  # fmt: skip
 
 
-def _init_from_env():
+def process_group_timeout(minutes=None, what="DIST.TIMEOUT_MINUTES"):
+    """``minutes`` (None: the default of moco/config.py) as the ``timedelta`` of
+    ``init_process_group``; one-line ValueError naming ``what`` unless a positive finite number.
+
+    The timeout bounds every collective (gloo honours it; NCCL's watchdog aborts the process) and
+    the start-up rendezvous: every machine must join within it.
+    """
+    if minutes is None:
+        from moco.config import get_cfg  # the one place defaults live
+
+        minutes = get_cfg().DIST.TIMEOUT_MINUTES
+    try:
+        value = float(minutes)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(minutes, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive number of minutes (fractions allowed), "
+                         f"got {minutes!r}")  # fmt: skip
+    return datetime.timedelta(minutes=value)
+
+
+def _init_from_env(timeout):
     """Process group for a torchrun start (NCCL with CUDA, else gloo), as Detectron2's launch."""
     if dist.is_initialized():
         return
@@ -119,7 +147,9 @@ def _init_from_env():
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo", init_method="env://", timeout=timeout
+    )
     comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     comm.synchronize()
 
@@ -133,10 +163,12 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
     unless resuming, and removes temporary files a killed run left there.
     """
     trainer_cls.check_launch(cfg, spec.world_size)
+    start = functools.partial(launch_processes, train_worker, spec, (trainer_cls, cfg, resume),
+                              timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)  # fmt: skip
     file_io.check_output_dir(cfg.OUTPUT_DIR)
     first = os.environ.get("RANK", "0") == "0" if spec.from_env else spec.machine_rank == 0
     if not first:
-        return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+        return start()
     with file_io.run_folder_lock(cfg.OUTPUT_DIR):
         if not resume:
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume auto")
@@ -144,10 +176,10 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
         if spec.from_env or spec.world_size == 1:  # training runs here: its SignalStop hook
-            return launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+            return start()
         received = []
         with _signals_to_children(received):
-            launch_processes(train_worker, spec, (trainer_cls, cfg, resume))
+            start()
         if received:  # the workers stopped with a checkpoint (their KeyboardInterrupt ends quietly)
             from moco.checkpoint import read_last_checkpoint
 
@@ -191,18 +223,20 @@ def _signals_to_children(received):
             signal.signal(s, handler)
 
 
-def launch_processes(fn, spec, args):
-    """``fn(*args)`` in every process of ``spec`` (Detectron2's launch, or torchrun's env).
+def launch_processes(fn, spec, args, timeout_minutes=None):
+    """``fn(*args)`` in every process of ``spec`` (Detectron2's launch, or torchrun's env), with
+    :func:`process_group_timeout` of ``timeout_minutes``.
 
     Returns ``fn``'s result when it runs in this process (one process or torchrun), else None.
     """
+    timeout = process_group_timeout(timeout_minutes)
     if spec.from_env:
-        _init_from_env()
+        _init_from_env(timeout)
         return _close_after(fn, *args)
     if spec.world_size == 1:
         return fn(*args)
     launch(functools.partial(_close_after, fn), spec.procs_per_machine, spec.num_machines,
-           spec.machine_rank, spec.dist_url, args=args)  # fmt: skip
+           spec.machine_rank, spec.dist_url, args=args, timeout=timeout)  # fmt: skip
     return None
 
 
@@ -212,12 +246,61 @@ def _close_after(fn, *args):
     Without it a process can exit while gloo's threads still serve a peer, and the process group's
     destructor aborts it ("terminate called without an active exception", seen in 2-process runs).
     On failure nothing waits: the other ranks are ended by launch or by their broken connection.
+    A collective that timed out is re-raised with the ranks that did not answer (:func:`roll_call`).
     """
-    result = fn(*args)
+    try:
+        result = fn(*args)
+    except RuntimeError as e:  # gloo's timeout names no peer: "Timed out waiting 900ms for recv"
+        if not (dist.is_initialized() and _PEER_TIMEOUT.search(str(e))):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"rank {dist.get_rank()}: {first}; {roll_call()}") from e
     if dist.is_initialized():
         comm.synchronize()
         dist.destroy_process_group()
     return result
+
+
+_ROLL_CALL_KEY = "moco/roll_call/"
+# a collective or the store waited for a peer past the timeout (gloo's two messages, the store's,
+# NCCL's watchdog); not any "timeout": a peer waiting for this rank would be named silent
+_PEER_TIMEOUT = re.compile(r"Timed out waiting \d+ms|Application timeout caused pair closure|"
+                           r"Socket Timeout|collective operation timeout")  # fmt: skip
+
+
+def roll_call(seconds=10.0):
+    """After a collective timed out: which ranks do not answer through the rendezvous store within
+    ``seconds`` (the other survivors time out at about the same moment, each having entered the
+    same collective, and answer). Returns one clause for the error message.
+
+    The store's own calls ignore its timeout when its host is stopped (set() blocked for good, seen
+    with rank 0 under SIGSTOP), so the calls run in a daemon thread that is given up on.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    found = {}
+
+    def ask():
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{_ROLL_CALL_KEY}{rank}", "here")
+        deadline = time.monotonic() + seconds
+        while True:
+            found["silent"] = [r for r in range(world)
+                               if r != rank and not store.check([f"{_ROLL_CALL_KEY}{r}"])]  # fmt: skip
+            if not found["silent"] or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=ask, daemon=True, name="roll-call")
+    thread.start()
+    thread.join(seconds + 5)
+    silent = found.get("silent")
+    if silent is None:
+        return ("the rendezvous store does not answer either: the process or machine that hosts "
+                "it (rank 0's) went silent")  # fmt: skip
+    if not silent:
+        return "every rank answered a roll call afterwards (a slow rank, not a lost one)"
+    return (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} of {world} did not "
+            f"answer a roll call within {seconds:g} s (hung, stopped or cut off)")  # fmt: skip
 
 
 def train_worker(trainer_cls, cfg, resume=None):

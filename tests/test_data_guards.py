@@ -1,6 +1,7 @@
 """Late and silent data faults (issue 17, finding 7): annotations checked at start for every split,
 boxes finite, positive and inside the image, no path out of the dataset root, image folders
-without symlink loops or escapes, a configurable pixel limit."""
+without symlink loops or escapes, a configurable pixel limit; COCO files checked before
+pycocotools reads them (issue 16)."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from detectron2.structures import BoxMode
 
 from conftest import load_tool
-from test_train_net import TINY, VOC_CFG
+from test_train_net import COCO_CFG, TINY, VOC_CFG
 
 
 @pytest.fixture
@@ -105,6 +106,74 @@ def test_a_coco_box_with_negative_width_is_refused_at_load(data_copy):
     with pytest.raises(ValueError, match=rf"^COCO annotations {path} \(image .*\): object \d+ has box "
                                          r".* non-positive width or height$"):  # fmt: skip
         DatasetCatalog.get("synthetic_coco_test")
+
+
+def _coco_edit(fn):
+    """An edit of the parsed COCO file: ``fn(coco)`` changes it and returns what the error names."""
+
+    def edit(text):
+        coco = json.loads(text)
+        message = fn(coco)
+        return json.dumps(coco), message
+
+    return edit
+
+
+def _without(key):
+    def edit(coco):
+        del coco[key]
+        return f"missing top-level key '{key}' (COCO needs images, annotations and categories)"
+
+    return _coco_edit(edit)
+
+
+def _undeclared_category(coco):
+    ann = coco["annotations"][0]
+    ann["category_id"] = 99
+    return (
+        f"annotation id {ann['id']} (image id {ann['image_id']}) has category_id 99, not "
+        "declared in 'categories'"
+    )
+
+
+def _orphan(coco):
+    ann = coco["annotations"][0]
+    ann["image_id"] = 424242
+    return f"annotation id {ann['id']} has image_id 424242, which no entry of 'images' has"
+
+
+def _zero_height(coco):
+    coco["annotations"][0]["bbox"][3] = 0
+    return "with non-positive width or height"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda text: (text[: len(text) // 2], ": not valid JSON ("),
+    _without("images"), _without("annotations"), _without("categories"),
+    _coco_edit(_undeclared_category), _coco_edit(_orphan), _coco_edit(_zero_height),
+    "missing image file",
+], ids=["malformed", "no_images", "no_annotations", "no_categories", "undeclared_category",
+        "orphan_annotation", "zero_height_box", "missing_image"])  # fmt: skip
+def test_a_broken_coco_file_is_one_line_naming_it(data_copy, tmp_path, capsys, edit):
+    path = os.path.join(data_copy, "coco", "annotations", "instances_test.json")
+    with open(path) as f:
+        text = f.read()
+    if edit == "missing image file":
+        image = json.loads(text)["images"][0]
+        jpeg = os.path.join(data_copy, "VOC2007", "JPEGImages", image["file_name"])
+        os.remove(jpeg)
+        message = f"image id {image['id']} is {jpeg}, which does not exist"
+    else:
+        text, message = edit(text)
+        with open(path, "w") as f:
+            f.write(text)
+    out = tmp_path / "out"
+    argv = ["--config-file", COCO_CFG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)]
+    assert load_tool("train_net").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"train_net.py: error: COCO annotations {path}") and message in err, err
+    assert not out.exists()  # refused at start
 
 
 @pytest.fixture

@@ -94,6 +94,7 @@ def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
     (["--moco-k", "0"], "MODEL.K"), (["--moco-k", "-8"], "MODEL.K"),
     (["--lr", "nan"], "SOLVER.BASE_LR"), (["--lr", "inf"], "SOLVER.BASE_LR"),
     (["--moco-t", "inf"], "MODEL.T"),
+    (["DIST.TIMEOUT_MINUTES", "0.0"], "DIST.TIMEOUT_MINUTES must be a positive number of minutes"),
 ])  # fmt: skip
 def test_values_that_cannot_train_are_one_line_exit_2(synthetic_root, tmp_path, capsys, args,
                                                       message):

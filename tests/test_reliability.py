@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,8 +72,19 @@ def _tmp_files(folder):
 # ------------------------------------------------------------------------------------------------
 # 1. kill -9 after the checkpoint at N/2, resume to N: bit-identical to N iterations straight
 
-# train_worker's steps (logging, seeds, trainer, train), plus a hook that announces the end of
-# iteration STOP (after its checkpoint and metrics are written) and then waits to be killed.
+# a hook that announces the end of iteration `stop` (after its checkpoint and metrics are written)
+# and then waits to be killed
+_WAIT_FOR_KILL = r"""
+class WaitForKill(HookBase):
+    def after_step(self):
+        if self.trainer.iter + 1 == stop:
+            with open(marker + ".part", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(marker + ".part", marker)
+            time.sleep(600)
+"""
+
+# train_worker's steps (logging, seeds, trainer, train), plus WaitForKill
 _DRIVER = r"""
 import json, os, sys, time
 from detectron2.engine import HookBase
@@ -86,18 +98,10 @@ cfg.merge_from_list(opts)
 cfg.freeze()
 setup_process(cfg)
 trainer = PretrainTrainer(cfg, resume="auto")
-
-class WaitForKill(HookBase):
-    def after_step(self):
-        if self.trainer.iter + 1 == stop:
-            with open(marker + ".part", "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(marker + ".part", marker)
-            time.sleep(600)
-
+""" + _WAIT_FOR_KILL + r"""
 trainer.register_hooks([WaitForKill()])
 trainer.train()
-"""
+"""  # fmt: skip
 
 
 def _driver(opts, stop=0, marker=""):
@@ -111,20 +115,25 @@ def _wait(proc, timeout=240):
     assert proc.returncode == 0, err[-3000:]
 
 
+def _kill_when_marked(proc, marker, stop):
+    """SIGKILL ``proc`` once it wrote ``marker`` (WaitForKill after iteration ``stop``)."""
+    deadline = time.monotonic() + 240
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"the run never reached iteration {stop}"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_sigkill_after_half_then_resume_is_bit_identical(synthetic_root, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     marker = str(tmp_path / "at_half")
     a = _driver(tiny_opts(synthetic_root, straight))
     b = _driver(tiny_opts(synthetic_root, killed), stop=3, marker=marker)  # N = 6, N/2 = 3
-    deadline = time.monotonic() + 240
-    while not os.path.exists(marker):
-        assert b.poll() is None, b.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached iteration 3"
-        time.sleep(0.1)
+    _kill_when_marked(b, marker, 3)
     assert (killed / "last_checkpoint").read_text() == "checkpoint_0000.pth.tar"
-    os.kill(b.pid, signal.SIGKILL)
-    b.communicate(timeout=60)
-    assert b.returncode == -signal.SIGKILL
     assert not os.path.exists(killed / "checkpoint_0001.pth.tar")
     assert sorted(_losses(killed)) == [0, 1, 2]
 
@@ -249,32 +258,34 @@ from moco.launch import LaunchSpec, launch_processes, resolve_launch, setup_proc
 
 
 class Die(HookBase):
-    def __init__(self, victim, stop):
-        self.victim, self.stop = victim, stop
+    def __init__(self, victim, stop, signum):
+        self.victim, self.stop, self.signum = victim, stop, signum
 
     def after_step(self):
         if comm.get_rank() == self.victim and self.trainer.iter + 1 == self.stop:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
-def worker(cfg, victim, stop, pid_dir):
+def worker(cfg, victim, stop, pid_dir, signum):
     setup_process(cfg)
     with open(os.path.join(pid_dir, f"rank{comm.get_rank()}.pid"), "w") as f:
         f.write(str(os.getpid()))
     trainer = PretrainTrainer(cfg)
-    trainer.register_hooks([Die(victim, stop)])
+    trainer.register_hooks([Die(victim, stop, signum)])
     trainer.train()
 
 
 if __name__ == "__main__":
     opts, (victim, stop), pid_dir = json.loads(sys.argv[1]), map(int, sys.argv[2:4]), sys.argv[4]
+    signum = getattr(signal, sys.argv[5] if len(sys.argv) > 5 else "SIGKILL")
     cfg = get_cfg()
     cfg.merge_from_list(opts)
     cfg.freeze()
     # torchrun's environment: each process on its own (no parent to stop the others); else
     # Detectron2's launch spawns both
     spec = resolve_launch(environ=os.environ) if "RANK" in os.environ else LaunchSpec(2)
-    launch_processes(worker, spec, (cfg, victim, stop, pid_dir))
+    launch_processes(worker, spec, (cfg, victim, stop, pid_dir, signum),
+                     timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)
 """
 
 
@@ -316,26 +327,70 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
-    # as torchrun or several machines start them: independent processes, rendezvous via env://
+def _without_a_parent(synthetic_root, tmp_path, signum, **overrides):
+    """Two processes as torchrun or several machines start them (independent, rendezvous via
+    env://); rank 1 sends itself ``signum`` after iteration 4."""
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(_DDP_DRIVER)
-    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3}))
+    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3},
+                                **overrides))  # fmt: skip
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path)],
-                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path),
+                                       signum], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    procs = _without_a_parent(synthetic_root, tmp_path, "SIGKILL")
     start = time.monotonic()
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode not in (0, None), errs[0][-3000:]
-    assert "gloo" in errs[0]  # gloo notices the closed connection; a hung peer: the PG timeout
+    assert "gloo" in errs[0]  # gloo notices the closed connection (a stopped peer: the next test)
     assert time.monotonic() - start < 120
+
+
+def _stopped(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] == "T"
+
+
+def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(synthetic_root,
+                                                                               tmp_path):  # fmt: skip
+    # SIGSTOP: a frozen or cut-off machine; its connections stay open, so only the timeout tells
+    timeout_s = 9  # DIST.TIMEOUT_MINUTES 0.15
+    procs = _without_a_parent(synthetic_root, tmp_path, "SIGSTOP",
+                              **{"DIST.TIMEOUT_MINUTES": timeout_s / 60})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(procs[1].pid):
+            assert procs[1].poll() is None and time.monotonic() < deadline, "rank 1 never stopped"
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        err = procs[0].communicate(timeout=timeout_s + 10 + 60)[1]  # + the roll call + slack
+        elapsed = time.monotonic() - stopped
+        assert procs[0].returncode == 1, err[-3000:]
+        last = err.strip().splitlines()[-1]  # torch may prefix "[rank0]: "
+        # gloo's own words: its timeout, or the pair it closed on a timeout (another thread's op)
+        assert re.search(r"RuntimeError: rank 0: (\[.*gloo.*\] Timed out waiting 9000ms for \w+ "
+                         r"operation to complete|Application timeout caused pair closure); rank 1 "
+                         r"of 2 did not answer a roll call within 10 s \(hung, stopped or cut "
+                         r"off\)$", last), last  # fmt: skip
+        assert elapsed < timeout_s + 10 + 45, elapsed
+        os.kill(procs[1].pid, signal.SIGCONT)  # back again, it finds its peer gone
+        err1 = procs[1].communicate(timeout=60)[1]
+        assert procs[1].returncode not in (0, None), err1[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped process too
+                p.communicate()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,7 +558,7 @@ def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_pat
         with caplog.at_level("WARNING", logger="detection"):
             trainer = DetectionTrainer(cfg)
         assert f"skipping unreadable image {jpeg}" in caplog.text
-        assert len(trainer.data_loader.dataset.dataset.dataset) == 11  # the loader's list
+        assert len(trainer.data_loader.dataset) == 11  # the loader's list
         trainer.train()
     finally:
         DatasetCatalog.remove(name)
@@ -546,6 +601,117 @@ def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
     assert final["iteration"] == 3 and not torch.equal(
         final["model"]["backbone.bottom_up.stem.conv1.weight"],
         saved["model"]["backbone.bottom_up.stem.conv1.weight"])  # fmt: skip
+
+
+def test_the_detection_loader_continues_at_any_batch_whatever_the_workers():
+    import itertools
+    import random
+
+    import numpy as np
+    from detectron2.data.samplers import TrainingSampler
+
+    from detection.data_order import ResumableTrainLoader
+
+    # two aspect groups (width > height or not): Detectron2's grouping buffers one while the other
+    # fills; every draw of the mapper (augmentation) is recorded
+    dicts = [{"i": i, "width": 130 if i % 3 == 0 else 100, "height": 100} for i in range(10)]
+
+    def mapper(d):
+        return d["i"], float(np.random.rand()), float(torch.rand(1)), random.random()
+
+    def batches(workers, start, n):
+        loader = ResumableTrainLoader(dicts, mapper, TrainingSampler(10, seed=3), 3, True, workers)
+        loader.load_state_dict({"seed": 3, "batches": start})
+        return list(itertools.islice(loader, n)), loader.consumed
+
+    straight, consumed = batches(0, 0, 9)
+    assert consumed == 9
+    assert all(len({dicts[i]["width"] for i, *_ in b}) == 1 for b in straight)  # grouped
+    assert len({i for b in straight for i, *_ in b}) == 10
+    for workers, start in ((0, 4), (2, 4), (2, 7)):
+        assert batches(workers, start, 9 - start) == (straight[start:], 9), (workers, start)
+    loader = ResumableTrainLoader(dicts, mapper, TrainingSampler(10, seed=3), 3, True, 0)
+    for state, field in (({"seed": "3", "batches": 1}, "seed '3'"), ({"seed": 3, "batches": -1},
+                         "batches -1"), ([], "seed None")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^m.pth: data order {field} is not"):
+            loader.load_state_dict(state, "m.pth")
+
+
+# detection's main() up to training (setup_cfg seeds as train_net does), metrics.json written every
+# iteration, and WaitForKill
+_DET_DRIVER = r"""
+import json, os, sys, time
+from detectron2.engine import HookBase, default_argument_parser, hooks
+from detection.config import setup_cfg
+from detection.datasets import register_synthetic
+from detection.trainer import DetectionTrainer, prepare_datasets
+
+argv, root, stop, marker = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+register_synthetic(root)
+cfg = setup_cfg(default_argument_parser().parse_args(argv))
+prepare_datasets(cfg)
+trainer = DetectionTrainer(cfg)
+trainer.resume_or_load(resume=True)
+""" + _WAIT_FOR_KILL + r"""
+for h in trainer._hooks:
+    if isinstance(h, hooks.PeriodicWriter):
+        h._period = 1  # Detectron2 writes every 20 iterations; compare each one
+trainer.register_hooks([WaitForKill()])
+trainer.train()
+"""  # fmt: skip
+
+
+def _det_driver(root, out, workers, stop=0, marker=""):
+    from test_train_net import TINY, VOC_CFG
+
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "4",
+            "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", str(workers), "SEED", "5",
+            "OUTPUT_DIR", str(out)]  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", _DET_DRIVER, json.dumps(argv), root, str(stop),
+                             marker], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _det_losses(out):
+    """{iteration: every loss and the lr} of the training rows of a detection metrics.json."""
+    return {
+        r["iteration"]: {
+            k: v for k, v in r.items() if k.startswith("loss") or k in ("total_loss", "lr")
+        }
+        for r in _metrics(out)
+        if "total_loss" in r
+    }
+
+
+def test_detection_sigkill_after_a_checkpoint_then_resume_is_bit_identical(synthetic_root,
+                                                                           tmp_path):  # fmt: skip
+    # the killed run has data-loading workers that prefetch, the straight one none: the data order,
+    # augmentation and step RNGs depend on (seed, position) only
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    marker = str(tmp_path / "at_4")
+    a = _det_driver(synthetic_root, straight, workers=0)
+    b = _det_driver(synthetic_root, killed, workers=2, stop=4, marker=marker)
+    _kill_when_marked(b, marker, 4)
+    assert (killed / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert sorted(_det_losses(killed)) == [0, 1, 2, 3]
+
+    _wait(_det_driver(synthetic_root, killed, workers=2))  # --resume: from model_0000003.pth
+    _wait(a)
+    want, got = _det_losses(straight), _det_losses(killed)
+    assert sorted(want) == list(range(8)) and len(want[0]) >= 5
+    assert got == want  # bit-identical losses of the RPN and ROI heads, and LRs
+
+    x = torch.load(straight / "model_final.pth", map_location="cpu", weights_only=True)
+    y = torch.load(killed / "model_final.pth", map_location="cpu", weights_only=True)
+    assert x["iteration"] == y["iteration"] == 7
+    assert x["model"].keys() == y["model"].keys()
+    for k, v in x["model"].items():  # weights and the precise-BN statistics of the end
+        assert torch.equal(v, y["model"][k]), k
+    ox, oy = x["trainer"]["_trainer"]["optimizer"], y["trainer"]["_trainer"]["optimizer"]
+    for i, s in ox["state"].items():
+        assert torch.equal(s["momentum_buffer"], oy["state"][i]["momentum_buffer"]), i
+    assert x["trainer"]["hooks"] == y["trainer"]["hooks"]  # LR schedule, data order {seed, batches}
+    assert x["trainer"]["hooks"]["DataOrder"]["batches"] == 8
 
 
 # ------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def test_cli_errors_are_one_line(synthetic_datasets, tmp_path, capsys):
         (["--config-file", VOC_CFG, "MODEL.ROI_HEADS.NUM_CLASSES", "3"], "set MODEL.ROI_HEADS.NUM_CLASSES 10"),
         (["--config-file", VOC_CFG, "MODEL.WEIGHTS", str(tmp_path / "w.pkl")], "w.pkl: no such file"),
         (["--config-file", VOC_CFG, "DATASETS.TEST", "('not_a_dataset',)"], "'not_a_dataset' is not a registered"),
+        (["--config-file", VOC_CFG, "DIST.TIMEOUT_MINUTES", "-1.0"], "MINUTES must be a positive"),
     ]
     if torch.cuda.device_count() < 2:
         cases.append((["--config-file", VOC_CFG, "--num-gpus", "2"], "needs one GPU per process"))

@@ -53,6 +53,9 @@ def build_parser():
     p.add_argument("--dist-url", default=None, help="tcp://HOST:PORT of node 0 (default: auto)")
     p.add_argument("--dist-backend", default=None,
                    help="accepted for compatibility: NCCL is used on GPU, gloo on CPU")
+    p.add_argument("--dist-timeout-minutes", type=float, metavar="M",
+                   help="how long a collective waits for the other processes before the run fails "
+                        "(a hung peer; default 30, pretraining's DIST.TIMEOUT_MINUTES)")  # fmt: skip
     p.add_argument("--seed", default=None, type=int)
     p.add_argument("--gpu", default=None, type=int, help="GPU to use in a one-process run")
     p.add_argument("--multiprocessing-distributed", action="store_true")
@@ -80,11 +83,12 @@ def default_output_dir(pretrained):
 def run(args):
     from moco.data import resolve_data_path
     from moco.data_checks import check_scan_mode
-    from moco.launch import launch_from_args, launch_processes
+    from moco.launch import launch_from_args, launch_processes, process_group_timeout
     from moco.lincls import (BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, LinclsOptions, check_new_run,
                              run_lincls)
 
     spec = launch_from_args(args)
+    process_group_timeout(args.dist_timeout_minutes, "--dist-timeout-minutes")
     if args.batch_size % spec.procs_per_machine:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
                          f"{spec.procs_per_machine} processes of a node")  # fmt: skip
@@ -110,7 +114,7 @@ def run(args):
         scan_images=args.scan_images,
     )  # fmt: skip
     print(f"lincls.py: output folder {out}", flush=True)
-    launch_processes(run_lincls, spec, (opts,))
+    launch_processes(run_lincls, spec, (opts,), timeout_minutes=args.dist_timeout_minutes)
     files = (RESULTS_FILE,) if args.evaluate else (RESULTS_FILE, CHECKPOINT_FILE, BEST_FILE)
     print("lincls.py: wrote " + ", ".join(os.path.join(out, f) for f in files))
 
