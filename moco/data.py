@@ -10,10 +10,11 @@ order with Detectron2's ``InferenceSampler``.
 import itertools
 import os
 
+import torch
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from moco.augment import JpegDraftLoader, eval_transform, pretrain_transform
 from moco.batch_augment import batch_source_transform
@@ -102,7 +103,48 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
                                        min_scale=min_scale, color=color)  # fmt: skip
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
                            **folder_checks(cfg))  # fmt: skip
+    if cfg.DATA.CACHE_DECODED:
+        if not cfg.INPUT.BATCH_AUGMENT:
+            raise ValueError("DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT True (it caches the "
+                             "uint8 squares the trainer augments)")  # fmt: skip
+        dataset = DecodedCache(dataset, cfg.DATALOADER.NUM_WORKERS)
     return WithIndex(dataset) if with_index else dataset
+
+
+class DecodedCache(Dataset):
+    """Every item of ``dataset`` (an image tensor and its label) decoded once, by a loader with
+    ``num_workers``, and kept in one tensor: ``cache[i]`` equals ``dataset[i]``, so a run with the
+    cache is the run that decodes in the training process (DATA.CACHE_DECODED)."""
+
+    decoded = True  # build_pretrain_loader indexes it in the training process
+
+    def __init__(self, dataset, num_workers=0, batch_size=256):
+        self.dataset = dataset
+        # its own generator: the loader's seed draw must not shift the global stream (model init)
+        loader = build_eval_loader(dataset, batch_size, num_workers, world_size=1,
+                                   generator=torch.Generator())  # fmt: skip
+        images, labels = zip(*loader)
+        self.images, self.labels = torch.cat(images), torch.cat(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+    def __getattr__(self, name):  # classes, skipped_images, ... of the decoded dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def knn_bank(train_set, size):
+    """``size`` evenly spaced items of ``train_set`` (all when 0 or larger): an ImageFolder lists
+    its files by class, so every class keeps its share (KNN.BANK_SIZE)."""
+    if not size or size >= len(train_set):
+        return train_set
+    step = len(train_set) / size
+    return Subset(train_set, [int(i * step) for i in range(size)])
 
 
 class WithIndex(Dataset):
@@ -168,20 +210,24 @@ def make_loader(dataset, batch_size, sampler, num_workers, drop_last, pin_memory
 
 
 def build_pretrain_loader(cfg, dataset, iters_per_epoch, start_iter, seed, pin_memory=False):
-    """EpochLoader over this process's share of ``dataset`` (per-process batch = global / world)."""
+    """EpochLoader over this process's share of ``dataset`` (per-process batch = global / world);
+    a decoded dataset (:class:`DecodedCache`) is indexed in this process, without workers."""
     world, rank = comm.get_world_size(), comm.get_rank()
     sampler = EpochSampler(dataset, world, rank, seed)
+    workers = 0 if getattr(dataset, "decoded", False) else cfg.DATALOADER.NUM_WORKERS
     loader = make_loader(
-        dataset, cfg.SOLVER.IMS_PER_BATCH // world, sampler, cfg.DATALOADER.NUM_WORKERS,
+        dataset, cfg.SOLVER.IMS_PER_BATCH // world, sampler, workers,
         drop_last=True, pin_memory=pin_memory,
     )  # fmt: skip
     return EpochLoader(loader, sampler, iters_per_epoch, start_iter)
 
 
-def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False):
-    """This process's contiguous shard of ``dataset``, in order (Detectron2's InferenceSampler)."""
-    return make_loader(dataset, batch_size, InferenceSampler(len(dataset)), num_workers,
-                   drop_last=False, pin_memory=pin_memory)  # fmt: skip
+def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False, world_size=None, **kwargs):
+    """This process's contiguous shard of ``dataset``, in order (Detectron2's InferenceSampler);
+    ``world_size`` 1: all of it, in every process."""
+    sampler = InferenceSampler(len(dataset)) if world_size != 1 else range(len(dataset))
+    return make_loader(dataset, batch_size, sampler, num_workers, drop_last=False,
+                       pin_memory=pin_memory, **kwargs)  # fmt: skip
 
 
 def build_labeled_datasets(root, crop_size, what, train_transform=None, **checks):

@@ -26,7 +26,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from moco.cli import Interrupted
-from moco.data import build_eval_loader, build_labeled_datasets, folder_checks
+from moco.data import build_eval_loader, build_labeled_datasets, folder_checks, knn_bank
 from moco.file_io import AtomicAppendFile
 from moco.knn import knn_evaluate
 
@@ -151,11 +151,12 @@ def build_knn_hook(trainer, cfg):
         return None
     train_set, val_set = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE,
                                                 "KNN.DATA (--knn-data)", **folder_checks(cfg))  # fmt: skip
+    num_classes = len(train_set.classes)
+    train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
     pin = trainer.device.type == "cuda"
     workers = cfg.DATALOADER.NUM_WORKERS
     train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
     val_loader = build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin)
-    num_classes = len(train_set.classes)
     trainer.knn_num_classes = num_classes
 
     def evaluate():

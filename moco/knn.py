@@ -21,6 +21,9 @@ def validate_knn(cfg):
     """KNN.K and KNN.T of the monitor (when KNN.DATA is set): one-line ValueError."""
     if cfg.KNN.DATA and (cfg.KNN.K < 1 or cfg.KNN.T <= 0):
         raise ValueError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
+    if cfg.KNN.BANK_SIZE < 0:
+        raise ValueError(f"KNN.BANK_SIZE must be >= 0 (0 = every training image), got "
+                         f"{cfg.KNN.BANK_SIZE}")  # fmt: skip
 
 
 def knn_scores(features, bank, bank_labels, num_classes, k=200, t=0.1):

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from detectron2.utils.env import seed_all_rng
 
 from moco import batch_augment as B
 from moco.engine import PretrainTrainer
@@ -139,3 +140,35 @@ def test_pretraining_with_batch_augment_trains_and_saves(synthetic_root, tmp_pat
         losses = [r["total_loss"] for r in map(json.loads, f) if "total_loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
     assert os.path.isfile(summary["last_checkpoint"])
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [r["total_loss"] for r in map(json.loads, f) if "total_loss" in r]
+
+
+def test_decoded_cache_gives_the_same_run_without_loader_workers(synthetic_root, tmp_path):
+    runs = {}
+    for cache in (False, True):
+        cfg = tiny_cfg(synthetic_root, str(tmp_path / str(cache)), **{"KNN.DATA": ""})
+        cfg.INPUT.BATCH_AUGMENT, cfg.INPUT.BATCH_AUGMENT_SIZE = True, 40
+        cfg.DATA.CACHE_DECODED = cache
+        # the cache decodes with the configured worker and then needs none: the same run as
+        # decoding in the training process (a persistent worker draws its seed once, not per epoch)
+        cfg.DATALOADER.NUM_WORKERS = 1 if cache else 0
+        seed_all_rng(0)  # as the launcher does before each run
+        trainer = PretrainTrainer(cfg)
+        if cache:  # every image decoded once, equal to the folder's item; steps index it in-process
+            folder = trainer.dataset.dataset
+            assert trainer.dataset.images.shape == (len(folder), 3, 40, 40)
+            assert all(torch.equal(trainer.dataset[i][0], folder[i][0]) for i in (0, len(folder) - 1))
+            assert trainer.data_loader.loader.num_workers == 0
+        trainer.train()
+        runs[cache] = _losses(str(tmp_path / str(cache)))
+    assert runs[True] and runs[True] == runs[False]
+
+
+def test_decoded_cache_needs_batch_augment(synthetic_root, tmp_path):
+    cfg = tiny_cfg(synthetic_root, str(tmp_path), **{"DATA.CACHE_DECODED": True})
+    with pytest.raises(ValueError, match="DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT"):
+        PretrainTrainer(cfg)

@@ -1,6 +1,7 @@
 """InstDisc weighted kNN against a hand computation."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -111,3 +112,24 @@ def test_knn_scores_the_backbone_features_and_reports_the_head_second():
     assert res["head_top1"] == pytest.approx(50.0)
     assert set(res) == {"top1", "top5", "head_top1", "head_top5"}
     assert not enc.fc._forward_hooks  # the capture hook is removed afterwards
+
+
+def test_knn_bank_size_keeps_evenly_spaced_images_of_every_class(synthetic_root):
+    from moco.data import build_labeled_datasets, knn_bank
+
+    train, _ = build_labeled_datasets(os.path.join(synthetic_root, "imagefolder"), 32, "KNN.DATA")
+    per_class = len(train) // len(train.classes)
+    bank = knn_bank(train, len(train) // per_class * 2)  # two images of each class
+    labels = [train.targets[i] for i in bank.indices]
+    assert sorted(labels) == sorted(list(range(len(train.classes))) * 2)
+    assert knn_bank(train, 0) is train and knn_bank(train, len(train) + 5) is train
+
+
+def test_a_negative_bank_size_is_one_line():
+    from moco.config import get_cfg
+    from moco.knn import validate_knn
+
+    cfg = get_cfg()
+    cfg.KNN.DATA, cfg.KNN.BANK_SIZE = "somewhere", -1
+    with pytest.raises(ValueError, match="KNN.BANK_SIZE must be >= 0"):
+        validate_knn(cfg)
