@@ -33,7 +33,7 @@ class BenchConfig:
     groups: tuple = ("model", "momentum", "data")
     seed: int = 0
 
-    def validate(self):
+    def validate(self, check_data=True):
         from experiments.benchmark import resolve_image_folder
         from moco import fast as fastlib
         from moco.resnet import resnet_encoder
@@ -64,7 +64,7 @@ class BenchConfig:
                              f"{', '.join(GROUPS)} or none")  # fmt: skip
         fastlib.resolve_amp(self.amp, "cpu")  # value check only
         fastlib.resolve_channels_last(self.channels_last, "cpu")
-        if any(g in self.groups for g in ("data", "e2e", "startup")):
+        if check_data and any(g in self.groups for g in ("data", "e2e", "startup")):
             resolve_image_folder(self.data)
 
     @property

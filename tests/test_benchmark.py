@@ -189,10 +189,12 @@ def test_format_table_shows_failed_rows_and_numbers():
     (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
     (["--rows", "startup", "--data-per-class", "10"], "--data-per-class needs --data"),
 ])  # fmt: skip
-def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
+def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # where the default set would go
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("benchmark.py: error: ") and message in err[0]
+    assert not os.listdir(tmp_path)  # nothing generated before the error
 
 
 def test_cuda_device_without_cuda_is_a_clear_error(capsys):

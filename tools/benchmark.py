@@ -86,16 +86,21 @@ def _config(args):
         ensure_generated(data, SyntheticSpec(cls_train_per_class=args.data_per_class,
                                              cls_val_per_class=1, det_trainval_images=2,
                                              det_test_images=2), workers=os.cpu_count() or 1)  # fmt: skip
-    if data is None and any(g in ("data", "e2e", "startup") for g in groups):
-        data = default_synthetic_root()
-        ensure_generated(data)
-    return BenchConfig(
+    generate = data is None and any(g in ("data", "e2e", "startup") for g in groups)
+    cfg = BenchConfig(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
         device=args.device, workers=args.workers, reps=args.reps, steps=args.steps,
         warmup=args.warmup, moco=args.moco, K=args.K, shuffle_bn=args.shuffle_bn,
         split_bn_groups=args.split_bn_groups, amp=args.amp, channels_last=args.channels_last,
-        compile=args.compile, data=data or "", data_batches=args.data_batches, groups=groups,
+        compile=args.compile, data=default_synthetic_root() if generate else data or "",
+        data_batches=args.data_batches, groups=groups,
     )  # fmt: skip
+    # bad flags fail before anything is written: generating the default set first had replaced
+    # the main job's 20,000-image set with the 1,000-image default on a mistyped --arch
+    cfg.validate(check_data=False)
+    if generate:
+        ensure_generated(cfg.data)
+    return cfg
 
 
 def _print_report(report):
