@@ -251,7 +251,7 @@ def test_a_bad_scan_images_value_is_one_line_naming_the_key(folder, tmp_path, ca
     assert "--scan-images must be one of auto, always, never, got 'sometimes'" in \
         _one_line_error(capsys.readouterr().err, "lincls.py")  # fmt: skip
     launched = []
-    monkeypatch.setattr("moco.launch.launch_processes", lambda fn, spec, a: launched.append(a))
+    monkeypatch.setattr("moco.launch.launch_processes", lambda fn, spec, a, **kw: launched.append(a))
     assert lincls.main(["--scan-images", "never", "--output-dir", str(tmp_path / "l"), data]) == 0
     (opts,) = launched[0]
     assert opts.scan_images == "never" and opts.output_dir == str(tmp_path / "l")
