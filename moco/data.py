@@ -32,9 +32,12 @@ def resolve_data_path(path):
 
 
 def validate_data(cfg):
-    """DATA.SCAN_IMAGES is a mode, DATA.ROOT has train/, and KNN.DATA (when the monitor runs)
-    train/ and val/: one-line error."""
+    """DATA.SCAN_IMAGES is a mode, DATA.CACHE_DECODED has INPUT.BATCH_AUGMENT, DATA.ROOT has
+    train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
     check_scan_mode(cfg.DATA.SCAN_IMAGES)
+    if cfg.DATA.CACHE_DECODED and not cfg.INPUT.BATCH_AUGMENT:
+        raise ValueError("DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT True (it caches the "
+                         "uint8 squares the trainer augments)")  # fmt: skip
     if not cfg.DATA.ROOT:
         raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
     train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
@@ -104,9 +107,6 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
     dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
                            **folder_checks(cfg))  # fmt: skip
     if cfg.DATA.CACHE_DECODED:
-        if not cfg.INPUT.BATCH_AUGMENT:
-            raise ValueError("DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT True (it caches the "
-                             "uint8 squares the trainer augments)")  # fmt: skip
         dataset = DecodedCache(dataset, cfg.DATALOADER.NUM_WORKERS)
     return WithIndex(dataset) if with_index else dataset
 
