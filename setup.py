@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="MoCo pretraining and Detectron2 detection transfer",
     python_requires=">=3.10",
-    packages=find_packages(include=["moco", "moco.*", "detection", "detection.*", "experiments", "experiments.*"]),
+    packages=find_packages(
+        include=["moco", "moco.*", "detection", "detection.*", "experiments", "experiments.*"]
+    ),
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -27,8 +27,12 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 
 from moco.lab import LabSplit
 
-__all__ = ["build_basic_resnet_fpn_backbone", "build_basic_resnet", "build_lab_resnet_fpn_backbone",
-           "LabResNet"]  # fmt: skip
+__all__ = [
+    "build_basic_resnet_fpn_backbone",
+    "build_basic_resnet",
+    "build_lab_resnet_fpn_backbone",
+    "LabResNet",
+]
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -52,10 +56,16 @@ def build_basic_resnet(cfg, input_shape: ShapeSpec):
     for i, depth in enumerate(_BLOCKS[r.DEPTH]):
         out_channels = width * 2**i
         stride = 1 if i == 0 else 2
-        stages.append(ResNet.make_stage(
-            BasicBlock, depth, in_channels=in_channels, out_channels=out_channels,
-            stride_per_block=[stride] + [1] * (depth - 1), norm=r.NORM,
-        ))  # fmt: skip
+        stages.append(
+            ResNet.make_stage(
+                BasicBlock,
+                depth,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                stride_per_block=[stride] + [1] * (depth - 1),
+                norm=r.NORM,
+            )
+        )
         in_channels = out_channels
     return ResNet(stem, stages, out_features=r.OUT_FEATURES).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
@@ -68,12 +78,16 @@ class LabResNet(Backbone):
         super().__init__()
         r = cfg.MODEL.RESNETS
         if r.RES2_OUT_CHANNELS % 2 or r.STEM_OUT_CHANNELS % 2:
-            raise ValueError(f"build_lab_resnet_fpn_backbone: MODEL.RESNETS.RES2_OUT_CHANNELS "
-                             f"{r.RES2_OUT_CHANNELS} is split between the L and ab views, so it "
-                             "must be even")  # fmt: skip
+            raise ValueError(
+                f"build_lab_resnet_fpn_backbone: MODEL.RESNETS.RES2_OUT_CHANNELS "
+                f"{r.RES2_OUT_CHANNELS} is split between the L and ab views, so it "
+                "must be even"
+            )
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-            raise ValueError(f"build_lab_resnet_fpn_backbone: INPUT.FORMAT {cfg.INPUT.FORMAT} "
-                             "must be RGB or BGR (the input is converted to Lab)")  # fmt: skip
+            raise ValueError(
+                f"build_lab_resnet_fpn_backbone: INPUT.FORMAT {cfg.INPUT.FORMAT} "
+                "must be RGB or BGR (the input is converted to Lab)"
+            )
         half = cfg.clone()
         half.defrost()
         half.MODEL.RESNETS.RES2_OUT_CHANNELS = r.RES2_OUT_CHANNELS // 2
@@ -93,8 +107,10 @@ class LabResNet(Backbone):
         return {name: torch.cat([l_out[name], ab_out[name]], dim=1) for name in l_out}
 
     def output_shape(self):
-        return {name: ShapeSpec(channels=2 * s.channels, stride=s.stride)
-                for name, s in self.l.output_shape().items()}  # fmt: skip
+        return {
+            name: ShapeSpec(channels=2 * s.channels, stride=s.stride)
+            for name, s in self.l.output_shape().items()
+        }
 
 
 def _fpn(cfg, bottom_up):

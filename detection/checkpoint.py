@@ -106,7 +106,10 @@ def _build_allow_list():
 _ALLOWED_GLOBALS = _build_allow_list()
 _NUMPY_CHECKED = {  # resolved per file by RestrictedUnpickler (checks name the file)
     ("numpy", "ndarray"): "ndarray",
-    **{(core + ".multiarray", "_reconstruct"): "reconstruct" for core in ("numpy.core", "numpy._core")},
+    **{
+        (core + ".multiarray", "_reconstruct"): "reconstruct"
+        for core in ("numpy.core", "numpy._core")
+    },
     **{(core + ".multiarray", "scalar"): "scalar" for core in ("numpy.core", "numpy._core")},
     **{(core + ".numeric", "_frombuffer"): "frombuffer" for core in ("numpy.core", "numpy._core")},
 }
@@ -245,9 +248,12 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         keys = backbone_keys(self.model)
         lost = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
         unmatched = [k for k in keys if k in lost]
-        self.weights_load = {"file": self._loading, "backbone_tensors": len(keys),
-                             "matched": len(keys) - len(unmatched),
-                             "allow_partial": self.allow_partial_weights}  # fmt: skip
+        self.weights_load = {
+            "file": self._loading,
+            "backbone_tensors": len(keys),
+            "matched": len(keys) - len(unmatched),
+            "allow_partial": self.allow_partial_weights,
+        }
         if unmatched and not self.allow_partial_weights:
             raise ValueError(
                 f"{self._loading}: {len(unmatched)} of {len(keys)} backbone tensors did not load "
@@ -262,12 +268,16 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pkl"):
             data = safe_load_pickle(filename)
             if not isinstance(data, dict):
-                raise ValueError(f"{filename}: expected a dict of weights, found {type(data).__name__}")
+                raise ValueError(
+                    f"{filename}: expected a dict of weights, found {type(data).__name__}"
+                )
             # Same interpretation of the unpickled dict as DetectionCheckpointer._load_file
             # (which cannot be reused: it unpickles and interprets in one step).
             if not isinstance(data.get("model", {}), dict):  # D2 would fail on .items()
-                raise ValueError(f"{filename}: 'model' must be a dict of weights, found "
-                                 f"{type(data['model']).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"{filename}: 'model' must be a dict of weights, found "
+                    f"{type(data['model']).__name__}"
+                )
             if "model" in data and "__author__" in data:
                 self.logger.info("Reading a file from '{}'".format(data["__author__"]))
                 return data
@@ -280,7 +290,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             if "model_state" not in data:
                 raise ValueError(f"{filename}: pycls checkpoints must contain 'model_state'")
             model_state = {
-                k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
             }
             return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
         # everything else (.pth, resume checkpoints): Detectron2's path, reading via _torch_load
@@ -288,9 +300,11 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         raw = data.get("model")
         if isinstance(raw, dict) and "state_dict" in raw and "epoch" in raw:
             # Detectron2 would fail on the first non-tensor ("Unsupported type found in checkpoint")
-            raise ValueError(f"{filename} is a pretraining checkpoint (MoCo format), not "
-                             f"Detectron2 weights; convert it first: tools/convert_to_d2.py "
-                             f"{filename} OUT.pkl, then MODEL.WEIGHTS OUT.pkl")  # fmt: skip
+            raise ValueError(
+                f"{filename} is a pretraining checkpoint (MoCo format), not "
+                f"Detectron2 weights; convert it first: tools/convert_to_d2.py "
+                f"{filename} OUT.pkl, then MODEL.WEIGHTS OUT.pkl"
+            )
         return data
 
     def _torch_load(self, f):

@@ -73,7 +73,9 @@ def load_cfg(config_file, opts=(), world_size=1):
     ``world_size`` is the number of training processes the config will run with.
     """
     if not config_file:
-        raise ValueError("--config-file is required (e.g. configs/detection/embedded_voc_R_18_FPN.yaml)")
+        raise ValueError(
+            "--config-file is required (e.g. configs/detection/embedded_voc_R_18_FPN.yaml)"
+        )
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     check_safe_yaml(config_file, "--config-file")
@@ -107,8 +109,9 @@ class UnusedCExtensionNote(logging.Filter):
 
     def filter(self, record):
         if isinstance(record.msg, str) and "detectron2._C" in record.msg:
-            record.msg = self._LINE.sub(r"\1not used (ROIAlign and NMS come from torchvision)",
-                                        record.msg)  # fmt: skip
+            record.msg = self._LINE.sub(
+                r"\1not used (ROIAlign and NMS come from torchvision)", record.msg
+            )
         return True
 
 

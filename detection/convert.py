@@ -57,7 +57,9 @@ _BACKBONE_PREFIXES = {
     "torchvision": ("module.", ""),
 }
 # CMC (moco.cmc): one ResNet per view, written under the view's name
-_CMC_VIEW_PREFIXES = {view: (f"module.{view}.encoder_q.", f"{view}.encoder_q.") for view in ("l", "ab")}
+_CMC_VIEW_PREFIXES = {
+    view: (f"module.{view}.encoder_q.", f"{view}.encoder_q.") for view in ("l", "ab")
+}
 FORMATS = (*_BACKBONE_PREFIXES, "cmc")
 
 # blocks per stage -> depth, for a readable summary and a hint on MODEL.RESNETS settings
@@ -84,18 +86,28 @@ class ConversionResult:
     def summary(self, src, dst):
         cmc = self.format == "cmc"
         w = self.width // 2 if cmc else self.width  # CMC: each view's ResNet has half the width
-        arch = f"ResNet-{self.depth}" if self.depth else f"ResNet ({self.block}, {self.blocks_per_stage})"
+        arch = (
+            f"ResNet-{self.depth}"
+            if self.depth
+            else f"ResNet ({self.block}, {self.blocks_per_stage})"
+        )
         arch += f", base width {w}"
         if cmc:
-            arch = (f"two {arch}s (L and ab views; fine-tune with MODEL.BACKBONE.NAME "
-                    f"build_lab_resnet_fpn_backbone and MODEL.RESNETS.STEM_OUT_CHANNELS / "
-                    f"RES2_OUT_CHANNELS {self.width})")
+            arch = (
+                f"two {arch}s (L and ab views; fine-tune with MODEL.BACKBONE.NAME "
+                f"build_lab_resnet_fpn_backbone and MODEL.RESNETS.STEM_OUT_CHANNELS / "
+                f"RES2_OUT_CHANNELS {self.width})"
+            )
         elif w != 64 and self.block == "basic":  # Detectron2's R18/R34 builder asserts width 64
-            arch += (f" (fine-tune with MODEL.BACKBONE.NAME build_basic_resnet_fpn_backbone and "
-                     f"MODEL.RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS {w})")
+            arch += (
+                f" (fine-tune with MODEL.BACKBONE.NAME build_basic_resnet_fpn_backbone and "
+                f"MODEL.RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS {w})"
+            )
         elif w != 64:
-            arch += (f" (fine-tune with MODEL.RESNETS.STEM_OUT_CHANNELS {w}, WIDTH_PER_GROUP {w}, "
-                     f"RES2_OUT_CHANNELS {4 * w})")
+            arch += (
+                f" (fine-tune with MODEL.RESNETS.STEM_OUT_CHANNELS {w}, WIDTH_PER_GROUP {w}, "
+                f"RES2_OUT_CHANNELS {4 * w})"
+            )
         return (
             f"{src}: {self.format} checkpoint, {arch}; converted {self.converted} tensors, "
             f"dropped {self.dropped} (non-backbone: momentum encoder, queue, fc/MLP head) -> {dst}"
@@ -146,7 +158,9 @@ def extract_backbone(state_dict, fmt, source="<checkpoint>", view=None):
     elif fmt in _BACKBONE_PREFIXES and view is None:
         prefixes = _BACKBONE_PREFIXES[fmt]
     else:
-        raise ValueError(f"unknown format {fmt!r} / view {view!r}; expected one of {', '.join(FORMATS)}")
+        raise ValueError(
+            f"unknown format {fmt!r} / view {view!r}; expected one of {', '.join(FORMATS)}"
+        )
     # the first prefix any key carries wins, so "module.encoder_q." is never read as "encoder_q."
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), None)
     if fmt == "torchvision" and prefix == "module." and "conv1.weight" in state_dict:
@@ -156,12 +170,16 @@ def extract_backbone(state_dict, fmt, source="<checkpoint>", view=None):
         if prefix is None or not key.startswith(prefix):
             dropped.append(key)
             continue
-        name = key[len(prefix):]
-        if name.startswith("fc.") or name == "fc":  # classifier (supervised) / projection head (MoCo)
+        name = key[len(prefix) :]
+        if (
+            name.startswith("fc.") or name == "fc"
+        ):  # classifier (supervised) / projection head (MoCo)
             dropped.append(key)
             continue
         if not torch.is_tensor(value):
-            raise ValueError(f"{source}: backbone entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ValueError(
+                f"{source}: backbone entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
         backbone[name] = value
     _check_resnet(backbone, fmt if view is None else f"{fmt} {view}", source)
     return backbone, dropped
@@ -169,7 +187,9 @@ def extract_backbone(state_dict, fmt, source="<checkpoint>", view=None):
 
 def _check_resnet(backbone, fmt, source):
     missing = [k for k in ("conv1.weight", "bn1.weight") if k not in backbone]
-    missing += [f"layer{i}.*" for i in range(1, 5) if not any(k.startswith(f"layer{i}.") for k in backbone)]
+    missing += [
+        f"layer{i}.*" for i in range(1, 5) if not any(k.startswith(f"layer{i}.") for k in backbone)
+    ]
     if missing:
         raise ValueError(
             f"{source}: no ResNet backbone in the {fmt} layout (missing {', '.join(missing)}); "
@@ -222,7 +242,9 @@ def convert_state_dict(state_dict, fmt=None, source="<checkpoint>"):
             model[new_key] = _to_numpy(value)
         width += int(backbone["conv1.weight"].shape[0])  # the stem's output channels
     block, blocks, depth = _architecture(backbone)  # CMC: the views share the architecture
-    result = ConversionResult(fmt, len(model), len(dropped), block, blocks, depth, dropped[:10], width)
+    result = ConversionResult(
+        fmt, len(model), len(dropped), block, blocks, depth, dropped[:10], width
+    )
     return model, result
 
 
@@ -231,7 +253,9 @@ def save_d2_weights(model, path):
     path = os.fspath(path)
     if not path.endswith(".pkl"):
         # Detectron2 reads a file as a weights pickle only by this extension
-        raise ValueError(f"{path}: the output must end with .pkl (Detectron2 picks the reader by extension)")
+        raise ValueError(
+            f"{path}: the output must end with .pkl (Detectron2 picks the reader by extension)"
+        )
     payload = {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
     atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))
 

@@ -78,8 +78,9 @@ def _integer(node, path, file, what):
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"VOC annotation {file}: <{path}> in {what} is {text!r}, "
-                         "not an integer") from None  # fmt: skip
+        raise ValueError(
+            f"VOC annotation {file}: <{path}> in {what} is {text!r}, not an integer"
+        ) from None
 
 
 def check_voc_file(file, class_names):
@@ -87,10 +88,13 @@ def check_voc_file(file, class_names):
     try:
         root = DET.parse(file).getroot()
     except FileNotFoundError:
-        raise FileNotFoundError(f"VOC annotation {file} does not exist (listed in the image "
-                                "set)") from None  # fmt: skip
+        raise FileNotFoundError(
+            f"VOC annotation {file} does not exist (listed in the image set)"
+        ) from None
     except DefusedXmlException as e:
-        raise ValueError(f"VOC annotation {file}: refused unsafe XML ({type(e).__name__})") from None
+        raise ValueError(
+            f"VOC annotation {file}: refused unsafe XML ({type(e).__name__})"
+        ) from None
     except DET.ParseError as e:
         raise ValueError(f"VOC annotation {file}: not well-formed XML ({e})") from None
     for key in ("size/width", "size/height"):
@@ -100,8 +104,10 @@ def check_voc_file(file, class_names):
         what = f"object {i}"
         name = _text(obj, "name", file, what)
         if name not in class_names:
-            raise ValueError(f"VOC annotation {file}: {what} has class {name!r}, not one of the "
-                             f"dataset's {len(class_names)} classes")  # fmt: skip
+            raise ValueError(
+                f"VOC annotation {file}: {what} has class {name!r}, not one of the "
+                f"dataset's {len(class_names)} classes"
+            )
         for key in _BOX:
             _integer(obj, f"bndbox/{key}", file, what)
 
@@ -116,8 +122,10 @@ def check_voc_annotations(dirname, split, class_names):
     for file_id in ids:
         # an id is a file name in Annotations/ and JPEGImages/, never a path (../../outside/evil)
         if os.path.basename(file_id) != file_id or file_id.startswith("."):
-            raise ValueError(f"VOC image set {listing}: id {file_id!r} is a path, not a file name; "
-                             "it would read files outside the dataset folder")  # fmt: skip
+            raise ValueError(
+                f"VOC image set {listing}: id {file_id!r} is a path, not a file name; "
+                "it would read files outside the dataset folder"
+            )
         check_voc_file(os.path.join(dirname, "Annotations", file_id + ".xml"), class_names)
 
 
@@ -142,17 +150,25 @@ def check_boxes(dicts, source):
                 raise ValueError(f"{source(d)}: object {i} has box {box}, not 4 finite numbers")
             x0, y0, x1, y1 = BoxMode.convert(values, ann["bbox_mode"], BoxMode.XYXY_ABS)
             if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"{source(d)}: object {i} has box {box} with non-positive width or "
-                                 "height")  # fmt: skip
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box} with non-positive width or height"
+                )
             if min(x0, x1) < -w or max(x0, x1) > 2 * w or min(y0, y1) < -h or max(y0, y1) > 2 * h:
-                raise ValueError(f"{source(d)}: object {i} has box {box}, far outside the {w}x{h} "
-                                 "image")  # fmt: skip
-            inside = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w),
-                      min(max(y1, 0.0), h)]  # fmt: skip
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box}, far outside the {w}x{h} image"
+                )
+            inside = [
+                min(max(x0, 0.0), w),
+                min(max(y0, 0.0), h),
+                min(max(x1, 0.0), w),
+                min(max(y1, 0.0), h),
+            ]
             if inside == [x0, y0, x1, y1]:
                 continue
             if inside[2] <= inside[0] or inside[3] <= inside[1]:
-                raise ValueError(f"{source(d)}: object {i} has box {box}, outside the {w}x{h} image")
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box}, outside the {w}x{h} image"
+                )
             ann["bbox"], ann["bbox_mode"] = inside, BoxMode.XYXY_ABS
             clipped += 1
             example = example or source(d)
@@ -179,8 +195,9 @@ _COCO_FIELDS = {  # what load_coco_json reads of each entry
 def _coco_entries(data, key, what):
     entries = data.get(key)
     if key not in data:
-        raise ValueError(f"{what}: missing top-level key '{key}' (COCO needs images, annotations "
-                         "and categories)")  # fmt: skip
+        raise ValueError(
+            f"{what}: missing top-level key '{key}' (COCO needs images, annotations and categories)"
+        )
     if not isinstance(entries, list):
         raise ValueError(f"{what}: '{key}' must be a list, found {type(entries).__name__}")
     ids = set()
@@ -233,33 +250,43 @@ def check_coco_json(json_file, image_root):
     except UnicodeDecodeError as e:
         raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what}: expected a JSON object with images, annotations and categories, "
-                         f"found a {type(data).__name__}")  # fmt: skip
+        raise ValueError(
+            f"{what}: expected a JSON object with images, annotations and categories, "
+            f"found a {type(data).__name__}"
+        )
     images, image_ids = _coco_entries(data, "images", what)
     annotations, _ = _coco_entries(data, "annotations", what)
     _, category_ids = _coco_entries(data, "categories", what)
     for ann in annotations:
         where = f"{what}: annotation id {ann['id']}"
         if ann["image_id"] not in image_ids:
-            raise ValueError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' "
-                             "has")  # fmt: skip
+            raise ValueError(
+                f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has"
+            )
         if ann["category_id"] not in category_ids:
-            raise ValueError(f"{where} (image id {ann['image_id']}) has category_id "
-                             f"{ann['category_id']!r}, not declared in 'categories'")  # fmt: skip
+            raise ValueError(
+                f"{where} (image id {ann['image_id']}) has category_id "
+                f"{ann['category_id']!r}, not declared in 'categories'"
+            )
         box = ann["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(map(_is_number, box)):
-            raise ValueError(f"{where} (image id {ann['image_id']}) has bbox {box!r}, not "
-                             "[x, y, width, height]")  # fmt: skip
+            raise ValueError(
+                f"{where} (image id {ann['image_id']}) has bbox {box!r}, not [x, y, width, height]"
+            )
     for image in images:
         name = image["file_name"]
         # a file name below image_root, never a way out of it (as VOC ids, check_voc_annotations)
         if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/"):
-            raise ValueError(f"{what}: image id {image['id']} has file_name {name!r}, not a file "
-                             "name below the image folder")  # fmt: skip
+            raise ValueError(
+                f"{what}: image id {image['id']} has file_name {name!r}, not a file "
+                "name below the image folder"
+            )
         for key in ("height", "width"):
             if not _is_int(image[key]) or image[key] <= 0:
-                raise ValueError(f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
-                                 "positive integer")  # fmt: skip
+                raise ValueError(
+                    f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
+                    "positive integer"
+                )
     paths = {os.path.join(image_root, im["file_name"]): im["id"] for im in images}
     for path in _missing_files(paths):
         raise ValueError(f"{what}: image id {paths[path]} is {path}, which does not exist")
@@ -277,15 +304,17 @@ def load_coco_checked(json_file, image_root, name):
 def register_coco_checked(name, metadata, json_file, image_root):
     """Detectron2's ``register_coco_instances`` (same metadata) with the checked loader."""
     DatasetCatalog.register(name, partial(load_coco_checked, json_file, image_root, name))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
-                                  evaluator_type="coco", **metadata)  # fmt: skip
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
 
 
 def register_pascal_voc_checked(name, dirname, split, year, class_names):
     """Detectron2's ``register_pascal_voc`` (same metadata) with the checked loader."""
     DatasetCatalog.register(name, partial(load_voc_checked, dirname, split, list(class_names)))
-    MetadataCatalog.get(name).set(thing_classes=list(class_names), dirname=dirname, year=year,
-                                  split=split)  # fmt: skip
+    MetadataCatalog.get(name).set(
+        thing_classes=list(class_names), dirname=dirname, year=year, split=split
+    )
 
 
 def max_bad_fraction(cfg):
@@ -325,8 +354,12 @@ class SkipUnreadableMapper:
         except UNREADABLE as e:
             with self._skipped.get_lock():
                 self._skipped.value += 1
-            logger.warning("skipping unreadable image %s (%s: %s)", dataset_dict.get("file_name"),
-                           type(e).__name__, e)  # fmt: skip
+            logger.warning(
+                "skipping unreadable image %s (%s: %s)",
+                dataset_dict.get("file_name"),
+                type(e).__name__,
+                e,
+            )
             return None
 
 

@@ -110,8 +110,9 @@ class ResumableTrainLoader:
             raise ValueError(f"sampler {type(sampler).__name__} has no seed to resume from")
         self.sampler, self.seed = sampler, int(seed)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.group_ids = [0 if d["width"] > d["height"] else 1 for d in dicts] \
-            if aspect_ratio_grouping else None  # fmt: skip
+        self.group_ids = (
+            [0 if d["width"] > d["height"] else 1 for d in dicts] if aspect_ratio_grouping else None
+        )
         self.dataset = _SeededSamples(dicts, mapper, self.seed, comm.get_rank())
         self.start = self.consumed = 0
 
@@ -126,12 +127,14 @@ class ResumableTrainLoader:
 
     def __iter__(self):
         loader = DataLoader(
-            self.dataset, batch_sampler=_Reiterable(self._index_batches),
-            num_workers=self.num_workers, collate_fn=trivial_batch_collator,
+            self.dataset,
+            batch_sampler=_Reiterable(self._index_batches),
+            num_workers=self.num_workers,
+            collate_fn=trivial_batch_collator,
             worker_init_fn=worker_init_reset_seed,
             # the workers' base seed comes from here, not from the training process's torch RNG
             generator=torch.Generator().manual_seed(self.seed),
-        )  # fmt: skip
+        )
         self.consumed = self.start
         for batch in loader:
             self.consumed += 1  # handed to the loop: the position a checkpoint saves
@@ -169,10 +172,17 @@ def build_resumable_train_loader(cfg, dicts, mapper):
     world = comm.get_world_size()
     total = kwargs["total_batch_size"]
     if total <= 0 or total % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not a positive multiple of the "
-                         f"{world} processes")  # fmt: skip
-    return ResumableTrainLoader(dicts, mapper, kwargs["sampler"], total // world,
-                                kwargs["aspect_ratio_grouping"], kwargs["num_workers"])  # fmt: skip
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {total} is not a positive multiple of the {world} processes"
+        )
+    return ResumableTrainLoader(
+        dicts,
+        mapper,
+        kwargs["sampler"],
+        total // world,
+        kwargs["aspect_ratio_grouping"],
+        kwargs["num_workers"],
+    )
 
 
 class DataOrder(HookBase):
@@ -184,9 +194,11 @@ class DataOrder(HookBase):
 
     def before_train(self):
         if self.trainer.start_iter > 0 and self.loader.start == 0:
-            logger.warning("resuming at iteration %d from a checkpoint without the data position "
-                           "(written before it was saved): the data order starts again",
-                           self.trainer.start_iter)  # fmt: skip
+            logger.warning(
+                "resuming at iteration %d from a checkpoint without the data position "
+                "(written before it was saved): the data order starts again",
+                self.trainer.start_iter,
+            )
 
     def before_step(self):
         seed_all_rng(derived_seed(self.loader.seed, comm.get_rank(), self.trainer.iter, _STEP))

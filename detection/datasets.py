@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 # name -> (style, split)
 SYNTHETIC_DATASETS: Dict[str, tuple] = {
-    f"synthetic_{style}_{split}": (style, split) for style in ("voc", "coco") for split in VOC_SPLITS
+    f"synthetic_{style}_{split}": (style, split)
+    for style in ("voc", "coco")
+    for split in VOC_SPLITS
 }
 EVALUATOR_TYPES = ("pascal_voc", "coco")
 
@@ -46,7 +48,11 @@ def _paths(root: str, style: str, split: str) -> dict:
     if style == "voc":
         return {"dirname": voc, "check": os.path.join(voc, "ImageSets", "Main", split + ".txt")}
     json_file = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
-    return {"json_file": json_file, "image_root": os.path.join(voc, "JPEGImages"), "check": json_file}
+    return {
+        "json_file": json_file,
+        "image_root": os.path.join(voc, "JPEGImages"),
+        "check": json_file,
+    }
 
 
 def register_synthetic(root: Optional[str] = None) -> Dict[str, str]:
@@ -95,7 +101,7 @@ def register_synthetic(root: Optional[str] = None) -> Dict[str, str]:
 
 
 def evaluator_type(dataset_name: str) -> str:
-    """"pascal_voc" or "coco": which evaluator scores ``dataset_name`` (from its MetadataCatalog entry).
+    """ "pascal_voc" or "coco": which evaluator scores ``dataset_name`` (from its MetadataCatalog entry).
 
     Works for the synthetic sets and for Detectron2's builtin VOC / COCO sets alike.
     """

@@ -49,8 +49,16 @@ __all__ = [
 METRICS_FILE = "final_metrics.json"
 # (column name, result section, key in Detectron2's results)
 VOC_COLUMNS = (("AP50", "bbox", "AP50"), ("AP", "bbox", "AP"), ("AP75", "bbox", "AP75"))
-COCO_BOX_COLUMNS = (("AP^bb", "bbox", "AP"), ("AP^bb_50", "bbox", "AP50"), ("AP^bb_75", "bbox", "AP75"))
-COCO_MASK_COLUMNS = (("AP^mk", "segm", "AP"), ("AP^mk_50", "segm", "AP50"), ("AP^mk_75", "segm", "AP75"))
+COCO_BOX_COLUMNS = (
+    ("AP^bb", "bbox", "AP"),
+    ("AP^bb_50", "bbox", "AP50"),
+    ("AP^bb_75", "bbox", "AP75"),
+)
+COCO_MASK_COLUMNS = (
+    ("AP^mk", "segm", "AP"),
+    ("AP^mk_50", "segm", "AP50"),
+    ("AP^mk_75", "segm", "AP75"),
+)
 
 
 @dataclass
@@ -103,7 +111,9 @@ def parse_groups(specs):
             if not label:
                 raise ValueError(f"group {spec!r}: empty label; write LABEL=RUN_DIR_PATTERN")
             if label in groups:
-                raise ValueError(f"group {label!r} given twice; put all its runs in one LABEL=... group")
+                raise ValueError(
+                    f"group {label!r} given twice; put all its runs in one LABEL=... group"
+                )
             groups[label] = []
         else:
             pattern = spec
@@ -127,20 +137,31 @@ def load_metrics(run_dir):
     """Read ``run_dir/final_metrics.json`` (a run folder, or the file itself)."""
     path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (did the run in {run_dir} finish its evaluation?)")
+        raise FileNotFoundError(
+            f"{path}: no such file (did the run in {run_dir} finish its evaluation?)"
+        )
     try:
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("task") not in ("voc", "coco") or "metrics" not in data:
+    if (
+        not isinstance(data, dict)
+        or data.get("task") not in ("voc", "coco")
+        or "metrics" not in data
+    ):
         raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
     load = data.get("weights_load")
-    if isinstance(load, dict) and load.get("matched") != load.get("backbone_tensors") \
-            and not load.get("allow_partial"):
+    if (
+        isinstance(load, dict)
+        and load.get("matched") != load.get("backbone_tensors")
+        and not load.get("allow_partial")
+    ):
         # such a run trained a partly random backbone: its row would be mislabelled
-        raise ValueError(f"{path}: its weights did not load ({load.get('matched')} of "
-                         f"{load.get('backbone_tensors')} backbone tensors from {load.get('file')})")
+        raise ValueError(
+            f"{path}: its weights did not load ({load.get('matched')} of "
+            f"{load.get('backbone_tensors')} backbone tensors from {load.get('file')})"
+        )
     return data
 
 
@@ -156,30 +177,41 @@ def _value(data, section, key, path):
 
 def summarize(groups, baseline=None):
     """Build a :class:`Table` from {label: [run folders]}; deltas against ``baseline``'s row."""
-    loaded = OrderedDict((label, [(run, load_metrics(run)) for run in runs]) for label, runs in groups.items())
+    loaded = OrderedDict(
+        (label, [(run, load_metrics(run)) for run in runs]) for label, runs in groups.items()
+    )
     tasks = {data["task"]: run for runs in loaded.values() for run, data in runs}
     if len(tasks) > 1:
         raise ValueError(
-            "runs mix VOC and COCO results (e.g. " + ", ".join(f"{run}: {t}" for t, run in tasks.items())
+            "runs mix VOC and COCO results (e.g. "
+            + ", ".join(f"{run}: {t}" for t, run in tasks.items())
             + "); report them in separate tables"
         )
     task = next(iter(tasks))
     if task == "voc":
         columns = VOC_COLUMNS
     else:
-        with_masks = {run: "segm" in data["metrics"] for runs in loaded.values() for run, data in runs}
+        with_masks = {
+            run: "segm" in data["metrics"] for runs in loaded.values() for run, data in runs
+        }
         if len(set(with_masks.values())) > 1:
             box_only = [run for run, has in with_masks.items() if not has]
-            raise ValueError(f"some COCO runs have no mask results ({', '.join(box_only)}); mix not allowed")
+            raise ValueError(
+                f"some COCO runs have no mask results ({', '.join(box_only)}); mix not allowed"
+            )
         columns = COCO_BOX_COLUMNS + (COCO_MASK_COLUMNS if all(with_masks.values()) else ())
     if baseline is not None and baseline not in loaded:
         raise ValueError(f"--baseline {baseline!r} is not one of the groups ({', '.join(loaded)})")
 
     rows = []
     for label, runs in loaded.items():
-        values = [[_value(data, section, key, run) for run, data in runs] for _, section, key in columns]
+        values = [
+            [_value(data, section, key, run) for run, data in runs] for _, section, key in columns
+        ]
         seeds = [data.get("seed") for _, data in runs]
-        rows.append(Row(label, [run for run, _ in runs], [Stat.of(v) for v in values], None, values, seeds))
+        rows.append(
+            Row(label, [run for run, _ in runs], [Stat.of(v) for v in values], None, values, seeds)
+        )
     if baseline is not None:
         base = next(r for r in rows if r.label == baseline)
         for row in rows:
@@ -257,18 +289,30 @@ class Paired:
     p_value: float | None  # one-sided paired t-test, H1: a > b
 
     def to_dict(self):
-        return {"metric": self.metric, "n_pairs": self.n_pairs, "mean_diff": self.mean_diff,
-                "ci95": list(self.ci95) if self.ci95 else None, "p_value": self.p_value}  # fmt: skip
+        return {
+            "metric": self.metric,
+            "n_pairs": self.n_pairs,
+            "mean_diff": self.mean_diff,
+            "ci95": list(self.ci95) if self.ci95 else None,
+            "p_value": self.p_value,
+        }
 
     def line(self):
         head = f"{self.a} vs {self.b}: {self.metric} paired difference {self.mean_diff:+.2f}"
         if self.ci95 is None:
             return f"{head} over {self.n_pairs} pair(s): too few pairs for an interval (need >= 2)"
         lo, hi = self.ci95
-        verdict = (f"{self.a} is ahead of {self.b}" if lo > 0 else f"{self.a} is behind {self.b}"
-                   if hi < 0 else "the interval contains 0: no difference shown")  # fmt: skip
-        return (f"{head}, 95% CI [{lo:+.2f}, {hi:+.2f}], one-sided p = {self.p_value:.3g} "
-                f"(n = {self.n_pairs} pairs): {verdict}")
+        verdict = (
+            f"{self.a} is ahead of {self.b}"
+            if lo > 0
+            else f"{self.a} is behind {self.b}"
+            if hi < 0
+            else "the interval contains 0: no difference shown"
+        )
+        return (
+            f"{head}, 95% CI [{lo:+.2f}, {hi:+.2f}], one-sided p = {self.p_value:.3g} "
+            f"(n = {self.n_pairs} pairs): {verdict}"
+        )
 
 
 def _two_rows(table, a, b, what):
@@ -289,7 +333,9 @@ def paired(table, a, b, column=None):
     by_seed = [dict(zip(row.seeds, row.values[i])) for row in _two_rows(table, a, b, "paired")]
     common = [s for s in by_seed[0] if s is not None and s in by_seed[1]]
     if not common:
-        raise ValueError(f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials")
+        raise ValueError(
+            f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials"
+        )
     xa = [by_seed[0][s] for s in common]
     xb = [by_seed[1][s] for s in common]
     diffs = [x - y for x, y in zip(xa, xb)]
@@ -319,12 +365,16 @@ def compare(table, a, b, column=None):
     head = f"{a} vs {b}: {column} {sa.mean:.1f} vs {sb.mean:.1f} ({diff:+.1f})"
     if sa.std is None or sb.std is None:
         word = "ahead of" if diff > 0 else "behind" if diff < 0 else "level with"
-        return (f"{head}: {a} is {word} {b} in a single trial each, no spread estimate "
-                "(DETECTION.TRIALS >= 2 gives one)")  # fmt: skip
+        return (
+            f"{head}: {a} is {word} {b} in a single trial each, no spread estimate "
+            "(DETECTION.TRIALS >= 2 gives one)"
+        )
     noise = 2.0 * math.sqrt(sa.std**2 / sa.n + sb.std**2 / sb.n)
     if abs(diff) <= noise:
         return f"{head}: within noise (2 standard errors = {noise:.1f}); {a} does not beat {b}"
-    return f"{head}: {a} {'beats' if diff > 0 else 'is behind'} {b} (2 standard errors = {noise:.1f})"
+    return (
+        f"{head}: {a} {'beats' if diff > 0 else 'is behind'} {b} (2 standard errors = {noise:.1f})"
+    )
 
 
 # Published figures (ImageNet scale, ResNet-50), shown beside measured rows and never mixed into
@@ -351,14 +401,18 @@ PUBLISHED_PRETEXT = (
 
 def published_markdown():
     """The published reference tables (ImageNet-scale figures, not measured here), as Markdown."""
-    voc = markdown_table(["published (R50-C4, VOC07+12, 24k)", "AP50", "AP", "AP75"],
-                         [[name] + [f"{v:.1f}" for v in vals] for name, vals in PUBLISHED_VOC])  # fmt: skip
+    voc = markdown_table(
+        ["published (R50-C4, VOC07+12, 24k)", "AP50", "AP", "AP75"],
+        [[name] + [f"{v:.1f}" for v in vals] for name, vals in PUBLISHED_VOC],
+    )
     pretext = markdown_table(
         ["published pretext task (VOC07 trainval)", "metric", "super. IN-1M", "unsup. IN-1M"],
         [[m, k, f"{s:.1f}", f"{u:.1f} ({u - s:+.1f})"] for m, k, s, u in PUBLISHED_PRETEXT],
     )
-    return (f"Published figures for orientation (ImageNet pretraining, ResNet-50; not measured here "
-            f"and not part of the statistics above):\n\n{voc}\n\n{pretext}\n")  # fmt: skip
+    return (
+        f"Published figures for orientation (ImageNet pretraining, ResNet-50; not measured here "
+        f"and not part of the statistics above):\n\n{voc}\n\n{pretext}\n"
+    )
 
 
 def write_csv(table, path):
@@ -370,8 +424,11 @@ def write_csv(table, path):
         deltas = row.deltas or [None] * len(row.stats)
         values = [row.label, row.stats[0].n]
         for stat, delta in zip(row.stats, deltas):
-            values += [f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}",
-                       "" if delta is None else f"{delta:.4f}"]  # fmt: skip
+            values += [
+                f"{stat.mean:.4f}",
+                "" if stat.std is None else f"{stat.std:.4f}",
+                "" if delta is None else f"{delta:.4f}",
+            ]
         rows.append(values)
     with open(path, "w", newline="") as f:
         f.write(csv_text(header, rows))
@@ -387,22 +444,28 @@ def plot_table(table, path, title=None):
         xs = [j + (i - (k - 1) / 2) * width for j in range(len(table.columns))]
         means = [s.mean for s in row.stats]
         errs = [math.nan if s.std is None else s.std for s in row.stats]  # NaN: no bar for n == 1
-        bars = ax.bar(xs, means, width, yerr=errs, capsize=3,
-                      label=f"{row.label} (n={row.stats[0].n})")  # fmt: skip
+        bars = ax.bar(
+            xs, means, width, yerr=errs, capsize=3, label=f"{row.label} (n={row.stats[0].n})"
+        )
         # values on the bars: a near-zero bar is otherwise invisible
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=7)
     ax.set_xticks(range(len(table.columns)))
     ax.set_xticklabels(table.columns)
     ax.set_ylabel("AP (%)")
-    ax.set_title(title or ("VOC detection" if table.task == "voc" else "COCO detection / segmentation"))
+    ax.set_title(
+        title or ("VOC detection" if table.task == "voc" else "COCO detection / segmentation")
+    )
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
 
 
 # panels of the training curves: (title, metrics.json keys tried in order)
-CURVE_PANELS = (("loss", ("total_loss", "loss")), ("kNN top-1 (%)", ("knn_top1",)),
-                ("learning rate", ("lr",)))  # fmt: skip
+CURVE_PANELS = (
+    ("loss", ("total_loss", "loss")),
+    ("kNN top-1 (%)", ("knn_top1",)),
+    ("learning rate", ("lr",)),
+)
 
 
 def read_metrics_json(run_dir):
@@ -459,8 +522,9 @@ def git_commit(folder=os.path.dirname(os.path.dirname(os.path.abspath(__file__))
     import subprocess
 
     def git(*args):
-        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
-                              timeout=30).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", "-C", folder, *args], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
@@ -481,16 +545,23 @@ def what_was_run(table):
         def values(key, runs=runs):
             return ", ".join(sorted({str(d.get(key)) for d in runs}))
 
-        configs = ", ".join(sorted({os.path.relpath(d["config_file"]) if d.get("config_file")
-                                    else "?" for d in runs}))  # fmt: skip
+        configs = ", ".join(
+            sorted(
+                {os.path.relpath(d["config_file"]) if d.get("config_file") else "?" for d in runs}
+            )
+        )
         seeds = ", ".join(map(str, row.seeds))
-        lines.append(f"- {row.label}: {len(runs)} trial(s), seeds {seeds}; config {configs} "
-                     f"(overrides: {values('opts')}); {values('iterations')} iterations of "
-                     f"{values('ims_per_batch')} images on {values('device')} x "
-                     f"{values('world_size')}; weights {values('weights') or 'none'}")  # fmt: skip
+        lines.append(
+            f"- {row.label}: {len(runs)} trial(s), seeds {seeds}; config {configs} "
+            f"(overrides: {values('opts')}); {values('iterations')} iterations of "
+            f"{values('ims_per_batch')} images on {values('device')} x "
+            f"{values('world_size')}; weights {values('weights') or 'none'}"
+        )
     lines.append(f"- code: commit {git_commit() or 'unknown (not a git checkout)'}")
-    lines.append(f"- machine: {platform.node()}, {platform.platform()}, {platform.machine()}, "
-                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip
+    lines.append(
+        f"- machine: {platform.node()}, {platform.platform()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     return "\n".join(lines) + "\n"
 
 

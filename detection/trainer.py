@@ -79,7 +79,9 @@ class DetectionTrainer(DefaultTrainer):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer and then calls build_hooks,
         # whose PeriodicCheckpointer captures self.checkpointer: swap it in first.
         self.checkpointer = SafeDetectionCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            trainer=weakref.proxy(self),
             allow_partial_weights=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
         )
         ret = super().build_hooks()
@@ -87,11 +89,21 @@ class DetectionTrainer(DefaultTrainer):
         ret.insert(0, DataOrder(self._trainer.data_loader))
         skipped = getattr(self._trainer.data_loader, "skipped_images", None)
         if skipped is not None:  # before the writers (last): metrics.json gets the count
-            ret.insert(1, hooks.CallbackHook(after_step=lambda t: t.storage.put_scalar(
-                "data/skipped_images", skipped(), smoothing_hint=False)))  # fmt: skip
+            ret.insert(
+                1,
+                hooks.CallbackHook(
+                    after_step=lambda t: t.storage.put_scalar(
+                        "data/skipped_images", skipped(), smoothing_hint=False
+                    )
+                ),
+            )
         # last: the step's checkpoint and metrics hooks have run when a signal stops the run
-        ret.append(SignalStop(self._save_stop_checkpoint,
-                              f"rerun the same command with --resume (OUTPUT_DIR {self.cfg.OUTPUT_DIR})"))
+        ret.append(
+            SignalStop(
+                self._save_stop_checkpoint,
+                f"rerun the same command with --resume (OUTPUT_DIR {self.cfg.OUTPUT_DIR})",
+            )
+        )
         return ret
 
     def _save_stop_checkpoint(self):
@@ -214,7 +226,11 @@ def main(args):
         trainer.train()
         checkpointer = trainer.checkpointer
         extra = {"train_seconds": time.perf_counter() - start}
-        times = trainer.storage.history("time").values() if "time" in trainer.storage.histories() else []
+        times = (
+            trainer.storage.history("time").values()
+            if "time" in trainer.storage.histories()
+            else []
+        )
         if times:  # IterationTimer's per-iteration time, hooks (PreciseBN, eval) excluded
             extra["s_per_iter"] = sum(t for t, _ in times) / len(times)
         # DefaultTrainer's EvalHook stores the last evaluation here (it always runs after training)
@@ -257,8 +273,10 @@ def run(args, prog="train_net.py"):
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
         result = _launch(args, cfg)
-    print(f"{prog}: wrote {os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)} (AP: tools/report.py); "
-          f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}")  # fmt: skip
+    print(
+        f"{prog}: wrote {os.path.join(cfg.OUTPUT_DIR, FINAL_METRICS)} (AP: tools/report.py); "
+        f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}"
+    )
     return result
 
 

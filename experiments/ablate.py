@@ -81,13 +81,17 @@ def load_ablation_cfg(preset=None, opts=None):
 
 def parse_values(setting, values):
     if setting not in SETTINGS:
-        raise ValueError(f"unknown ablation setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+        raise ValueError(
+            f"unknown ablation setting {setting!r}; choose one of: {', '.join(SETTINGS)}"
+        )
     if not values:
         raise ValueError(f"no values to sweep for {setting} (VALUES / --values)")
     try:
         parsed = [_PARSE[setting](v) for v in values]
     except (TypeError, ValueError):
-        raise ValueError(f"values of {setting} must be {_PARSE[setting].__name__}s, got {list(values)}") from None
+        raise ValueError(
+            f"values of {setting} must be {_PARSE[setting].__name__}s, got {list(values)}"
+        ) from None
     if setting == "K" and any(float(v) != int(float(v)) for v in values):
         raise ValueError(f"values of K must be integers, got {list(values)}")
     return parsed
@@ -121,7 +125,9 @@ def plan_runs(acfg, world_size=None):
     series = list(acfg.SERIES) or [None]
     for s in series:
         if s is not None and s not in MECHANISMS:
-            raise ValueError(f"SERIES (--series) names mechanisms ({', '.join(MECHANISMS)}), got {s!r}")
+            raise ValueError(
+                f"SERIES (--series) names mechanisms ({', '.join(MECHANISMS)}), got {s!r}"
+            )
     if setting == "mechanism" and series != [None]:
         raise ValueError("SETTING mechanism sweeps the mechanisms itself; leave SERIES empty")
     if not acfg.SEEDS:
@@ -136,15 +142,21 @@ def plan_runs(acfg, world_size=None):
                 try:
                     merge_opts(cfg, [str(x) for x in run_overrides(base, setting, value, mech)])
                     label = cfg.MODEL.MECHANISM  # the line of the run in the table and plot
-                    out = os.path.join(acfg.OUTPUT_DIR, label, run_name(setting, value), f"seed{seed}")
+                    out = os.path.join(
+                        acfg.OUTPUT_DIR, label, run_name(setting, value), f"seed{seed}"
+                    )
                     cfg.SEED, cfg.OUTPUT_DIR = int(seed), out
                     validate_cfg(cfg, world)
                 except ValueError as e:
-                    raise ValueError(f"ablation run {mech or base.MODEL.MECHANISM} "
-                                     f"{run_name(setting, value)}: {e}") from None  # fmt: skip
+                    raise ValueError(
+                        f"ablation run {mech or base.MODEL.MECHANISM} "
+                        f"{run_name(setting, value)}: {e}"
+                    ) from None
                 cfg.freeze()
                 check_same_config(cfg, out)
-                runs.append({"series": label, "value": value, "seed": int(seed), "dir": out, "cfg": cfg})
+                runs.append(
+                    {"series": label, "value": value, "seed": int(seed), "dir": out, "cfg": cfg}
+                )
     return runs
 
 
@@ -172,7 +184,7 @@ def detect_failure(losses, knn_top1=None, chance=None, min_loss_drop=0.01, chanc
         return "loss not finite"
     if len(losses) >= 8:
         q = len(losses) // 4
-        second, last = statistics.fmean(losses[q:2 * q]), statistics.fmean(losses[-q:])
+        second, last = statistics.fmean(losses[q : 2 * q]), statistics.fmean(losses[-q:])
         if last > second * (1.0 - min_loss_drop):
             return f"loss not decreasing ({second:.3f} -> {last:.3f})"
     if knn_top1 is not None and chance is not None and knn_top1 <= chance + chance_margin:
@@ -188,7 +200,10 @@ def finished_summary(run):
     if summary is None:
         return None
     cfg = run["cfg"]
-    if summary.get("epochs") != cfg.SOLVER.EPOCHS or summary.get("mechanism") != cfg.MODEL.MECHANISM:
+    if (
+        summary.get("epochs") != cfg.SOLVER.EPOCHS
+        or summary.get("mechanism") != cfg.MODEL.MECHANISM
+    ):
         return None
     return summary
 
@@ -206,12 +221,20 @@ def _linear_eval(run, acfg, checkpoint):
     epochs = acfg.LINEAR.EPOCHS
     schedule = list(acfg.LINEAR.SCHEDULE) or [int(epochs * 0.6), int(epochs * 0.8)]
     opts = LinclsOptions(
-        data=cfg.KNN.DATA or cfg.DATA.ROOT, arch=cfg.MODEL.ARCH, workers=cfg.DATALOADER.NUM_WORKERS,
-        epochs=epochs, batch_size=acfg.LINEAR.BATCH_SIZE, lr=acfg.LINEAR.LR, schedule=schedule,
+        data=cfg.KNN.DATA or cfg.DATA.ROOT,
+        arch=cfg.MODEL.ARCH,
+        workers=cfg.DATALOADER.NUM_WORKERS,
+        epochs=epochs,
+        batch_size=acfg.LINEAR.BATCH_SIZE,
+        lr=acfg.LINEAR.LR,
+        schedule=schedule,
         pretrained=checkpoint,
-        seed=run["seed"], crop_size=cfg.INPUT.CROP_SIZE, output_dir=out, device=cfg.MODEL.DEVICE,
+        seed=run["seed"],
+        crop_size=cfg.INPUT.CROP_SIZE,
+        output_dir=out,
+        device=cfg.MODEL.DEVICE,
         print_freq=0,
-    )  # fmt: skip
+    )
     return run_lincls(opts)["top1"]
 
 
@@ -245,13 +268,19 @@ def execute_run(run, acfg, spec):
         iterations=(summary or {}).get("max_iter"),
         lincls_top1=None,
     )
-    reason = error or detect_failure(losses, record["knn_top1"], record["knn_chance"],
-                                     acfg.FAIL.MIN_LOSS_DROP, acfg.FAIL.CHANCE_MARGIN)  # fmt: skip
+    reason = error or detect_failure(
+        losses,
+        record["knn_top1"],
+        record["knn_chance"],
+        acfg.FAIL.MIN_LOSS_DROP,
+        acfg.FAIL.CHANCE_MARGIN,
+    )
     if reason is None and acfg.LINEAR.EPOCHS > 0:
         with fresh_loggers():
             record["lincls_top1"] = _linear_eval(run, acfg, summary["last_checkpoint"])
-    record.update(status="fail" if reason else "ok", reason=reason,
-                  seconds=time.perf_counter() - start)  # fmt: skip
+    record.update(
+        status="fail" if reason else "ok", reason=reason, seconds=time.perf_counter() - start
+    )
     return record
 
 
@@ -273,8 +302,9 @@ def aggregate(records, metrics=("knn_top1", "lincls_top1")):
         key = (r["series"], r["value"])
         if key not in index:
             index[key] = len(rows)
-            rows.append({"series": r["series"], "value": r["value"], "runs": [], "failed": 0,
-                         "reasons": []})  # fmt: skip
+            rows.append(
+                {"series": r["series"], "value": r["value"], "runs": [], "failed": 0, "reasons": []}
+            )
         row = rows[index[key]]
         row["runs"].append(r)
         if r["status"] == "fail":
@@ -310,17 +340,41 @@ def _columns(rows):
 def markdown_table(rows, setting):
     cols = _columns(rows)
     head = ["mechanism", setting] + [c[0] for c in cols] + ["seeds"]
-    cells = [[r["series"], _fmt_value(r["value"])] + [format_cell(r, c[1]) for c in cols] + [str(r["seeds"])]
-             for r in rows]  # fmt: skip
+    cells = [
+        [r["series"], _fmt_value(r["value"])]
+        + [format_cell(r, c[1]) for c in cols]
+        + [str(r["seeds"])]
+        for r in rows
+    ]
     return report.markdown_table(head, cells) + "\n"
 
 
 def csv_table(rows, setting):
-    head = ["mechanism", setting, "knn_top1_mean", "knn_top1_std", "lincls_top1_mean",
-            "lincls_top1_std", "seeds", "failed", "label"]  # fmt: skip
-    cells = [[r["series"], r["value"], r["knn_top1"], r["knn_top1_std"], r["lincls_top1"],
-              r["lincls_top1_std"], r["seeds"], r["failed"],
-              "fail" if r["failed"] == r["seeds"] else "ok"] for r in rows]  # fmt: skip
+    head = [
+        "mechanism",
+        setting,
+        "knn_top1_mean",
+        "knn_top1_std",
+        "lincls_top1_mean",
+        "lincls_top1_std",
+        "seeds",
+        "failed",
+        "label",
+    ]
+    cells = [
+        [
+            r["series"],
+            r["value"],
+            r["knn_top1"],
+            r["knn_top1_std"],
+            r["lincls_top1"],
+            r["lincls_top1_std"],
+            r["seeds"],
+            r["failed"],
+            "fail" if r["failed"] == r["seeds"] else "ok",
+        ]
+        for r in rows
+    ]
     return report.csv_text(head, cells, lineterminator="\n")
 
 
@@ -345,15 +399,25 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
         mine = [r for r in rows if r["series"] == series]
         y_fail = floor - 1.5 * i  # one height per line, so failed points do not hide each other
         good = [r for r in mine if r[metric] is not None and r["failed"] < r["seeds"]]
-        line = ax.errorbar([xpos[r["value"]] for r in good], [r[metric] for r in good],
-                           yerr=[r[metric + "_std"] for r in good], marker="o", capsize=3,
-                           label=series)  # fmt: skip
+        line = ax.errorbar(
+            [xpos[r["value"]] for r in good],
+            [r[metric] for r in good],
+            yerr=[r[metric + "_std"] for r in good],
+            marker="o",
+            capsize=3,
+            label=series,
+        )
         for r in mine:
             if r["failed"] == r["seeds"]:
                 color = line[0].get_color()
                 ax.plot([xpos[r["value"]]], [y_fail], marker="x", markersize=9, color=color)
-                ax.annotate("fail", (xpos[r["value"]], y_fail), textcoords="offset points",
-                            xytext=(8, -3), color=color)  # fmt: skip
+                ax.annotate(
+                    "fail",
+                    (xpos[r["value"]], y_fail),
+                    textcoords="offset points",
+                    xytext=(8, -3),
+                    color=color,
+                )
     if numeric:
         ax.set_xscale("log", base=2)
         ax.set_xticks(values)
@@ -361,8 +425,14 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
     else:
         ax.set_xticks(range(len(values)))
         ax.set_xticklabels([_fmt_value(v) for v in values])
-    ax.set_xlabel({"m": "momentum m", "K": "K (dictionary size)", "T": "temperature T",
-                   "mechanism": "mechanism"}[setting])  # fmt: skip
+    ax.set_xlabel(
+        {
+            "m": "momentum m",
+            "K": "K (dictionary size)",
+            "T": "temperature T",
+            "mechanism": "mechanism",
+        }[setting]
+    )
     ax.set_ylabel({"knn_top1": "kNN top-1 (%)", "lincls_top1": "linear top-1 (%)"}[metric])
     ax.grid(alpha=0.3)
     ax.legend()
@@ -380,8 +450,9 @@ def write_report(records, acfg, output_dir=None):
     base = os.path.join(out, REPORT_NAME)
     file_io.atomic_write_text(base + ".md", markdown_table(rows, setting))
     file_io.atomic_write_text(base + ".csv", csv_table(rows, setting))
-    file_io.atomic_write_json(base + ".json", {"setting": setting, "config": acfg.dump(),
-                                                "rows": rows, "runs": records})  # fmt: skip
+    file_io.atomic_write_json(
+        base + ".json", {"setting": setting, "config": acfg.dump(), "rows": rows, "runs": records}
+    )
     metric = "lincls_top1" if any(r["lincls_top1"] is not None for r in rows) else "knn_top1"
     plot(rows, setting, base + ".png", metric=metric, title=f"{setting} sweep")
     return rows
@@ -396,7 +467,12 @@ def run_ablation(acfg):
         logger.info("ablation run %d/%d: %s", i + 1, len(runs), run["dir"])
         records.append(execute_run(run, acfg, spec))
         rec = records[-1]
-        logger.info("  %s%s, kNN top-1 %s%s", rec["status"], " (reused)" if rec["reused"] else "",
-                    rec["knn_top1"], f": {rec['reason']}" if rec["reason"] else "")  # fmt: skip
+        logger.info(
+            "  %s%s, kNN top-1 %s%s",
+            rec["status"],
+            " (reused)" if rec["reused"] else "",
+            rec["knn_top1"],
+            f": {rec['reason']}" if rec["reason"] else "",
+        )
     rows = write_report(records, acfg)
     return rows, records

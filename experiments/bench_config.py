@@ -8,7 +8,6 @@ BASELINE = "official"
 BASELINES = {"startup": "imagefolder"}  # groups whose baseline row is not the official algorithm
 
 
-
 @dataclasses.dataclass
 class BenchConfig:
     arch: str = "resnet50"
@@ -38,8 +37,16 @@ class BenchConfig:
         from moco import fast as fastlib
         from moco.resnet import resnet_encoder
 
-        for name in ("image_size", "batch_size", "reps", "steps", "data_batches",
-                     "momentum_updates", "split_bn_groups", "K"):  # fmt: skip
+        for name in (
+            "image_size",
+            "batch_size",
+            "reps",
+            "steps",
+            "data_batches",
+            "momentum_updates",
+            "split_bn_groups",
+            "K",
+        ):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
@@ -53,15 +60,20 @@ class BenchConfig:
                 f"--shuffle-bn must be split or off (one process), got {self.shuffle_bn!r}"
             )
         if self.shuffle_bn == "split" and self.batch_size % self.split_bn_groups:
-            raise ValueError(f"--batch-size {self.batch_size} is not divisible by "
-                             f"--split-bn-groups {self.split_bn_groups}")  # fmt: skip
+            raise ValueError(
+                f"--batch-size {self.batch_size} is not divisible by "
+                f"--split-bn-groups {self.split_bn_groups}"
+            )
         if self.K % self.batch_size:
-            raise ValueError(f"--K {self.K} is not a multiple of --batch-size {self.batch_size} "
-                             "(the queue takes whole batches)")  # fmt: skip
+            raise ValueError(
+                f"--K {self.K} is not a multiple of --batch-size {self.batch_size} "
+                "(the queue takes whole batches)"
+            )
         unknown = [g for g in self.groups if g not in GROUPS]
         if unknown:
-            raise ValueError(f"--rows: unknown group(s) {unknown}; choose from "
-                             f"{', '.join(GROUPS)} or none")  # fmt: skip
+            raise ValueError(
+                f"--rows: unknown group(s) {unknown}; choose from {', '.join(GROUPS)} or none"
+            )
         fastlib.resolve_amp(self.amp, "cpu")  # value check only
         fastlib.resolve_channels_last(self.channels_last, "cpu")
         if check_data and any(g in self.groups for g in ("data", "e2e", "startup")):

@@ -98,8 +98,12 @@ class Row:
     def to_dict(self):
         ok = bool(self.seconds)
         return {
-            "group": self.group, "name": self.name, "detail": self.detail, "status": self.status,
-            "unit": self.unit, "images_per_unit": self.images_per_unit,
+            "group": self.group,
+            "name": self.name,
+            "detail": self.detail,
+            "status": self.status,
+            "unit": self.unit,
+            "images_per_unit": self.images_per_unit,
             "seconds_per_unit": self.seconds,
             "median_ms": self.median * 1e3 if ok else None,
             "min_ms": min(self.seconds) * 1e3 if ok else None,
@@ -109,7 +113,7 @@ class Row:
             "images_per_s": self.images_per_s,
             "ratio_vs_baseline": self.ratio,
             "cpu_ratio_vs_baseline": self.cpu_ratio,
-        }  # fmt: skip
+        }
 
 
 def resolve_image_folder(root):
@@ -206,8 +210,10 @@ class _LoaderRunner:
         else:
             (im_q, im_k), _ = batch
         if self.step is not None:
-            self.step(fastlib.to_device(im_q, self.device, self.channels_last),
-                      fastlib.to_device(im_k, self.device, self.channels_last))
+            self.step(
+                fastlib.to_device(im_q, self.device, self.channels_last),
+                fastlib.to_device(im_k, self.device, self.channels_last),
+            )
 
     def warm(self, n):
         pass  # every repetition reaches steady state itself (``fill``)
@@ -237,9 +243,17 @@ class _StartupRunner:
 
     def __init__(self, folder, scan, cfg, cold=False):
         self.cold = cold
-        self.spec = json.dumps({"folder": folder, "scan": scan, "image_size": cfg.image_size,
-                                "batch_size": cfg.batch_size, "workers": cfg.workers,
-                                "v2": cfg.mlp, "cache_dir": STARTUP_CACHE_DIR})  # fmt: skip
+        self.spec = json.dumps(
+            {
+                "folder": folder,
+                "scan": scan,
+                "image_size": cfg.image_size,
+                "batch_size": cfg.batch_size,
+                "workers": cfg.workers,
+                "v2": cfg.mlp,
+                "cache_dir": STARTUP_CACHE_DIR,
+            }
+        )
         self.cache = scan and scan_cache_path(folder, STARTUP_CACHE_DIR)
 
     def warm(self, n):
@@ -252,13 +266,20 @@ class _StartupRunner:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this copy's code
         path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
-        code = "import json, sys; from experiments.benchmark import startup_child; " \
-               "startup_child(json.loads(sys.argv[1]))"  # fmt: skip
+        code = (
+            "import json, sys; from experiments.benchmark import startup_child; "
+            "startup_child(json.loads(sys.argv[1]))"
+        )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with tempfile.TemporaryFile("w+") as err:  # a file: a chatty child cannot fill a pipe
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", code, self.spec], stdout=subprocess.PIPE,
-                                    stderr=err, env=env, text=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, self.spec],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                text=True,
+            )
             line = proc.stdout.readline()
             wall = time.perf_counter() - start
             proc.communicate()
@@ -281,10 +302,20 @@ def startup_child(spec):
     if spec["scan"] is None:
         dataset = ImageFolder(spec["folder"], transform=transform, loader=loader)
     else:
-        dataset = CheckedImageFolder(spec["folder"], transform=transform, loader=loader,
-                                     scan=spec["scan"], cache_dir=spec["cache_dir"])  # fmt: skip
-    batches = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True,
-                         num_workers=spec["workers"], generator=torch.Generator().manual_seed(0))  # fmt: skip
+        dataset = CheckedImageFolder(
+            spec["folder"],
+            transform=transform,
+            loader=loader,
+            scan=spec["scan"],
+            cache_dir=spec["cache_dir"],
+        )
+    batches = DataLoader(
+        dataset,
+        batch_size=spec["batch_size"],
+        shuffle=True,
+        num_workers=spec["workers"],
+        generator=torch.Generator().manual_seed(0),
+    )
     next(iter(batches))
     print(f"first batch of {len(dataset)} images", flush=True)
 
@@ -301,9 +332,13 @@ def startup_rows(folder):
         ("scan always cold", "always", True, f"{checked} always, no scan cache"),
         ("scan always warm", "always", False, f"{checked} always, the scan cache of the row above"),
         ("scan never", "never", False, f"{checked} never: load-time check only"),
-        ("scan auto", "auto", False,
-         f"{checked} auto: {auto} ({n} files, threshold {moco_config.SCAN_AUTO_MAX_FILES})"),
-    )  # fmt: skip
+        (
+            "scan auto",
+            "auto",
+            False,
+            f"{checked} auto: {auto} ({n} files, threshold {moco_config.SCAN_AUTO_MAX_FILES})",
+        ),
+    )
 
 
 def loader_schedule(workers, at_least):
@@ -318,13 +353,22 @@ def _loader(folder, cfg, fast, device, images, batched=False):
 
     crop = cfg.image_size
     kwargs = {"loader": JpegDraftLoader(crop)} if fast and not batched else {}
-    transform = (batch_source_transform(int(round(1.5 * crop))) if batched
-                 else pretrain_transform(crop, cfg.mlp, fast=fast))  # fmt: skip
+    transform = (
+        batch_source_transform(int(round(1.5 * crop)))
+        if batched
+        else pretrain_transform(crop, cfg.mlp, fast=fast)
+    )
     dataset = ImageFolder(folder, transform=transform, **kwargs)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = RandomSampler(dataset, replacement=True, num_samples=images, generator=generator)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,8 +378,9 @@ def _loader(folder, cfg, fast, device, images, batched=False):
 def _official(cfg, device):
     torch.manual_seed(cfg.seed)
     groups = cfg.split_bn_groups if cfg.shuffle_bn == "split" else 1
-    model = OfficialMoCo(resnet_encoder(cfg.arch), 128, cfg.K, cfg.m, cfg.temperature, cfg.mlp,
-                         groups).to(device)  # fmt: skip
+    model = OfficialMoCo(
+        resnet_encoder(cfg.arch), 128, cfg.K, cfg.m, cfg.temperature, cfg.mlp, groups
+    ).to(device)
     optimizer = torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss().to(device)
 
@@ -346,8 +391,16 @@ def _official(cfg, device):
 
 
 def _moco_det(cfg, device, path, state_dict):
-    model = MoCo(resnet_encoder(cfg.arch), 128, cfg.K, cfg.m, cfg.temperature, cfg.mlp,
-                 shuffle_bn=cfg.shuffle_bn, split_bn_groups=cfg.split_bn_groups)  # fmt: skip
+    model = MoCo(
+        resnet_encoder(cfg.arch),
+        128,
+        cfg.K,
+        cfg.m,
+        cfg.temperature,
+        cfg.mlp,
+        shuffle_bn=cfg.shuffle_bn,
+        split_bn_groups=cfg.split_bn_groups,
+    )
     model = model.to(device)
     model.load_state_dict(state_dict)  # same start as the official row: the formats agree
     model = fastlib.prepare_model(model, path.channels_last, path.compile)
@@ -435,15 +488,21 @@ def build_rows(cfg, device):
 
     if "model" in cfg.groups:
         official_desc = f"fp32, loop momentum, queue clone, SGD default, {split}"
-        add(Row("model", BASELINE, "step", B, official_desc),
-            _StepRunner(official_step, batch_nchw, device, cfg.steps))
-        add(Row("model", "moco-det", "step", B, f"{_describe(path)}, {split}"),
-            _StepRunner(fast_step, batch_fast, device, cfg.steps))  # fmt: skip
+        add(
+            Row("model", BASELINE, "step", B, official_desc),
+            _StepRunner(official_step, batch_nchw, device, cfg.steps),
+        )
+        add(
+            Row("model", "moco-det", "step", B, f"{_describe(path)}, {split}"),
+            _StepRunner(fast_step, batch_fast, device, cfg.steps),
+        )
         if cfg.compile:
             cpath = dataclasses.replace(path, compile=True)
             _, cstep = _moco_det(cfg, device, cpath, official.state_dict())
-            add(Row("model", "moco-det + compile", "step", B, f"{_describe(cpath)}, {split}"),
-                _StepRunner(cstep, batch_fast, device, cfg.steps))  # fmt: skip
+            add(
+                Row("model", "moco-det + compile", "step", B, f"{_describe(cpath)}, {split}"),
+                _StepRunner(cstep, batch_fast, device, cfg.steps),
+            )
         try:
             lstep = _lightly(cfg, device)
         except ImportError as e:
@@ -454,18 +513,31 @@ def build_rows(cfg, device):
             import lightly
 
             version = getattr(lightly, "__version__", "?")
-            desc = (f"lightly {version}: MoCoProjectionHead, NTXentLoss memory bank, "
-                    "update_momentum; fp32, plain BN")  # fmt: skip
-            add(Row("model", "lightly", "step", B, desc),
-                _StepRunner(lstep, batch_nchw, device, cfg.steps))
+            desc = (
+                f"lightly {version}: MoCoProjectionHead, NTXentLoss memory bank, "
+                "update_momentum; fp32, plain BN"
+            )
+            add(
+                Row("model", "lightly", "step", B, desc),
+                _StepRunner(lstep, batch_nchw, device, cfg.steps),
+            )
 
     if "momentum" in cfg.groups:
         n = cfg.momentum_updates
-        add(Row("momentum", BASELINE, "update", 0,
-                "for p_q, p_k: p_k.data = p_k.data * m + p_q.data * (1 - m)"),
-            _MomentumRunner(official._momentum_update_key_encoder, device, n))  # fmt: skip
-        add(Row("momentum", "moco-det", "update", 0, "torch._foreach_mul_ + _foreach_add_"),
-            _MomentumRunner(fast_model._momentum_update_key_encoder, device, n))
+        add(
+            Row(
+                "momentum",
+                BASELINE,
+                "update",
+                0,
+                "for p_q, p_k: p_k.data = p_k.data * m + p_q.data * (1 - m)",
+            ),
+            _MomentumRunner(official._momentum_update_key_encoder, device, n),
+        )
+        add(
+            Row("momentum", "moco-det", "update", 0, "torch._foreach_mul_ + _foreach_add_"),
+            _MomentumRunner(fast_model._momentum_update_key_encoder, device, n),
+        )
 
     if "data" in cfg.groups or "e2e" in cfg.groups:
         folder = resolve_image_folder(cfg.data)
@@ -474,32 +546,50 @@ def build_rows(cfg, device):
         slack = 2 * max(1, cfg.workers)  # batches the workers may prefetch past the last one
         n_data = (data_fill + data_timed + slack) * B
         n_e2e = (e2e_fill + e2e_timed + slack) * B
-        fast_desc = (f"JpegDraftLoader + fast {cfg.moco} transform (OpenCV hue/blur, fused "
-                     f"normalise), {cfg.workers} workers")  # fmt: skip
+        fast_desc = (
+            f"JpegDraftLoader + fast {cfg.moco} transform (OpenCV hue/blur, fused "
+            f"normalise), {cfg.workers} workers"
+        )
         off_desc = f"torchvision PIL {cfg.moco} transform, {cfg.workers} workers"
         augment = BatchAugment(cfg.image_size, cfg.mlp).to(device)
-        batch_desc = (f"INPUT.BATCH_AUGMENT: {cfg.workers} workers decode, {cfg.moco} crops "
-                      f"drawn per batch on {device.type}")  # fmt: skip
-        variants = ((BASELINE, False, off_desc, None), ("moco-det", True, fast_desc, None),
-                    ("moco-det batch", True, batch_desc, augment))  # fmt: skip
+        batch_desc = (
+            f"INPUT.BATCH_AUGMENT: {cfg.workers} workers decode, {cfg.moco} crops "
+            f"drawn per batch on {device.type}"
+        )
+        variants = (
+            (BASELINE, False, off_desc, None),
+            ("moco-det", True, fast_desc, None),
+            ("moco-det batch", True, batch_desc, augment),
+        )
         if "data" in cfg.groups:
             for name, is_fast, desc, aug in variants:
                 loader = _loader(folder, cfg, is_fast, device, n_data, batched=aug is not None)
-                add(Row("data", name, "batch", B, desc),
-                    _LoaderRunner(loader, data_fill, data_timed, device, augment=aug))
+                add(
+                    Row("data", name, "batch", B, desc),
+                    _LoaderRunner(loader, data_fill, data_timed, device, augment=aug),
+                )
         if "e2e" in cfg.groups:
             for name, is_fast, desc, aug in variants:
                 step, cl = (fast_step, path.channels_last) if is_fast else (official_step, False)
                 loader = _loader(folder, cfg, is_fast, device, n_e2e, batched=aug is not None)
-                add(Row("e2e", name, "step", B, desc + (" + fast step" if is_fast else
-                                                        " + official step")),
-                    _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl, augment=aug))
+                add(
+                    Row(
+                        "e2e",
+                        name,
+                        "step",
+                        B,
+                        desc + (" + fast step" if is_fast else " + official step"),
+                    ),
+                    _LoaderRunner(loader, e2e_fill, e2e_timed, device, step, cl, augment=aug),
+                )
 
     if "startup" in cfg.groups:
         folder = resolve_image_folder(cfg.data)
         for name, scan, cold, desc in startup_rows(folder):
-            add(Row("startup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
-                _StartupRunner(folder, scan, cfg, cold))  # fmt: skip
+            add(
+                Row("startup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
+                _StartupRunner(folder, scan, cfg, cold),
+            )
     return rows, runners, path
 
 
@@ -583,8 +673,10 @@ def _fmt(value, spec):
 def format_table(report):
     """The rows as a fixed-width text table."""
     lines = []
-    header = (f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
-              f"{'img/s':>9s}{'x baseline':>11s}  detail")  # fmt: skip
+    header = (
+        f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
+        f"{'img/s':>9s}{'x baseline':>11s}  detail"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for r in report["rows"]:
@@ -635,8 +727,9 @@ def _synthetic_detection_batch(cfg, n, gen):
     return batch
 
 
-def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, device="auto",
-                              opts=()):  # fmt: skip
+def time_detectron2_iteration(
+    config_file, ims_per_batch=2, iters=5, warmup=2, device="auto", opts=()
+):
     """Seconds per Detectron2 training iteration (forward, losses, backward, SGD step) of
     ``config_file`` at its input sizes on synthetic images and boxes (no data loading).
 
@@ -651,8 +744,14 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
     except ImportError as e:
         return {"status": f"not installed ({e})"}
     dev = resolve_device(device, "--device")
-    overrides = ["SOLVER.IMS_PER_BATCH", str(ims_per_batch), "MODEL.DEVICE", str(dev),
-                 "MODEL.WEIGHTS", ""]  # fmt: skip
+    overrides = [
+        "SOLVER.IMS_PER_BATCH",
+        str(ims_per_batch),
+        "MODEL.DEVICE",
+        str(dev),
+        "MODEL.WEIGHTS",
+        "",
+    ]
     cfg = load_cfg(config_file, list(overrides) + list(opts))
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK  # as Detectron2's default_setup
     torch.manual_seed(0)
@@ -665,8 +764,11 @@ def time_detectron2_iteration(config_file, ims_per_batch=2, iters=5, warmup=2, d
     try:
         _detection_iterations(model, optimizer, batches, dev, warmup, iters, times, config_file)
     except torch.cuda.OutOfMemoryError as e:
-        return {"status": f"failed: out of memory ({str(e).splitlines()[0]})",
-                "config_file": config_file, "ims_per_batch": ims_per_batch}  # fmt: skip
+        return {
+            "status": f"failed: out of memory ({str(e).splitlines()[0]})",
+            "config_file": config_file,
+            "ims_per_batch": ims_per_batch,
+        }
     return {
         "status": "ok",
         "config_file": config_file,

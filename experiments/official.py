@@ -20,8 +20,9 @@ class OfficialMoCo(nn.Module):
     SplitBatchNorm (``split_bn_groups`` > 1; 1 = plain BN, no shuffle).
     """
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False,
-                 split_bn_groups=8):  # fmt: skip
+    def __init__(
+        self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, split_bn_groups=8
+    ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.split = split_bn_groups > 1
@@ -55,7 +56,7 @@ class OfficialMoCo(nn.Module):
         batch_size = keys.shape[0]
         ptr = int(self.queue_ptr)
         assert self.K % batch_size == 0
-        self.queue[:, ptr:ptr + batch_size] = keys.T
+        self.queue[:, ptr : ptr + batch_size] = keys.T
         ptr = (ptr + batch_size) % self.K
         self.queue_ptr[0] = ptr
 

@@ -40,8 +40,12 @@ from moco.file_io import atomic_write_json
 
 logger = logging.getLogger("moco_det.pipeline")
 
-DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "pipeline", "embedded_cpu.yaml")  # the README's demo
+DEFAULT_PRESET = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "configs",
+    "pipeline",
+    "embedded_cpu.yaml",
+)  # the README's demo
 BASELINES = ("supervised", "random")  # detection initialisations after the methods, in report order
 METHODS = ("moco", "cmc", "cpc")  # the contrastive pretrainings the pipeline can compare
 
@@ -90,8 +94,13 @@ def load_pipeline_cfg(preset=None, opts=()):
     presets = os.path.dirname(DEFAULT_PRESET)
     if preset and not os.path.exists(preset) and os.path.isfile(os.path.join(presets, preset)):
         preset = os.path.join(presets, preset)  # --preset ci.yaml, as the help names them
-    cfg = load_cfg(preset, list(opts), defaults=get_pipeline_cfg, what="--preset",
-                   keys="experiments/pipeline.py")  # fmt: skip
+    cfg = load_cfg(
+        preset,
+        list(opts),
+        defaults=get_pipeline_cfg,
+        what="--preset",
+        keys="experiments/pipeline.py",
+    )
     if cfg.DETECTION.TRIALS < 1:
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
     if cfg.JOBS < 1:
@@ -113,7 +122,9 @@ def _data_stage(cfg):
     root = os.path.abspath(cfg.DATA.ROOT or default_synthetic_root())
     if not cfg.DATA.SYNTHETIC:
         if not os.path.isdir(os.path.join(root, "train")):
-            raise FileNotFoundError(f"DATA.ROOT {root}: no train/ folder (an ImageNet-style folder)")
+            raise FileNotFoundError(
+                f"DATA.ROOT {root}: no train/ folder (an ImageNet-style folder)"
+            )
         return {"image_folder": root, "synthetic_root": None}
     spec = synthetic_spec(cfg)
     manifest = ensure_generated(root, spec, workers=cfg.DATA.WORKERS)
@@ -128,7 +139,9 @@ def synthetic_spec(cfg):
     pairs = list(cfg.DATA.SPEC)
     fields = set(SyntheticSpec.__dataclass_fields__) - {"seed"}
     if len(pairs) % 2 or any(name not in fields for name in pairs[::2]):
-        raise ValueError(f"DATA.SPEC {pairs}: expected NAME VALUE pairs with NAME in {sorted(fields)}")
+        raise ValueError(
+            f"DATA.SPEC {pairs}: expected NAME VALUE pairs with NAME in {sorted(fields)}"
+        )
     try:
         values = {name: int(v) for name, v in zip(pairs[::2], pairs[1::2])}
     except ValueError:
@@ -165,9 +178,12 @@ def _read_json(path, what):
 
 def _knn_outputs(summary):
     knn = summary["knn"]
-    return {"knn": knn, "knn_chance": summary["knn_chance"],
-            "knn_untrained": knn[0]["top1"] if knn and knn[0]["iteration"] == 0 else None,
-            "knn_final": knn[-1]["top1"] if knn else None}  # fmt: skip
+    return {
+        "knn": knn,
+        "knn_chance": summary["knn_chance"],
+        "knn_untrained": knn[0]["top1"] if knn and knn[0]["iteration"] == 0 else None,
+        "knn_final": knn[-1]["top1"] if knn else None,
+    }
 
 
 def _pretrain_work(pcfg, supervised, nproc, out, resume):
@@ -180,10 +196,15 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
 
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out
-    launch_training(trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None)
+    launch_training(
+        trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None
+    )
     what = "supervised pretraining" if supervised else f"{pcfg.MODEL.MECHANISM} pretraining"
     summary = _read_json(os.path.join(out, SUMMARY_FILE), what)
-    outputs = {"checkpoint": summary["weights" if supervised else "last_checkpoint"], **_knn_outputs(summary)}
+    outputs = {
+        "checkpoint": summary["weights" if supervised else "last_checkpoint"],
+        **_knn_outputs(summary),
+    }
     if supervised:
         outputs["val_top1"] = summary.get("val_top1")
     else:
@@ -194,7 +215,9 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
 def _pretrain_stage(cfg, image_folder, method):
     """``method``: one of METHODS, or "supervised"."""
     supervised = method == "supervised"
-    pcfg = _pretrain_cfg(cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else _method_opts(cfg, method))
+    pcfg = _pretrain_cfg(
+        cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else _method_opts(cfg, method)
+    )
     work = functools.partial(_pretrain_work, pcfg, supervised, cfg.PRETRAIN.NUM_PROCESSES)
     return f"pretrain_{method}", {"config": pcfg.dump()}, work
 
@@ -233,9 +256,15 @@ def _detect_stage(cfg, init, weights, seed, synthetic_root):
     config = _detection_config(cfg, init)
     with open(config) as f:
         config_text = f.read()
-    material = {"config": os.path.abspath(config), "config_text": config_text,
-                "opts": opts, "data": synthetic_root}  # fmt: skip
-    work = functools.partial(_detect_work, config, cfg.DETECTION.NUM_PROCESSES, opts, synthetic_root)
+    material = {
+        "config": os.path.abspath(config),
+        "config_text": config_text,
+        "opts": opts,
+        "data": synthetic_root,
+    }
+    work = functools.partial(
+        _detect_work, config, cfg.DETECTION.NUM_PROCESSES, opts, synthetic_root
+    )
     return f"detect_{init}_s{seed}", material, work
 
 
@@ -286,7 +315,9 @@ def run_pipeline(cfg):
     stages.run_many(first + later, cfg.JOBS, then=then)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
-    runs = {init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in inits}
+    runs = {
+        init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in inits
+    }
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
@@ -303,17 +334,26 @@ def run_pipeline(cfg):
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
     paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
     # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
-    curves = plot_curves({f"pretrain_{name}": os.path.dirname(out["checkpoint"])
-                          for name, out in pretrained.items()},
-                         os.path.join(report_dir, "pretraining_curves.png"))  # fmt: skip
+    curves = plot_curves(
+        {
+            f"pretrain_{name}": os.path.dirname(out["checkpoint"])
+            for name, out in pretrained.items()
+        },
+        os.path.join(report_dir, "pretraining_curves.png"),
+    )
     if curves:
         paths["curves"] = curves
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
-        "stages": [{k: r[k] for k in ("name", "key", "seconds", "reused") if k in r} for r in stages.records],
+        "stages": [
+            {k: r[k] for k in ("name", "key", "seconds", "reused") if k in r}
+            for r in stages.records
+        ],
         **{f"pretrain_{method}": pretrained[method] for method in methods},
-        "pretraining": {k: {m: v.get(m) for m in ("knn_untrained", "knn_final", "knn_chance", "val_top1")}
-                        for k, v in pretrained.items()},  # fmt: skip
+        "pretraining": {
+            k: {m: v.get(m) for m in ("knn_untrained", "knn_final", "knn_chance", "val_top1")}
+            for k, v in pretrained.items()
+        },
         "comparisons": comparisons,
         "runs": runs,
         "verdicts": verdicts,
@@ -336,17 +376,29 @@ def _pretrain_lines(pretrained):
             last = out["knn"][-1]
             base = out.get("knn_untrained")
             start = f"{base:.1f}% untrained -> " if base is not None else ""
-            lines.append(f"pretrain_{name}: backbone kNN top-1 {start}{last['top1']:.1f}% after "
-                         f"{last['epoch']} epochs (chance {out['knn_chance']:.1f}%)")  # fmt: skip
+            lines.append(
+                f"pretrain_{name}: backbone kNN top-1 {start}{last['top1']:.1f}% after "
+                f"{last['epoch']} epochs (chance {out['knn_chance']:.1f}%)"
+            )
     return "\n".join(lines)
 
 
 def build_argument_parser():
-    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="a YAML file, or the name of one under configs/pipeline/ (default: "
-                        "embedded_cpu.yaml, the CPU demo)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="pipeline.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="a YAML file, or the name of one under configs/pipeline/ (default: "
+        "embedded_cpu.yaml, the CPU demo)",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="overrides, e.g. RUN_DIR out/demo DETECTION.TRIALS 3",
+    )
     return p

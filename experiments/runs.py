@@ -171,8 +171,13 @@ class Stages:
         return head, out, os.path.isdir(out), key, record
 
     def _finish(self, head, name, key, material, out, outputs, seconds):
-        record = {"name": name, "key": key, "material": material, "outputs": outputs,
-                  "seconds": round(seconds, 1)}  # fmt: skip
+        record = {
+            "name": name,
+            "key": key,
+            "material": material,
+            "outputs": outputs,
+            "seconds": round(seconds, 1),
+        }
         atomic_write_json(os.path.join(out, STAGE_FILE), portable(record, self.root))
         print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
         record["reused"] = False
@@ -235,8 +240,9 @@ class Stages:
                 os.makedirs(out, exist_ok=True)
                 tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
                 if len(lanes) < jobs:
-                    lane = ctx.Process(target=_lane, args=(tasks, messages, threads),
-                                       name=f"lane{len(lanes)}")  # fmt: skip
+                    lane = ctx.Process(
+                        target=_lane, args=(tasks, messages, threads), name=f"lane{len(lanes)}"
+                    )
                     lanes.append(lane)
                     lane.start()
 
@@ -249,15 +255,20 @@ class Stages:
                     dead = [p for p in lanes if not p.is_alive() and p.exitcode != 0]
                     if dead:
                         running = ", ".join(pending[i][0] for i in started) or "no stage"
-                        raise StageFailed(f"a worker process died (exit code {dead[0].exitcode}) "
-                                          f"while running {running}")  # fmt: skip
+                        raise StageFailed(
+                            f"a worker process died (exit code {dead[0].exitcode}) "
+                            f"while running {running}"
+                        )
                     continue
                 name, material, fn, head, out, resume, key = pending[i]
                 log = os.path.join(out, "console.log")
                 if event == "started":
                     started[i] = time.perf_counter()
-                    print(f"{head}: {'resuming' if resume else 'running'} in {out} (worker "
-                          f"process, {threads} thread(s); console: {log})", flush=True)  # fmt: skip
+                    print(
+                        f"{head}: {'resuming' if resume else 'running'} in {out} (worker "
+                        f"process, {threads} thread(s); console: {log})",
+                        flush=True,
+                    )
                 elif event == "failed":
                     raise StageFailed(f"stage {name} failed: {payload} (see {log})")
                 else:

@@ -4,4 +4,6 @@ import warnings
 
 # fvcore (imported by Detectron2) calls torch.jit.script at import, which torch >= 2.9 reports as
 # deprecated on every command's stderr; keep stderr for the toolkit's own errors.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)

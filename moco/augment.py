@@ -110,8 +110,9 @@ class FastColorJitter(T.ColorJitter):
     """torchvision's ColorJitter (same draws, same random order) with :func:`adjust_hue_fast`."""
 
     def forward(self, img):
-        fn_idx, b, c, s, h = self.get_params(self.brightness, self.contrast, self.saturation,
-                                             self.hue)  # fmt: skip
+        fn_idx, b, c, s, h = self.get_params(
+            self.brightness, self.contrast, self.saturation, self.hue
+        )
         for fn_id in fn_idx:
             if fn_id == 0 and b is not None:
                 img = TF.adjust_brightness(img, b)
@@ -164,13 +165,15 @@ def moco_v1_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
     _check_size("crop_size", crop_size)
     _check_min_scale(min_scale)
     jitter = FastColorJitter if fast else T.ColorJitter
-    return T.Compose([
-        T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
-        T.RandomGrayscale(p=0.2),
-        jitter(0.4, 0.4, 0.4, 0.4),
-        T.RandomHorizontalFlip(),
-        *_to_tensor(fast),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            jitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+            *_to_tensor(fast),
+        ]
+    )
 
 
 def moco_v2_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
@@ -179,14 +182,16 @@ def moco_v2_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
     _check_min_scale(min_scale)
     jitter = FastColorJitter if fast else T.ColorJitter
     blur = FastGaussianBlur if fast else GaussianBlur
-    return T.Compose([
-        T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
-        T.RandomApply([jitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([blur(sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        *_to_tensor(fast),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
+            T.RandomApply([jitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([blur(sigma=(0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+            *_to_tensor(fast),
+        ]
+    )
 
 
 class JpegDraftLoader:
@@ -229,14 +234,18 @@ def crop_flip_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
     grayscale would change the ab view that CMC's L view learns to predict)."""
     _check_size("crop_size", crop_size)
     _check_min_scale(min_scale)
-    return T.Compose([
-        T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
-        T.RandomHorizontalFlip(),
-        *_to_tensor(fast),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            *_to_tensor(fast),
+        ]
+    )
 
 
-def pretrain_transform(crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE, color=True):
+def pretrain_transform(
+    crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE, color=True
+):
     """Two crops of the MoCo v1 (``aug_plus=False``) or v2 augmentation; ``color=False``: of
     :func:`crop_flip_transform` (CMC)."""
     make = moco_v2_transform if aug_plus else moco_v1_transform

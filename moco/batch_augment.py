@@ -27,8 +27,14 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import rgb_to_grayscale as grayscale
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from moco.augment import (DEFAULT_MIN_SCALE, IMAGENET_MEAN, IMAGENET_STD, _check_min_scale,
-                          _check_size)  # fmt: skip
+from moco.augment import (
+    DEFAULT_MIN_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _check_min_scale,
+    _check_size,
+)
+
 
 def batch_source_transform(size):
     """PIL image -> uint8 CHW tensor of ``size`` x ``size``: shorter side resized, centre square."""
@@ -72,8 +78,13 @@ def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", trie
 def resized_crops(images, boxes, size):
     """Each image's box resampled to ``size`` x ``size``: bilinear, averaging ``ceil(box / size)``
     samples per output pixel and axis (roi_align's adaptive sampling): shrinking does not alias."""
-    rois = torch.cat([torch.arange(len(images), device=images.device, dtype=images.dtype)[:, None],
-                      boxes.to(images.dtype)], 1)  # fmt: skip
+    rois = torch.cat(
+        [
+            torch.arange(len(images), device=images.device, dtype=images.dtype)[:, None],
+            boxes.to(images.dtype),
+        ],
+        1,
+    )
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
@@ -107,13 +118,17 @@ def color_jitter(x, brightness, contrast, saturation, hue):
     (hue in ``[-hue, hue]``) and the four adjustments in a random order of their own. Each
     adjustment runs once per sample, on the samples whose turn it is."""
     n, dev = len(x), x.device
-    factors = [_uniform(n, max(0.0, 1 - s), 1 + s, dev).view(n, 1, 1, 1)
-               for s in (brightness, contrast, saturation)]  # fmt: skip
+    factors = [
+        _uniform(n, max(0.0, 1 - s), 1 + s, dev).view(n, 1, 1, 1)
+        for s in (brightness, contrast, saturation)
+    ]
     shift = _uniform(n, -hue, hue, dev)
-    ops = [lambda y, i: adjust_brightness(y, factors[0][i]),
-           lambda y, i: adjust_contrast(y, factors[1][i]),
-           lambda y, i: adjust_saturation(y, factors[2][i]),
-           lambda y, i: adjust_hue(y, shift[i])]  # fmt: skip
+    ops = [
+        lambda y, i: adjust_brightness(y, factors[0][i]),
+        lambda y, i: adjust_contrast(y, factors[1][i]),
+        lambda y, i: adjust_saturation(y, factors[2][i]),
+        lambda y, i: adjust_hue(y, shift[i]),
+    ]
     order = torch.rand(n, 4, device=dev).argsort(1)
     x = x.clone()
     for position in range(4):
@@ -164,8 +179,10 @@ class BatchAugment(torch.nn.Module):
 
     def forward(self, images):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"BatchAugment expects uint8 (n, 3, h, w) images, got "
-                             f"{images.dtype} {tuple(images.shape)}")  # fmt: skip
+            raise ValueError(
+                f"BatchAugment expects uint8 (n, 3, h, w) images, got "
+                f"{images.dtype} {tuple(images.shape)}"
+            )
         n, _, hgt, wid = images.shape
         dev = images.device
         x = images.float().div_(255)
@@ -182,5 +199,7 @@ class BatchAugment(torch.nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self):
-        return (f"crop_size={self.crop_size}, aug_plus={self.aug_plus}, scale={self.scale}, "
-                f"color={self.color}")  # fmt: skip
+        return (
+            f"crop_size={self.crop_size}, aug_plus={self.aug_plus}, scale={self.scale}, "
+            f"color={self.color}"
+        )

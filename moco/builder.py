@@ -95,8 +95,10 @@ def validate_model(cfg):
     resnet_encoder(cfg.MODEL.ARCH)  # raises for an unknown arch
     # T must be finite too: with T = inf every logit is 0 and the run learns nothing
     if not 0.0 <= cfg.MODEL.M <= 1.0 or not 0 < cfg.MODEL.T < math.inf or cfg.MODEL.DIM < 1:
-        raise ValueError(f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
-                         f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}")  # fmt: skip
+        raise ValueError(
+            f"MODEL.M (--moco-m) must be in [0, 1], MODEL.T (--moco-t) > 0 and "
+            f"MODEL.DIM >= 1; got {cfg.MODEL.M}, {cfg.MODEL.T}, {cfg.MODEL.DIM}"
+        )
 
 
 def build_encoder(base_encoder, dim, head, shuffle_bn, split_bn_groups):
@@ -132,8 +134,18 @@ class MoCo(nn.Module):
     dictionary_buffers = ("queue", "queue_ptr")  # equal on every replica (moco.engine.queue_digest)
     needs_index = False
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False,
-                 shuffle_bn="split", split_bn_groups=8, head=None):
+    def __init__(
+        self,
+        base_encoder,
+        dim=128,
+        K=65536,
+        m=0.999,
+        T=0.07,
+        mlp=False,
+        shuffle_bn="split",
+        split_bn_groups=8,
+        head=None,
+    ):
         super().__init__()
         self.K, self.m, self.T = int(K), float(m), float(T)
         self.shuffle_bn = resolve_shuffle_bn(shuffle_bn)

@@ -123,13 +123,17 @@ def check_torch_file(path):
                 pickles = []
                 for info in archive.infolist():
                     if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
-                        raise ValueError(f"{path}: archive member {info.filename} is compressed or "
-                                         f"larger than the file ({info.file_size} bytes); torch.save "
-                                         "writes members uncompressed, so this file was crafted")  # fmt: skip
+                        raise ValueError(
+                            f"{path}: archive member {info.filename} is compressed or "
+                            f"larger than the file ({info.file_size} bytes); torch.save "
+                            "writes members uncompressed, so this file was crafted"
+                        )
                     if info.filename.endswith(".pkl"):
                         pickles.append(archive.read(info))
         except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
+            raise ValueError(
+                f"{path} is not a readable torch checkpoint ({_first_line(e)})"
+            ) from None
         for data in pickles:
             _refuse_bytearray(path, [data])
     else:  # legacy torch.save format: magic, protocol, sys_info, object, storage keys pickles
@@ -137,9 +141,11 @@ def check_torch_file(path):
             # a pickle of protocol >= 2 starts with PROTO, a (damaged) archive with PK; text never
             head = f.read(2)
             if head[:1] != b"\x80" and head != b"PK":
-                raise ValueError(f"{path} is not a readable torch checkpoint (neither a torch.save "
-                                 "archive nor a pickle); give a .pth / .pth.tar / .pkl weights "
-                                 "file")  # fmt: skip
+                raise ValueError(
+                    f"{path} is not a readable torch checkpoint (neither a torch.save "
+                    "archive nor a pickle); give a .pth / .pth.tar / .pkl weights "
+                    "file"
+                )
             f.seek(0)
             _refuse_bytearray(path, [f] * 5)
 
@@ -149,8 +155,10 @@ def _refuse_bytearray(path, streams):
         for stream in streams:
             for op, arg, _ in pickletools.genops(stream):  # reads the opcodes, runs nothing
                 if isinstance(arg, str) and arg.split(" ")[-1] == "bytearray":
-                    raise ValueError(f"{path}: refusing to load: it calls bytearray, which "
-                                     "allocates any size it names; weights never need it")  # fmt: skip
+                    raise ValueError(
+                        f"{path}: refusing to load: it calls bytearray, which "
+                        "allocates any size it names; weights never need it"
+                    )
     except (ValueError, EOFError) as e:
         if str(e).startswith(str(path)):
             raise
@@ -164,7 +172,7 @@ def _first_line(exc):
 
 def strip_prefix(state_dict, prefix):
     """Keys starting with ``prefix``, with it removed (others dropped)."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def model_state_dict(model):
@@ -203,13 +211,19 @@ def check_optimizer_state(saved, optimizer, path, field="optimizer"):
     only the group sizes: a crafted state (a momentum_buffer of the wrong shape) reaches the update
     kernel, where fused SGD writes a parameter-sized result into it (SIGSEGV). Every per-parameter
     tensor must be a floating tensor of its parameter's shape; ``step`` one number."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
-            or not isinstance(saved.get("param_groups"), list):
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("state"), dict)
+        or not isinstance(saved.get("param_groups"), list)
+    ):
         raise ValueError(f"{path}: {field} is not an optimizer state ('state', 'param_groups')")
     groups = optimizer.param_groups
     if len(saved["param_groups"]) != len(groups) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list)
-            and len(g["params"]) == len(own["params"]) for g, own in zip(saved["param_groups"], groups)):
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and len(g["params"]) == len(own["params"])
+        for g, own in zip(saved["param_groups"], groups)
+    ):
         raise ValueError(f"{path}: {field}.param_groups do not match the model's parameters")
     params = {}  # the saved ids -> this model's parameters, as load_state_dict maps them
     for g, own in zip(saved["param_groups"], groups):
@@ -221,13 +235,19 @@ def check_optimizer_state(saved, optimizer, path, field="optimizer"):
         for name, value in state.items():
             where = f"{path}: {field}.state[{pid!r}].{name}"
             if name == "step":
-                if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                        or isinstance(value, torch.Tensor) and value.numel() == 1):
+                if not (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    or isinstance(value, torch.Tensor)
+                    and value.numel() == 1
+                ):
                     raise ValueError(f"{where} is not one number")
             elif isinstance(value, torch.Tensor):
                 if tuple(value.shape) != shape or not value.is_floating_point():
-                    raise ValueError(f"{where} is a {value.dtype} tensor of shape "
-                                     f"{tuple(value.shape)}; the parameter's shape is {shape}")  # fmt: skip
+                    raise ValueError(
+                        f"{where} is a {value.dtype} tensor of shape "
+                        f"{tuple(value.shape)}; the parameter's shape is {shape}"
+                    )
             elif value is not None:
                 raise ValueError(f"{where} is a {type(value).__name__}, not a tensor")
 
@@ -272,10 +292,15 @@ def capture_rng_state():
 def restore_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((
-        n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-        n["cached_gaussian"],
-    ))  # fmt: skip
+    np.random.set_state(
+        (
+            n["algorithm"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():

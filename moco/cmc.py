@@ -57,17 +57,35 @@ class LabEncoder(nn.Module):
 class CMC(nn.Module):
     """``forward(im_q, im_k, index=None)`` -> ``(logits, labels)``: 2N rows, L -> ab then ab -> L."""
 
-    def __init__(self, arch, dictionary="memory_bank", size=None, dim=128, K=4096, m=0.999, T=0.07,
-                 head="linear", shuffle_bn="split", split_bn_groups=8, bank_momentum=0.5):  # fmt: skip
+    def __init__(
+        self,
+        arch,
+        dictionary="memory_bank",
+        size=None,
+        dim=128,
+        K=4096,
+        m=0.999,
+        T=0.07,
+        head="linear",
+        shuffle_bn="split",
+        split_bn_groups=8,
+        bank_momentum=0.5,
+    ):
         super().__init__()
         if dictionary not in CMC_DICTIONARIES:
-            raise ValueError(f"cmc: unknown dictionary {dictionary!r} (MODEL.CMC_DICTIONARY); "
-                             f"choose one of: {', '.join(CMC_DICTIONARIES)}")  # fmt: skip
+            raise ValueError(
+                f"cmc: unknown dictionary {dictionary!r} (MODEL.CMC_DICTIONARY); "
+                f"choose one of: {', '.join(CMC_DICTIONARIES)}"
+            )
         if dictionary == "memory_bank" and size is None:
-            raise ValueError("cmc: the dataset size (memory bank entries) is needed to build the model")
+            raise ValueError(
+                "cmc: the dataset size (memory bank entries) is needed to build the model"
+            )
         self.dictionary = dictionary
         self.lab = LabSplit()
-        common = dict(dim=dim, K=K, T=T, head=head, shuffle_bn=shuffle_bn, split_bn_groups=split_bn_groups)
+        common = dict(
+            dim=dim, K=K, T=T, head=head, shuffle_bn=shuffle_bn, split_bn_groups=split_bn_groups
+        )
         for view in VIEWS:
             base = resnet_encoder(half_width(arch), in_channels=VIEW_CHANNELS[view])
             if dictionary == "moco":
@@ -77,7 +95,9 @@ class CMC(nn.Module):
             self.add_module(view, model)
         self.shuffle_bn = self.l.shuffle_bn
         self.needs_index = dictionary == "memory_bank"
-        self.dictionary_buffers = tuple(f"{v}.{b}" for v in VIEWS for b in self.l.dictionary_buffers)
+        self.dictionary_buffers = tuple(
+            f"{v}.{b}" for v in VIEWS for b in self.l.dictionary_buffers
+        )
         if dictionary == "memory_bank":  # kept equal by the banks' own gathered updates
             self._ddp_params_and_buffers_to_ignore = [f"{v}.memory_bank.bank" for v in VIEWS]
 

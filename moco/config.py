@@ -28,7 +28,9 @@ _C = CN()
 _C.VERSION = 1
 
 _C.MODEL = CN()
-_C.MODEL.ARCH = "resnet50"  # a torchvision ResNet name, or one at base width W: resnet18_w32 (moco.resnet)
+_C.MODEL.ARCH = (
+    "resnet50"  # a torchvision ResNet name, or one at base width W: resnet18_w32 (moco.resnet)
+)
 _C.MODEL.DIM = 128  # feature dimension of the contrastive head
 _C.MODEL.K = 65536  # queue size; must be a multiple of SOLVER.IMS_PER_BATCH
 _C.MODEL.M = 0.999  # key encoder momentum
@@ -169,23 +171,31 @@ def check_safe_yaml(path, what="config file", _chain=()):
     to the file that names them, ``~`` expanded)."""
     real = os.path.realpath(path)
     if real in _chain:
-        cycle = " -> ".join([*(os.path.basename(p) for p in _chain[_chain.index(real):]),
-                             os.path.basename(real)])  # fmt: skip
+        cycle = " -> ".join(
+            [*(os.path.basename(p) for p in _chain[_chain.index(real) :]), os.path.basename(real)]
+        )
         raise ValueError(f"{what} {_chain[0]}: _BASE_ cycle ({cycle})")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {_chain[-1] if _chain else path}: _BASE_ {path} does not exist")
+        raise FileNotFoundError(
+            f"{what} {_chain[-1] if _chain else path}: _BASE_ {path} does not exist"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=yaml.SafeLoader)
     except yaml.constructor.ConstructorError as e:
         line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ValueError(f"{what} {path}: {line}{_reason_text(e.problem)}; configs are read as safe "
-                         "YAML (plain values only) and nothing in them is run") from None  # fmt: skip
+        raise ValueError(
+            f"{what} {path}: {line}{_reason_text(e.problem)}; configs are read as safe "
+            "YAML (plain values only) and nothing in them is run"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path}: invalid config (not valid YAML: {_reason_text(str(e))})") from None
+        raise ValueError(
+            f"{what} {path}: invalid config (not valid YAML: {_reason_text(str(e))})"
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path}: expected a mapping of KEY: value, got "
-                         f"{type(data).__name__}")  # fmt: skip
+        raise ValueError(
+            f"{what} {path}: expected a mapping of KEY: value, got {type(data).__name__}"
+        )
     bases = data.get(BASE_KEY, [])
     for base in bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str):
@@ -204,8 +214,9 @@ def merge_opts(cfg, opts, keys="moco/config.py"):
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(f"config override {' '.join(map(str, opts))}: {_reason(e)}"
-                         f"{key_hint(cfg, e, keys)}") from None
+        raise ValueError(
+            f"config override {' '.join(map(str, opts))}: {_reason(e)}{key_hint(cfg, e, keys)}"
+        ) from None
 
 
 def all_keys(cfg, prefix=""):

@@ -36,9 +36,16 @@ from moco.dist import all_gather_with_grad, get_rank
 def grid_size(image_size, patch_size):
     """Patches per side of an ``image_size`` crop cut into ``patch_size`` patches, stride half a patch."""
     stride = patch_size // 2
-    if patch_size < 2 or patch_size % 2 or image_size < patch_size or (image_size - patch_size) % stride:
-        raise ValueError(f"cpc: MODEL.CPC_PATCH_SIZE {patch_size} must be even and tile the "
-                         f"INPUT.CROP_SIZE {image_size} crop in steps of half a patch")  # fmt: skip
+    if (
+        patch_size < 2
+        or patch_size % 2
+        or image_size < patch_size
+        or (image_size - patch_size) % stride
+    ):
+        raise ValueError(
+            f"cpc: MODEL.CPC_PATCH_SIZE {patch_size} must be even and tile the "
+            f"INPUT.CROP_SIZE {image_size} crop in steps of half a patch"
+        )
     return (image_size - patch_size) // stride + 1
 
 
@@ -127,8 +134,10 @@ class CPC(nn.Module):
         """The grid size; one-line ValueError for a patch size or step count that cannot train."""
         g = grid_size(image_size, patch_size)
         if not 1 <= steps < g:
-            raise ValueError(f"MODEL.CPC_STEPS {steps} must be in [1, {g}) for the {g} x {g} patch "
-                             "grid (a prediction needs a row above its target)")  # fmt: skip
+            raise ValueError(
+                f"MODEL.CPC_STEPS {steps} must be in [1, {g}) for the {g} x {g} patch "
+                "grid (a prediction needs a row above its target)"
+            )
         return g
 
     def embed(self, images):
@@ -142,8 +151,10 @@ class CPC(nn.Module):
 
     def forward(self, im_q, im_k=None):
         if tuple(im_q.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"cpc: crops of {tuple(im_q.shape[-2:])} pixels; the model is built for "
-                             f"{self.image_size} (INPUT.CROP_SIZE)")  # fmt: skip
+            raise ValueError(
+                f"cpc: crops of {tuple(im_q.shape[-2:])} pixels; the model is built for "
+                f"{self.image_size} (INPUT.CROP_SIZE)"
+            )
         z = self.embed(im_q)
         c = self.context(z)
         with torch.autocast(z.device.type, enabled=False):  # logits in fp32 even under AMP

@@ -36,26 +36,36 @@ def validate_data(cfg):
     train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
     check_scan_mode(cfg.DATA.SCAN_IMAGES)
     if cfg.DATA.CACHE_DECODED and not cfg.INPUT.BATCH_AUGMENT:
-        raise ValueError("DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT True (it caches the "
-                         "uint8 squares the trainer augments)")  # fmt: skip
+        raise ValueError(
+            "DATA.CACHE_DECODED needs INPUT.BATCH_AUGMENT True (it caches the "
+            "uint8 squares the trainer augments)"
+        )
     if not cfg.DATA.ROOT:
         raise ValueError("no training data: give DATA (a folder with train/) or DATA.ROOT")
     train_dir = os.path.join(resolve_data_path(cfg.DATA.ROOT), "train")
     if not os.path.isdir(train_dir):
-        raise FileNotFoundError(f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
-                                "(expected train/<class>/<image>)")  # fmt: skip
+        raise FileNotFoundError(
+            f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
+            "(expected train/<class>/<image>)"
+        )
     if cfg.KNN.DATA and cfg.KNN.PERIOD > 0:
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(resolve_data_path(cfg.KNN.DATA), split)):
-                raise FileNotFoundError(f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder")
+                raise FileNotFoundError(
+                    f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder"
+                )
 
 
 def folder_checks(cfg):
     """A config's checks of every image folder its run reads (:func:`image_folder`'s ``checks``);
     the scan cache goes to OUTPUT_DIR when a folder is not writable."""
     data = cfg.DATA
-    return {"max_bad_fraction": data.MAX_BAD_FRACTION, "max_pixels": data.MAX_IMAGE_PIXELS,
-            "scan": data.SCAN_IMAGES, "cache_dir": cfg.OUTPUT_DIR}  # fmt: skip
+    return {
+        "max_bad_fraction": data.MAX_BAD_FRACTION,
+        "max_pixels": data.MAX_IMAGE_PIXELS,
+        "scan": data.SCAN_IMAGES,
+        "cache_dir": cfg.OUTPUT_DIR,
+    }
 
 
 def image_folder(root, split, transform, what, loader=None, **checks):
@@ -75,8 +85,9 @@ def image_folder(root, split, transform, what, loader=None, **checks):
             f"{split}/<class>/<image>)"
         )
     try:
-        return CheckedImageFolder(folder, transform=transform, loader=loader, what=f"{what}={root}",
-                                  **checks)  # fmt: skip
+        return CheckedImageFolder(
+            folder, transform=transform, loader=loader, what=f"{what}={root}", **checks
+        )
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"{what}={root}: {e}") from None
 
@@ -84,8 +95,10 @@ def image_folder(root, split, transform, what, loader=None, **checks):
 def batch_augment_size(cfg):
     """INPUT.BATCH_AUGMENT_SIZE, or 1.5 x CROP_SIZE when 0."""
     if cfg.INPUT.BATCH_AUGMENT_SIZE < 0:
-        raise ValueError(f"INPUT.BATCH_AUGMENT_SIZE must be >= 0 (0 = 1.5 x INPUT.CROP_SIZE), got "
-                         f"{cfg.INPUT.BATCH_AUGMENT_SIZE}")  # fmt: skip
+        raise ValueError(
+            f"INPUT.BATCH_AUGMENT_SIZE must be >= 0 (0 = 1.5 x INPUT.CROP_SIZE), got "
+            f"{cfg.INPUT.BATCH_AUGMENT_SIZE}"
+        )
     return cfg.INPUT.BATCH_AUGMENT_SIZE or int(round(1.5 * cfg.INPUT.CROP_SIZE))
 
 
@@ -102,10 +115,12 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
     if cfg.INPUT.BATCH_AUGMENT:  # uint8 squares; the trainer draws both crops (moco.batch_augment)
         transform, loader = batch_source_transform(batch_augment_size(cfg)), None
     else:
-        transform = pretrain_transform(crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast,
-                                       min_scale=min_scale, color=color)  # fmt: skip
-    dataset = image_folder(cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader,
-                           **folder_checks(cfg))  # fmt: skip
+        transform = pretrain_transform(
+            crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale, color=color
+        )
+    dataset = image_folder(
+        cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader, **folder_checks(cfg)
+    )
     if cfg.DATA.CACHE_DECODED:
         dataset = DecodedCache(dataset, cfg.DATALOADER.NUM_WORKERS)
     return WithIndex(dataset) if with_index else dataset
@@ -121,8 +136,9 @@ class DecodedCache(Dataset):
     def __init__(self, dataset, num_workers=0, batch_size=256):
         self.dataset = dataset
         # its own generator: the loader's seed draw must not shift the global stream (model init)
-        loader = build_eval_loader(dataset, batch_size, num_workers, world_size=1,
-                                   generator=torch.Generator())  # fmt: skip
+        loader = build_eval_loader(
+            dataset, batch_size, num_workers, world_size=1, generator=torch.Generator()
+        )
         images, labels = zip(*loader)
         self.images, self.labels = torch.cat(images), torch.cat(labels)
 
@@ -169,8 +185,9 @@ class EpochSampler(DistributedSampler):
     """``DistributedSampler`` (drop_last) that can begin an epoch part-way, for resuming."""
 
     def __init__(self, dataset, num_replicas, rank, seed):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=True)  # fmt: skip
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.start_index = 0
 
     def __iter__(self):
@@ -203,10 +220,16 @@ class EpochLoader:
 def make_loader(dataset, batch_size, sampler, num_workers, drop_last, pin_memory, **kwargs):
     """DataLoader with persistent workers seeded by Detectron2's worker_init_reset_seed."""
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
-        worker_init_fn=worker_init_reset_seed, **kwargs,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init_reset_seed,
+        **kwargs,
+    )
 
 
 def build_pretrain_loader(cfg, dataset, iters_per_epoch, start_iter, seed, pin_memory=False):
@@ -216,18 +239,25 @@ def build_pretrain_loader(cfg, dataset, iters_per_epoch, start_iter, seed, pin_m
     sampler = EpochSampler(dataset, world, rank, seed)
     workers = 0 if getattr(dataset, "decoded", False) else cfg.DATALOADER.NUM_WORKERS
     loader = make_loader(
-        dataset, cfg.SOLVER.IMS_PER_BATCH // world, sampler, workers,
-        drop_last=True, pin_memory=pin_memory,
-    )  # fmt: skip
+        dataset,
+        cfg.SOLVER.IMS_PER_BATCH // world,
+        sampler,
+        workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+    )
     return EpochLoader(loader, sampler, iters_per_epoch, start_iter)
 
 
-def build_eval_loader(dataset, batch_size, num_workers, pin_memory=False, world_size=None, **kwargs):
+def build_eval_loader(
+    dataset, batch_size, num_workers, pin_memory=False, world_size=None, **kwargs
+):
     """This process's contiguous shard of ``dataset``, in order (Detectron2's InferenceSampler);
     ``world_size`` 1: all of it, in every process."""
     sampler = InferenceSampler(len(dataset)) if world_size != 1 else range(len(dataset))
-    return make_loader(dataset, batch_size, sampler, num_workers, drop_last=False,
-                       pin_memory=pin_memory, **kwargs)  # fmt: skip
+    return make_loader(
+        dataset, batch_size, sampler, num_workers, drop_last=False, pin_memory=pin_memory, **kwargs
+    )
 
 
 def build_labeled_datasets(root, crop_size, what, train_transform=None, **checks):

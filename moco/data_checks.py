@@ -126,15 +126,23 @@ def scan_cache_path(folder, fallback_dir=None):
 
 def _cache_entries(data):
     """The ``files`` of a parsed scan cache after checking every type; ValueError says what is off."""
-    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or \
-            data.get("version") != _CACHE_VERSION:  # fmt: skip
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != _CACHE_FORMAT
+        or data.get("version") != _CACHE_VERSION
+    ):
         raise ValueError(f"not a {_CACHE_FORMAT} file of version {_CACHE_VERSION}")
     limit, files = data.get("max_pixels"), data.get("files")
     if not (limit is None or type(limit) is int) or not isinstance(files, dict):
         raise ValueError("max_pixels or files of the wrong type")
     for key, entry in files.items():
-        if not (type(entry) is list and len(entry) == 3 and type(entry[0]) is int
-                and type(entry[1]) is int and (entry[2] is None or type(entry[2]) is str)):  # fmt: skip
+        if not (
+            type(entry) is list
+            and len(entry) == 3
+            and type(entry[0]) is int
+            and type(entry[1]) is int
+            and (entry[2] is None or type(entry[2]) is str)
+        ):
             raise ValueError(f"the entry of {key[:100]!r} is not [size, mtime_ns, reason]")
     return files
 
@@ -168,12 +176,21 @@ class ScanCache:
             return {}
         except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
             reason = " ".join(str(e).split())[:200] or type(e).__name__
-            logger.warning("%s: ignoring the scan cache %s (%s); scanning the files again",
-                           self.what, self.path, reason)  # fmt: skip
+            logger.warning(
+                "%s: ignoring the scan cache %s (%s); scanning the files again",
+                self.what,
+                self.path,
+                reason,
+            )
             return {}
         if data["max_pixels"] != self.max_pixels:
-            logger.info("%s: the scan cache %s was made with DATA.MAX_IMAGE_PIXELS %s; scanning the "
-                        "files again", self.what, self.path, data["max_pixels"])  # fmt: skip
+            logger.info(
+                "%s: the scan cache %s was made with DATA.MAX_IMAGE_PIXELS %s; scanning the "
+                "files again",
+                self.what,
+                self.path,
+                data["max_pixels"],
+            )
             return {}
         return entries
 
@@ -202,17 +219,27 @@ class ScanCache:
             entry = fresh.get(key) or self.entries.get(key)
             if entry is not None:
                 files[key] = entry
-        logger.info("%s: decoded %d of %d files (the others unchanged since the scan cache %s)",
-                    self.what, len(fresh), len(paths), self.path)  # fmt: skip
+        logger.info(
+            "%s: decoded %d of %d files (the others unchanged since the scan cache %s)",
+            self.what,
+            len(fresh),
+            len(paths),
+            self.path,
+        )
         if files == self.entries:
             return
-        data = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "max_pixels": self.max_pixels,
-                "files": files}  # fmt: skip
+        data = {
+            "format": _CACHE_FORMAT,
+            "version": _CACHE_VERSION,
+            "max_pixels": self.max_pixels,
+            "files": files,
+        }
         try:
             file_io.atomic_write_text(self.path, json.dumps(data, separators=(",", ":")) + "\n")
         except OSError as e:
-            logger.warning("%s: scan cache not written (%s); the next start scans again",
-                           self.what, e)  # fmt: skip
+            logger.warning(
+                "%s: scan cache not written (%s); the next start scans again", self.what, e
+            )
 
 
 def _map_in_chunks(fn, items, threads, chunk=256):
@@ -255,11 +282,15 @@ def bad_fraction_error(what, bad, total, max_bad_fraction):
         return None
     path, reason = sorted(bad.items())[0]
     if len(bad) == total:
-        return (f"{what}: none of the {total} image files is readable (e.g. {path}: {reason}); "
-                "check the folder")  # fmt: skip
-    return (f"{what}: {len(bad)} of {total} image files are unreadable ({len(bad) / total:.2%} > "
-            f"DATA.MAX_BAD_FRACTION {max_bad_fraction:.2%}), e.g. {path}: {reason}; remove or "
-            "replace them, or raise DATA.MAX_BAD_FRACTION")  # fmt: skip
+        return (
+            f"{what}: none of the {total} image files is readable (e.g. {path}: {reason}); "
+            "check the folder"
+        )
+    return (
+        f"{what}: {len(bad)} of {total} image files are unreadable ({len(bad) / total:.2%} > "
+        f"DATA.MAX_BAD_FRACTION {max_bad_fraction:.2%}), e.g. {path}: {reason}; remove or "
+        "replace them, or raise DATA.MAX_BAD_FRACTION"
+    )
 
 
 def walk_inside(top, root, seen):
@@ -271,10 +302,14 @@ def walk_inside(top, root, seen):
     def allowed(path):
         real = os.path.realpath(path)
         if os.path.commonpath([real, real_root]) != real_root:
-            logger.warning("%s: not following %s, it leads out of the folder (to %s)", root, path, real)
+            logger.warning(
+                "%s: not following %s, it leads out of the folder (to %s)", root, path, real
+            )
             return False
         if real in seen:
-            logger.warning("%s: not following %s, its folder %s is listed already", root, path, real)
+            logger.warning(
+                "%s: not following %s, its folder %s is listed already", root, path, real
+            )
             return False
         seen.add(real)
         return True
@@ -309,8 +344,17 @@ class CheckedImageFolder(ImageFolder):
     ``cache_dir``: where the scan cache goes when ``root`` is not writable (:func:`scan_cache_path`).
     """
 
-    def __init__(self, root, transform=None, loader=None, what=None, max_bad_fraction=None,
-                 max_pixels=None, scan=None, cache_dir=None):  # fmt: skip
+    def __init__(
+        self,
+        root,
+        transform=None,
+        loader=None,
+        what=None,
+        max_bad_fraction=None,
+        max_pixels=None,
+        scan=None,
+        cache_dir=None,
+    ):
         kwargs = {} if loader is None else {"loader": loader}
         super().__init__(root, transform=transform, **kwargs)
         what = what or root
@@ -329,8 +373,13 @@ class CheckedImageFolder(ImageFolder):
             cache = ScanCache(path, self.root, max_pixels, total, what) if path else None
             bad = scan_images([p for p, _ in self.samples], max_pixels=max_pixels, cache=cache)
         else:
-            logger.info("%s: %d files, not decoded at start (DATA.SCAN_IMAGES %s); one that cannot "
-                        "be loaded is replaced by the next image and counted", what, total, scan)  # fmt: skip
+            logger.info(
+                "%s: %d files, not decoded at start (DATA.SCAN_IMAGES %s); one that cannot "
+                "be loaded is replaced by the next image and counted",
+                what,
+                total,
+                scan,
+            )
             if max_pixels:
                 self.loader = PixelLimitLoader(self.loader, max_pixels)
         error = bad_fraction_error(what, bad, total, max_bad_fraction) if bad else None
@@ -347,7 +396,9 @@ class CheckedImageFolder(ImageFolder):
         self._load_skipped = multiprocessing.get_context().Value("q", 0)
 
     @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(
+        directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+    ):
         """torchvision's ``make_dataset`` (same order: classes sorted, then paths), listed with
         :func:`walk_inside`."""
         if is_valid_file is None:
@@ -356,8 +407,11 @@ class CheckedImageFolder(ImageFolder):
         for target_class in sorted(class_to_idx):
             target_dir = os.path.join(directory, target_class)
             for dirpath, _, fnames in sorted(walk_inside(target_dir, directory, seen)):
-                samples += [(os.path.join(dirpath, f), class_to_idx[target_class])
-                            for f in sorted(fnames) if is_valid_file(os.path.join(dirpath, f))]  # fmt: skip
+                samples += [
+                    (os.path.join(dirpath, f), class_to_idx[target_class])
+                    for f in sorted(fnames)
+                    if is_valid_file(os.path.join(dirpath, f))
+                ]
         found = {c for _, c in samples}
         empty = sorted(c for c, i in class_to_idx.items() if i not in found)
         if empty and not allow_empty:
@@ -379,6 +433,11 @@ class CheckedImageFolder(ImageFolder):
             except UNREADABLE as e:
                 with self._load_skipped.get_lock():
                     self._load_skipped.value += 1
-                logger.warning("%s: cannot load %s (%s: %s); using the next image instead",
-                               self.what, self.samples[i][0], type(e).__name__, e)  # fmt: skip
+                logger.warning(
+                    "%s: cannot load %s (%s: %s); using the next image instead",
+                    self.what,
+                    self.samples[i][0],
+                    type(e).__name__,
+                    e,
+                )
         raise ValueError(f"{self.what}: no image of {self.root} is readable any more")

@@ -13,8 +13,11 @@ import torch.distributed as dist
 
 # torch 2.x marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
 # module; it is the public differentiable gather, so keep it and keep the runs' stderr clean.
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
-                        category=FutureWarning)  # fmt: skip
+warnings.filterwarnings(
+    "ignore",
+    message="torch.distributed.nn.functional.all_gather is deprecated",
+    category=FutureWarning,
+)
 
 
 def get_world_size():

@@ -35,8 +35,12 @@ from moco.fast import FastPath, autocast_context, prepare_model, sgd, to_device
 from moco.hooks import build_epoch_hooks, build_lr_multiplier
 from moco.knn import validate_knn
 from moco.launch import process_group_timeout, resolve_device
-from moco.mechanisms import (build_contrastive_model, color_augmentation, uses_memory_bank,
-                             validate_mechanism)  # fmt: skip
+from moco.mechanisms import (
+    build_contrastive_model,
+    color_augmentation,
+    uses_memory_bank,
+    validate_mechanism,
+)
 from moco.shuffle_bn import validate_shuffle_bn
 
 logger = logging.getLogger("moco")
@@ -55,8 +59,10 @@ def validate_solver(cfg, world_size):
     if batch < 1:
         raise ValueError(f"SOLVER.IMS_PER_BATCH (-b) must be >= 1, got {batch}")
     if batch % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH (-b) = {batch} is not divisible by the {world_size} "
-                         "processes; each process must get the same batch")  # fmt: skip
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH (-b) = {batch} is not divisible by the {world_size} "
+            "processes; each process must get the same batch"
+        )
     if s.EPOCHS < 1:
         raise ValueError(f"SOLVER.EPOCHS (--epochs) must be >= 1, got {s.EPOCHS}")
     for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "GAMMA"):
@@ -64,7 +70,9 @@ def validate_solver(cfg, world_size):
         if not math.isfinite(s[key]) or s[key] < 0:
             raise ValueError(f"SOLVER.{key} must be a finite number >= 0, got {s[key]}")
     if not 0 <= s.START_EPOCH < s.EPOCHS:
-        raise ValueError(f"SOLVER.START_EPOCH (--start-epoch) {s.START_EPOCH} must be in [0, {s.EPOCHS})")
+        raise ValueError(
+            f"SOLVER.START_EPOCH (--start-epoch) {s.START_EPOCH} must be in [0, {s.EPOCHS})"
+        )
     if cfg.LOG_PERIOD < 1:
         raise ValueError(f"LOG_PERIOD (-p) must be >= 1, got {cfg.LOG_PERIOD}")
 
@@ -84,8 +92,14 @@ def build_optimizer(cfg, model):
     """SGD over all parameters, as official (encoder_k's have no gradient and are skipped), so the
     optimizer state's parameter indices are those of official checkpoints."""
     device = next(model.parameters()).device
-    return sgd(model.parameters(), cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM,
-               cfg.SOLVER.WEIGHT_DECAY, device, fused=cfg.SOLVER.FUSED_SGD)  # fmt: skip
+    return sgd(
+        model.parameters(),
+        cfg.SOLVER.BASE_LR,
+        cfg.SOLVER.MOMENTUM,
+        cfg.SOLVER.WEIGHT_DECAY,
+        device,
+        fused=cfg.SOLVER.FUSED_SGD,
+    )
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)):
@@ -133,40 +147,60 @@ class PretrainTrainer(SimpleTrainer):
         dataset = self.build_dataset()
         batch = cfg.SOLVER.IMS_PER_BATCH
         if len(dataset) < batch:
-            raise ValueError(f"DATA.ROOT {cfg.DATA.ROOT}: train/ has {len(dataset)} images, fewer "
-                             f"than the global batch {batch} (one epoch = len // batch steps)")  # fmt: skip
+            raise ValueError(
+                f"DATA.ROOT {cfg.DATA.ROOT}: train/ has {len(dataset)} images, fewer "
+                f"than the global batch {batch} (one epoch = len // batch steps)"
+            )
         self.iters_per_epoch = len(dataset) // batch
         self.dataset_size = len(dataset)
         self.dataset = dataset
-        self.fast = FastPath.resolve(self.device, amp=cfg.SOLVER.AMP,
-                                     channels_last=cfg.MODEL.CHANNELS_LAST,
-                                     fused_sgd=cfg.SOLVER.FUSED_SGD)  # fmt: skip
-        self.moco = prepare_model(self.build_model(dataset).to(self.device), self.fast.channels_last)
+        self.fast = FastPath.resolve(
+            self.device,
+            amp=cfg.SOLVER.AMP,
+            channels_last=cfg.MODEL.CHANNELS_LAST,
+            fused_sgd=cfg.SOLVER.FUSED_SGD,
+        )
+        self.moco = prepare_model(
+            self.build_model(dataset).to(self.device), self.fast.channels_last
+        )
         self.batch_augment = None
         if cfg.INPUT.BATCH_AUGMENT:
-            self.batch_augment = BatchAugment(cfg.INPUT.CROP_SIZE, cfg.INPUT.AUG_PLUS,
-                                              cfg.INPUT.MIN_SCALE,
-                                              color=color_augmentation(cfg)).to(self.device)  # fmt: skip
+            self.batch_augment = BatchAugment(
+                cfg.INPUT.CROP_SIZE,
+                cfg.INPUT.AUG_PLUS,
+                cfg.INPUT.MIN_SCALE,
+                color=color_augmentation(cfg),
+            ).to(self.device)
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
         resume_path = ckpt_lib.resolve_resume(resume, cfg.OUTPUT_DIR)
         if resume == "auto":  # say which way "auto" went: a fresh start is no silent surprise
-            found = f"resuming from {resume_path}" if resume_path else \
-                f"no checkpoint in {cfg.OUTPUT_DIR}, starting from the beginning"  # fmt: skip
+            found = (
+                f"resuming from {resume_path}"
+                if resume_path
+                else f"no checkpoint in {cfg.OUTPUT_DIR}, starting from the beginning"
+            )
             logger.info("--resume auto: %s", found)
         state = self._load_resume_state(resume_path, optimizer) if resume_path else {}
         start_iter = state.get("iteration", cfg.SOLVER.START_EPOCH * self.iters_per_epoch)
         for group in optimizer.param_groups:  # the schedule's base LR is this run's SOLVER.BASE_LR
             group["initial_lr"] = cfg.SOLVER.BASE_LR
-        self.scheduler = LRMultiplier(optimizer, build_lr_multiplier(cfg), max_iter,
-                                      last_iter=start_iter - 1)  # fmt: skip
+        self.scheduler = LRMultiplier(
+            optimizer, build_lr_multiplier(cfg), max_iter, last_iter=start_iter - 1
+        )
         seed = state.get("sampler_seed")
         if seed is None:
             seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         self.sampler_seed = int(seed)
-        loader = build_pretrain_loader(cfg, dataset, self.iters_per_epoch, start_iter,
-                                       self.sampler_seed, pin_memory=self.device.type == "cuda")  # fmt: skip
+        loader = build_pretrain_loader(
+            cfg,
+            dataset,
+            self.iters_per_epoch,
+            start_iter,
+            self.sampler_seed,
+            pin_memory=self.device.type == "cuda",
+        )
         # DDP keeps buffers (queue, BN statistics) in sync from rank 0, as official
         ddp = create_ddp_model(
             self.moco, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -184,19 +218,26 @@ class PretrainTrainer(SimpleTrainer):
                 try:
                     ckpt_lib.restore_rng_state(rng[comm.get_rank()])
                 except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError):
-                    raise ValueError(f"{resume_path}: rng_states[{comm.get_rank()}] is not an RNG "
-                                     "state of torch, numpy and python") from None  # fmt: skip
+                    raise ValueError(
+                        f"{resume_path}: rng_states[{comm.get_rank()}] is not an RNG "
+                        "state of torch, numpy and python"
+                    ) from None
             else:
-                logger.warning("checkpoint has RNG states of %d processes, this run has %d: "
-                               "not restored", len(rng), world)  # fmt: skip
+                logger.warning(
+                    "checkpoint has RNG states of %d processes, this run has %d: not restored",
+                    len(rng),
+                    world,
+                )
 
     @classmethod
     def check_launch(cls, cfg, world_size):
         """Checks before any process starts (moco.launch.launch_training)."""
         validate_cfg(cfg, world_size)
         if world_size > 1 and torch.cuda.is_available() and cfg.MODEL.DEVICE == "cpu":
-            raise ValueError("MODEL.DEVICE=cpu with several processes on a CUDA machine: Detectron2's "
-                             "launch uses NCCL there; hide the GPUs with CUDA_VISIBLE_DEVICES=''")  # fmt: skip
+            raise ValueError(
+                "MODEL.DEVICE=cpu with several processes on a CUDA machine: Detectron2's "
+                "launch uses NCCL there; hide the GPUs with CUDA_VISIBLE_DEVICES=''"
+            )
 
     def validate(self, world_size):
         """One-line error for a configuration that cannot train (before anything is built)."""
@@ -204,8 +245,9 @@ class PretrainTrainer(SimpleTrainer):
 
     def build_dataset(self):
         """DATA.ROOT/train, two crops per image (and the sample index for a memory bank)."""
-        return build_pretrain_dataset(self.cfg, with_index=uses_memory_bank(self.cfg),
-                                      color=color_augmentation(self.cfg))  # fmt: skip
+        return build_pretrain_dataset(
+            self.cfg, with_index=uses_memory_bank(self.cfg), color=color_augmentation(self.cfg)
+        )
 
     def build_model(self, dataset):
         """The unwrapped model trained by the step (MoCo or another mechanism)."""
@@ -229,13 +271,16 @@ class PretrainTrainer(SimpleTrainer):
         cfg = self.cfg
         ckpt = ckpt_lib.load_checkpoint(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
-            raise ValueError(f"{path}: not a MoCo pretraining checkpoint (needs 'epoch' and "
-                             "'state_dict')")  # fmt: skip
+            raise ValueError(
+                f"{path}: not a MoCo pretraining checkpoint (needs 'epoch' and 'state_dict')"
+            )
         if ckpt.get("arch") not in (None, cfg.MODEL.ARCH):
-            raise ValueError(f"{path}: checkpoint arch {ckpt['arch']} != MODEL.ARCH (-a) "
-                             f"{cfg.MODEL.ARCH}")  # fmt: skip
+            raise ValueError(
+                f"{path}: checkpoint arch {ckpt['arch']} != MODEL.ARCH (-a) {cfg.MODEL.ARCH}"
+            )
         if not isinstance(ckpt["state_dict"], dict) or not all(
-                isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+            isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()
+        ):
             raise ValueError(f"{path}: state_dict is not a dict of tensors")
         epoch = ckpt_lib.check_count(ckpt["epoch"], path, "epoch")
         ckpt_lib.load_model_state(self.moco, ckpt["state_dict"], path)
@@ -251,28 +296,44 @@ class PretrainTrainer(SimpleTrainer):
                 group["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY
         else:
             logger.warning("%s has no optimizer state: SGD momentum restarts from zero", path)
-        iteration = ckpt_lib.check_count(ckpt.get("iteration", epoch * self.iters_per_epoch),
-                                         path, "iteration")  # fmt: skip
+        iteration = ckpt_lib.check_count(
+            ckpt.get("iteration", epoch * self.iters_per_epoch), path, "iteration"
+        )
         sched = ckpt.get("scheduler") or {}
         if not isinstance(sched, dict):
             raise ValueError(f"{path}: scheduler is a {type(sched).__name__}, not a state dict")
         lrs = sched.get("base_lrs", [cfg.SOLVER.BASE_LR])
-        if not isinstance(lrs, list) or not all(isinstance(lr, (int, float)) and math.isfinite(lr)
-                                                for lr in lrs):  # fmt: skip
+        if not isinstance(lrs, list) or not all(
+            isinstance(lr, (int, float)) and math.isfinite(lr) for lr in lrs
+        ):
             raise ValueError(f"{path}: scheduler.base_lrs {lrs!r} is not a list of finite numbers")
-        if sched and ckpt_lib.check_count(sched.get("last_epoch", iteration), path,
-                                          "scheduler.last_epoch") != iteration:  # fmt: skip
-            raise ValueError(f"{path}: scheduler is at iteration {sched['last_epoch']} but the "
-                             f"checkpoint at {iteration}; the file is inconsistent")  # fmt: skip
+        if (
+            sched
+            and ckpt_lib.check_count(
+                sched.get("last_epoch", iteration), path, "scheduler.last_epoch"
+            )
+            != iteration
+        ):
+            raise ValueError(
+                f"{path}: scheduler is at iteration {sched['last_epoch']} but the "
+                f"checkpoint at {iteration}; the file is inconsistent"
+            )
         saved_lr = lrs
         if any(abs(lr - cfg.SOLVER.BASE_LR) > 1e-12 for lr in saved_lr):
-            logger.warning("base LR %s of %s replaced by SOLVER.BASE_LR %s (official resume uses "
-                           "the command line's --lr)", saved_lr, path, cfg.SOLVER.BASE_LR)  # fmt: skip
+            logger.warning(
+                "base LR %s of %s replaced by SOLVER.BASE_LR %s (official resume uses "
+                "the command line's --lr)",
+                saved_lr,
+                path,
+                cfg.SOLVER.BASE_LR,
+            )
         logger.info("resuming from %s: epoch %s, iteration %d", path, ckpt["epoch"], iteration)
         seed = ckpt.get("sampler_seed")
         return {
             "iteration": iteration,
-            "sampler_seed": None if seed is None else ckpt_lib.check_count(seed, path, "sampler_seed"),
+            "sampler_seed": None
+            if seed is None
+            else ckpt_lib.check_count(seed, path, "sampler_seed"),
             "rng_states": ckpt.get("rng_states"),
         }
 
@@ -287,8 +348,10 @@ class PretrainTrainer(SimpleTrainer):
             k = buffers[name[: -len("_ptr")]].shape[1]  # the queue beside it: dim x K
             value = int(ptr.reshape(-1)[0])
             if not 0 <= value < k or value % batch:
-                raise ValueError(f"{path}: {name} {value} is not in [0, MODEL.K {k}) in steps of "
-                                 f"the global batch {batch}")  # fmt: skip
+                raise ValueError(
+                    f"{path}: {name} {value} is not in [0, MODEL.K {k}) in steps of "
+                    f"the global batch {batch}"
+                )
 
     @property
     def encoder(self):
@@ -323,12 +386,20 @@ class PretrainTrainer(SimpleTrainer):
         rng_states = comm.all_gather(ckpt_lib.capture_rng_state())
         if comm.is_main_process():
             ckpt = ckpt_lib.build_checkpoint(
-                self.moco, self.optimizer, epoch, self.cfg.MODEL.ARCH,
-                iteration=self.iter + 1, scheduler=self.scheduler.state_dict(),
-                sampler_seed=self.sampler_seed, rng_states=rng_states, config=self.cfg.dump(),
-            )  # fmt: skip
+                self.moco,
+                self.optimizer,
+                epoch,
+                self.cfg.MODEL.ARCH,
+                iteration=self.iter + 1,
+                scheduler=self.scheduler.state_dict(),
+                sampler_seed=self.sampler_seed,
+                rng_states=rng_states,
+                config=self.cfg.dump(),
+            )
             self.last_checkpoint = ckpt_lib.save_checkpoint(ckpt, self.cfg.OUTPUT_DIR, name)
-            logger.info("saved %s (epoch %d, iteration %d)", self.last_checkpoint, epoch, self.iter + 1)
+            logger.info(
+                "saved %s (epoch %d, iteration %d)", self.last_checkpoint, epoch, self.iter + 1
+            )
         self._saved_iter = self.iter + 1
         comm.synchronize()
 
@@ -344,14 +415,23 @@ class PretrainTrainer(SimpleTrainer):
     def train(self):
         """Train from ``start_iter`` to ``max_iter``; returns the summary (also pretrain_summary.json)."""
         cfg = self.cfg
-        logger.info("%d images, global batch %d (%d per process x %d), %d iterations per epoch, "
-                    "epochs %d..%d", self.dataset_size, cfg.SOLVER.IMS_PER_BATCH,
-                    cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), comm.get_world_size(),
-                    self.iters_per_epoch, self.start_iter // self.iters_per_epoch,
-                    cfg.SOLVER.EPOCHS)  # fmt: skip
+        logger.info(
+            "%d images, global batch %d (%d per process x %d), %d iterations per epoch, "
+            "epochs %d..%d",
+            self.dataset_size,
+            cfg.SOLVER.IMS_PER_BATCH,
+            cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+            comm.get_world_size(),
+            self.iters_per_epoch,
+            self.start_iter // self.iters_per_epoch,
+            cfg.SOLVER.EPOCHS,
+        )
         if self.start_iter >= self.max_iter:
-            logger.info("checkpoint is at iteration %d >= %d: nothing to train", self.start_iter,
-                        self.max_iter)  # fmt: skip
+            logger.info(
+                "checkpoint is at iteration %d >= %d: nothing to train",
+                self.start_iter,
+                self.max_iter,
+            )
         else:
             super().train(self.start_iter, self.max_iter)
         summary = self.build_summary()
@@ -364,8 +444,10 @@ class PretrainTrainer(SimpleTrainer):
         cfg = self.cfg
         digests = comm.all_gather(queue_digest(self.moco))
         if len(set(digests)) != 1:
-            raise RuntimeError(f"dictionaries (queue / memory bank) differ between processes after "
-                               f"training: {digests}")
+            raise RuntimeError(
+                f"dictionaries (queue / memory bank) differ between processes after "
+                f"training: {digests}"
+            )
         iters = max(0, self.max_iter - self.start_iter)
         summary = {
             "world_size": comm.get_world_size(),
@@ -384,8 +466,11 @@ class PretrainTrainer(SimpleTrainer):
             "start_iter": self.start_iter,
             "max_iter": self.max_iter,
             "train_step_seconds": self._step_seconds,
-            "images_per_sec": (iters * cfg.SOLVER.IMS_PER_BATCH / self._step_seconds
-                               if self._step_seconds > 0 else None),  # fmt: skip
+            "images_per_sec": (
+                iters * cfg.SOLVER.IMS_PER_BATCH / self._step_seconds
+                if self._step_seconds > 0
+                else None
+            ),
             "knn": self.knn_history,
             "knn_chance": 100.0 / self.knn_num_classes if self.knn_num_classes else None,
             "last_checkpoint": self.last_checkpoint,

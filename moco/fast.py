@@ -143,21 +143,28 @@ class FastPath:
     compile: bool = False
 
     @classmethod
-    def resolve(cls, device, amp=AUTO, channels_last=AUTO, fused_sgd=AUTO, compile=False,
-                image_size=None):  # fmt: skip
+    def resolve(
+        cls, device, amp=AUTO, channels_last=AUTO, fused_sgd=AUTO, compile=False, image_size=None
+    ):
         device = torch.device(device)
         cl = resolve_channels_last(channels_last, device, image_size)
-        return cls(device, resolve_amp(amp, device), cl, _use_fused(fused_sgd, device),
-                   bool(compile))  # fmt: skip
+        return cls(
+            device, resolve_amp(amp, device), cl, _use_fused(fused_sgd, device), bool(compile)
+        )
 
     @property
     def pin_memory(self):
         return self.device.type == "cuda"
 
     def describe(self):
-        return {"device": str(self.device), "bf16_autocast": self.amp,
-                "channels_last": self.channels_last, "fused_sgd": self.fused_sgd,
-                "compile": self.compile, "pin_memory": self.pin_memory}  # fmt: skip
+        return {
+            "device": str(self.device),
+            "bf16_autocast": self.amp,
+            "channels_last": self.channels_last,
+            "fused_sgd": self.fused_sgd,
+            "compile": self.compile,
+            "pin_memory": self.pin_memory,
+        }
 
 
 def moco_train_step(model, optimizer, im_q, im_k, amp, device):

@@ -18,7 +18,6 @@ import re
 import tempfile
 
 
-
 _TMP_SUFFIX = ".tmp"
 # what atomic_write's mkstemp names look like: ".<target>.<8 random characters>.tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -56,8 +55,11 @@ def atomic_write(path, write):
         except FileNotFoundError:
             pass
         if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
-            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous "
-                          "file there (if any) is unchanged") from e  # fmt: skip
+            raise OSError(
+                e.errno,
+                f"could not write {path}: {e.strerror or e}; the previous "
+                "file there (if any) is unchanged",
+            ) from e
         raise
     _fsync_dir(folder)
 
@@ -186,8 +188,10 @@ def run_folder_lock(folder, what="OUTPUT_DIR"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise FolderInUse(f"{what} {folder} is in use by another run (pid {holder}); wait for "
-                              "it to end or give another folder") from None  # fmt: skip
+            raise FolderInUse(
+                f"{what} {folder} is in use by another run (pid {holder}); wait for "
+                "it to end or give another folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield path
@@ -205,5 +209,7 @@ def check_folder_config(folder, config_text, resume_hint):
     with open(saved, encoding="utf-8") as f:
         if f.read() == config_text:
             return
-    raise ValueError(f"OUTPUT_DIR {folder} holds a run of another configuration ({saved} differs); "
-                     f"give another folder, or {resume_hint} to continue that run")  # fmt: skip
+    raise ValueError(
+        f"OUTPUT_DIR {folder} holds a run of another configuration ({saved} differs); "
+        f"give another folder, or {resume_hint} to continue that run"
+    )

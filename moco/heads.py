@@ -29,10 +29,15 @@ def simclr_v2_head(d, dim):
     out_bn = nn.BatchNorm1d(dim)
     out_bn.bias.requires_grad_(False)  # SimCLR v2: center=False on the output layer
     return nn.Sequential(
-        nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(),
-        nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(),
-        nn.Linear(d, dim, bias=False), out_bn,
-    )  # fmt: skip
+        nn.Linear(d, d, bias=False),
+        nn.BatchNorm1d(d),
+        nn.ReLU(),
+        nn.Linear(d, d, bias=False),
+        nn.BatchNorm1d(d),
+        nn.ReLU(),
+        nn.Linear(d, dim, bias=False),
+        out_bn,
+    )
 
 
 def attach_head(encoder, head):

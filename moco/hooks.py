@@ -95,8 +95,9 @@ class SignalStop(HookBase):
         if self._received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._received = signum
-        logger.warning("%s received: stopping after this step, with a checkpoint",
-                       signal.Signals(signum).name)  # fmt: skip
+        logger.warning(
+            "%s received: stopping after this step, with a checkpoint", signal.Signals(signum).name
+        )
 
     def before_train(self):
         if threading.current_thread() is threading.main_thread():
@@ -109,9 +110,11 @@ class SignalStop(HookBase):
         if not received:
             return
         path = self._save()
-        raise Interrupted(f"stopped by {signal.Signals(received).name} after iteration "
-                          f"{self.trainer.iter + 1}; checkpoint {path}; to continue, {self._hint}",
-                          received)  # fmt: skip
+        raise Interrupted(
+            f"stopped by {signal.Signals(received).name} after iteration "
+            f"{self.trainer.iter + 1}; checkpoint {path}; to continue, {self._hint}",
+            received,
+        )
 
     def after_train(self):
         for s, handler in self._previous.items():
@@ -149,8 +152,9 @@ def build_knn_hook(trainer, cfg):
     """
     if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
         return None
-    train_set, val_set = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE,
-                                                "KNN.DATA (--knn-data)", **folder_checks(cfg))  # fmt: skip
+    train_set, val_set = build_labeled_datasets(
+        cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+    )
     num_classes = len(train_set.classes)
     train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
     pin = trainer.device.type == "cuda"
@@ -162,16 +166,32 @@ def build_knn_hook(trainer, cfg):
     def evaluate():
         done = trainer.completed_iters
         res = knn_evaluate(
-            trainer.encoder, train_loader, val_loader, num_classes, trainer.device,
-            k=cfg.KNN.K, t=cfg.KNN.T, channels_last=cfg.MODEL.CHANNELS_LAST, amp=cfg.SOLVER.AMP,
-        )  # fmt: skip
-        epoch = done // trainer.iters_per_epoch if done % trainer.iters_per_epoch == 0 else \
-            done / trainer.iters_per_epoch
+            trainer.encoder,
+            train_loader,
+            val_loader,
+            num_classes,
+            trainer.device,
+            k=cfg.KNN.K,
+            t=cfg.KNN.T,
+            channels_last=cfg.MODEL.CHANNELS_LAST,
+            amp=cfg.SOLVER.AMP,
+        )
+        epoch = (
+            done // trainer.iters_per_epoch
+            if done % trainer.iters_per_epoch == 0
+            else done / trainer.iters_per_epoch
+        )
         logger.info(
             "epoch %g: kNN top-1 %.2f%%, top-5 %.2f%% on backbone features (head: top-1 %.2f%%; "
-            "chance %.2f%%; %d train / %d val)", epoch, res["top1"], res["top5"], res["head_top1"],
-            100.0 / num_classes, len(train_set), len(val_set),
-        )  # fmt: skip
+            "chance %.2f%%; %d train / %d val)",
+            epoch,
+            res["top1"],
+            res["top5"],
+            res["head_top1"],
+            100.0 / num_classes,
+            len(train_set),
+            len(val_set),
+        )
         trainer.knn_history.append({"epoch": epoch, "iteration": done, **res})
         return {f"knn_{k}": v for k, v in res.items()}
 
@@ -190,11 +210,18 @@ def build_epoch_hooks(trainer, cfg):
         ret.append(knn)
     ret.append(EpochCheckpointer(trainer.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
     if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
-        ret.append(hooks.PeriodicWriter(build_writers(cfg.OUTPUT_DIR, trainer.max_iter),
-                                        period=cfg.LOG_PERIOD))  # fmt: skip
+        ret.append(
+            hooks.PeriodicWriter(
+                build_writers(cfg.OUTPUT_DIR, trainer.max_iter), period=cfg.LOG_PERIOD
+            )
+        )
     # after the writers: the step that was running when a signal came is logged before the stop
-    ret.append(SignalStop(trainer.save_stop_checkpoint,
-                          f"rerun the same command with --resume auto (OUTPUT_DIR {cfg.OUTPUT_DIR})"))
+    ret.append(
+        SignalStop(
+            trainer.save_stop_checkpoint,
+            f"rerun the same command with --resume auto (OUTPUT_DIR {cfg.OUTPUT_DIR})",
+        )
+    )
     return ret
 
 
@@ -206,6 +233,8 @@ def build_writers(output_dir, max_iter):
     run's. The console printer keeps the medians.
     """
     os.makedirs(output_dir, exist_ok=True)
-    return [CommonMetricPrinter(max_iter),
-            AtomicJSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
-            TensorboardXWriter(output_dir, window_size=1)]  # fmt: skip
+    return [
+        CommonMetricPrinter(max_iter),
+        AtomicJSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+        TensorboardXWriter(output_dir, window_size=1),
+    ]

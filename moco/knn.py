@@ -22,8 +22,9 @@ def validate_knn(cfg):
     if cfg.KNN.DATA and (cfg.KNN.K < 1 or cfg.KNN.T <= 0):
         raise ValueError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
     if cfg.KNN.BANK_SIZE < 0:
-        raise ValueError(f"KNN.BANK_SIZE must be >= 0 (0 = every training image), got "
-                         f"{cfg.KNN.BANK_SIZE}")  # fmt: skip
+        raise ValueError(
+            f"KNN.BANK_SIZE must be >= 0 (0 = every training image), got {cfg.KNN.BANK_SIZE}"
+        )
 
 
 def knn_scores(features, bank, bank_labels, num_classes, k=200, t=0.1):
@@ -115,13 +116,24 @@ def gather_features(features, labels):
         return features, labels
     parts = comm.all_gather((features.cpu(), labels.cpu()))
     parts = [p for p in parts if p[0].numel() > 0]
-    return (torch.cat([p[0] for p in parts]).to(features.device),
-            torch.cat([p[1] for p in parts]).to(labels.device))  # fmt: skip
+    return (
+        torch.cat([p[0] for p in parts]).to(features.device),
+        torch.cat([p[1] for p in parts]).to(labels.device),
+    )
 
 
 @torch.no_grad()
-def knn_evaluate(encoder, train_loader, val_loader, num_classes, device, k=200, t=0.1,
-                 channels_last=False, amp=False):  # fmt: skip
+def knn_evaluate(
+    encoder,
+    train_loader,
+    val_loader,
+    num_classes,
+    device,
+    k=200,
+    t=0.1,
+    channels_last=False,
+    amp=False,
+):
     """kNN top-1/top-5 accuracy (percent) of ``encoder`` on the val set, bank = the train set:
     ``top1`` / ``top5`` on the backbone's pooled features, ``head_top1`` / ``head_top5`` on the
     head's output.

@@ -18,9 +18,11 @@ import torch.nn as nn
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 
 # sRGB (linear) -> XYZ, and the D65 white point (OpenCV's constants)
-_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
-               (0.212671, 0.715160, 0.072169),
-               (0.019334, 0.119193, 0.950227))  # fmt: skip
+_RGB_TO_XYZ = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
 _WHITE = (0.950456, 1.0, 1.088754)
 _EPS = 216.0 / 24389.0  # (6/29)^3: below it f is the linear segment
 
@@ -36,7 +38,9 @@ def rgb_to_lab(rgb):
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
     white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white
-    f = torch.where(xyz > _EPS, xyz.clamp_min(_EPS) ** (1.0 / 3.0), (841.0 / 108.0) * xyz + 4.0 / 29.0)
+    f = torch.where(
+        xyz > _EPS, xyz.clamp_min(_EPS) ** (1.0 / 3.0), (841.0 / 108.0) * xyz + 4.0 / 29.0
+    )
     fx, fy, fz = f.unbind(1)
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
 

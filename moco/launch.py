@@ -60,9 +60,16 @@ class LaunchSpec:
         return self.procs_per_machine * self.num_machines
 
 
-def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url=None,
-                   world_size=None, rank=None, multiprocessing_distributed=False,
-                   environ=None):  # fmt: skip
+def resolve_launch(
+    num_gpus=None,
+    num_machines=None,
+    machine_rank=None,
+    dist_url=None,
+    world_size=None,
+    rank=None,
+    multiprocessing_distributed=False,
+    environ=None,
+):
     """Process layout from Detectron2's and the official main_moco.py's flags.
 
     Official semantics: with ``--multiprocessing-distributed``, ``--world-size`` is the number of
@@ -76,8 +83,10 @@ def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url
         world = int(environ["WORLD_SIZE"])
         local = int(environ.get("LOCAL_WORLD_SIZE", world))
         if num_gpus not in (None, local) or num_machines not in (None, world // local):
-            raise ValueError("started by torchrun (RANK/WORLD_SIZE set): drop --num-gpus / "
-                             "--num-machines, torchrun decides the processes")  # fmt: skip
+            raise ValueError(
+                "started by torchrun (RANK/WORLD_SIZE set): drop --num-gpus / "
+                "--num-machines, torchrun decides the processes"
+            )
         return LaunchSpec(local, world // local, int(environ.get("GROUP_RANK", 0)), "env://", True)
 
     ws = world_size if world_size is not None and world_size > 0 else None  # official default -1
@@ -89,8 +98,10 @@ def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url
         machines, per_machine = ws or 1, num_gpus or 1
     if num_machines is not None:
         if ws is not None and num_machines != ws:
-            raise ValueError(f"--num-machines {num_machines} contradicts --world-size {ws} "
-                             "(the number of nodes); give one of them")  # fmt: skip
+            raise ValueError(
+                f"--num-machines {num_machines} contradicts --world-size {ws} "
+                "(the number of nodes); give one of them"
+            )
         machines = num_machines
     if machine_rank is not None:
         if node_rank is not None and machine_rank != node_rank:
@@ -104,7 +115,9 @@ def resolve_launch(num_gpus=None, num_machines=None, machine_rank=None, dist_url
     if cuda and per_machine > cuda:
         raise ValueError(f"--num-gpus {per_machine} but this machine has {cuda} CUDA devices")
     if machines > 1 and (not dist_url or dist_url == "auto"):
-        raise ValueError("--dist-url tcp://HOST:PORT (of machine 0) is needed with several machines")
+        raise ValueError(
+            "--dist-url tcp://HOST:PORT (of machine 0) is needed with several machines"
+        )
     return LaunchSpec(per_machine, machines, node_rank, dist_url or "auto", False)
 
 
@@ -112,10 +125,14 @@ def launch_from_args(args):
     """:func:`resolve_launch` of a command line with the official and Detectron2 process flags
     (tools/pretrain.py, tools/lincls.py)."""
     return resolve_launch(
-        num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
+        num_gpus=args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
         multiprocessing_distributed=args.multiprocessing_distributed,
-    )  # fmt: skip
+    )
 
 
 def process_group_timeout(minutes=None, what="DIST.TIMEOUT_MINUTES"):
@@ -134,8 +151,9 @@ def process_group_timeout(minutes=None, what="DIST.TIMEOUT_MINUTES"):
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(minutes, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a positive number of minutes (fractions allowed), "
-                         f"got {minutes!r}")  # fmt: skip
+        raise ValueError(
+            f"{what} must be a positive number of minutes (fractions allowed), got {minutes!r}"
+        )
     return datetime.timedelta(minutes=value)
 
 
@@ -163,8 +181,13 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
     unless resuming, and removes temporary files a killed run left there.
     """
     trainer_cls.check_launch(cfg, spec.world_size)
-    start = functools.partial(launch_processes, train_worker, spec, (trainer_cls, cfg, resume),
-                              timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)  # fmt: skip
+    start = functools.partial(
+        launch_processes,
+        train_worker,
+        spec,
+        (trainer_cls, cfg, resume),
+        timeout_minutes=cfg.DIST.TIMEOUT_MINUTES,
+    )
     file_io.check_output_dir(cfg.OUTPUT_DIR)
     first = os.environ.get("RANK", "0") == "0" if spec.from_env else spec.machine_rank == 0
     if not first:
@@ -183,9 +206,12 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
         if received:  # the workers stopped with a checkpoint (their KeyboardInterrupt ends quietly)
             from moco.checkpoint import read_last_checkpoint
 
-            raise Interrupted(f"stopped by {signal.Signals(received[0]).name}; checkpoint "
-                              f"{read_last_checkpoint(cfg.OUTPUT_DIR)}; to continue, rerun the same "
-                              "command with --resume auto", received[0])  # fmt: skip
+            raise Interrupted(
+                f"stopped by {signal.Signals(received[0]).name}; checkpoint "
+                f"{read_last_checkpoint(cfg.OUTPUT_DIR)}; to continue, rerun the same "
+                "command with --resume auto",
+                received[0],
+            )
         return None
 
 
@@ -196,8 +222,10 @@ def _check_no_earlier_run(folder):
 
     last = read_last_checkpoint(folder)
     if last is not None:
-        raise ValueError(f"OUTPUT_DIR {folder} holds a run (last checkpoint {last}); continue it "
-                         "with --resume auto, or give another --output-dir")  # fmt: skip
+        raise ValueError(
+            f"OUTPUT_DIR {folder} holds a run (last checkpoint {last}); continue it "
+            "with --resume auto, or give another --output-dir"
+        )
 
 
 @contextlib.contextmanager
@@ -235,8 +263,15 @@ def launch_processes(fn, spec, args, timeout_minutes=None):
         return _close_after(fn, *args)
     if spec.world_size == 1:
         return fn(*args)
-    launch(functools.partial(_close_after, fn), spec.procs_per_machine, spec.num_machines,
-           spec.machine_rank, spec.dist_url, args=args, timeout=timeout)  # fmt: skip
+    launch(
+        functools.partial(_close_after, fn),
+        spec.procs_per_machine,
+        spec.num_machines,
+        spec.machine_rank,
+        spec.dist_url,
+        args=args,
+        timeout=timeout,
+    )
     return None
 
 
@@ -264,8 +299,10 @@ def _close_after(fn, *args):
 _ROLL_CALL_KEY = "moco/roll_call/"
 # a collective or the store waited for a peer past the timeout (gloo's two messages, the store's,
 # NCCL's watchdog); not any "timeout": a peer waiting for this rank would be named silent
-_PEER_TIMEOUT = re.compile(r"Timed out waiting \d+ms|Application timeout caused pair closure|"
-                           r"Socket Timeout|collective operation timeout")  # fmt: skip
+_PEER_TIMEOUT = re.compile(
+    r"Timed out waiting \d+ms|Application timeout caused pair closure|"
+    r"Socket Timeout|collective operation timeout"
+)
 
 
 def roll_call(seconds=10.0):
@@ -284,8 +321,9 @@ def roll_call(seconds=10.0):
         store.set(f"{_ROLL_CALL_KEY}{rank}", "here")
         deadline = time.monotonic() + seconds
         while True:
-            found["silent"] = [r for r in range(world)
-                               if r != rank and not store.check([f"{_ROLL_CALL_KEY}{r}"])]  # fmt: skip
+            found["silent"] = [
+                r for r in range(world) if r != rank and not store.check([f"{_ROLL_CALL_KEY}{r}"])
+            ]
             if not found["silent"] or time.monotonic() > deadline:
                 return
             time.sleep(0.2)
@@ -295,12 +333,16 @@ def roll_call(seconds=10.0):
     thread.join(seconds + 5)
     silent = found.get("silent")
     if silent is None:
-        return ("the rendezvous store does not answer either: the process or machine that hosts "
-                "it (rank 0's) went silent")  # fmt: skip
+        return (
+            "the rendezvous store does not answer either: the process or machine that hosts "
+            "it (rank 0's) went silent"
+        )
     if not silent:
         return "every rank answered a roll call afterwards (a slow rank, not a lost one)"
-    return (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} of {world} did not "
-            f"answer a roll call within {seconds:g} s (hung, stopped or cut off)")  # fmt: skip
+    return (
+        f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} of {world} did not "
+        f"answer a roll call within {seconds:g} s (hung, stopped or cut off)"
+    )
 
 
 def train_worker(trainer_cls, cfg, resume=None):
@@ -345,7 +387,8 @@ def resolve_device(name, what="MODEL.DEVICE"):
     if device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     if comm.get_local_size() > 1:
-        raise ValueError(f"{what}={name} pins one GPU; with several processes per machine "
-                         "use 'auto' or 'cuda'")  # fmt: skip
+        raise ValueError(
+            f"{what}={name} pins one GPU; with several processes per machine use 'auto' or 'cuda'"
+        )
     torch.cuda.set_device(device)
     return device

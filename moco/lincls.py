@@ -81,8 +81,14 @@ class LinclsOptions:
 
 def lincls_train_transform(crop_size):
     """main_lincls.py's training augmentation: random-resized crop and flip."""
-    return T.Compose([T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      imagenet_normalize()])  # fmt: skip
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            imagenet_normalize(),
+        ]
+    )
 
 
 def build_linear_model(arch, num_classes):
@@ -102,8 +108,9 @@ def backbone_state(state_dict, path="<pretrained>"):
         keys = [k for k in state_dict if k.startswith(prefix)]
         if prefix and not keys:
             continue
-        backbone = {k[len(prefix):]: state_dict[k] for k in keys
-                    if not k[len(prefix):].startswith("fc.")}  # fmt: skip
+        backbone = {
+            k[len(prefix) :]: state_dict[k] for k in keys if not k[len(prefix) :].startswith("fc.")
+        }
         if "conv1.weight" in backbone:
             return backbone, name
     raise ValueError(
@@ -138,8 +145,10 @@ def load_pretrained(model, path, arch):
         )
     bad = [k for k in backbone if tuple(backbone[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but "
-                         f"-a {arch} needs {tuple(own[bad[0]].shape)}; check --arch")  # fmt: skip
+        raise ValueError(
+            f"{path}: {bad[0]} has shape {tuple(backbone[bad[0]].shape)} but "
+            f"-a {arch} needs {tuple(own[bad[0]].shape)}; check --arch"
+        )
     result = model.load_state_dict(backbone, strict=False)
     assert set(result.missing_keys) == set(HEAD_KEYS), result.missing_keys
     logger.info("loaded %s backbone from %s (%d tensors)", fmt, path, len(backbone))
@@ -149,12 +158,15 @@ def load_pretrained(model, path, arch):
 def sanity_check(state_dict, pretrained_path):
     """Official check: every non-fc tensor still equals the pretrained one. Raises RuntimeError."""
     reference, _ = read_pretrained(pretrained_path)
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v
-                  for k, v in state_dict.items()}  # fmt: skip
+    state_dict = {
+        k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()
+    }
     for k, ref in reference.items():
         if not torch.equal(state_dict[k].detach().cpu(), ref.cpu()):
-            raise RuntimeError(f"{k} is changed in linear classifier training (it must stay frozen "
-                               f"at the weights of {pretrained_path})")  # fmt: skip
+            raise RuntimeError(
+                f"{k} is changed in linear classifier training (it must stay frozen "
+                f"at the weights of {pretrained_path})"
+            )
     logger.info("=> sanity check passed: the backbone equals %s", pretrained_path)
 
 
@@ -177,7 +189,11 @@ def validate(model, loader, device):
         loss_sum += float(F.cross_entropy(out, target, reduction="sum"))
         a, b = _accuracy_counts(out, target)
         c1, c5, n = c1 + a, c5 + b, n + target.shape[0]
-    totals = comm.all_gather((c1, c5, n, loss_sum)) if comm.get_world_size() > 1 else [(c1, c5, n, loss_sum)]
+    totals = (
+        comm.all_gather((c1, c5, n, loss_sum))
+        if comm.get_world_size() > 1
+        else [(c1, c5, n, loss_sum)]
+    )
     c1, c5, n, loss_sum = (sum(t[i] for t in totals) for i in range(4))
     if n == 0:
         raise ValueError("validation set is empty")
@@ -188,9 +204,11 @@ def check_new_run(output_dir):
     """A new training run never writes into an earlier run's files: one line naming the resume."""
     ckpt = os.path.join(output_dir, CHECKPOINT_FILE)
     if os.path.exists(ckpt):
-        raise ValueError(f"--output-dir {output_dir} holds a linear classifier run ({ckpt}); "
-                         f"continue it with --resume {ckpt}, or give another "
-                         "--output-dir")  # fmt: skip
+        raise ValueError(
+            f"--output-dir {output_dir} holds a linear classifier run ({ckpt}); "
+            f"continue it with --resume {ckpt}, or give another "
+            "--output-dir"
+        )
 
 
 def run_lincls(opts: LinclsOptions):
@@ -205,29 +223,41 @@ def run_lincls(opts: LinclsOptions):
     if opts.seed is not None:
         seed_all_rng(opts.seed + rank)
     if opts.epochs < 1 or opts.batch_size < 1:
-        raise ValueError(f"--epochs ({opts.epochs}) and --batch-size ({opts.batch_size}) must be >= 1")
+        raise ValueError(
+            f"--epochs ({opts.epochs}) and --batch-size ({opts.batch_size}) must be >= 1"
+        )
     device = resolve_device(opts.device, "device (--gpu)")
-    train_set, val_set = build_labeled_datasets(opts.data, opts.crop_size, "DATA",
-                                                lincls_train_transform(opts.crop_size),
-                                                scan=opts.scan_images, cache_dir=opts.output_dir)  # fmt: skip
+    train_set, val_set = build_labeled_datasets(
+        opts.data,
+        opts.crop_size,
+        "DATA",
+        lincls_train_transform(opts.crop_size),
+        scan=opts.scan_images,
+        cache_dir=opts.output_dir,
+    )
     num_classes = len(train_set.classes)
     model = build_linear_model(opts.arch, num_classes)
     fmt = load_pretrained(model, opts.pretrained, opts.arch) if opts.pretrained else None
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2, "only fc.weight and fc.bias are trained"
-    optimizer = torch.optim.SGD(params, opts.lr, momentum=opts.momentum,
-                                weight_decay=opts.weight_decay)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        params, opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+    )
     start_epoch, best_acc1, history = opts.start_epoch, 0.0, []
     if opts.resume:
         ckpt = ckpt_lib.load_checkpoint(opts.resume)
         try:
-            model.load_state_dict(ckpt_lib.strip_prefix(ckpt["state_dict"], "module.")
-                                  if all(k.startswith("module.") for k in ckpt["state_dict"])
-                                  else ckpt["state_dict"])  # fmt: skip
+            model.load_state_dict(
+                ckpt_lib.strip_prefix(ckpt["state_dict"], "module.")
+                if all(k.startswith("module.") for k in ckpt["state_dict"])
+                else ckpt["state_dict"]
+            )
         except (KeyError, RuntimeError) as e:
-            raise ValueError(f"--resume {opts.resume}: not a linear-classifier checkpoint of "
-                             f"-a {opts.arch} ({str(e).splitlines()[0]})") from None  # fmt: skip
+            raise ValueError(
+                f"--resume {opts.resume}: not a linear-classifier checkpoint of "
+                f"-a {opts.arch} ({str(e).splitlines()[0]})"
+            ) from None
         if ckpt.get("optimizer"):
             ckpt_lib.check_optimizer_state(ckpt["optimizer"], optimizer, f"--resume {opts.resume}")
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -238,17 +268,25 @@ def run_lincls(opts: LinclsOptions):
     pin = device.type == "cuda"
     val_loader = build_eval_loader(val_set, opts.batch_size, opts.workers, pin)
     results = {
-        "arch": opts.arch, "pretrained": opts.pretrained or None, "pretrained_format": fmt,
-        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set),
-        "epochs": opts.epochs, "lr": opts.lr, "batch_size_per_process": opts.batch_size,
-        "world_size": world, "history": history,
-    }  # fmt: skip
+        "arch": opts.arch,
+        "pretrained": opts.pretrained or None,
+        "pretrained_format": fmt,
+        "num_classes": num_classes,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "epochs": opts.epochs,
+        "lr": opts.lr,
+        "batch_size_per_process": opts.batch_size,
+        "world_size": world,
+        "history": history,
+    }
 
     def write_results(**extra):
         results.update(extra)
         if comm.is_main_process():
-            file_io.atomic_write_text(os.path.join(opts.output_dir, RESULTS_FILE),
-                                       json.dumps(results, indent=2) + "\n")  # fmt: skip
+            file_io.atomic_write_text(
+                os.path.join(opts.output_dir, RESULTS_FILE), json.dumps(results, indent=2) + "\n"
+            )
 
     if opts.evaluate:
         top1, top5, loss = validate(ddp, val_loader, device)
@@ -256,10 +294,12 @@ def run_lincls(opts: LinclsOptions):
         write_results(evaluate=True, top1=top1, top5=top5, val_loss=loss)
         return results
 
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=opts.seed or 0)  # fmt: skip
-    train_loader = make_loader(train_set, opts.batch_size, sampler, opts.workers, drop_last=False,
-                               pin_memory=pin)  # fmt: skip
+    sampler = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=True, seed=opts.seed or 0
+    )
+    train_loader = make_loader(
+        train_set, opts.batch_size, sampler, opts.workers, drop_last=False, pin_memory=pin
+    )
     factors = epoch_lr_factors(opts.epochs, tuple(opts.schedule), 0.1, cos=False)
     iters = len(train_loader)
     # Detectron2's event storage and console printer, as the trainers: ETA, median loss, lr
@@ -269,25 +309,41 @@ def run_lincls(opts: LinclsOptions):
             sampler.set_epoch(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * factors[epoch]
-            train_loss = _train_epoch(ddp, train_loader, optimizer, device, storage, printer,
-                                      opts.print_freq)  # fmt: skip
+            train_loss = _train_epoch(
+                ddp, train_loader, optimizer, device, storage, printer, opts.print_freq
+            )
             top1, top5, val_loss = validate(ddp, val_loader, device)
             is_best = top1 >= best_acc1
             best_acc1 = max(best_acc1, top1)
             # epochs count from 1 on the console and in the JSON (the number finished)
-            logger.info(" * epoch %d/%d: Acc@1 %.3f Acc@5 %.3f (best %.3f; chance %.1f)",
-                        epoch + 1, opts.epochs, top1, top5, best_acc1,
-                        100.0 / num_classes)  # fmt: skip
-            history.append({"epoch": epoch + 1, "lr": opts.lr * factors[epoch],
-                            "train_loss": train_loss, "val_loss": val_loss, "top1": top1,
-                            "top5": top5})  # fmt: skip
+            logger.info(
+                " * epoch %d/%d: Acc@1 %.3f Acc@5 %.3f (best %.3f; chance %.1f)",
+                epoch + 1,
+                opts.epochs,
+                top1,
+                top5,
+                best_acc1,
+                100.0 / num_classes,
+            )
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "lr": opts.lr * factors[epoch],
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "top1": top1,
+                    "top5": top5,
+                }
+            )
             if comm.is_main_process():
                 state = {
-                    "epoch": epoch + 1, "arch": opts.arch,
+                    "epoch": epoch + 1,
+                    "arch": opts.arch,
                     "state_dict": ckpt_lib.model_state_dict(ddp),  # module.* as official
-                    "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                    "best_acc1": best_acc1,
+                    "optimizer": optimizer.state_dict(),
                     "history": history,
-                }  # fmt: skip
+                }
                 file_io.atomic_save(state, os.path.join(opts.output_dir, CHECKPOINT_FILE))
                 if is_best:
                     file_io.atomic_save(state, os.path.join(opts.output_dir, BEST_FILE))
@@ -312,8 +368,12 @@ def _train_epoch(model, loader, optimizer, device, storage, printer, print_freq)
         optimizer.step()
         total, n = total + loss.item() * target.shape[0], n + target.shape[0]
         now = time.perf_counter()
-        storage.put_scalars(loss=loss.item(), lr=optimizer.param_groups[0]["lr"], time=now - start,
-                            smoothing_hint=False)  # fmt: skip
+        storage.put_scalars(
+            loss=loss.item(),
+            lr=optimizer.param_groups[0]["lr"],
+            time=now - start,
+            smoothing_hint=False,
+        )
         start = now
         due = print_freq > 0 and ((i + 1) % print_freq == 0 or i + 1 == len(loader))
         if printer is not None and due:

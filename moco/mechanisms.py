@@ -51,11 +51,21 @@ class EndToEnd(nn.Module):
     dictionary_buffers = ()  # nothing but the (DDP-synchronised) weights to keep equal on replicas
     needs_index = False
 
-    def __init__(self, base_encoder, dim=128, T=0.07, head="linear", shuffle_bn="split",
-                 split_bn_groups=8, loss="info_nce"):  # fmt: skip
+    def __init__(
+        self,
+        base_encoder,
+        dim=128,
+        T=0.07,
+        head="linear",
+        shuffle_bn="split",
+        split_bn_groups=8,
+        loss="info_nce",
+    ):
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r} (MODEL.LOSS); choose one of: {', '.join(LOSSES)}")
+            raise ValueError(
+                f"unknown loss {loss!r} (MODEL.LOSS); choose one of: {', '.join(LOSSES)}"
+            )
         self.T, self.loss = float(T), loss
         self.shuffle_bn = resolve_shuffle_bn(shuffle_bn)
         self.split_bn_groups = int(split_bn_groups)
@@ -65,20 +75,26 @@ class EndToEnd(nn.Module):
         """(this process's keys, all keys of the global batch or None), both with gradient."""
         if self.shuffle_bn == "split":
             im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            k = F.normalize(encode(self.encoder_q, im_k, "split", self.split_bn_groups).float(), dim=1)
+            k = F.normalize(
+                encode(self.encoder_q, im_k, "split", self.split_bn_groups).float(), dim=1
+            )
             return k[idx_unshuffle], None
         if self.shuffle_bn == "ddp":
             im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
             k_all = all_gather_with_grad(F.normalize(self.encoder_q(im_k).float(), dim=1))
             k_all = k_all[idx_unshuffle]  # global sample order
             n, rank = im_k.shape[0], dist.get_rank()
-            return k_all[rank * n:(rank + 1) * n], k_all
+            return k_all[rank * n : (rank + 1) * n], k_all
         return F.normalize(self.encoder_q(im_k).float(), dim=1), None
 
     def forward(self, im_q, im_k):
         if im_q.shape[0] != im_k.shape[0]:
-            raise ValueError(f"end_to_end: im_q has {im_q.shape[0]} samples but im_k has {im_k.shape[0]}")
-        q = F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+            raise ValueError(
+                f"end_to_end: im_q has {im_q.shape[0]} samples but im_k has {im_k.shape[0]}"
+            )
+        q = F.normalize(
+            encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1
+        )
         k, k_all = self._keys(im_k)
         with torch.autocast(q.device.type, enabled=False):  # logits in fp32 even under AMP
             if self.loss == "nt_xent":
@@ -92,8 +108,18 @@ class MemoryBankModel(nn.Module):
     dictionary_buffers = ("memory_bank.bank",)
     needs_index = True
 
-    def __init__(self, base_encoder, size, dim=128, K=4096, T=0.07, head="linear",
-                 shuffle_bn="split", split_bn_groups=8, bank_momentum=0.5):  # fmt: skip
+    def __init__(
+        self,
+        base_encoder,
+        size,
+        dim=128,
+        K=4096,
+        T=0.07,
+        head="linear",
+        shuffle_bn="split",
+        split_bn_groups=8,
+        bank_momentum=0.5,
+    ):
         super().__init__()
         if int(K) < 1:
             raise ValueError(f"memory_bank: K (negatives per step, MODEL.K) must be >= 1, got {K}")
@@ -114,7 +140,9 @@ class MemoryBankModel(nn.Module):
             self._bank_synced = True
 
     def _query(self, im_q):
-        return F.normalize(encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1)
+        return F.normalize(
+            encode(self.encoder_q, im_q, self.shuffle_bn, self.split_bn_groups).float(), dim=1
+        )
 
     def _logits(self, q, index):
         """InfoNCE ``(logits, labels)`` of ``q``: positives the bank's entries ``index`` (before
@@ -127,7 +155,9 @@ class MemoryBankModel(nn.Module):
 
     def forward(self, im_q, im_k, index):
         if index.shape[0] != im_q.shape[0]:
-            raise ValueError(f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices")
+            raise ValueError(
+                f"memory_bank: {im_q.shape[0]} images but {index.shape[0]} sample indices"
+            )
         self._sync_bank()
         q = self._query(im_q)
         logits, labels = self._logits(q, index)
@@ -140,8 +170,10 @@ def head_name(cfg):
     head = resolve_head(cfg.MODEL.HEAD)
     if cfg.MODEL.MLP:
         if head not in ("linear", "mlp"):
-            raise ValueError(f"MODEL.MLP (--mlp) selects the 'mlp' head but MODEL.HEAD is {head!r}; "
-                             "give one of them")  # fmt: skip
+            raise ValueError(
+                f"MODEL.MLP (--mlp) selects the 'mlp' head but MODEL.HEAD is {head!r}; "
+                "give one of them"
+            )
         return "mlp"
     return head
 
@@ -151,27 +183,37 @@ def validate_mechanism(cfg, world_size):
     queue that does not take whole batches."""
     m = cfg.MODEL
     if m.MECHANISM not in MECHANISMS:
-        raise ValueError(f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}")
+        raise ValueError(
+            f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}"
+        )
     if m.LOSS not in LOSSES:
         raise ValueError(f"unknown MODEL.LOSS {m.LOSS!r}; choose one of: {', '.join(LOSSES)}")
     if m.HEAD not in HEADS:
         raise ValueError(f"unknown MODEL.HEAD {m.HEAD!r}; choose one of: {', '.join(HEADS)}")
     head_name(cfg)
     if m.LOSS == "nt_xent" and m.MECHANISM != "end_to_end":
-        raise ValueError(f"MODEL.LOSS nt_xent (SimCLR) contrasts the views of the batch and needs "
-                         f"MODEL.MECHANISM end_to_end, not {m.MECHANISM}")  # fmt: skip
+        raise ValueError(
+            f"MODEL.LOSS nt_xent (SimCLR) contrasts the views of the batch and needs "
+            f"MODEL.MECHANISM end_to_end, not {m.MECHANISM}"
+        )
     if m.MECHANISM == "cmc":
         if m.CMC_DICTIONARY not in CMC_DICTIONARIES:
-            raise ValueError(f"unknown MODEL.CMC_DICTIONARY {m.CMC_DICTIONARY!r}; choose one of: "
-                             f"{', '.join(CMC_DICTIONARIES)}")  # fmt: skip
+            raise ValueError(
+                f"unknown MODEL.CMC_DICTIONARY {m.CMC_DICTIONARY!r}; choose one of: "
+                f"{', '.join(CMC_DICTIONARIES)}"
+            )
         half_width(m.ARCH)
     if m.MECHANISM == "cpc":
         CPC.check_geometry(cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS)
     if uses_memory_bank(cfg):
         if m.K < 1:
-            raise ValueError(f"MODEL.K (negatives drawn from the memory bank) must be >= 1, got {m.K}")
+            raise ValueError(
+                f"MODEL.K (negatives drawn from the memory bank) must be >= 1, got {m.K}"
+            )
         if not 0.0 <= m.MEMORY_BANK_MOMENTUM < 1.0:
-            raise ValueError(f"MODEL.MEMORY_BANK_MOMENTUM must be in [0, 1), got {m.MEMORY_BANK_MOMENTUM}")
+            raise ValueError(
+                f"MODEL.MEMORY_BANK_MOMENTUM must be in [0, 1), got {m.MEMORY_BANK_MOMENTUM}"
+            )
     batch = cfg.SOLVER.IMS_PER_BATCH
     queue = m.MECHANISM == "moco" or m.MECHANISM == "cmc" and m.CMC_DICTIONARY == "moco"
     if queue and m.K < 1:  # K % batch alone lets 0 and negatives through
@@ -193,7 +235,9 @@ def color_augmentation(cfg):
 def uses_memory_bank(cfg):
     """Whether the mechanism keeps a memory bank, so its loader must name each sample's index."""
     m = cfg.MODEL
-    return m.MECHANISM == "memory_bank" or m.MECHANISM == "cmc" and m.CMC_DICTIONARY == "memory_bank"
+    return (
+        m.MECHANISM == "memory_bank" or m.MECHANISM == "cmc" and m.CMC_DICTIONARY == "memory_bank"
+    )
 
 
 def build_contrastive_model(cfg, world_size, dataset_size=None):
@@ -201,9 +245,13 @@ def build_contrastive_model(cfg, world_size, dataset_size=None):
     from moco.cmc import CMC  # moco.cmc builds on the models of this module
 
     m = cfg.MODEL
-    common = dict(dim=m.DIM, T=m.T, head=head_name(cfg),
-                  shuffle_bn=resolve_shuffle_bn(m.SHUFFLE_BN, world_size),
-                  split_bn_groups=m.SPLIT_BN_GROUPS)  # fmt: skip
+    common = dict(
+        dim=m.DIM,
+        T=m.T,
+        head=head_name(cfg),
+        shuffle_bn=resolve_shuffle_bn(m.SHUFFLE_BN, world_size),
+        split_bn_groups=m.SPLIT_BN_GROUPS,
+    )
     base = resnet_encoder(m.ARCH)
     if m.MECHANISM == "moco":
         return MoCo(base, K=m.K, m=m.M, **common)
@@ -211,11 +259,26 @@ def build_contrastive_model(cfg, world_size, dataset_size=None):
         return EndToEnd(base, loss=m.LOSS, **common)
     if m.MECHANISM == "memory_bank":
         if dataset_size is None:
-            raise ValueError("memory_bank: the dataset size (bank entries) is needed to build the model")
-        return MemoryBankModel(base, dataset_size, K=m.K, bank_momentum=m.MEMORY_BANK_MOMENTUM, **common)
+            raise ValueError(
+                "memory_bank: the dataset size (bank entries) is needed to build the model"
+            )
+        return MemoryBankModel(
+            base, dataset_size, K=m.K, bank_momentum=m.MEMORY_BANK_MOMENTUM, **common
+        )
     if m.MECHANISM == "cmc":
-        return CMC(m.ARCH, m.CMC_DICTIONARY, dataset_size, K=m.K, m=m.M,
-                   bank_momentum=m.MEMORY_BANK_MOMENTUM, **common)  # fmt: skip
+        return CMC(
+            m.ARCH,
+            m.CMC_DICTIONARY,
+            dataset_size,
+            K=m.K,
+            m=m.M,
+            bank_momentum=m.MEMORY_BANK_MOMENTUM,
+            **common,
+        )
     if m.MECHANISM == "cpc":
-        return CPC(base, cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS, dim=m.DIM, head=common["head"])
-    raise ValueError(f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}")
+        return CPC(
+            base, cfg.INPUT.CROP_SIZE, m.CPC_PATCH_SIZE, m.CPC_STEPS, dim=m.DIM, head=common["head"]
+        )
+    raise ValueError(
+        f"unknown MODEL.MECHANISM {m.MECHANISM!r}; choose one of: {', '.join(MECHANISMS)}"
+    )

@@ -23,8 +23,10 @@ class MemoryBank(nn.Module):
         if int(size) < 1:
             raise ValueError(f"memory bank: size must be >= 1 (one entry per sample), got {size}")
         if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"memory bank: momentum must be in [0, 1) (MODEL.MEMORY_BANK_MOMENTUM), "
-                             f"got {momentum}")  # fmt: skip
+            raise ValueError(
+                f"memory bank: momentum must be in [0, 1) (MODEL.MEMORY_BANK_MOMENTUM), "
+                f"got {momentum}"
+            )
         self.momentum = float(momentum)
         self.register_buffer("bank", F.normalize(torch.randn(int(size), int(dim)), dim=1))
 
@@ -42,8 +44,12 @@ class MemoryBank(nn.Module):
         if get_world_size() > 1:
             index, features = concat_all_gather(index), concat_all_gather(features)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise ValueError(f"memory bank: sample index out of range [0, {len(self)}): the bank is "
-                             "sized for another dataset (DATA.ROOT changed since the checkpoint?)")  # fmt: skip
+            raise ValueError(
+                f"memory bank: sample index out of range [0, {len(self)}): the bank is "
+                "sized for another dataset (DATA.ROOT changed since the checkpoint?)"
+            )
         old = self.bank.index_select(0, index)
-        new = F.normalize(self.momentum * old + (1.0 - self.momentum) * features.to(old.dtype), dim=1)
+        new = F.normalize(
+            self.momentum * old + (1.0 - self.momentum) * features.to(old.dtype), dim=1
+        )
         self.bank.index_copy_(0, index, new)

@@ -34,7 +34,9 @@ def parse_arch(arch):
     match = _NARROW.match(str(arch))
     if match and match["base"] in names and int(match["width"]) >= 1:
         if match["base"].startswith(("resnext", "wide_")):
-            raise ValueError(f"arch {arch!r}: a _w<width> suffix applies to resnet18..resnet152 only")
+            raise ValueError(
+                f"arch {arch!r}: a _w<width> suffix applies to resnet18..resnet152 only"
+            )
         return match["base"], int(match["width"])
     raise ValueError(
         f"unknown ResNet arch {arch!r}; choose one of: {', '.join(names)}, or one of "
@@ -46,8 +48,10 @@ def half_width(arch):
     """``arch`` at half its base width (CMC splits a network's width between its two views)."""
     base, width = parse_arch(arch)
     if width % 2 or width < 2:
-        raise ValueError(f"MODEL.ARCH {arch} has base width {width}: CMC's two views split it, "
-                         "so it must be even")  # fmt: skip
+        raise ValueError(
+            f"MODEL.ARCH {arch} has base width {width}: CMC's two views split it, "
+            "so it must be even"
+        )
     return f"{base}_w{width // 2}"
 
 
@@ -75,7 +79,9 @@ def _narrow(base, width, **kwargs):
 def _set_in_channels(model, in_channels):
     """A stem for ``in_channels`` input channels (CMC's L and ab views: 1 and 2), same init."""
     old = model.conv1
-    model.conv1 = nn.Conv2d(in_channels, old.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+    model.conv1 = nn.Conv2d(
+        in_channels, old.out_channels, kernel_size=7, stride=2, padding=3, bias=False
+    )
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
 

@@ -59,12 +59,20 @@ def validate_shuffle_bn(cfg, world_size):
     mode = resolve_shuffle_bn(cfg.MODEL.SHUFFLE_BN, world_size)  # rejects unknown names
     batch = cfg.SOLVER.IMS_PER_BATCH // world_size
     groups = cfg.MODEL.SPLIT_BN_GROUPS
-    if mode == "sync" and world_size > 1 and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("MODEL.SHUFFLE_BN=sync needs CUDA with several processes (torch's "
-                         "SyncBatchNorm rejects CPU tensors); use 'ddp' or 'auto'")  # fmt: skip
+    if (
+        mode == "sync"
+        and world_size > 1
+        and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available())
+    ):
+        raise ValueError(
+            "MODEL.SHUFFLE_BN=sync needs CUDA with several processes (torch's "
+            "SyncBatchNorm rejects CPU tensors); use 'ddp' or 'auto'"
+        )
     if mode == "ddp" and world_size < 2:
-        raise ValueError("MODEL.SHUFFLE_BN=ddp shuffles across processes and needs >= 2; use "
-                         "'auto' or 'split' for one process")  # fmt: skip
+        raise ValueError(
+            "MODEL.SHUFFLE_BN=ddp shuffles across processes and needs >= 2; use "
+            "'auto' or 'split' for one process"
+        )
     if mode == "split" and batch % groups:
         raise ValueError(
             f"split Shuffle BN: the per-process batch {batch} is not divisible by "
@@ -120,17 +128,26 @@ class SplitBatchNorm(nn.BatchNorm2d):
             # one native BN per contiguous block keeps channels_last; split/cat cost one copy
             means = mean_split.view(G, C) if tracked else [None] * G
             vars_ = var_split.view(G, C) if tracked else [None] * G
-            out = torch.cat([
-                F.batch_norm(block, means[j], vars_[j], self.weight, self.bias, True, factor,
-                             self.eps)
-                for j, block in enumerate(input.split(N // G))
-            ])  # fmt: skip
+            out = torch.cat(
+                [
+                    F.batch_norm(
+                        block, means[j], vars_[j], self.weight, self.bias, True, factor, self.eps
+                    )
+                    for j, block in enumerate(input.split(N // G))
+                ]
+            )
         else:
             weight = self.weight.repeat(G) if self.weight is not None else None
             bias = self.bias.repeat(G) if self.bias is not None else None
             out = F.batch_norm(
-                input.reshape(N // G, C * G, H, W), mean_split, var_split, weight, bias,
-                True, factor, self.eps,
+                input.reshape(N // G, C * G, H, W),
+                mean_split,
+                var_split,
+                weight,
+                bias,
+                True,
+                factor,
+                self.eps,
             ).reshape(N, C, H, W)
         if tracked:
             with torch.no_grad():
@@ -147,8 +164,12 @@ def convert_split_batchnorm(module, num_splits):
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
         ref = module.weight if module.weight is not None else module.running_mean
         new = SplitBatchNorm(
-            module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
-            affine=module.affine, track_running_stats=module.track_running_stats,
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
             device=ref.device if ref is not None else None,
             dtype=ref.dtype if ref is not None else None,
         )

@@ -30,12 +30,14 @@ FINAL_WEIGHTS = "model_final.pth"
 
 
 def supervised_transform(crop_size, min_scale=0.2):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        imagenet_normalize(),
-    ])  # fmt: skip
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            imagenet_normalize(),
+        ]
+    )
 
 
 class SupervisedTrainer(PretrainTrainer):
@@ -54,13 +56,18 @@ class SupervisedTrainer(PretrainTrainer):
     def validate(self, world_size):
         batch = self.cfg.SOLVER.IMS_PER_BATCH
         if batch < 1 or batch % world_size:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH {batch}: must be >= 1 and divide over "
-                             f"{world_size} processes")  # fmt: skip
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH {batch}: must be >= 1 and divide over {world_size} processes"
+            )
 
     def build_dataset(self):
-        dataset = image_folder(self.cfg.DATA.ROOT, "train",
-                               supervised_transform(self.cfg.INPUT.CROP_SIZE, self.cfg.INPUT.MIN_SCALE), "DATA.ROOT (DATA)",
-                               **folder_checks(self.cfg))  # fmt: skip
+        dataset = image_folder(
+            self.cfg.DATA.ROOT,
+            "train",
+            supervised_transform(self.cfg.INPUT.CROP_SIZE, self.cfg.INPUT.MIN_SCALE),
+            "DATA.ROOT (DATA)",
+            **folder_checks(self.cfg),
+        )
         self.num_classes = len(dataset.classes)
         return dataset
 
@@ -90,8 +97,9 @@ class SupervisedTrainer(PretrainTrainer):
         cfg = self.cfg
         if not cfg.KNN.DATA:
             return None
-        _, val = build_labeled_datasets(cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)",
-                                        **folder_checks(cfg))  # fmt: skip
+        _, val = build_labeled_datasets(
+            cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+        )
         loader = build_eval_loader(val, cfg.KNN.BATCH_SIZE, cfg.DATALOADER.NUM_WORKERS)
         was_training = self.net.training
         try:

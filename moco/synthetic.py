@@ -64,21 +64,45 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 2
 
 CLASS_NAMES: Tuple[str, ...] = (
-    "disk", "square", "triangle", "star", "ring",
-    "cross", "hexagon", "crescent", "arrow", "heart",
-)  # fmt: skip
+    "disk",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "cross",
+    "hexagon",
+    "crescent",
+    "arrow",
+    "heart",
+)
 TEXTURE_OF_CLASS: Dict[str, str] = {
-    "disk": "stripes", "square": "checker", "triangle": "dots", "star": "waves", "ring": "grid",
-    "cross": "zigzag", "hexagon": "speckle", "crescent": "concentric", "arrow": "sunburst",
+    "disk": "stripes",
+    "square": "checker",
+    "triangle": "dots",
+    "star": "waves",
+    "ring": "grid",
+    "cross": "zigzag",
+    "hexagon": "speckle",
+    "crescent": "concentric",
+    "arrow": "sunburst",
     "heart": "bricks",
-}  # fmt: skip
+}
 TEXTURE_FAMILIES: Tuple[str, ...] = tuple(TEXTURE_OF_CLASS[c] for c in CLASS_NAMES)
 
 # Backgrounds: two of these colours and a ramp, shared by every image (no identity key).
-BACKGROUND_POOL = np.array([
-    [128, 128, 128], [100, 110, 120], [150, 140, 125], [90, 100, 90],
-    [170, 170, 160], [120, 100, 100], [80, 90, 110], [140, 150, 150],
-], np.float32)  # fmt: skip
+BACKGROUND_POOL = np.array(
+    [
+        [128, 128, 128],
+        [100, 110, 120],
+        [150, 140, 125],
+        [90, 100, 90],
+        [170, 170, 160],
+        [120, 100, 100],
+        [80, 90, 110],
+        [140, 150, 150],
+    ],
+    np.float32,
+)
 # Objects are painted in two of these grey levels: measured, random per-instance colours are an
 # identity key that survives MoCo v2's colour jitter (hue 0.1) and hides the class.
 GREY_LEVELS = np.array([40, 90, 170, 220], np.float32)
@@ -132,11 +156,17 @@ class SyntheticSpec:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
                 raise ValueError(f"SyntheticSpec.{f.name} must be an integer, got {v!r}")
         minimum = {
-            "seed": 0, "cls_image_size": 16, "cls_train_per_class": 1, "cls_val_per_class": 1,
-            "det_image_size": 32, "det_min_objects": 1, "jpeg_quality": 1,
+            "seed": 0,
+            "cls_image_size": 16,
+            "cls_train_per_class": 1,
+            "cls_val_per_class": 1,
+            "det_image_size": 32,
+            "det_min_objects": 1,
+            "jpeg_quality": 1,
             # Detectron2's VOC loader cannot read a one-line image set (np.loadtxt gives a 0-d array).
-            "det_trainval_images": 2, "det_test_images": 2,
-        }  # fmt: skip
+            "det_trainval_images": 2,
+            "det_test_images": 2,
+        }
         for name, lo in minimum.items():
             if getattr(self, name) < lo:
                 raise ValueError(f"SyntheticSpec.{name} must be >= {lo}, got {getattr(self, name)}")
@@ -185,13 +215,28 @@ def _shape_parts(name: str, rng: np.random.Generator) -> List[Tuple[np.ndarray, 
         return [(_circle(), False), (_circle(r=rng.uniform(0.45, 0.6)), True)]
     if name == "cross":
         w = rng.uniform(0.25, 0.35)
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
-               (-1, w), (-1, -w), (-w, -w)]  # fmt: skip
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
         return [(np.array(pts, dtype=np.float64), False)]
     if name == "hexagon":
         return [(_regular(6, phase=0.0), False)]
     if name == "crescent":
-        return [(_circle(), False), (_circle(r=rng.uniform(0.8, 0.9), dx=rng.uniform(0.4, 0.55)), True)]
+        return [
+            (_circle(), False),
+            (_circle(r=rng.uniform(0.8, 0.9), dx=rng.uniform(0.4, 0.55)), True),
+        ]
     if name == "arrow":
         w, head = rng.uniform(0.18, 0.28), rng.uniform(0.1, 0.3)
         pts = [(-1, -w), (head, -w), (head, -0.7), (1, 0), (head, 0.7), (head, w), (-1, w)]
@@ -376,7 +421,9 @@ def _polygon_area(polygons: List[List[float]]) -> float:
 # Images
 
 
-def render_classification_image(spec: SyntheticSpec, split: str, cls: int, index: int) -> np.ndarray:
+def render_classification_image(
+    spec: SyntheticSpec, split: str, cls: int, index: int
+) -> np.ndarray:
     """One RGB uint8 image of class ``cls``: a single object filling most of the frame."""
     rng = _rng(spec.seed, _KIND_CLS, CLS_SPLITS.index(split), cls, index)
     s = spec.cls_image_size
@@ -518,8 +565,11 @@ def _write_classification(args):
     root, spec, split, cls, index = args
     img = render_classification_image(spec, split, cls, index)
     name = CLASS_NAMES[cls]
-    _write_jpeg(os.path.join(root, "imagefolder", split, name, f"{name}_{index:04d}.jpg"), img,
-                spec.jpeg_quality)  # fmt: skip
+    _write_jpeg(
+        os.path.join(root, "imagefolder", split, name, f"{name}_{index:04d}.jpg"),
+        img,
+        spec.jpeg_quality,
+    )
 
 
 def _write_detection(args):
@@ -543,27 +593,39 @@ def _write_detection(args):
 def _coco_json(spec: SyntheticSpec, split: str, records) -> dict:
     images, annotations = [], []
     for r in records:
-        images.append({"id": r["id"], "file_name": r["file_id"] + ".jpg",
-                       "height": r["height"], "width": r["width"]})  # fmt: skip
+        images.append(
+            {
+                "id": r["id"],
+                "file_name": r["file_id"] + ".jpg",
+                "height": r["height"],
+                "width": r["width"],
+            }
+        )
         for o in r["objects"]:
             x0, y0, x1, y1 = o["box"]
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": r["id"],
-                "category_id": o["cls"] + 1,
-                "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-                "area": o["area"],
-                "iscrowd": 0,
-                "segmentation": o["polygons"],
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": r["id"],
+                    "category_id": o["cls"] + 1,
+                    "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
+                    "area": o["area"],
+                    "iscrowd": 0,
+                    "segmentation": o["polygons"],
+                }
+            )
     return {
-        "info": {"description": f"moco-det synthetic detection set, {split}",
-                 "version": str(GENERATOR_VERSION), "seed": spec.seed},  # fmt: skip
+        "info": {
+            "description": f"moco-det synthetic detection set, {split}",
+            "version": str(GENERATOR_VERSION),
+            "seed": spec.seed,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                       for i, n in enumerate(CLASS_NAMES)],  # fmt: skip
+        "categories": [
+            {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)
+        ],
     }
 
 
@@ -598,8 +660,12 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
     os.makedirs(os.path.join(root, "coco", "annotations"))
 
     per_class = {"train": spec.cls_train_per_class, "val": spec.cls_val_per_class}
-    cls_jobs = [(root, spec, split, c, i) for split in CLS_SPLITS
-                for c in range(len(CLASS_NAMES)) for i in range(per_class[split])]  # fmt: skip
+    cls_jobs = [
+        (root, spec, split, c, i)
+        for split in CLS_SPLITS
+        for c in range(len(CLASS_NAMES))
+        for i in range(per_class[split])
+    ]
     sizes = {"trainval": spec.det_trainval_images, "test": spec.det_test_images}
     det_jobs = [(root, spec, split, i) for split in VOC_SPLITS for i in range(sizes[split])]
     with _mapper(workers, len(cls_jobs) + len(det_jobs)) as run:
@@ -630,8 +696,9 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
     with open(os.path.join(root, MANIFEST_NAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
-    logger.info("generated synthetic data in %s in %.1f s: %s", root, time.perf_counter() - start,
-                counts)  # fmt: skip
+    logger.info(
+        "generated synthetic data in %s in %.1f s: %s", root, time.perf_counter() - start, counts
+    )
     return manifest
 
 
@@ -645,7 +712,9 @@ def _clear(root: str):
             f"{root} already holds {', '.join(present) or MANIFEST_NAME} not written by the synthetic "
             f"generator; pass an empty or new --root, or remove them"
         )
-    for name in (MANIFEST_NAME,) + _OUTPUT_DIRS:  # manifest first: a half-cleared root is not reused
+    for name in (
+        MANIFEST_NAME,
+    ) + _OUTPUT_DIRS:  # manifest first: a half-cleared root is not reused
         path = os.path.join(root, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -671,8 +740,10 @@ def is_generated(root: str, spec: SyntheticSpec) -> bool:
         and m.get("generator_version") == GENERATOR_VERSION
         and m.get("spec") == spec.to_dict()
         and m.get("class_names") == list(CLASS_NAMES)
-        and all(os.path.exists(os.path.join(root, "coco", "annotations", f"instances_{s}.json"))
-                for s in VOC_SPLITS)  # fmt: skip
+        and all(
+            os.path.exists(os.path.join(root, "coco", "annotations", f"instances_{s}.json"))
+            for s in VOC_SPLITS
+        )
     )
 
 
@@ -694,9 +765,11 @@ def _lock(root: str):
 
 
 def ensure_generated(
-    root: Optional[str] = None, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1,
+    root: Optional[str] = None,
+    spec: SyntheticSpec = SyntheticSpec(),
+    workers: int = 1,
     force: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     """Reuse ``root`` if it holds the set of ``spec``, else (re)generate it. Returns the manifest."""
     root = root or default_synthetic_root()
     with _lock(root):

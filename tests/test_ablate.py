@@ -40,10 +40,18 @@ def _records():
     recs = []
     for value, accs in ((0.0, [None, None]), (0.9, [50.0, 54.0]), (0.99, [60.0, None])):
         for seed, acc in enumerate(accs):
-            recs.append({"series": "moco", "value": value, "seed": seed, "dir": f"d{value}{seed}",
-                         "status": "ok" if acc is not None else "fail",
-                         "reason": None if acc is not None else "loss not decreasing (1 -> 1)",
-                         "knn_top1": acc, "lincls_top1": None})  # fmt: skip
+            recs.append(
+                {
+                    "series": "moco",
+                    "value": value,
+                    "seed": seed,
+                    "dir": f"d{value}{seed}",
+                    "status": "ok" if acc is not None else "fail",
+                    "reason": None if acc is not None else "loss not decreasing (1 -> 1)",
+                    "knn_top1": acc,
+                    "lincls_top1": None,
+                }
+            )
     return recs
 
 
@@ -52,7 +60,9 @@ def test_table_csv_json_and_plot(tmp_path):
     acfg.SETTING = "m"
     rows = write_report(_records(), acfg, output_dir=str(tmp_path))
     assert [r["value"] for r in rows] == [0.0, 0.9, 0.99]
-    assert rows[1]["knn_top1"] == pytest.approx(52.0) and rows[1]["knn_top1_std"] == pytest.approx(2.828, abs=1e-3)
+    assert rows[1]["knn_top1"] == pytest.approx(52.0) and rows[1]["knn_top1_std"] == pytest.approx(
+        2.828, abs=1e-3
+    )
     md = (tmp_path / "ablation.md").read_text().splitlines()
     assert md[0] == "| mechanism | m | kNN top-1 | seeds |"
     assert md[2] == "| moco | 0 | fail | 2 |"
@@ -68,11 +78,25 @@ def test_table_csv_json_and_plot(tmp_path):
 
 
 def test_k_sweep_table_has_one_line_per_mechanism(tmp_path):
-    recs = [{"series": s, "value": k, "seed": 0, "dir": "", "status": "ok", "reason": None,
-             "knn_top1": 30.0 + k / 64, "lincls_top1": 20.0}
-            for s in ("end_to_end", "memory_bank", "moco") for k in (64, 128)]  # fmt: skip
+    recs = [
+        {
+            "series": s,
+            "value": k,
+            "seed": 0,
+            "dir": "",
+            "status": "ok",
+            "reason": None,
+            "knn_top1": 30.0 + k / 64,
+            "lincls_top1": 20.0,
+        }
+        for s in ("end_to_end", "memory_bank", "moco")
+        for k in (64, 128)
+    ]
     rows = aggregate(recs)
-    assert [(r["series"], r["value"]) for r in rows][:2] == [("end_to_end", 64), ("end_to_end", 128)]
+    assert [(r["series"], r["value"]) for r in rows][:2] == [
+        ("end_to_end", 64),
+        ("end_to_end", 128),
+    ]
     assert "| linear top-1 |" in markdown_table(rows, "K")
     acfg = load_ablation_cfg()
     acfg.SETTING = "K"
@@ -85,11 +109,29 @@ def _tiny_acfg(synthetic_root, out, **kw):
     acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "momentum_cpu.yaml"))
     acfg.PRETRAIN_CONFIG = os.path.join(REPO, "configs", "pretrain", "moco_v1_R18_cpu.yaml")
     acfg.OPTS = list(acfg.OPTS) + [
-        "DATA.ROOT", data, "KNN.DATA", data, "SOLVER.IMS_PER_BATCH", "8", "MODEL.K", "16",
-        "SOLVER.EPOCHS", "1", "INPUT.CROP_SIZE", "32", "MODEL.DIM", "16",
-        "MODEL.SPLIT_BN_GROUPS", "2", "DATALOADER.NUM_WORKERS", "0", "KNN.BATCH_SIZE", "16",
-        "LOG_PERIOD", "1",
-    ]  # fmt: skip
+        "DATA.ROOT",
+        data,
+        "KNN.DATA",
+        data,
+        "SOLVER.IMS_PER_BATCH",
+        "8",
+        "MODEL.K",
+        "16",
+        "SOLVER.EPOCHS",
+        "1",
+        "INPUT.CROP_SIZE",
+        "32",
+        "MODEL.DIM",
+        "16",
+        "MODEL.SPLIT_BN_GROUPS",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "KNN.BATCH_SIZE",
+        "16",
+        "LOG_PERIOD",
+        "1",
+    ]
     acfg.SEEDS = [0]
     acfg.FAIL.CHANCE_MARGIN = -100.0  # 3 iterations cannot beat chance; judge only NaN here
     acfg.OUTPUT_DIR = str(out)
@@ -98,7 +140,9 @@ def _tiny_acfg(synthetic_root, out, **kw):
     return acfg
 
 
-def test_tiny_sweep_labels_a_nan_run_fail_and_reuses_finished_runs(synthetic_root, tmp_path, one_thread):
+def test_tiny_sweep_labels_a_nan_run_fail_and_reuses_finished_runs(
+    synthetic_root, tmp_path, one_thread
+):
     # T = 1e-45 is a float32 denormal: the logits overflow to inf and the loss is NaN at step 0
     acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="T", VALUES=[0.2, 1e-45])
     rows, records = run_ablation(acfg)
@@ -118,9 +162,12 @@ def test_tiny_sweep_labels_a_nan_run_fail_and_reuses_finished_runs(synthetic_roo
 
 
 def test_end_to_end_k_is_the_batch_with_linear_lr_scaling(synthetic_root, tmp_path):
-    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="K", VALUES=[16, 20],
-                      SERIES=["end_to_end", "moco"])  # fmt: skip
-    with pytest.raises(ValueError, match=r"ablation run moco K=20: MODEL.K \(--moco-k\) = 20 is not a multiple"):
+    acfg = _tiny_acfg(
+        synthetic_root, tmp_path, SETTING="K", VALUES=[16, 20], SERIES=["end_to_end", "moco"]
+    )
+    with pytest.raises(
+        ValueError, match=r"ablation run moco K=20: MODEL.K \(--moco-k\) = 20 is not a multiple"
+    ):
         plan_runs(acfg)
     acfg.VALUES = [16]
     e2e, moco = plan_runs(acfg)
@@ -129,18 +176,32 @@ def test_end_to_end_k_is_the_batch_with_linear_lr_scaling(synthetic_root, tmp_pa
     assert moco["cfg"].SOLVER.IMS_PER_BATCH == 8 and moco["cfg"].MODEL.K == 16
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--setting", "m", "--values", "a"], "values of m must be floats"),
-    (["--setting", "K", "--values", "64", "--series", "simclr"], "SERIES (--series) names mechanisms"),
-    (["--preset", "nope.yaml"], "config file nope.yaml does not exist"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--setting", "m", "--values", "a"], "values of m must be floats"),
+        (
+            ["--setting", "K", "--values", "64", "--series", "simclr"],
+            "SERIES (--series) names mechanisms",
+        ),
+        (["--preset", "nope.yaml"], "config file nope.yaml does not exist"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, TOOL, *args, "--output-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, TOOL, *args, "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ablate.py: error: ") and message in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("ablate.py: error: ") and message in lines[0], (
+        lines
+    )
 
 
 def test_a_folder_of_another_configuration_is_not_reused(synthetic_root, tmp_path):

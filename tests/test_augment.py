@@ -114,6 +114,8 @@ def test_eval_transform_sizes_and_normalisation():
     color = (200, 100, 30)
     out = small(Image.new("RGB", (100, 90), color))
     assert out.shape == (3, 64, 64)
-    expected = (torch.tensor(color) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    expected = (torch.tensor(color) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
+    )
     torch.testing.assert_close(out.mean(dim=(1, 2)), expected.float(), rtol=0, atol=1e-5)
     assert out.std(dim=(1, 2)).max() < 1e-5

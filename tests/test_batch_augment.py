@@ -52,9 +52,11 @@ def test_colour_adjustments_equal_torchvision_per_sample():
     x = _images()
     f = torch.tensor([0.6, 0.9, 1.0, 1.1, 1.3, 1.4])
     shift = torch.tensor([-0.4, -0.1, 0.0, 0.05, 0.2, 0.5])
-    for ours, theirs in ((B.adjust_brightness, TF.adjust_brightness),
-                         (B.adjust_contrast, TF.adjust_contrast),
-                         (B.adjust_saturation, TF.adjust_saturation)):  # fmt: skip
+    for ours, theirs in (
+        (B.adjust_brightness, TF.adjust_brightness),
+        (B.adjust_contrast, TF.adjust_contrast),
+        (B.adjust_saturation, TF.adjust_saturation),
+    ):
         out = ours(x, f.view(-1, 1, 1, 1))
         for i in range(len(x)):
             assert torch.allclose(out[i], theirs(x[i], f[i].item()), atol=1e-6), ours.__name__
@@ -72,10 +74,12 @@ def test_color_jitter_draws_and_order_match_torchvision_formulas():
     factors = [torch.empty(n).uniform_(1 - s, 1 + s) for s in (0.4, 0.3, 0.2)]
     shift = torch.empty(n).uniform_(-0.1, 0.1)
     order = torch.rand(n, 4).argsort(1)
-    fns = [lambda im, i: TF.adjust_brightness(im, factors[0][i].item()),
-           lambda im, i: TF.adjust_contrast(im, factors[1][i].item()),
-           lambda im, i: TF.adjust_saturation(im, factors[2][i].item()),
-           lambda im, i: TF.adjust_hue(im, shift[i].item())]  # fmt: skip
+    fns = [
+        lambda im, i: TF.adjust_brightness(im, factors[0][i].item()),
+        lambda im, i: TF.adjust_contrast(im, factors[1][i].item()),
+        lambda im, i: TF.adjust_saturation(im, factors[2][i].item()),
+        lambda im, i: TF.adjust_hue(im, shift[i].item()),
+    ]
     assert len({tuple(o) for o in order.tolist()}) > 1  # samples differ in order
     for i in range(n):
         ref = x[i]
@@ -161,7 +165,9 @@ def test_decoded_cache_gives_the_same_run_without_loader_workers(synthetic_root,
         if cache:  # every image decoded once, equal to the folder's item; steps index it in-process
             folder = trainer.dataset.dataset
             assert trainer.dataset.images.shape == (len(folder), 3, 40, 40)
-            assert all(torch.equal(trainer.dataset[i][0], folder[i][0]) for i in (0, len(folder) - 1))
+            assert all(
+                torch.equal(trainer.dataset[i][0], folder[i][0]) for i in (0, len(folder) - 1)
+            )
             assert trainer.data_loader.loader.num_workers == 0
         trainer.train()
         runs[cache] = _losses(str(tmp_path / str(cache)))

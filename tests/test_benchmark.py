@@ -27,11 +27,21 @@ cli = load_tool("benchmark")
 C4_CONFIG = os.path.join(ROOT, "configs", "detection", "pascal_voc_R_50_C4_24k_moco.yaml")
 # the paper's C4 config shrunk to seconds on a CPU: R18 trunk, 64 px, few proposals and ROIs
 TINY_DET_OPTS = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
-]  # fmt: skip
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "50",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "16",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -39,10 +49,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def test_official_reimplementation_has_official_keys_and_step_semantics():
     torch.manual_seed(0)
-    ref = OfficialMoCo(torchvision.models.resnet18, dim=16, K=32, m=0.99, T=0.2, mlp=True,
-                       split_bn_groups=2)  # fmt: skip
-    ours = MoCo(torchvision.models.resnet18, dim=16, K=32, m=0.99, T=0.2, mlp=True,
-                shuffle_bn="split", split_bn_groups=2)  # fmt: skip
+    ref = OfficialMoCo(
+        torchvision.models.resnet18, dim=16, K=32, m=0.99, T=0.2, mlp=True, split_bn_groups=2
+    )
+    ours = MoCo(
+        torchvision.models.resnet18,
+        dim=16,
+        K=32,
+        m=0.99,
+        T=0.2,
+        mlp=True,
+        shuffle_bn="split",
+        split_bn_groups=2,
+    )
     assert list(ref.state_dict()) == list(ours.state_dict())
     torch.testing.assert_close(ref.queue.norm(dim=0), torch.ones(32))
     q_params = [p.detach().clone() for p in ref.encoder_q.parameters()]
@@ -80,22 +99,57 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
 ):
     monkeypatch.setitem(sys.modules, "lightly", None)  # "import lightly" fails: row says so
     out = tmp_path / "bench" / "report.json"
-    rc = cli.main([
-        "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--K", "64",
-        "--split-bn-groups", "2", "--reps", "2", "--steps", "1", "--warmup", "1",
-        "--workers", "0", "--data", synthetic_root, "--data-batches", "1",
-        "--rows", "model,momentum,data,e2e", "--device", "cpu", "--output", str(out),
-        "--channels-last", "true",  # "auto" leaves it off for 32 px crops on CPU
-    ])  # fmt: skip
+    rc = cli.main(
+        [
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--K",
+            "64",
+            "--split-bn-groups",
+            "2",
+            "--reps",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--data",
+            synthetic_root,
+            "--data-batches",
+            "1",
+            "--rows",
+            "model,momentum,data,e2e",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--channels-last",
+            "true",  # "auto" leaves it off for 32 px crops on CPU
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads(out.read_text())
     rows = {(r["group"], r["name"]): r for r in report["rows"]}
-    assert set(rows) == {("model", "official"), ("model", "moco-det"), ("model", "lightly"),
-                         ("momentum", "official"), ("momentum", "moco-det"),
-                         ("data", "official"), ("data", "moco-det"), ("data", "moco-det batch"),
-                         ("e2e", "official"), ("e2e", "moco-det"),
-                         ("e2e", "moco-det batch")}  # fmt: skip
+    assert set(rows) == {
+        ("model", "official"),
+        ("model", "moco-det"),
+        ("model", "lightly"),
+        ("momentum", "official"),
+        ("momentum", "moco-det"),
+        ("data", "official"),
+        ("data", "moco-det"),
+        ("data", "moco-det batch"),
+        ("e2e", "official"),
+        ("e2e", "moco-det"),
+        ("e2e", "moco-det batch"),
+    }
     assert rows[("model", "lightly")]["status"].startswith("not installed")
     for key, r in rows.items():
         if key[1] == "lightly":
@@ -109,7 +163,8 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
         if key[0] in ("model", "momentum"):  # the main process does the work: CPU time ~ wall
             assert r["median_cpu_ms"] > 0.3 * r["median_ms"]
             assert r["cpu_ratio_vs_baseline"] == pytest.approx(
-                base["median_cpu_ms"] / r["median_cpu_ms"])
+                base["median_cpu_ms"] / r["median_cpu_ms"]
+            )
         if r["unit"] != "update":
             assert r["images_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
     assert rows[("model", "official")]["ratio_vs_baseline"] == 1.0
@@ -119,8 +174,12 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     # interleaved: official, moco-det, official, moco-det within each group
     log = [line.split()[:4] for line in captured.err.splitlines() if " rep " in line]
     model_log = [(g, name, rep.rstrip(":")) for g, name, _, rep in log if g == "model"]
-    assert model_log == [("model", "official", "1/2"), ("model", "moco-det", "1/2"),
-                         ("model", "official", "2/2"), ("model", "moco-det", "2/2")]  # fmt: skip
+    assert model_log == [
+        ("model", "official", "1/2"),
+        ("model", "moco-det", "1/2"),
+        ("model", "official", "2/2"),
+        ("model", "moco-det", "2/2"),
+    ]
     # the table: one line per row, the lightly row with its status
     table = captured.out
     assert "median ms" in table and "cpu ms" in table and "x baseline" in table
@@ -138,14 +197,38 @@ def test_startup_rows_time_fresh_processes_against_imagefolder(synthetic_root, t
     data = tmp_path / "data"
     shutil.copytree(os.path.join(synthetic_root, "imagefolder"), data)
     out = tmp_path / "startup.json"
-    rc = cli.main(["--rows", "startup", "--data", str(data), "--reps", "1", "--warmup", "0",
-                   "--workers", "0", "--batch-size", "8", "--image-size", "32", "--device", "cpu",
-                   "--output", str(out)])  # fmt: skip
+    rc = cli.main(
+        [
+            "--rows",
+            "startup",
+            "--data",
+            str(data),
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["imagefolder", "scan always cold", "scan always warm", "scan never",
-                          "scan auto"]  # fmt: skip
+    assert list(rows) == [
+        "imagefolder",
+        "scan always cold",
+        "scan always warm",
+        "scan never",
+        "scan auto",
+    ]
     base = rows["imagefolder"]
     for r in rows.values():
         assert r["group"] == "startup" and r["unit"] == "start" and r["status"] == "ok"
@@ -166,29 +249,43 @@ def test_loader_schedule_skips_the_start_up_burst_and_times_whole_worker_rounds(
 
 
 def test_format_table_shows_failed_rows_and_numbers():
-    report = {"rows": [
-        {"group": "model", "name": "official", "status": "ok", "median_ms": 100.0, "min_ms": 90.0,
-         "max_ms": 120.0, "images_per_s": 320.0, "ratio_vs_baseline": 1.0, "detail": "fp32"},
-        {"group": "model", "name": "lightly", "status": "not installed (x)", "median_ms": None},
-    ]}  # fmt: skip
+    report = {
+        "rows": [
+            {
+                "group": "model",
+                "name": "official",
+                "status": "ok",
+                "median_ms": 100.0,
+                "min_ms": 90.0,
+                "max_ms": 120.0,
+                "images_per_s": 320.0,
+                "ratio_vs_baseline": 1.0,
+                "detail": "fp32",
+            },
+            {"group": "model", "name": "lightly", "status": "not installed (x)", "median_ms": None},
+        ]
+    }
     lines = format_table(report).splitlines()
     assert "100.0" in lines[2] and "90.0-120.0" in lines[2] and "320.0" in lines[2]
     assert lines[3].startswith("model    lightly") and lines[3].endswith("not installed (x)")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rows", "model,bogus"], "unknown group(s) ['bogus']"),
-    (["--K", "100"], "--K 100 is not a multiple of --batch-size 32"),
-    (["--batch-size", "12"], "--batch-size 12 is not divisible by --split-bn-groups 8"),
-    (["--arch", "vgg16"], "unknown ResNet arch 'vgg16'"),
-    (["--amp", "maybe"], "SOLVER.AMP (bf16 autocast) must be true, false or auto, got 'maybe'"),
-    (["--rows", "data", "--data", "/nonexistent/moco"], "--data /nonexistent/moco: neither"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-    (["--reps", "0"], "--reps must be >= 1, got 0"),
-    (["--det-opts", "MODEL.X"], "--det-opts must be KEY VALUE pairs"),
-    (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
-    (["--rows", "startup", "--data-per-class", "10"], "--data-per-class needs --data"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rows", "model,bogus"], "unknown group(s) ['bogus']"),
+        (["--K", "100"], "--K 100 is not a multiple of --batch-size 32"),
+        (["--batch-size", "12"], "--batch-size 12 is not divisible by --split-bn-groups 8"),
+        (["--arch", "vgg16"], "unknown ResNet arch 'vgg16'"),
+        (["--amp", "maybe"], "SOLVER.AMP (bf16 autocast) must be true, false or auto, got 'maybe'"),
+        (["--rows", "data", "--data", "/nonexistent/moco"], "--data /nonexistent/moco: neither"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--reps", "0"], "--reps must be >= 1, got 0"),
+        (["--det-opts", "MODEL.X"], "--det-opts must be KEY VALUE pairs"),
+        (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
+        (["--rows", "startup", "--data-per-class", "10"], "--data-per-class needs --data"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # where the default set would go
     assert cli.main(argv) == 2
@@ -212,8 +309,9 @@ def test_run_benchmark_validates_before_building():
 
 
 def test_detectron2_iteration_timer_on_the_paper_c4_config_tiny():
-    result = time_detectron2_iteration(C4_CONFIG, ims_per_batch=2, iters=2, warmup=1,
-                                       device="cpu", opts=TINY_DET_OPTS)  # fmt: skip
+    result = time_detectron2_iteration(
+        C4_CONFIG, ims_per_batch=2, iters=2, warmup=1, device="cpu", opts=TINY_DET_OPTS
+    )
     assert result["status"] == "ok", result
     assert result["ims_per_batch"] == 2 and result["min_size_train"] == [64]
     assert len(result["seconds_per_iter"]) == 2 and result["median_s"] > 0

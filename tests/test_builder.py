@@ -50,11 +50,11 @@ def test_logits_labels_loss_and_queue_match_hand_computation():
     loss = F.cross_entropy(logits, labels)
     by_hand = (torch.logsumexp(expected, dim=1) - expected[:, 0]).mean()
     torch.testing.assert_close(loss, by_hand)
-    torch.testing.assert_close(
-        model.encoder_k.fc.weight, torch.diag(torch.tensor([2.0, 1.0, 1.0]))
-    )
+    torch.testing.assert_close(model.encoder_k.fc.weight, torch.diag(torch.tensor([2.0, 1.0, 1.0])))
     # enqueued keys at [0, 2), the rest untouched, pointer advanced
-    torch.testing.assert_close(model.queue[:, :2], torch.tensor([[0.6, 0.0], [0.8, 0.6], [0.0, 0.8]]))
+    torch.testing.assert_close(
+        model.queue[:, :2], torch.tensor([[0.6, 0.0], [0.8, 0.6], [0.0, 0.8]])
+    )
     torch.testing.assert_close(model.queue[:, 2:], queue_before[:, 2:])
     assert model.queue_ptr.tolist() == [2]
 
@@ -116,8 +116,9 @@ def test_queue_initialised_l2_normalised_and_key_encoder_is_a_frozen_copy():
 @pytest.mark.parametrize("m", [0.5, 0.999])
 def test_momentum_update_value(m):
     torch.manual_seed(0)
-    model = MoCo(functools.partial(LinearEncoder, in_dim=6, bias=True), dim=4, K=8, m=m,
-                 shuffle_bn="off")
+    model = MoCo(
+        functools.partial(LinearEncoder, in_dim=6, bias=True), dim=4, K=8, m=m, shuffle_bn="off"
+    )
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
@@ -207,12 +208,16 @@ def test_official_checkpoint_state_dict_round_trip(tmp_path, mlp):
     expected_keys = {f"{e}.{k}" for e in ("encoder_q", "encoder_k") for k in tv_keys}
     assert set(src.state_dict()) == expected_keys | {"queue", "queue_ptr"}
 
-    ckpt = {"epoch": 3, "arch": "resnet18",
-            "state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "optimizer": {}}
+    ckpt = {
+        "epoch": 3,
+        "arch": "resnet18",
+        "state_dict": {"module." + k: v for k, v in src.state_dict().items()},
+        "optimizer": {},
+    }
     path = tmp_path / "checkpoint_0002.pth.tar"
     torch.save(ckpt, path)
     loaded = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k[len("module."):]: v for k, v in loaded["state_dict"].items()}
+    sd = {k[len("module.") :]: v for k, v in loaded["state_dict"].items()}
     for mode in ("off", "split", "sync"):
         dst = _r18_moco(dim=128, K=256, mlp=mlp, shuffle_bn=mode)
         result = dst.load_state_dict(sd, strict=True)

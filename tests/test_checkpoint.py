@@ -15,8 +15,9 @@ from moco.resnet import resnet_encoder
 
 def _small_moco(shuffle_bn="split", mlp=True):
     torch.manual_seed(0)
-    return MoCo(resnet_encoder("resnet18"), dim=16, K=32, mlp=mlp, shuffle_bn=shuffle_bn,
-                split_bn_groups=2)  # fmt: skip
+    return MoCo(
+        resnet_encoder("resnet18"), dim=16, K=32, mlp=mlp, shuffle_bn=shuffle_bn, split_bn_groups=2
+    )
 
 
 def _trained_optimizer(model):
@@ -30,8 +31,9 @@ def _trained_optimizer(model):
 def test_official_keys_weights_only_and_official_layout(tmp_path):
     model = _small_moco()
     opt = _trained_optimizer(model)
-    ckpt = C.build_checkpoint(model, opt, 3, "resnet18", iteration=30,
-                              rng_states=[C.capture_rng_state()])  # fmt: skip
+    ckpt = C.build_checkpoint(
+        model, opt, 3, "resnet18", iteration=30, rng_states=[C.capture_rng_state()]
+    )
     path = C.save_checkpoint(ckpt, str(tmp_path))
     assert os.path.basename(path) == "checkpoint_0002.pth.tar"  # official: epoch index 2 = 3 done
     assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0002.pth.tar"
@@ -120,8 +122,12 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.randn()  # leaves a cached gaussian in numpy's state
     state = C.capture_rng_state()
-    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
-                np.random.randn())  # fmt: skip
+    expected = (
+        torch.rand(3),
+        np.random.rand(3),
+        [random.random() for _ in range(3)],
+        np.random.randn(),
+    )
     path = str(tmp_path / "rng.pth")
     file_io.atomic_save({"rng": state}, path)
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
@@ -145,4 +151,8 @@ def test_append_file_writes_whole_lines_and_cuts_a_torn_last_line(tmp_path):
     f.flush()
     f.write('{"iteration": 2}\n')
     f.close()
-    assert path.read_text().splitlines() == ['{"iteration": 0}', '{"iteration": 1}', '{"iteration": 2}']
+    assert path.read_text().splitlines() == [
+        '{"iteration": 0}',
+        '{"iteration": 1}',
+        '{"iteration": 2}',
+    ]

@@ -46,14 +46,25 @@ def test_rgb_to_lab_gives_the_textbook_values_and_agrees_with_opencv():
     colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]]).view(1, 5, 3)
     lab = rgb_to_lab(colours.permute(2, 0, 1).unsqueeze(0).double())[0].permute(1, 2, 0)[0]
     # CIE L*a*b* of the sRGB primaries, white and black (D65)
-    expected = torch.tensor([[53.2408, 80.0925, 67.2032], [87.7347, -86.1827, 83.1793],
-                             [32.2970, 79.1875, -107.8602], [100, 0, 0], [0, 0, 0]],
-                            dtype=torch.double)  # fmt: skip
+    expected = torch.tensor(
+        [
+            [53.2408, 80.0925, 67.2032],
+            [87.7347, -86.1827, 83.1793],
+            [32.2970, 79.1875, -107.8602],
+            [100, 0, 0],
+            [0, 0, 0],
+        ],
+        dtype=torch.double,
+    )
     torch.testing.assert_close(lab, expected, atol=2e-3, rtol=0)
     rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ours = rgb_to_lab(rgb).permute(0, 2, 3, 1).numpy()
-    ref = np.stack([cv2.cvtColor(np.ascontiguousarray(im.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2Lab)
-                    for im in rgb])  # fmt: skip
+    ref = np.stack(
+        [
+            cv2.cvtColor(np.ascontiguousarray(im.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2Lab)
+            for im in rgb
+        ]
+    )
     # OpenCV's float path is fixed point (a, b in steps of 1/64): agreement within half a unit
     assert np.abs(ours - ref).max() < 0.5
 
@@ -87,7 +98,9 @@ def _images(seed=0, n=N):
 def _features(model, view, x, encoder="encoder_q"):
     with torch.no_grad():
         l_view, ab_view = model.lab(x)
-        return F.normalize(getattr(getattr(model, view), encoder)(l_view if view == "l" else ab_view), dim=1)
+        return F.normalize(
+            getattr(getattr(model, view), encoder)(l_view if view == "l" else ab_view), dim=1
+        )
 
 
 def _info_nce_by_hand(q, pos, negs, t):
@@ -112,16 +125,25 @@ def test_memory_bank_cmc_both_directions_and_bank_updates_by_hand():
     q_l, q_ab = _features(model, "l", x), _features(model, "ab", x)
     assert logits.shape == (2 * N, 1 + K) and labels.tolist() == [0] * (2 * N)
     l_to_ab, ab_to_l = _rows(logits, N)
-    torch.testing.assert_close(l_to_ab, torch.cat([(q_l * bank_ab[index]).sum(1, keepdim=True),
-                                                   q_l @ bank_ab[neg_ab].t()], 1) / T)  # fmt: skip
-    torch.testing.assert_close(ab_to_l, torch.cat([(q_ab * bank_l[index]).sum(1, keepdim=True),
-                                                   q_ab @ bank_l[neg_l].t()], 1) / T)  # fmt: skip
-    by_hand = (_info_nce_by_hand(q_l, bank_ab[index], bank_ab[neg_ab].t(), T)
-               + _info_nce_by_hand(q_ab, bank_l[index], bank_l[neg_l].t(), T)) / 2  # fmt: skip
+    torch.testing.assert_close(
+        l_to_ab,
+        torch.cat([(q_l * bank_ab[index]).sum(1, keepdim=True), q_l @ bank_ab[neg_ab].t()], 1) / T,
+    )
+    torch.testing.assert_close(
+        ab_to_l,
+        torch.cat([(q_ab * bank_l[index]).sum(1, keepdim=True), q_ab @ bank_l[neg_l].t()], 1) / T,
+    )
+    by_hand = (
+        _info_nce_by_hand(q_l, bank_ab[index], bank_ab[neg_ab].t(), T)
+        + _info_nce_by_hand(q_ab, bank_l[index], bank_l[neg_l].t(), T)
+    ) / 2
     loss = F.cross_entropy(logits, labels)
     assert loss.item() == pytest.approx(by_hand, rel=1e-5)
     # each view's bank: its own features, momentum 0.5, renormalised; other entries untouched
-    for bank, old, q in ((model.l.memory_bank.bank, bank_l, q_l), (model.ab.memory_bank.bank, bank_ab, q_ab)):
+    for bank, old, q in (
+        (model.l.memory_bank.bank, bank_l, q_l),
+        (model.ab.memory_bank.bank, bank_ab, q_ab),
+    ):
         torch.testing.assert_close(bank[index], F.normalize(0.5 * old[index] + 0.5 * q, dim=1))
     rest = [i for i in range(10) if i not in index.tolist()]
     assert torch.equal(model.l.memory_bank.bank[rest], bank_l[rest])
@@ -129,7 +151,10 @@ def test_memory_bank_cmc_both_directions_and_bank_updates_by_hand():
     loss.backward()  # both encoders learn; the banks are no parameters
     for view in (model.l, model.ab):
         assert view.encoder_q.conv1.weight.grad.abs().sum() > 0
-    assert model.l.encoder_q.conv1.weight.shape[1] == 1 and model.ab.encoder_q.conv1.weight.shape[1] == 2
+    assert (
+        model.l.encoder_q.conv1.weight.shape[1] == 1
+        and model.ab.encoder_q.conv1.weight.shape[1] == 2
+    )
     assert model.l.encoder_q.conv1.weight.shape[0] == 4  # half of base width 8
 
 
@@ -154,8 +179,12 @@ def test_queue_cmc_both_directions_momentum_and_enqueue_by_hand():
     l_to_ab, ab_to_l = _rows(logits, N)
     # L -> ab: L's query, ab's momentum key of the same crop, ab's queue; ab -> L the other way
     for rows, q, k, queue in ((l_to_ab, q_l, k_ab, queue_ab), (ab_to_l, q_ab, k_l, queue_l)):
-        torch.testing.assert_close(rows, torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / T)
-    by_hand = (_info_nce_by_hand(q_l, k_ab, queue_ab, T) + _info_nce_by_hand(q_ab, k_l, queue_l, T)) / 2
+        torch.testing.assert_close(
+            rows, torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / T
+        )
+    by_hand = (
+        _info_nce_by_hand(q_l, k_ab, queue_ab, T) + _info_nce_by_hand(q_ab, k_l, queue_l, T)
+    ) / 2
     assert F.cross_entropy(logits, labels).item() == pytest.approx(by_hand, rel=1e-5)
     # each view enqueues its own keys at its pointer
     torch.testing.assert_close(model.l.queue[:, :N], k_l.t())
@@ -173,7 +202,9 @@ def test_knn_reads_the_two_views_pooled_features_concatenated():
     torch.manual_seed(0)
     model = CMC("resnet18_w8", "moco", dim=DIM, K=8, shuffle_bn="off").eval()
     x = _images()
-    feats, _ = extract_features(model.encoder_q, [(x, torch.zeros(N, dtype=torch.long))], torch.device("cpu"))
+    feats, _ = extract_features(
+        model.encoder_q, [(x, torch.zeros(N, dtype=torch.long))], torch.device("cpu")
+    )
     pooled = []
     with torch.no_grad():
         for enc, v in zip((model.l.encoder_q, model.ab.encoder_q), model.lab(x)):
@@ -189,17 +220,28 @@ def test_knn_reads_the_two_views_pooled_features_concatenated():
 
 
 @pytest.mark.parametrize("dictionary", ["memory_bank", "moco"])
-def test_cmc_trains_and_resumes_exactly_with_the_engine(synthetic_root, tmp_path, one_thread, dictionary):
-    opts = {"MODEL.MECHANISM": "cmc", "MODEL.CMC_DICTIONARY": dictionary, "MODEL.ARCH": "resnet18_w16",
-            "KNN.AT_START": False}  # fmt: skip
+def test_cmc_trains_and_resumes_exactly_with_the_engine(
+    synthetic_root, tmp_path, one_thread, dictionary
+):
+    opts = {
+        "MODEL.MECHANISM": "cmc",
+        "MODEL.CMC_DICTIONARY": dictionary,
+        "MODEL.ARCH": "resnet18_w16",
+        "KNN.AT_START": False,
+    }
     summary = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path / "a", **opts)).train()  # 2 epochs
     assert summary["mechanism"] == "cmc" and summary["max_iter"] == 6 and len(summary["knn"]) == 2
     with open(tmp_path / "a" / "metrics.json") as f:
-        assert all(math.isfinite(json.loads(line)["total_loss"]) for line in f if "total_loss" in line)
+        assert all(
+            math.isfinite(json.loads(line)["total_loss"]) for line in f if "total_loss" in line
+        )
     last = load_checkpoint(str(tmp_path / "a" / "checkpoint_0001.pth.tar"))
     keys = set(last["state_dict"])
-    dictionaries = ({"memory_bank.bank"} if dictionary == "memory_bank"
-                    else {"queue", "queue_ptr", "encoder_k.conv1.weight"})  # fmt: skip
+    dictionaries = (
+        {"memory_bank.bank"}
+        if dictionary == "memory_bank"
+        else {"queue", "queue_ptr", "encoder_k.conv1.weight"}
+    )
     for view in ("l", "ab"):
         assert f"module.{view}.encoder_q.conv1.weight" in keys
         assert {f"module.{view}.{k}" for k in dictionaries} <= keys
@@ -224,23 +266,40 @@ def assert_resumes_exactly(cfg, finished):
 
 
 def test_a_crafted_view_queue_pointer_is_refused_naming_it(synthetic_root, tmp_path, one_thread):
-    opts = {"MODEL.MECHANISM": "cmc", "MODEL.CMC_DICTIONARY": "moco", "MODEL.ARCH": "resnet18_w16",
-            "KNN.PERIOD": 0, "SOLVER.EPOCHS": 1}  # fmt: skip
+    opts = {
+        "MODEL.MECHANISM": "cmc",
+        "MODEL.CMC_DICTIONARY": "moco",
+        "MODEL.ARCH": "resnet18_w16",
+        "KNN.PERIOD": 0,
+        "SOLVER.EPOCHS": 1,
+    }
     PretrainTrainer(tiny_cfg(synthetic_root, tmp_path / "a", **opts)).train()
     ckpt = load_checkpoint(str(tmp_path / "a" / "checkpoint_0000.pth.tar"))
     ckpt["state_dict"]["module.ab.queue_ptr"] = torch.tensor([5])
     torch.save(ckpt, tmp_path / "crafted.pth.tar")
-    with pytest.raises(ValueError, match=r"crafted.pth.tar: ab.queue_ptr 5 is not in \[0, MODEL.K 16\)"):
-        PretrainTrainer(tiny_cfg(synthetic_root, tmp_path / "b", **opts),
-                        resume=str(tmp_path / "crafted.pth.tar"))
+    with pytest.raises(
+        ValueError, match=r"crafted.pth.tar: ab.queue_ptr 5 is not in \[0, MODEL.K 16\)"
+    ):
+        PretrainTrainer(
+            tiny_cfg(synthetic_root, tmp_path / "b", **opts),
+            resume=str(tmp_path / "crafted.pth.tar"),
+        )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"MODEL.CMC_DICTIONARY": "bank"}, "unknown MODEL.CMC_DICTIONARY 'bank'"),
-    ({"MODEL.ARCH": "resnet18_w5"}, "base width 5: CMC's two views split it"),
-    ({"MODEL.CMC_DICTIONARY": "moco", "MODEL.K": 20}, "MODEL.K \\(--moco-k\\) = 20 is not a multiple"),
-])  # fmt: skip
-def test_cmc_settings_that_cannot_train_are_one_line_errors(synthetic_root, tmp_path, overrides, message):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"MODEL.CMC_DICTIONARY": "bank"}, "unknown MODEL.CMC_DICTIONARY 'bank'"),
+        ({"MODEL.ARCH": "resnet18_w5"}, "base width 5: CMC's two views split it"),
+        (
+            {"MODEL.CMC_DICTIONARY": "moco", "MODEL.K": 20},
+            "MODEL.K \\(--moco-k\\) = 20 is not a multiple",
+        ),
+    ],
+)
+def test_cmc_settings_that_cannot_train_are_one_line_errors(
+    synthetic_root, tmp_path, overrides, message
+):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.MECHANISM": "cmc", **overrides})
     with pytest.raises(ValueError, match=message):
         validate_cfg(cfg, 1)
@@ -252,8 +311,13 @@ def test_cmc_settings_that_cannot_train_are_one_line_errors(synthetic_root, tmp_
 def _compare_worker(rank, world, port, run):
     torch.set_num_threads(1)
     expected = run(rank, world, ddp=False)  # one process, the whole batch, before the group exists
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         got = run(rank, world, ddp=True)
         assert set(got) == set(expected)
@@ -278,14 +342,23 @@ def _cmc_gradients_and_dictionaries(rank, world, ddp):
     out = {}
     for dictionary in ("memory_bank", "moco"):
         torch.manual_seed(1)
-        model = CMC("resnet18_w8", dictionary, size=12, dim=DIM, K=8, m=0.9, T=T, shuffle_bn="off").eval()
+        model = CMC(
+            "resnet18_w8", dictionary, size=12, dim=DIM, K=8, m=0.9, T=T, shuffle_bn="off"
+        ).eval()
         net = nn.parallel.DistributedDataParallel(model) if ddp else model
         torch.manual_seed(7)  # the memory bank's negative draws: the same on every rank
         F.cross_entropy(*net(x, x, index)).backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        assert any(name.startswith("ab.") for name in grads) and any(name.startswith("l.") for name in grads)
+        assert any(name.startswith("ab.") for name in grads) and any(
+            name.startswith("l.") for name in grads
+        )
         out.update({f"{dictionary} grad {name}": g for name, g in grads.items()})
-        out.update({f"{dictionary} {name}": model.get_buffer(name).clone() for name in model.dictionary_buffers})
+        out.update(
+            {
+                f"{dictionary} {name}": model.get_buffer(name).clone()
+                for name in model.dictionary_buffers
+            }
+        )
     return out
 
 
@@ -297,9 +370,20 @@ def test_one_process_and_two_gloo_processes_give_the_same_gradients_and_dictiona
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dictionary", ["memory_bank", "moco"])
 def test_cmc_trains_in_two_processes_via_cli(synthetic_root, tmp_path, dictionary):
-    s = pretrain_in_two_processes(synthetic_root, tmp_path / dictionary, [
-        "MODEL.MECHANISM", "cmc", "MODEL.CMC_DICTIONARY", dictionary, "MODEL.ARCH", "resnet18_w16",
-        "MODEL.K", "16"])  # fmt: skip
+    s = pretrain_in_two_processes(
+        synthetic_root,
+        tmp_path / dictionary,
+        [
+            "MODEL.MECHANISM",
+            "cmc",
+            "MODEL.CMC_DICTIONARY",
+            dictionary,
+            "MODEL.ARCH",
+            "resnet18_w16",
+            "MODEL.K",
+            "16",
+        ],
+    )
     assert s["world_size"] == 2 and s["mechanism"] == "cmc" and s["shuffle_bn"] == "ddp"
     digests = s["queue_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]  # both views' dictionaries, both ranks

@@ -38,7 +38,14 @@ def fine_tune(synthetic_root, config, weights, out, iterations):
     """tools/train_net.py on the embedded VOC set at test size; returns final_metrics.json."""
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_root))
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
-    cmd += TINY + ["SOLVER.MAX_ITER", str(iterations), "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out)]
+    cmd += TINY + [
+        "SOLVER.MAX_ITER",
+        str(iterations),
+        "MODEL.WEIGHTS",
+        str(weights),
+        "OUTPUT_DIR",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "final_metrics.json")) as f:
@@ -69,26 +76,45 @@ def test_converted_cmc_loads_every_tensor_and_runs_both_views(tmp_path, capsys):
     owned = {n for n in target if n.startswith("backbone.bottom_up.")}
     assert owned == loaded  # every backbone tensor came from the checkpoint
     load = checkpointer.weights_load
-    assert load["matched"] == load["backbone_tensors"] == len([n for n in owned if "num_batches" not in n])
+    assert (
+        load["matched"]
+        == load["backbone_tensors"]
+        == len([n for n in owned if "num_batches" not in n])
+    )
     # the detector's backbone on its own normalised RGB input = the encoders on the Lab split
     detector.eval()
     rgb = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+    )
     x = (rgb - mean) / std  # the pretraining loader's and this config's normalisation agree
     with torch.no_grad():
         res5 = detector.backbone.bottom_up(x)["res5"]
         views = model.lab(x)
-        expected = [enc.eval().layer4(_torchvision_trunk(enc)(v))
-                    for enc, v in zip((model.l.encoder_q, model.ab.encoder_q), views)]  # fmt: skip
+        expected = [
+            enc.eval().layer4(_torchvision_trunk(enc)(v))
+            for enc, v in zip((model.l.encoder_q, model.ab.encoder_q), views)
+        ]
     assert res5.shape[1] == 128  # 8 x 16: the full-width ResNet-18's res5
     torch.testing.assert_close(res5, torch.cat(expected, 1), atol=1e-4, rtol=1e-4)
 
 
 def test_bgr_input_is_flipped_before_the_lab_conversion(tmp_path):
     rgb_cfg = load_cfg(CMC_CFG, ["MODEL.DEVICE", "cpu"])
-    bgr_cfg = load_cfg(CMC_CFG, ["MODEL.DEVICE", "cpu", "INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN",
-                                 str(list(rgb_cfg.MODEL.PIXEL_MEAN)[::-1]), "MODEL.PIXEL_STD",
-                                 str(list(rgb_cfg.MODEL.PIXEL_STD)[::-1])])  # fmt: skip
+    bgr_cfg = load_cfg(
+        CMC_CFG,
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.FORMAT",
+            "BGR",
+            "MODEL.PIXEL_MEAN",
+            str(list(rgb_cfg.MODEL.PIXEL_MEAN)[::-1]),
+            "MODEL.PIXEL_STD",
+            str(list(rgb_cfg.MODEL.PIXEL_STD)[::-1]),
+        ],
+    )
     torch.manual_seed(0)
     a = build_model(rgb_cfg).backbone.bottom_up.eval()
     b = build_model(bgr_cfg).backbone.bottom_up.eval()
@@ -100,9 +126,17 @@ def test_bgr_input_is_flipped_before_the_lab_conversion(tmp_path):
 
 def test_train_net_fine_tunes_converted_cmc_weights(synthetic_datasets, synthetic_root, tmp_path):
     _cmc_checkpoint(tmp_path / "cmc.pth.tar", "memory_bank", seed=5)
-    convert = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_to_d2.py"),
-                              str(tmp_path / "cmc.pth.tar"), str(tmp_path / "cmc.pkl")],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    convert = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "convert_to_d2.py"),
+            str(tmp_path / "cmc.pth.tar"),
+            str(tmp_path / "cmc.pkl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert convert.returncode == 0, convert.stderr[-2000:]
     assert "cmc checkpoint" in convert.stdout
     data = fine_tune(synthetic_root, CMC_CFG, tmp_path / "cmc.pkl", tmp_path / "voc_cmc", 3)

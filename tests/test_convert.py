@@ -14,7 +14,12 @@ from detectron2.modeling import build_model
 
 from detection.checkpoint import SafeDetectionCheckpointer, load_weights_only, safe_load_pickle
 from detection.config import load_cfg
-from detection.convert import convert_checkpoint, convert_state_dict, load_source_state_dict, rename_key
+from detection.convert import (
+    convert_checkpoint,
+    convert_state_dict,
+    load_source_state_dict,
+    rename_key,
+)
 from conftest import REPO, load_tool
 
 ROOT = REPO
@@ -89,7 +94,11 @@ def _assert_backbone_loaded(model, source, c4):
         expected[name] = key
     owned = [n for n in target if n.startswith("backbone.bottom_up." if not c4 else "backbone.")]
     if c4:
-        owned += [n for n in target if n.startswith("roi_heads.res5.") and not n.startswith("roi_heads.res5.norm.")]
+        owned += [
+            n
+            for n in target
+            if n.startswith("roi_heads.res5.") and not n.startswith("roi_heads.res5.norm.")
+        ]
     missing = sorted(set(owned) - set(expected))
     assert not missing, f"backbone tensors not loaded from the checkpoint: {missing[:5]}"
 
@@ -100,7 +109,9 @@ def _torchvision_trunk(tv):
 
 @pytest.fixture(scope="module")
 def moco_voc_cfg():
-    return load_cfg(os.path.join(CONFIGS, "pascal_voc_R_50_C4_24k_moco.yaml"), ["MODEL.DEVICE", "cpu"])
+    return load_cfg(
+        os.path.join(CONFIGS, "pascal_voc_R_50_C4_24k_moco.yaml"), ["MODEL.DEVICE", "cpu"]
+    )
 
 
 @pytest.mark.parametrize("head", ["fc", "mlp"])
@@ -170,7 +181,10 @@ def test_moco_v3_checkpoint_keeps_only_base_encoder(tmp_path):
     sd = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
     sd.update({f"module.momentum_encoder.{k}": v for k, v in momentum.state_dict().items()})
     sd["module.predictor.0.weight"] = torch.randn(32, 32)
-    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": sd, "optimizer": {}, "scaler": {}}, tmp_path / "v3.pth.tar")
+    torch.save(
+        {"epoch": 100, "arch": "resnet18", "state_dict": sd, "optimizer": {}, "scaler": {}},
+        tmp_path / "v3.pth.tar",
+    )
     result = convert_checkpoint(tmp_path / "v3.pth.tar", tmp_path / "v3.pkl")
     assert result.format == "mocov3" and result.depth == 18 and result.block == "basic"
     model = safe_load_pickle(str(tmp_path / "v3.pkl"))["model"]
@@ -184,10 +198,14 @@ def test_toolkit_moco_checkpoint_without_ddp_prefix(tmp_path):
     from moco.builder import MoCo
 
     moco = MoCo(torchvision.models.resnet18, dim=16, K=32, mlp=True)  # default split-BN mode
-    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": moco.state_dict()}, tmp_path / "c.pth.tar")
+    torch.save(
+        {"epoch": 1, "arch": "resnet18", "state_dict": moco.state_dict()}, tmp_path / "c.pth.tar"
+    )
     result = convert_checkpoint(tmp_path / "c.pth.tar", tmp_path / "c.pkl")
     model = safe_load_pickle(str(tmp_path / "c.pkl"))["model"]
-    expected = {rename_key(k): v for k, v in moco.encoder_q.state_dict().items() if not k.startswith("fc.")}
+    expected = {
+        rename_key(k): v for k, v in moco.encoder_q.state_dict().items() if not k.startswith("fc.")
+    }
     assert result.format == "moco" and model.keys() == expected.keys()
     assert all(np.array_equal(model[k], v.numpy()) for k, v in expected.items())
 
@@ -196,7 +214,10 @@ def test_resnet18_loads_into_embedded_r18_fpn_model(tmp_path):
     ckpt, encoder_q = _moco_checkpoint("resnet18", "mlp", seed=7)
     torch.save(ckpt, tmp_path / "r18.pth.tar")
     convert_checkpoint(tmp_path / "r18.pth.tar", tmp_path / "r18.pkl")
-    cfg = load_cfg(os.path.join(CONFIGS, "embedded_voc_R_18_FPN.yaml"), ["MODEL.WEIGHTS", str(tmp_path / "r18.pkl")])
+    cfg = load_cfg(
+        os.path.join(CONFIGS, "embedded_voc_R_18_FPN.yaml"),
+        ["MODEL.WEIGHTS", str(tmp_path / "r18.pkl")],
+    )
     model = build_model(cfg)
     SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     _assert_backbone_loaded(model, encoder_q, c4=False)
@@ -212,16 +233,24 @@ def test_cli_prints_counts_and_refuses_bad_input(tmp_path):
     ckpt, q = _moco_checkpoint("resnet18", "fc", seed=8)
     torch.save(ckpt, tmp_path / "in.pth.tar")
     tool = os.path.join(ROOT, "tools", "convert_to_d2.py")
-    ok = subprocess.run([sys.executable, tool, str(tmp_path / "in.pth.tar"), str(tmp_path / "out.pkl")],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    ok = subprocess.run(
+        [sys.executable, tool, str(tmp_path / "in.pth.tar"), str(tmp_path / "out.pkl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     n = sum(1 for k in q.state_dict() if not k.startswith("fc."))
     assert f"converted {n} tensors, dropped {len(ckpt['state_dict']) - n}" in ok.stdout
     assert "ResNet-18" in ok.stdout
 
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "nobackbone.pth")
-    bad = subprocess.run([sys.executable, tool, str(tmp_path / "nobackbone.pth"), str(tmp_path / "x.pkl")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, tool, str(tmp_path / "nobackbone.pth"), str(tmp_path / "x.pkl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert "nobackbone.pth" in bad.stderr and "no ResNet backbone" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
@@ -235,7 +264,9 @@ def test_refusals_leave_existing_output_untouched(tmp_path):
     convert_checkpoint(tmp_path / "tv.pth", out)
     before = out.read_bytes()
     # a MoCo checkpoint whose encoder_q lacks layer4 is not a backbone
-    partial = {f"module.encoder_q.{k}": v for k, v in tv.state_dict().items() if not k.startswith("layer4")}
+    partial = {
+        f"module.encoder_q.{k}": v for k, v in tv.state_dict().items() if not k.startswith("layer4")
+    }
     torch.save({"state_dict": partial}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"partial\.pth.*no ResNet backbone.*layer4"):
         convert_checkpoint(tmp_path / "partial.pth", out)
@@ -283,7 +314,9 @@ def test_code_payload_in_pkl_is_refused_by_checkpointer(tmp_path):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"model": weights, "__author__": "x", "hook": _WriteMarker(marker)}, f)
     model = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(pickle.UnpicklingError, match=r"evil\.pkl: refusing to unpickle global 'io\.open'"):
+    with pytest.raises(
+        pickle.UnpicklingError, match=r"evil\.pkl: refusing to unpickle global 'io\.open'"
+    ):
         SafeDetectionCheckpointer(model).load(str(tmp_path / "evil.pkl"))
     assert not marker.exists()
     # .pth weights go through torch.load(weights_only=True)
@@ -303,14 +336,20 @@ def test_code_payload_in_pkl_is_refused_by_checkpointer(tmp_path):
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_restricted_unpickler_reads_numpy_weights_of_any_protocol(tmp_path, protocol):
     data = {
-        "model": {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)},
+        "model": {
+            "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "b": np.array([1, 2], np.int64),
+        },
         "__author__": "x",
         "scalars": [np.float32(1.5), np.int64(3), np.dtype("float16")],
     }
     with open(tmp_path / "w.pkl", "wb") as f:
         pickle.dump(data, f, protocol=protocol)
     back = safe_load_pickle(str(tmp_path / "w.pkl"))
-    assert np.array_equal(back["model"]["a"], data["model"]["a"]) and back["model"]["a"].dtype == np.float32
+    assert (
+        np.array_equal(back["model"]["a"], data["model"]["a"])
+        and back["model"]["a"].dtype == np.float32
+    )
     assert back["scalars"] == data["scalars"]
 
 
@@ -325,8 +364,10 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, content):
     path.write_bytes(content)
     assert load_tool("convert_to_d2").main([str(path), str(tmp_path / "out.pkl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines()[-1] == (f"convert_to_d2.py: error: {path} is not a readable torch "
-                                    "checkpoint (neither a torch.save archive nor a pickle); give "
-                                    "a .pth / .pth.tar / .pkl weights file"), err  # fmt: skip
+    assert err.splitlines()[-1] == (
+        f"convert_to_d2.py: error: {path} is not a readable torch "
+        "checkpoint (neither a torch.save archive nor a pickle); give "
+        "a .pth / .pth.tar / .pkl weights file"
+    ), err
     assert "Traceback" not in err
     assert not (tmp_path / "out.pkl").exists()

@@ -49,9 +49,15 @@ def test_no_prediction_sees_its_target_row():
     context = context_network(d, g)
     predictor = nn.Conv2d(d, d, 1)
     z = torch.randn(1, d, g, g)
-    jac = torch.autograd.functional.jacobian(lambda t: predictor(context(t)), z)[0]  # d g g x 1 d g g
-    for i in range(g):  # the prediction made at row i (of rows i + 1, ...) sees every row <= i, none below
-        depends = jac[:, i].abs().sum(dim=(0, 1, 2, 3, 5))  # over output channel, column, input channel
+    jac = torch.autograd.functional.jacobian(lambda t: predictor(context(t)), z)[
+        0
+    ]  # d g g x 1 d g g
+    for i in range(
+        g
+    ):  # the prediction made at row i (of rows i + 1, ...) sees every row <= i, none below
+        depends = (
+            jac[:, i].abs().sum(dim=(0, 1, 2, 3, 5))
+        )  # over output channel, column, input channel
         assert (depends[i + 1 :] == 0).all() and (depends[: i + 1] > 0).all(), (i, depends)
     # and perturbing a row changes nothing above it
     c = context(z)
@@ -67,7 +73,9 @@ def test_info_nce_positive_and_negatives_by_hand():
     z = torch.randn(n, d, g, g, generator=gen)
     preds = [torch.randn(n, d, g, g, generator=gen) for _ in range(2)]
     logits, labels = cpc_logits(z, preds)
-    patches = [(m, a, b) for m in range(n) for a in range(g) for b in range(g)]  # every patch of the batch
+    patches = [
+        (m, a, b) for m in range(n) for a in range(g) for b in range(g)
+    ]  # every patch of the batch
     rows = [(k, m, i, j) for k in (1, 2) for m in range(n) for i in range(g - k) for j in range(g)]
     assert logits.shape == (len(rows), n * g * g) == (18, 18)
     for r, (k, m, i, j) in enumerate(rows):
@@ -104,18 +112,31 @@ def test_model_rows_and_eval_has_no_augmentation():
     assert logits.shape == (3 * (3 * 2 + 3 * 1), 3 * 9)
     z = model.embed(x)
     with torch.no_grad():
-        z_hand = model.encoder_q(patch_grid(x, 16).reshape(27, 3, 16, 16)).view(3, 3, 3, 8).permute(0, 3, 1, 2)
+        z_hand = (
+            model.encoder_q(patch_grid(x, 16).reshape(27, 3, 16, 16))
+            .view(3, 3, 3, 8)
+            .permute(0, 3, 1, 2)
+        )
     torch.testing.assert_close(z, z_hand)
     F.cross_entropy(logits, labels).backward()
     for module in (model.encoder_q, model.context, model.predictors):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters() if p.requires_grad)
+        assert all(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for p in module.parameters()
+            if p.requires_grad
+        )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"MODEL.CPC_PATCH_SIZE": 12}, "must be even and tile the INPUT.CROP_SIZE 32"),
-    ({"MODEL.CPC_STEPS": 3}, "MODEL.CPC_STEPS 3 must be in \\[1, 3\\)"),
-])  # fmt: skip
-def test_cpc_settings_that_cannot_train_are_one_line_errors(synthetic_root, tmp_path, overrides, message):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"MODEL.CPC_PATCH_SIZE": 12}, "must be even and tile the INPUT.CROP_SIZE 32"),
+        ({"MODEL.CPC_STEPS": 3}, "MODEL.CPC_STEPS 3 must be in \\[1, 3\\)"),
+    ],
+)
+def test_cpc_settings_that_cannot_train_are_one_line_errors(
+    synthetic_root, tmp_path, overrides, message
+):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.MECHANISM": "cpc", **overrides})
     with pytest.raises(ValueError, match=message):
         validate_cfg(cfg, 1)
@@ -126,8 +147,9 @@ def test_cpc_settings_that_cannot_train_are_one_line_errors(synthetic_root, tmp_
 OPTS = {"MODEL.MECHANISM": "cpc", "MODEL.ARCH": "resnet18_w16", "KNN.AT_START": False}
 
 
-def test_cpc_trains_resumes_exactly_converts_and_fine_tunes(synthetic_datasets, synthetic_root, tmp_path,
-                                                            one_thread):  # fmt: skip
+def test_cpc_trains_resumes_exactly_converts_and_fine_tunes(
+    synthetic_datasets, synthetic_root, tmp_path, one_thread
+):
     summary = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path / "a", **OPTS)).train()  # 2 epochs
     assert summary["mechanism"] == "cpc" and summary["max_iter"] == 6 and len(summary["knn"]) == 2
     last = load_checkpoint(str(tmp_path / "a" / "checkpoint_0001.pth.tar"))
@@ -139,7 +161,9 @@ def test_cpc_trains_resumes_exactly_converts_and_fine_tunes(synthetic_datasets, 
     result = convert_checkpoint(tmp_path / "a" / "checkpoint_0001.pth.tar", tmp_path / "cpc.pkl")
     assert result.format == "moco" and result.width == 16
     # dropped: the context network, the predictors and the head
-    assert result.dropped == sum(not k.startswith("module.encoder_q.") or ".fc." in k for k in last["state_dict"])
+    assert result.dropped == sum(
+        not k.startswith("module.encoder_q.") or ".fc." in k for k in last["state_dict"]
+    )
     config = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN.yaml")
     cfg = load_cfg(config, ["MODEL.WEIGHTS", str(tmp_path / "cpc.pkl"), "MODEL.DEVICE", "cpu"])
     detector = build_model(cfg)
@@ -147,9 +171,13 @@ def test_cpc_trains_resumes_exactly_converts_and_fine_tunes(synthetic_datasets, 
     checkpointer.load(cfg.MODEL.WEIGHTS)
     assert checkpointer.weights_load["matched"] == checkpointer.weights_load["backbone_tensors"] > 0
     target = detector.state_dict()
-    assert torch.equal(target["backbone.bottom_up.res5.1.conv2.weight"],
-                       last["state_dict"]["module.encoder_q.layer4.1.conv2.weight"])  # fmt: skip
-    load = fine_tune(synthetic_root, config, tmp_path / "cpc.pkl", tmp_path / "voc_cpc", 2)["weights_load"]
+    assert torch.equal(
+        target["backbone.bottom_up.res5.1.conv2.weight"],
+        last["state_dict"]["module.encoder_q.layer4.1.conv2.weight"],
+    )
+    load = fine_tune(synthetic_root, config, tmp_path / "cpc.pkl", tmp_path / "voc_cpc", 2)[
+        "weights_load"
+    ]
     assert load["matched"] == load["backbone_tensors"] > 0
 
 
@@ -179,6 +207,7 @@ def test_one_process_and_two_gloo_processes_give_the_same_gradients():
 
 @pytest.mark.timeout(300)
 def test_cpc_trains_in_two_processes_via_cli(synthetic_root, tmp_path):
-    s = pretrain_in_two_processes(synthetic_root, tmp_path / "cpc", [
-        "MODEL.MECHANISM", "cpc", "MODEL.ARCH", "resnet18_w16"])  # fmt: skip
+    s = pretrain_in_two_processes(
+        synthetic_root, tmp_path / "cpc", ["MODEL.MECHANISM", "cpc", "MODEL.ARCH", "resnet18_w16"]
+    )
     assert s["world_size"] == 2 and s["mechanism"] == "cpc" and s["max_iter"] == 3

@@ -32,8 +32,9 @@ def _first_id(voc, split):
         return f.readline().strip()
 
 
-def test_a_non_integer_box_in_the_voc_test_split_fails_at_start_naming_the_file(data_copy, tmp_path,
-                                                                                capsys):  # fmt: skip
+def test_a_non_integer_box_in_the_voc_test_split_fails_at_start_naming_the_file(
+    data_copy, tmp_path, capsys
+):
     voc = os.path.join(data_copy, "VOC2007")
     xml = os.path.join(voc, "Annotations", _first_id(voc, "test") + ".xml")
     with open(xml) as f:
@@ -44,8 +45,10 @@ def test_a_non_integer_box_in_the_voc_test_split_fails_at_start_naming_the_file(
     argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)]
     assert load_tool("train_net").main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"train_net.py: error: VOC annotation {xml}: <bndbox/xmin> in object 0 is '10.5', "
-                   "not an integer")  # fmt: skip
+    assert err == (
+        f"train_net.py: error: VOC annotation {xml}: <bndbox/xmin> in object 0 is '10.5', "
+        "not an integer"
+    )
     assert not out.exists()  # refused before training, not in the evaluator after it
 
 
@@ -59,24 +62,39 @@ def test_an_image_set_id_that_leaves_the_dataset_root_is_refused(data_copy):
         f.write("../../../../outside/evil\n")
     with pytest.raises(ValueError) as err:
         check_voc_annotations(voc, "trainval", CLASS_NAMES)
-    assert str(err.value) == (f"VOC image set {listing}: id '../../../../outside/evil' is a path, "
-                              "not a file name; it would read files outside the dataset folder")
+    assert str(err.value) == (
+        f"VOC image set {listing}: id '../../../../outside/evil' is a path, "
+        "not a file name; it would read files outside the dataset folder"
+    )
 
 
 def _dicts(box, mode=BoxMode.XYXY_ABS):
-    return [{"file_name": "a.jpg", "width": 100, "height": 80,
-             "annotations": [{"bbox": list(box), "bbox_mode": mode, "category_id": 0}]}]  # fmt: skip
+    return [
+        {
+            "file_name": "a.jpg",
+            "width": 100,
+            "height": 80,
+            "annotations": [{"bbox": list(box), "bbox_mode": mode, "category_id": 0}],
+        }
+    ]
 
 
-@pytest.mark.parametrize("box, mode, message", [
-    ((10, 10, float("inf"), 50), BoxMode.XYXY_ABS, "not 4 finite numbers"),
-    ((10, 10, float("nan"), 50), BoxMode.XYXY_ABS, "not 4 finite numbers"),
-    ((-1e6, 10, 1e6, 50), BoxMode.XYXY_ABS, "far outside the 100x80 image"),
-    ((60, 10, 20, 50), BoxMode.XYXY_ABS, "non-positive width or height"),  # inverted: not swapped
-    ((10, 10, -5, 20), BoxMode.XYWH_ABS, "non-positive width or height"),  # COCO negative width
-    ((10, 10, 0, 20), BoxMode.XYWH_ABS, "non-positive width or height"),
-    ((110, 10, 150, 50), BoxMode.XYXY_ABS, "outside the 100x80 image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "box, mode, message",
+    [
+        ((10, 10, float("inf"), 50), BoxMode.XYXY_ABS, "not 4 finite numbers"),
+        ((10, 10, float("nan"), 50), BoxMode.XYXY_ABS, "not 4 finite numbers"),
+        ((-1e6, 10, 1e6, 50), BoxMode.XYXY_ABS, "far outside the 100x80 image"),
+        (
+            (60, 10, 20, 50),
+            BoxMode.XYXY_ABS,
+            "non-positive width or height",
+        ),  # inverted: not swapped
+        ((10, 10, -5, 20), BoxMode.XYWH_ABS, "non-positive width or height"),  # COCO negative width
+        ((10, 10, 0, 20), BoxMode.XYWH_ABS, "non-positive width or height"),
+        ((110, 10, 150, 50), BoxMode.XYXY_ABS, "outside the 100x80 image"),
+    ],
+)
 def test_bad_boxes_are_refused_naming_the_file(box, mode, message):
     from detection.data_checks import check_boxes
 
@@ -103,8 +121,11 @@ def test_a_coco_box_with_negative_width_is_refused_at_load(data_copy):
     coco["annotations"][0]["bbox"][2] = -7
     with open(path, "w") as f:
         json.dump(coco, f)
-    with pytest.raises(ValueError, match=rf"^COCO annotations {path} \(image .*\): object \d+ has box "
-                                         r".* non-positive width or height$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^COCO annotations {path} \(image .*\): object \d+ has box "
+        r".* non-positive width or height$",
+    ):
         DatasetCatalog.get("synthetic_coco_test")
 
 
@@ -147,13 +168,29 @@ def _zero_height(coco):
     return "with non-positive width or height"
 
 
-@pytest.mark.parametrize("edit", [
-    lambda text: (text[: len(text) // 2], ": not valid JSON ("),
-    _without("images"), _without("annotations"), _without("categories"),
-    _coco_edit(_undeclared_category), _coco_edit(_orphan), _coco_edit(_zero_height),
-    "missing image file",
-], ids=["malformed", "no_images", "no_annotations", "no_categories", "undeclared_category",
-        "orphan_annotation", "zero_height_box", "missing_image"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda text: (text[: len(text) // 2], ": not valid JSON ("),
+        _without("images"),
+        _without("annotations"),
+        _without("categories"),
+        _coco_edit(_undeclared_category),
+        _coco_edit(_orphan),
+        _coco_edit(_zero_height),
+        "missing image file",
+    ],
+    ids=[
+        "malformed",
+        "no_images",
+        "no_annotations",
+        "no_categories",
+        "undeclared_category",
+        "orphan_annotation",
+        "zero_height_box",
+        "missing_image",
+    ],
+)
 def test_a_broken_coco_file_is_one_line_naming_it(data_copy, tmp_path, capsys, edit):
     path = os.path.join(data_copy, "coco", "annotations", "instances_test.json")
     with open(path) as f:
@@ -208,8 +245,19 @@ def test_images_above_the_pixel_limit_are_skipped_and_counted(image_folder_copy,
     big = image_folder_copy / "train" / "disk" / "big.png"
     Image.new("RGB", (300, 200)).save(big)
     with caplog.at_level("WARNING"):
-        ds = image_folder(str(image_folder_copy), "train", None, "DATA.ROOT", max_bad_fraction=0.1,
-                          max_pixels=50_000)  # fmt: skip
+        ds = image_folder(
+            str(image_folder_copy),
+            "train",
+            None,
+            "DATA.ROOT",
+            max_bad_fraction=0.1,
+            max_pixels=50_000,
+        )
     assert str(big) not in [p for p, _ in ds.samples] and ds.skipped_images == 1
-    assert f"skipping unreadable image {big} (300x200 = 60000 pixels > DATA.MAX_IMAGE_PIXELS 50000)" in caplog.text
-    assert len(image_folder(str(image_folder_copy), "train", None, "DATA.ROOT").samples) == 31  # default
+    assert (
+        f"skipping unreadable image {big} (300x200 = 60000 pixels > DATA.MAX_IMAGE_PIXELS 50000)"
+        in caplog.text
+    )
+    assert (
+        len(image_folder(str(image_folder_copy), "train", None, "DATA.ROOT").samples) == 31
+    )  # default

@@ -36,13 +36,19 @@ def _ground_truth_as_predictions(dicts, with_masks=False):
         h, w = d["height"], d["width"]
         inst = Instances((h, w))
         anns = d["annotations"]
-        inst.pred_boxes = Boxes(torch.tensor([_xyxy(a) for a in anns], dtype=torch.float32).reshape(-1, 4))
+        inst.pred_boxes = Boxes(
+            torch.tensor([_xyxy(a) for a in anns], dtype=torch.float32).reshape(-1, 4)
+        )
         inst.scores = torch.ones(len(anns))
         inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         if with_masks:
-            masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in anns]
+            masks = [
+                polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in anns
+            ]
             inst.pred_masks = torch.from_numpy(np.stack(masks).astype(bool))
-        inputs.append({"image_id": d["image_id"], "height": h, "width": w, "file_name": d["file_name"]})
+        inputs.append(
+            {"image_id": d["image_id"], "height": h, "width": w, "file_name": d["file_name"]}
+        )
         outputs.append({"instances": inst})
     return inputs, outputs
 
@@ -69,17 +75,27 @@ def test_register_is_idempotent_and_leaves_builtins(synthetic_root, synthetic_da
         assert name in DatasetCatalog.list()
         assert MetadataCatalog.get(name).thing_classes == list(CLASS_NAMES)
     voc = MetadataCatalog.get("synthetic_voc_test")
-    assert (voc.dirname, voc.split, voc.year) == (os.path.join(synthetic_root, "VOC2007"), "test", 2007)
+    assert (voc.dirname, voc.split, voc.year) == (
+        os.path.join(synthetic_root, "VOC2007"),
+        "test",
+        2007,
+    )
     coco = MetadataCatalog.get("synthetic_coco_trainval")
-    assert coco.json_file == os.path.join(synthetic_root, "coco", "annotations", "instances_trainval.json")
+    assert coco.json_file == os.path.join(
+        synthetic_root, "coco", "annotations", "instances_trainval.json"
+    )
     assert coco.image_root == os.path.join(synthetic_root, "VOC2007", "JPEGImages")
     assert MetadataCatalog.get("voc_2007_trainval").dirname == builtin_voc
     assert MetadataCatalog.get("coco_2017_train").json_file == builtin_coco
-    assert "voc_2007_trainval" in DatasetCatalog.list() and "coco_2017_train" in DatasetCatalog.list()
+    assert (
+        "voc_2007_trainval" in DatasetCatalog.list() and "coco_2017_train" in DatasetCatalog.list()
+    )
 
 
 def test_evaluator_type(synthetic_datasets):
-    assert evaluator_type("synthetic_voc_trainval") == evaluator_type("voc_2007_test") == "pascal_voc"
+    assert (
+        evaluator_type("synthetic_voc_trainval") == evaluator_type("voc_2007_test") == "pascal_voc"
+    )
     assert evaluator_type("synthetic_coco_test") == evaluator_type("coco_2017_val") == "coco"
     with pytest.raises(ValueError, match="'no_such_set' is not registered"):
         evaluator_type("no_such_set")
@@ -88,27 +104,43 @@ def test_evaluator_type(synthetic_datasets):
 
 
 def test_missing_root_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="generate the data first with .*make_data.py --root"):
+    with pytest.raises(
+        FileNotFoundError, match="generate the data first with .*make_data.py --root"
+    ):
         register_synthetic(str(tmp_path / "absent"))
 
 
 def test_repoint_to_another_root_and_refuse_foreign_names(synthetic_root, tmp_path):
     other = str(tmp_path / "other")
-    ensure_generated(other, SyntheticSpec(seed=9, cls_train_per_class=1, cls_val_per_class=1,
-                                          det_trainval_images=2, det_test_images=2))  # fmt: skip
+    ensure_generated(
+        other,
+        SyntheticSpec(
+            seed=9,
+            cls_train_per_class=1,
+            cls_val_per_class=1,
+            det_trainval_images=2,
+            det_test_images=2,
+        ),
+    )
     try:
         register_synthetic(other)
-        assert MetadataCatalog.get("synthetic_voc_trainval").dirname == os.path.join(other, "VOC2007")
+        assert MetadataCatalog.get("synthetic_voc_trainval").dirname == os.path.join(
+            other, "VOC2007"
+        )
         assert len(DatasetCatalog.get("synthetic_coco_trainval")) == 2
         DatasetCatalog.remove("synthetic_voc_test")
         MetadataCatalog.remove("synthetic_voc_test")
         DatasetCatalog.register("synthetic_voc_test", lambda: [])  # someone else's dataset
-        with pytest.raises(ValueError, match="synthetic_voc_test is already registered, not by register_"):
+        with pytest.raises(
+            ValueError, match="synthetic_voc_test is already registered, not by register_"
+        ):
             register_synthetic(synthetic_root)
         DatasetCatalog.remove("synthetic_voc_test")
     finally:
         register_synthetic(synthetic_root)
-    assert MetadataCatalog.get("synthetic_voc_trainval").dirname == os.path.join(synthetic_root, "VOC2007")
+    assert MetadataCatalog.get("synthetic_voc_trainval").dirname == os.path.join(
+        synthetic_root, "VOC2007"
+    )
 
 
 def test_voc_and_coco_loaders_agree(synthetic_datasets, synthetic_spec):
@@ -135,7 +167,9 @@ def test_voc_and_coco_loaders_agree(synthetic_datasets, synthetic_spec):
 def test_coco_annotations_build_mask_rcnn_targets(synthetic_datasets):
     d = DatasetCatalog.get("synthetic_coco_trainval")[0]
     annos = copy.deepcopy(d["annotations"])
-    inst = detection_utils.annotations_to_instances(annos, (d["height"], d["width"]), mask_format="polygon")
+    inst = detection_utils.annotations_to_instances(
+        annos, (d["height"], d["width"]), mask_format="polygon"
+    )
     assert isinstance(inst.gt_masks, PolygonMasks) and len(inst.gt_masks) == len(annos)
     # the polygons hug their boxes (outline within half a pixel of the box edges)
     assert torch.allclose(inst.gt_masks.get_bounding_boxes().tensor, inst.gt_boxes.tensor, atol=0.5)
@@ -161,8 +195,9 @@ def test_voc_evaluator_scores_ground_truth_100(synthetic_datasets):
 def test_coco_evaluator_scores_ground_truth_100(synthetic_datasets, tmp_path):
     dicts = DatasetCatalog.get("synthetic_coco_test")
     inputs, outputs = _ground_truth_as_predictions(dicts, with_masks=True)
-    evaluator = COCOEvaluator("synthetic_coco_test", tasks=("bbox", "segm"), distributed=False,
-                              output_dir=str(tmp_path))  # fmt: skip
+    evaluator = COCOEvaluator(
+        "synthetic_coco_test", tasks=("bbox", "segm"), distributed=False, output_dir=str(tmp_path)
+    )
     res = _evaluate(evaluator, inputs, outputs)
     assert res["bbox"]["AP"] == pytest.approx(100.0)
     assert res["segm"]["AP"] == pytest.approx(100.0)

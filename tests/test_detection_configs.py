@@ -14,7 +14,11 @@ from conftest import REPO
 
 ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")
-ALL = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")) if not os.path.basename(p).startswith("Base-"))
+ALL = sorted(
+    p
+    for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))
+    if not os.path.basename(p).startswith("Base-")
+)
 PAPER = [p for p in ALL if not os.path.basename(p).startswith("embedded_")]
 MOCO = [p for p in PAPER if p.endswith("_moco.yaml")]
 IMAGENET_RGB = ([123.675, 116.280, 103.530], [58.395, 57.120, 57.375])
@@ -26,7 +30,13 @@ def _name(path):
 
 def test_config_set_is_complete():
     names = {_name(p) for p in ALL}
-    expected = {"pascal_voc_R_50_C4_24k", "coco_R_50_C4_1x", "coco_R_50_C4_2x", "coco_R_50_FPN_1x", "coco_R_50_FPN_2x"}
+    expected = {
+        "pascal_voc_R_50_C4_24k",
+        "coco_R_50_C4_1x",
+        "coco_R_50_C4_2x",
+        "coco_R_50_FPN_1x",
+        "coco_R_50_FPN_2x",
+    }
     expected |= {n + "_moco" for n in expected}
     expected |= {"embedded_voc_R_18_FPN", "embedded_voc_R_18w16_FPN", "embedded_coco_R_18_FPN_mask"}
     expected |= {"embedded_voc_R_18w16_FPN_cmc"}  # CMC's weights: the Lab backbone
@@ -49,7 +59,11 @@ def test_config_loads_and_builds_model_on_cpu(path):
         assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
     else:
         # SyncBN in one process is plain BN; heads stay unnormalized
-        norms = {type(m).__name__ for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        norms = {
+            type(m).__name__
+            for m in model.backbone.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        }
         assert norms == {"BatchNorm2d"}
         assert cfg.MODEL.ROI_BOX_HEAD.NORM == "" and cfg.MODEL.ROI_MASK_HEAD.NORM == ""
     assert hasattr(model.roi_heads, "mask_head") == cfg.MODEL.MASK_ON
@@ -64,11 +78,20 @@ def test_paper_protocol(path):
     if name.startswith("pascal_voc"):
         assert cfg.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval")
         assert cfg.DATASETS.TEST == ("voc_2007_test",) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
-        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (24000, (18000, 22000), 100)
-        assert cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(480, 801, 32)) and cfg.INPUT.MIN_SIZE_TEST == 800
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (
+            24000,
+            (18000, 22000),
+            100,
+        )
+        assert (
+            cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(480, 801, 32))
+            and cfg.INPUT.MIN_SIZE_TEST == 800
+        )
         assert not cfg.MODEL.MASK_ON
     else:
-        assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == (
+            "coco_2017_val",
+        )
         assert cfg.MODEL.MASK_ON and cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(640, 801, 32))
         schedule = {"1x": (90000, (60000, 80000)), "2x": (180000, (120000, 160000))}
         assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == schedule["2x" if "_2x" in name else "1x"]
@@ -82,21 +105,32 @@ def test_paper_protocol(path):
         assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
         assert cfg.MODEL.WEIGHTS == ""  # given on the command line
         supervised = load_cfg(path.replace("_moco.yaml", ".yaml"), world_size=8)
-        differing = {k for k in ("MODEL", "INPUT", "SOLVER", "DATASETS", "TEST") if cfg[k] != supervised[k]}
+        differing = {
+            k for k in ("MODEL", "INPUT", "SOLVER", "DATASETS", "TEST") if cfg[k] != supervised[k]
+        }
         assert differing == {"MODEL", "INPUT"}
     else:
         assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
         assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True
 
 
-@pytest.mark.parametrize("name, width", [("embedded_voc_R_18_FPN", 64), ("embedded_voc_R_18w16_FPN", 16),
-                                         ("embedded_coco_R_18_FPN_mask", 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, width",
+    [
+        ("embedded_voc_R_18_FPN", 64),
+        ("embedded_voc_R_18w16_FPN", 16),
+        ("embedded_coco_R_18_FPN_mask", 64),
+    ],
+)
 def test_embedded_configs_fit_the_synthetic_set(name, width, synthetic_datasets):
     from detectron2.data import MetadataCatalog
 
     cfg = load_cfg(os.path.join(CONFIGS, name + ".yaml"))
     assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == width
-    assert cfg.INPUT.FORMAT == "RGB" and (list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)) == IMAGENET_RGB
+    assert (
+        cfg.INPUT.FORMAT == "RGB"
+        and (list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)) == IMAGENET_RGB
+    )
     assert cfg.TEST.EVAL_PERIOD == 0 and cfg.SEED >= 0 and cfg.SOLVER.MAX_ITER <= 1000
     for dataset in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:
         assert dataset in synthetic_datasets
@@ -141,7 +175,9 @@ def test_bad_config_input_is_named(tmp_path):
 
 
 def test_extra_norm_head_needs_a_norm():
-    cfg = load_cfg(os.path.join(CONFIGS, "pascal_voc_R_50_C4_24k_moco.yaml"), ["MODEL.RESNETS.NORM", ""])
+    cfg = load_cfg(
+        os.path.join(CONFIGS, "pascal_voc_R_50_C4_24k_moco.yaml"), ["MODEL.RESNETS.NORM", ""]
+    )
     with pytest.raises(ValueError, match="MODEL.RESNETS.NORM"):
         build_model(cfg)
 
@@ -151,9 +187,19 @@ def test_the_environment_dump_says_c_is_unused_not_broken():
 
     from detection.config import UnusedCExtensionNote
 
-    record = logging.LogRecord("detectron2", logging.INFO, __file__, 1, "Environment info:\n"
-                               "detectron2._C                    not built correctly: No module "
-                               "named 'detectron2._C'\nnext line", None, None)  # fmt: skip
+    record = logging.LogRecord(
+        "detectron2",
+        logging.INFO,
+        __file__,
+        1,
+        "Environment info:\n"
+        "detectron2._C                    not built correctly: No module "
+        "named 'detectron2._C'\nnext line",
+        None,
+        None,
+    )
     assert UnusedCExtensionNote().filter(record)
-    assert record.getMessage() == ("Environment info:\ndetectron2._C                    not used "
-                                   "(ROIAlign and NMS come from torchvision)\nnext line")
+    assert record.getMessage() == (
+        "Environment info:\ndetectron2._C                    not used "
+        "(ROIAlign and NMS come from torchvision)\nnext line"
+    )

@@ -114,8 +114,12 @@ def test_resume_continues_from_saved_iteration_queue_and_pointer(trained, synthe
     a = torch.load(tmp_path / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True)
     b = torch.load(out / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True)
     assert a["iteration"] == b["iteration"]
-    for k in ("module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight",
-              "module.encoder_k.layer4.1.bn2.running_mean"):  # fmt: skip
+    for k in (
+        "module.queue",
+        "module.queue_ptr",
+        "module.encoder_q.conv1.weight",
+        "module.encoder_k.layer4.1.bn2.running_mean",
+    ):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
@@ -160,13 +164,18 @@ def test_lr_epoch_boundaries_exact_at_imagenet_scale():
         assert mult((e * ipe - 1) / max_iter) == factors[e - 1]
         assert mult((e * ipe) / max_iter) == factors[e]
     step = build_lr_multiplier(get_cfg())
-    assert step((120 * ipe - 1) / max_iter) == 1.0 and step(120 * ipe / max_iter) == pytest.approx(0.1)
+    assert step((120 * ipe - 1) / max_iter) == 1.0 and step(120 * ipe / max_iter) == pytest.approx(
+        0.1
+    )
 
 
 def test_queue_size_must_be_multiple_of_global_batch(synthetic_root, tmp_path):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.K": 20})
-    with pytest.raises(ValueError, match=r"MODEL.K \(--moco-k\) = 20 is not a multiple of the "
-                                         r"global batch SOLVER.IMS_PER_BATCH = 8"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"MODEL.K \(--moco-k\) = 20 is not a multiple of the "
+        r"global batch SOLVER.IMS_PER_BATCH = 8",
+    ):
         PretrainTrainer(cfg)
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.K": 16, "SOLVER.IMS_PER_BATCH": 16})
     validate_cfg(cfg, 2)  # 8 per process x 2
@@ -176,8 +185,11 @@ def test_queue_size_must_be_multiple_of_global_batch(synthetic_root, tmp_path):
 
 def test_split_bn_needs_two_samples_per_sub_batch(synthetic_root, tmp_path):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.SPLIT_BN_GROUPS": 8})  # batch 8: 1 each
-    with pytest.raises(ValueError, match=r"per-process batch 8 gives fewer than 2 samples per "
-                                         r"sub-batch with MODEL.SPLIT_BN_GROUPS = 8"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"per-process batch 8 gives fewer than 2 samples per "
+        r"sub-batch with MODEL.SPLIT_BN_GROUPS = 8",
+    ):
         validate_cfg(cfg, 1)
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.SPLIT_BN_GROUPS": 4})
     validate_cfg(cfg, 1)  # 2 samples per sub-batch

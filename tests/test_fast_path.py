@@ -44,18 +44,28 @@ def _rel(a, b):
 def _pair(shuffle_bn="split", groups=2, mlp=True, K=32, seed=0, m=0.9):
     """(OfficialMoCo, MoCo) with identical weights and queue."""
     torch.manual_seed(seed)
-    ref = OfficialMoCo(resnet10, dim=16, K=K, m=m, T=0.2, mlp=mlp,
-                       split_bn_groups=groups if shuffle_bn == "split" else 1)  # fmt: skip
-    model = MoCo(resnet10, dim=16, K=K, m=m, T=0.2, mlp=mlp, shuffle_bn=shuffle_bn,
-                 split_bn_groups=groups)  # fmt: skip
+    ref = OfficialMoCo(
+        resnet10,
+        dim=16,
+        K=K,
+        m=m,
+        T=0.2,
+        mlp=mlp,
+        split_bn_groups=groups if shuffle_bn == "split" else 1,
+    )
+    model = MoCo(
+        resnet10, dim=16, K=K, m=m, T=0.2, mlp=mlp, shuffle_bn=shuffle_bn, split_bn_groups=groups
+    )
     model.load_state_dict(ref.state_dict())
     return ref, model
 
 
 def _batches(n, size=32, count=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g))
-            for _ in range(count)]  # fmt: skip
+    return [
+        (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g))
+        for _ in range(count)
+    ]
 
 
 def _grads(model):
@@ -94,7 +104,7 @@ def test_copy_free_queue_matches_official_clone_over_sgd_steps():
 
 def test_no_queue_copy_is_made_in_the_standard_step(monkeypatch):
     _, model = _pair(shuffle_bn="off")
-    (im_q, im_k), = _batches(8, count=1)
+    ((im_q, im_k),) = _batches(8, count=1)
     clones = []
     real_clone = torch.Tensor.clone
 
@@ -137,7 +147,7 @@ def test_gradient_uses_forward_time_negatives_with_accumulation_and_retain_graph
 
 def test_foreign_in_place_change_of_queue_before_backward_raises():
     _, model = _pair(shuffle_bn="off")
-    (im_q, im_k), = _batches(8, count=1)
+    ((im_q, im_k),) = _batches(8, count=1)
     logits, labels = model(im_q, im_k)
     with torch.no_grad():
         model.queue.mul_(2.0)
@@ -186,12 +196,13 @@ def test_channels_last_does_not_change_results(shuffle_bn):
     for m in cl.encoder_q.modules():
         if isinstance(m, SplitBatchNorm):
             m.register_forward_hook(lambda mod, i, o: blocked_seen.append(mod.blocked))
-    (im_q, im_k), = _batches(8, count=1)
+    ((im_q, im_k),) = _batches(8, count=1)
     results = []
     for m, channels_last in ((nchw, False), (cl, True)):
         torch.manual_seed(5)
-        logits, labels = m(fast.to_device(im_q, "cpu", channels_last),
-                           fast.to_device(im_k, "cpu", channels_last))  # fmt: skip
+        logits, labels = m(
+            fast.to_device(im_q, "cpu", channels_last), fast.to_device(im_k, "cpu", channels_last)
+        )
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         results.append((logits.detach(), loss.detach(), _grads(m), m.queue.clone()))
@@ -217,13 +228,15 @@ def test_bf16_autocast_fast_path_matches_fp32_within_bf16_tolerance():
     _, ref = _pair(shuffle_bn="split", groups=2)
     _, model = _pair(shuffle_bn="split", groups=2)
     model = fast.prepare_model(model, channels_last=True)
-    (im_q, im_k), = _batches(16, count=1)
+    ((im_q, im_k),) = _batches(16, count=1)
     results = []
     for m, amp, channels_last in ((ref, False, False), (model, True, True)):
         torch.manual_seed(9)
         with fast.autocast_context("cpu", amp):
-            logits, labels = m(fast.to_device(im_q, "cpu", channels_last),
-                               fast.to_device(im_k, "cpu", channels_last))  # fmt: skip
+            logits, labels = m(
+                fast.to_device(im_q, "cpu", channels_last),
+                fast.to_device(im_k, "cpu", channels_last),
+            )
         assert logits.dtype == torch.float32  # logits and loss stay fp32 under autocast
         loss = F.cross_entropy(logits, labels)
         loss.backward()
@@ -259,9 +272,14 @@ def test_amp_and_channels_last_settings_resolve_per_device():
     with pytest.raises(ValueError, match="MODEL.CHANNELS_LAST must be true, false or auto"):
         fast.resolve_channels_last(3, "cpu")
     path = fast.FastPath.resolve("cpu", amp=False, channels_last=True)
-    assert path.describe() == {"device": "cpu", "bf16_autocast": False, "channels_last": True,
-                               "fused_sgd": fast.fused_sgd_available("cpu"), "compile": False,
-                               "pin_memory": False}  # fmt: skip
+    assert path.describe() == {
+        "device": "cpu",
+        "bf16_autocast": False,
+        "channels_last": True,
+        "fused_sgd": fast.fused_sgd_available("cpu"),
+        "compile": False,
+        "pin_memory": False,
+    }
 
 
 def test_fused_sgd_matches_default_sgd_and_compile_keeps_official_keys():
@@ -290,7 +308,7 @@ def test_fused_sgd_matches_default_sgd_and_compile_keeps_official_keys():
 def test_moco_train_step_updates_queue_and_encoder():
     _, model = _pair()
     opt = fast.sgd(model.parameters(), 0.1, 0.9, 0.0, "cpu")
-    (im_q, im_k), = _batches(8, count=1)
+    ((im_q, im_k),) = _batches(8, count=1)
     before = model.encoder_q.conv1.weight.detach().clone()
     loss = fast.moco_train_step(model, opt, im_q, im_k, amp=False, device="cpu")
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -305,8 +323,14 @@ def _photo(w=96, h=80, seed=0):
     """Smooth colour gradients plus texture: hue/saturation vary, unlike flat noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    img = np.stack([128 + 100 * np.sin(xx / 9 + seed), 128 + 100 * np.cos(yy / 7),
-                    128 + 90 * np.sin((xx + yy) / 11)], axis=-1)  # fmt: skip
+    img = np.stack(
+        [
+            128 + 100 * np.sin(xx / 9 + seed),
+            128 + 100 * np.cos(yy / 7),
+            128 + 90 * np.sin((xx + yy) / 11),
+        ],
+        axis=-1,
+    )
     img += rng.normal(0, 12, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
@@ -363,8 +387,9 @@ def test_fast_hue_is_as_close_to_exact_hue_rotation_as_pil():
         err_fast.append(np.abs(quick - exact).mean())
     assert np.mean(err_fast) <= 1.5 * np.mean(err_pil) and max(err_fast) < 2.0
     # not vacuous: a shift the other way is far off
-    assert np.abs(np.asarray(adjust_hue_fast(img, -0.2), dtype=np.float64)
-                  - _exact_hue_shift(img, 0.2)).mean() > 10 * max(err_fast)  # fmt: skip
+    assert np.abs(
+        np.asarray(adjust_hue_fast(img, -0.2), dtype=np.float64) - _exact_hue_shift(img, 0.2)
+    ).mean() > 10 * max(err_fast)
     assert adjust_hue_fast(img.convert("L"), 0.1).mode == "L"  # no hue: unchanged, as torchvision
     with pytest.raises(ValueError, match="hue_factor"):
         adjust_hue_fast(img, 0.7)
@@ -383,8 +408,14 @@ def test_fast_blur_and_jitter_keep_the_reference_parameters():
     assert isinstance(jitter, T.ColorJitter) and jitter.hue == (-0.1, 0.1)
     v2 = moco_v2_transform(64, fast=True)
     names = [type(t).__name__ for t in v2.transforms]
-    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply",
-                     "RandomHorizontalFlip", "ToNormalizedTensor"]  # fmt: skip
+    assert names == [
+        "RandomResizedCrop",
+        "RandomApply",
+        "RandomGrayscale",
+        "RandomApply",
+        "RandomHorizontalFlip",
+        "ToNormalizedTensor",
+    ]
     assert isinstance(v2.transforms[1].transforms[0], FastColorJitter) and v2.transforms[1].p == 0.8
     assert isinstance(v2.transforms[3].transforms[0], FastGaussianBlur)
     assert v2.transforms[3].p == 0.5
@@ -417,7 +448,7 @@ def test_moco_with_undo_logs_pickles_and_deep_copies(tmp_path):
     import copy
 
     _, model = _pair(shuffle_bn="off")
-    (im_q, im_k), = _batches(8, count=1)
+    ((im_q, im_k),) = _batches(8, count=1)
     logits, _ = model(im_q, im_k)  # a live undo log
     path = tmp_path / "moco.pt"
     torch.save(model, path)  # whole module: the transient logs are not pickled

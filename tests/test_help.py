@@ -27,8 +27,14 @@ print("HEAVY:", ",".join(heavy))
 def test_help_loads_no_heavy_library(tool):
     path = os.path.join(REPO, "tools", f"{tool}.py")
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"usage: {tool}.py"), r.stdout[:200]
     assert r.stdout.rstrip().endswith("HEAVY:"), r.stdout[-300:]

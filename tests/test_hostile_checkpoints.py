@@ -35,8 +35,13 @@ def real_checkpoint(synthetic_root, tmp_path_factory):
 
 def _resume(synthetic_root, path, out):
     opts = tiny_opts(synthetic_root, out, **{"SOLVER.EPOCHS": 2, "SOLVER.FUSED_SGD": True})
-    return subprocess.run([sys.executable, PRETRAIN, "--resume", str(path), *opts], env=ENV,
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, PRETRAIN, "--resume", str(path), *opts],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _craft_momentum(ckpt):
@@ -56,12 +61,18 @@ def _craft_epoch(ckpt):
     ckpt["epoch"] = "one"
 
 
-@pytest.mark.parametrize("craft, field", [
-    (_craft_momentum, "momentum_buffer"), (_craft_queue_ptr, "queue_ptr"),
-    (_craft_iteration, "iteration"), (_craft_epoch, "epoch"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "craft, field",
+    [
+        (_craft_momentum, "momentum_buffer"),
+        (_craft_queue_ptr, "queue_ptr"),
+        (_craft_iteration, "iteration"),
+        (_craft_epoch, "epoch"),
+    ],
+)
 def test_crafted_resume_state_is_one_line_exit_2_never_a_segfault(
-        synthetic_root, real_checkpoint, tmp_path, craft, field):
+    synthetic_root, real_checkpoint, tmp_path, craft, field
+):
     ckpt = torch.load(real_checkpoint, weights_only=True)
     craft(ckpt)
     crafted = tmp_path / "crafted.pth.tar"
@@ -80,7 +91,9 @@ def test_optimizer_state_is_checked_against_the_model_before_loading():
     good = opt.state_dict()
     C.check_optimizer_state(good, opt, "f.pth")
     bad = {**good, "state": {0: {"momentum_buffer": torch.zeros(3)}}}
-    with pytest.raises(ValueError, match=r"f.pth: optimizer.state\[0\].momentum_buffer .* shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"f.pth: optimizer.state\[0\].momentum_buffer .* shape \(3,\)"
+    ):
         C.check_optimizer_state(bad, opt, "f.pth")
     with pytest.raises(ValueError, match="param_groups"):
         C.check_optimizer_state({**good, "param_groups": []}, opt, "f.pth")
@@ -110,8 +123,9 @@ def _probe(tmp_path, path):
     """(peak memory growth of loading ``path`` in a fresh process, its one error line)."""
     script = tmp_path / "probe.py"
     script.write_text(_MEMORY_PROBE.format(repo=REPO))
-    r = subprocess.run([sys.executable, str(script), str(path)], env=ENV, cwd=REPO,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script), str(path)], env=ENV, cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0], r.stderr[-3000:]
@@ -165,13 +179,16 @@ def test_pkl_array_that_claims_more_than_its_data_is_refused(tmp_path):
     assert "bytes" in line and peak < LITTLE
 
 
-@pytest.mark.parametrize("model, message", [
-    (["a"], "'model' must be a dict"), ("weights", "'model' must be a dict"),
-    ({"w": np.array([1, 2], dtype=object)}, "object-dtype"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (["a"], "'model' must be a dict"),
+        ("weights", "'model' must be a dict"),
+        ({"w": np.array([1, 2], dtype=object)}, "object-dtype"),
+    ],
+)
 def test_pkl_with_object_arrays_or_a_non_dict_model_is_one_line(tmp_path, model, message):
     path = tmp_path / "w.pkl"
     path.write_bytes(pickle.dumps({"model": model, "__author__": "x"}, protocol=2))
     _, line = _probe(tmp_path, path)
     assert message in line, line
-

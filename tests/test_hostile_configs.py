@@ -38,7 +38,10 @@ def test_tagged_detection_config_is_one_line_and_runs_nothing(tmp_path, capsys, 
     cfg = tmp_path / "child.yaml"
     cfg.write_text("_BASE_: tagged.yaml\nSOLVER:\n  MAX_ITER: 3\n")
     main = load_tool("train_net").main
-    assert main(["--config-file", str(cfg if in_base else tagged), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
+    assert (
+        main(["--config-file", str(cfg if in_base else tagged), "OUTPUT_DIR", str(tmp_path / "o")])
+        == 2
+    )
     msg = _one_line_error(capsys.readouterr().err, "train_net.py")
     assert str(tagged) in msg and TAG in msg
     assert not marker.exists()
@@ -55,8 +58,9 @@ def test_tagged_pretraining_config_is_one_line_not_a_traceback(tmp_path, capsys)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("loader, key", [(load_pipeline_cfg, "RUN_DIR"),
-                                         (load_ablation_cfg, "OUTPUT_DIR")])  # fmt: skip
+@pytest.mark.parametrize(
+    "loader, key", [(load_pipeline_cfg, "RUN_DIR"), (load_ablation_cfg, "OUTPUT_DIR")]
+)
 def test_tagged_pipeline_and_ablation_presets_are_refused(tmp_path, loader, key):
     marker, line = _payload(tmp_path, key)
     preset = tmp_path / "preset.yaml"
@@ -83,24 +87,43 @@ def test_mistyped_key_and_broken_yaml_stay_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("SOLVER: [\n")
     main = load_tool("train_net").main
-    for path, message in ((cfg, "MAX_ITERS'); did you mean SOLVER.MAX_ITER or "),
-                          (broken, "not valid YAML")):  # fmt: skip
+    for path, message in (
+        (cfg, "MAX_ITERS'); did you mean SOLVER.MAX_ITER or "),
+        (broken, "not valid YAML"),
+    ):
         assert main(["--config-file", str(path)]) == 2
         msg = _one_line_error(capsys.readouterr().err, "train_net.py")
         assert str(path) in msg and message in msg
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--moco-k", "0"], "MODEL.K"), (["--moco-k", "-8"], "MODEL.K"),
-    (["--lr", "nan"], "SOLVER.BASE_LR"), (["--lr", "inf"], "SOLVER.BASE_LR"),
-    (["--moco-t", "inf"], "MODEL.T"),
-    (["DIST.TIMEOUT_MINUTES", "0.0"], "DIST.TIMEOUT_MINUTES must be a positive number of minutes"),
-])  # fmt: skip
-def test_values_that_cannot_train_are_one_line_exit_2(synthetic_root, tmp_path, capsys, args,
-                                                      message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--moco-k", "0"], "MODEL.K"),
+        (["--moco-k", "-8"], "MODEL.K"),
+        (["--lr", "nan"], "SOLVER.BASE_LR"),
+        (["--lr", "inf"], "SOLVER.BASE_LR"),
+        (["--moco-t", "inf"], "MODEL.T"),
+        (
+            ["DIST.TIMEOUT_MINUTES", "0.0"],
+            "DIST.TIMEOUT_MINUTES must be a positive number of minutes",
+        ),
+    ],
+)
+def test_values_that_cannot_train_are_one_line_exit_2(
+    synthetic_root, tmp_path, capsys, args, message
+):
     main = load_tool("pretrain").main
-    argv = ["--config-file", PRETRAIN_CFG, *args, "--output-dir", str(tmp_path / "o"),
-            os.path.join(synthetic_root, "imagefolder"), "MODEL.DEVICE", "cpu"]
+    argv = [
+        "--config-file",
+        PRETRAIN_CFG,
+        *args,
+        "--output-dir",
+        str(tmp_path / "o"),
+        os.path.join(synthetic_root, "imagefolder"),
+        "MODEL.DEVICE",
+        "cpu",
+    ]
     assert main(argv) == 2
     assert message in _one_line_error(capsys.readouterr().err, "pretrain.py")
     assert not (tmp_path / "o" / "metrics.json").exists()  # nothing ran: no bare NaN written

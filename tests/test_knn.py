@@ -49,7 +49,11 @@ def test_knn_correct_counts_top1_and_top5():
     bank = torch.eye(6)
     bank_labels = torch.arange(6)
     # query 1 is nearest to class 1 but labeled 5, its second-nearest class
-    queries = torch.nn.functional.normalize(torch.eye(6)[[0, 1, 2]] + 0.5 * torch.eye(6)[[0, 5, 2]] * torch.tensor([[0.0], [1.0], [0.0]]), dim=1)
+    queries = torch.nn.functional.normalize(
+        torch.eye(6)[[0, 1, 2]]
+        + 0.5 * torch.eye(6)[[0, 5, 2]] * torch.tensor([[0.0], [1.0], [0.0]]),
+        dim=1,
+    )
     labels = torch.tensor([0, 5, 2])
     c1, c5 = knn_correct(queries, labels, bank, bank_labels, num_classes=6, k=6, t=0.1, chunk=2)
     assert (c1, c5) == (2, 3)
@@ -58,8 +62,12 @@ def test_knn_correct_counts_top1_and_top5():
 def test_knn_evaluate_uses_encoder_features_and_restores_mode():
     # 2-D points in two clusters; the "encoder" is a fixed linear map (features get normalised)
     torch.manual_seed(0)
-    x_train = torch.cat([torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
-                         torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0])])  # fmt: skip
+    x_train = torch.cat(
+        [
+            torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
+            torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0]),
+        ]
+    )
     y_train = torch.tensor([0] * 20 + [1] * 20)
     x_val = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.0, 0.9]])
     y_val = torch.tensor([0, 1, 1])
@@ -77,7 +85,9 @@ def test_knn_evaluate_uses_encoder_features_and_restores_mode():
     for xv, yv in zip(torch.nn.functional.normalize(x_val, dim=1), y_val):
         sims = bank @ xv
         idx = sims.topk(5).indices
-        votes = [sum(math.exp(float(sims[i]) / 0.1) for i in idx if int(y_train[i]) == c) for c in (0, 1)]
+        votes = [
+            sum(math.exp(float(sims[i]) / 0.1) for i in idx if int(y_train[i]) == c) for c in (0, 1)
+        ]
         expected_correct += int(max(range(2), key=lambda c: votes[c]) == int(yv))
     assert res["top1"] == pytest.approx(100.0 * expected_correct / 3)
     assert res["top5"] == pytest.approx(100.0)
@@ -98,8 +108,12 @@ class _WithHead(torch.nn.Module):
 
 def test_knn_scores_the_backbone_features_and_reports_the_head_second():
     torch.manual_seed(0)
-    x_train = torch.cat([torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
-                         torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0])]).abs()  # fmt: skip
+    x_train = torch.cat(
+        [
+            torch.randn(20, 2) * 0.1 + torch.tensor([1.0, 0.0]),
+            torch.randn(20, 2) * 0.1 + torch.tensor([0.0, 1.0]),
+        ]
+    ).abs()
     y_train = torch.tensor([0] * 20 + [1] * 20)
     x_val = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.5, 0.2], [0.2, 1.0]])
     y_val = torch.tensor([0, 1, 0, 1])

@@ -44,10 +44,19 @@ def test_linear_model_is_frozen_except_fc():
 def test_lincls_trains_fc_only_and_sanity_check_passes(synthetic_root, moco_checkpoint, tmp_path):
     path, moco = moco_checkpoint
     opts = LinclsOptions(
-        data=os.path.join(synthetic_root, "imagefolder"), arch="resnet18", workers=0, epochs=2,
-        batch_size=8, lr=0.5, schedule=(1,), pretrained=path, seed=0, crop_size=32,
-        output_dir=str(tmp_path), print_freq=1,
-    )  # fmt: skip
+        data=os.path.join(synthetic_root, "imagefolder"),
+        arch="resnet18",
+        workers=0,
+        epochs=2,
+        batch_size=8,
+        lr=0.5,
+        schedule=(1,),
+        pretrained=path,
+        seed=0,
+        crop_size=32,
+        output_dir=str(tmp_path),
+        print_freq=1,
+    )
     results = run_lincls(opts)  # raises if the backbone changed (sanity check after epoch 1)
     with open(tmp_path / "lincls_results.json") as f:
         saved = json.load(f)
@@ -70,8 +79,11 @@ def test_lincls_trains_fc_only_and_sanity_check_passes(synthetic_root, moco_chec
     assert os.path.exists(tmp_path / "model_best.pth.tar")
 
     # -e: evaluate the resumed classifier only
-    ev = run_lincls(LinclsOptions(**{**opts.__dict__, "evaluate": True,
-                                     "resume": str(tmp_path / "checkpoint.pth.tar")}))  # fmt: skip
+    ev = run_lincls(
+        LinclsOptions(
+            **{**opts.__dict__, "evaluate": True, "resume": str(tmp_path / "checkpoint.pth.tar")}
+        )
+    )
     assert ev["top1"] == pytest.approx(saved["top1"])
 
 
@@ -111,17 +123,50 @@ def test_pretrained_formats_moco_v3_and_torchvision(moco_checkpoint, tmp_path):
 def _lincls_cli(args):
     repo = REPO
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(repo, "tools", "lincls.py"), *args],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "lincls.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path):
     path, _ = moco_checkpoint
     data = os.path.join(synthetic_root, "imagefolder")
-    common = ["-a", "resnet18", "--crop-size", "32", "-b", "10", "-j", "0", "--wd", "0",
-              "--momentum", "0.9", "--output-dir", str(tmp_path)]  # fmt: skip
-    r = _lincls_cli([*common, "--lr", "0.5", "--epochs", "1", "--schedule", "1", "--seed", "0",
-                     "--pretrained", path, data])  # fmt: skip
+    common = [
+        "-a",
+        "resnet18",
+        "--crop-size",
+        "32",
+        "-b",
+        "10",
+        "-j",
+        "0",
+        "--wd",
+        "0",
+        "--momentum",
+        "0.9",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    r = _lincls_cli(
+        [
+            *common,
+            "--lr",
+            "0.5",
+            "--epochs",
+            "1",
+            "--schedule",
+            "1",
+            "--seed",
+            "0",
+            "--pretrained",
+            path,
+            data,
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "lincls_results.json") as f:
         res = json.load(f)
@@ -130,19 +175,26 @@ def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path)
     # where the files go, progress with an ETA, epochs counted from 1 as in the JSON
     assert r.stdout.startswith(f"lincls.py: output folder {tmp_path}\n"), r.stdout[:300]
     assert "eta: " in r.stdout and " * epoch 1/1: Acc@1" in r.stdout
-    assert r.stdout.rstrip().endswith(f"lincls.py: wrote {tmp_path / 'lincls_results.json'}, "
-                                      f"{tmp_path / 'checkpoint.pth.tar'}, "
-                                      f"{tmp_path / 'model_best.pth.tar'}")  # fmt: skip
+    assert r.stdout.rstrip().endswith(
+        f"lincls.py: wrote {tmp_path / 'lincls_results.json'}, "
+        f"{tmp_path / 'checkpoint.pth.tar'}, "
+        f"{tmp_path / 'model_best.pth.tar'}"
+    )
     before = (tmp_path / "checkpoint.pth.tar").read_bytes()
 
     for args, message in (
         (["--pretrained", str(tmp_path / "missing.pth"), data], "--pretrained"),
-        (["-a", "resnet34", "--pretrained", path, "--output-dir", str(tmp_path / "r34"), data],
-         "does not fit -a resnet34: "),
+        (
+            ["-a", "resnet34", "--pretrained", path, "--output-dir", str(tmp_path / "r34"), data],
+            "does not fit -a resnet34: ",
+        ),
         # a new run never writes over an earlier one
-        (["--pretrained", path, data], f"--output-dir {tmp_path} holds a linear classifier run "
-                                       f"({tmp_path / 'checkpoint.pth.tar'}); continue it with "
-                                       f"--resume {tmp_path / 'checkpoint.pth.tar'}"),
+        (
+            ["--pretrained", path, data],
+            f"--output-dir {tmp_path} holds a linear classifier run "
+            f"({tmp_path / 'checkpoint.pth.tar'}); continue it with "
+            f"--resume {tmp_path / 'checkpoint.pth.tar'}",
+        ),
     ):
         r = _lincls_cli([*common, *args])
         lines = r.stderr.strip().splitlines()
@@ -153,5 +205,6 @@ def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path)
 def test_lincls_output_goes_under_output_named_after_the_pretraining_run():
     default = load_tool("lincls").default_output_dir
     assert default("output/pretrain/moco_v2_R18_cpu/checkpoint_0001.pth.tar") == os.path.join(
-        "output", "lincls", "moco_v2_R18_cpu")
+        "output", "lincls", "moco_v2_R18_cpu"
+    )
     assert default("") == os.path.join("output", "lincls", "random_init")

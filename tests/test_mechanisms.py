@@ -115,14 +115,18 @@ def test_end_to_end_has_batch_minus_one_negatives():
     F.cross_entropy(logits, labels).backward()
     # keys carry gradient (no momentum encoder): zeroing q's path leaves a non-zero gradient
     model.zero_grad()
-    logits, labels = batch_info_nce_logits(q.detach(), F.normalize(model.encoder_q(im_k), dim=1), 0.2)
+    logits, labels = batch_info_nce_logits(
+        q.detach(), F.normalize(model.encoder_q(im_k), dim=1), 0.2
+    )
     F.cross_entropy(logits, labels).backward()
     assert model.encoder_q.fc.weight.grad.abs().sum() > 0
 
 
 def test_end_to_end_split_bn_shuffles_keys_but_returns_them_in_order():
     torch.manual_seed(0)
-    model = EndToEnd(torchvision.models.resnet18, dim=8, T=0.2, shuffle_bn="split", split_bn_groups=2)
+    model = EndToEnd(
+        torchvision.models.resnet18, dim=8, T=0.2, shuffle_bn="split", split_bn_groups=2
+    )
     im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     logits, labels = model(im_q, im_k)
     assert logits.shape == (4, 4) and labels.tolist() == [0, 1, 2, 3]
@@ -152,7 +156,9 @@ def test_info_nce_matches_hand_computation():
     by_hand = 0.0
     for i in range(2):
         pos = math.exp(float(q[i] @ k[i]) / T)
-        by_hand -= math.log(pos / (pos + sum(math.exp(float(q[i] @ neg[:, j]) / T) for j in range(5))))
+        by_hand -= math.log(
+            pos / (pos + sum(math.exp(float(q[i] @ neg[:, j]) / T) for j in range(5)))
+        )
     assert info_nce(q, k, neg, T).item() == pytest.approx(by_hand / 2, rel=1e-5)
 
 
@@ -161,9 +167,11 @@ def test_info_nce_matches_hand_computation():
 
 def test_heads_keep_fc_keys_and_output_dim():
     x = torch.randn(4, 3, 32, 32)
-    for head, keys in [("linear", {"fc.weight", "fc.bias"}), ("mlp", {"fc.0.weight", "fc.2.weight"}),
-                       ("simclr_v2", {"fc.0.weight", "fc.1.weight", "fc.3.weight", "fc.6.weight",
-                                      "fc.7.weight"})]:  # fmt: skip
+    for head, keys in [
+        ("linear", {"fc.weight", "fc.bias"}),
+        ("mlp", {"fc.0.weight", "fc.2.weight"}),
+        ("simclr_v2", {"fc.0.weight", "fc.1.weight", "fc.3.weight", "fc.6.weight", "fc.7.weight"}),
+    ]:
         enc = attach_head(torchvision.models.resnet18(num_classes=16), head)
         assert keys <= set(enc.state_dict()), head
         assert enc(x).shape == (4, 16)
@@ -175,13 +183,25 @@ def test_heads_keep_fc_keys_and_output_dim():
         attach_head(torchvision.models.resnet18(), "mlp3")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"MODEL.LOSS": "nt_xent"}, "MODEL.LOSS nt_xent .* needs MODEL.MECHANISM end_to_end, not moco"),
-    ({"MODEL.MECHANISM": "bank"}, "unknown MODEL.MECHANISM 'bank'"),
-    ({"MODEL.HEAD": "simclr_v2"}, "MODEL.MLP \\(--mlp\\) selects the 'mlp' head but MODEL.HEAD is"),
-    ({"MODEL.MECHANISM": "memory_bank", "MODEL.K": 0}, "MODEL.K \\(negatives drawn"),
-    ({"MODEL.MECHANISM": "memory_bank", "MODEL.MEMORY_BANK_MOMENTUM": 1.0}, "MEMORY_BANK_MOMENTUM"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"MODEL.LOSS": "nt_xent"},
+            "MODEL.LOSS nt_xent .* needs MODEL.MECHANISM end_to_end, not moco",
+        ),
+        ({"MODEL.MECHANISM": "bank"}, "unknown MODEL.MECHANISM 'bank'"),
+        (
+            {"MODEL.HEAD": "simclr_v2"},
+            "MODEL.MLP \\(--mlp\\) selects the 'mlp' head but MODEL.HEAD is",
+        ),
+        ({"MODEL.MECHANISM": "memory_bank", "MODEL.K": 0}, "MODEL.K \\(negatives drawn"),
+        (
+            {"MODEL.MECHANISM": "memory_bank", "MODEL.MEMORY_BANK_MOMENTUM": 1.0},
+            "MEMORY_BANK_MOMENTUM",
+        ),
+    ],
+)
 def test_incompatible_settings_are_one_line_errors(synthetic_root, tmp_path, overrides, message):
     cfg = tiny_cfg(synthetic_root, tmp_path, **overrides)  # tiny_cfg has MODEL.MLP True
     with pytest.raises(ValueError, match=message):
@@ -190,7 +210,9 @@ def test_incompatible_settings_are_one_line_errors(synthetic_root, tmp_path, ove
 
 def test_k_need_not_divide_the_batch_outside_moco(synthetic_root, tmp_path):
     for mech in ("end_to_end", "memory_bank"):
-        validate_cfg(tiny_cfg(synthetic_root, tmp_path, **{"MODEL.MECHANISM": mech, "MODEL.K": 20}), 1)
+        validate_cfg(
+            tiny_cfg(synthetic_root, tmp_path, **{"MODEL.MECHANISM": mech, "MODEL.K": 20}), 1
+        )
     cfg = get_cfg()
     cfg.MODEL.ARCH, cfg.MODEL.MLP, cfg.MODEL.HEAD = "resnet18", False, "simclr_v2"
     cfg.MODEL.MECHANISM, cfg.MODEL.LOSS = "end_to_end", "nt_xent"
@@ -204,14 +226,20 @@ def test_k_need_not_divide_the_batch_outside_moco(synthetic_root, tmp_path):
 # ---------------------------------------------------------------- training, 1 process
 
 
-@pytest.mark.parametrize("mechanism, extra", [
-    ("end_to_end", {}),
-    ("end_to_end", {"MODEL.LOSS": "nt_xent", "MODEL.MLP": False, "MODEL.HEAD": "simclr_v2"}),
-    ("memory_bank", {}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mechanism, extra",
+    [
+        ("end_to_end", {}),
+        ("end_to_end", {"MODEL.LOSS": "nt_xent", "MODEL.MLP": False, "MODEL.HEAD": "simclr_v2"}),
+        ("memory_bank", {}),
+    ],
+)
 def test_mechanism_trains_with_the_engine(synthetic_root, tmp_path, one_thread, mechanism, extra):
-    cfg = tiny_cfg(synthetic_root, tmp_path, **{"MODEL.MECHANISM": mechanism, "SOLVER.EPOCHS": 1,
-                                                "KNN.AT_START": False, **extra})  # fmt: skip
+    cfg = tiny_cfg(
+        synthetic_root,
+        tmp_path,
+        **{"MODEL.MECHANISM": mechanism, "SOLVER.EPOCHS": 1, "KNN.AT_START": False, **extra},
+    )
     summary = PretrainTrainer(cfg).train()
     assert summary["mechanism"] == mechanism and summary["max_iter"] == 3
     assert summary["shuffle_bn"] == "split" and len(summary["knn"]) == 1
@@ -226,22 +254,37 @@ def test_mechanism_trains_with_the_engine(synthetic_root, tmp_path, one_thread, 
 
 
 def test_memory_bank_is_saved_and_restored_on_resume(synthetic_root, tmp_path, one_thread):
-    cfg = tiny_cfg(synthetic_root, tmp_path / "a", **{"MODEL.MECHANISM": "memory_bank",
-                                                      "KNN.PERIOD": 0, "MODEL.K": 50})  # fmt: skip
+    cfg = tiny_cfg(
+        synthetic_root,
+        tmp_path / "a",
+        **{"MODEL.MECHANISM": "memory_bank", "KNN.PERIOD": 0, "MODEL.K": 50},
+    )
     PretrainTrainer(cfg).train()  # 2 epochs
-    first = torch.load(tmp_path / "a" / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)
-    last = torch.load(tmp_path / "a" / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True)
-    bank0, bank1 = first["state_dict"]["module.memory_bank.bank"], last["state_dict"]["module.memory_bank.bank"]
+    first = torch.load(
+        tmp_path / "a" / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True
+    )
+    last = torch.load(
+        tmp_path / "a" / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True
+    )
+    bank0, bank1 = (
+        first["state_dict"]["module.memory_bank.bank"],
+        last["state_dict"]["module.memory_bank.bank"],
+    )
     assert bank0.shape == (30, 32)
     # one epoch visits 3 x 8 = 24 of 30 samples: those entries moved, the bank stays unit-norm
     assert 0 < (bank0 != bank1).any(dim=1).sum() <= 24 + 24
     torch.testing.assert_close(bank1.norm(dim=1), torch.ones(30))
-    cfg_b = tiny_cfg(synthetic_root, tmp_path / "b", **{"MODEL.MECHANISM": "memory_bank",
-                                                        "KNN.PERIOD": 0, "MODEL.K": 50})  # fmt: skip
+    cfg_b = tiny_cfg(
+        synthetic_root,
+        tmp_path / "b",
+        **{"MODEL.MECHANISM": "memory_bank", "KNN.PERIOD": 0, "MODEL.K": 50},
+    )
     trainer = PretrainTrainer(cfg_b, resume=str(tmp_path / "a" / "checkpoint_0000.pth.tar"))
     assert torch.equal(trainer.moco.memory_bank.bank, bank0)
     trainer.train()
-    resumed = torch.load(tmp_path / "b" / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True)
+    resumed = torch.load(
+        tmp_path / "b" / "checkpoint_0001.pth.tar", map_location="cpu", weights_only=True
+    )
     # same sampler seed, RNG streams and bank: the resumed run ends with the same bank
     torch.testing.assert_close(resumed["state_dict"]["module.memory_bank.bank"], bank1)
 
@@ -269,8 +312,13 @@ def _gathered_loss_worker(rank, world, port):
         ref = EndToEnd(LinearEncoder, dim=4, T=0.3, shuffle_bn="off", loss=loss)
         F.cross_entropy(*ref(im_q, im_k)).backward()
         ref_grads[loss] = ref.encoder_q.fc.weight.grad
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         for loss in ("info_nce", "nt_xent"):
             torch.manual_seed(1)
@@ -303,7 +351,16 @@ def _gathered_loss_worker(rank, world, port):
         dist.all_gather(banks, mb.memory_bank.bank)
         assert torch.equal(banks[0], banks[1])
         changed = (banks[0] != rank0_bank).any(dim=1)
-        assert changed.nonzero().flatten().tolist() == [0, 1, 3, 4, 6, 7, 9, 10]  # both ranks' samples
+        assert changed.nonzero().flatten().tolist() == [
+            0,
+            1,
+            3,
+            4,
+            6,
+            7,
+            9,
+            10,
+        ]  # both ranks' samples
     finally:
         dist.destroy_process_group()
 
@@ -317,24 +374,54 @@ def pretrain_in_two_processes(synthetic_root, out, opts):
     """tools/pretrain.py in 2 CPU processes (gloo), 1 epoch of 32-px crops; returns the summary."""
     data = os.path.join(synthetic_root, "imagefolder")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([
-        sys.executable, os.path.join(REPO, "tools", "pretrain.py"),
-        "--config-file", os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml"),
-        "--num-gpus", "2", "-b", "8", "--epochs", "1", "-j", "0", "--output-dir", str(out), data,
-        "INPUT.CROP_SIZE", "32", "MODEL.DIM", "16", "KNN.PERIOD", "0", *opts,
-    ], capture_output=True, text=True, timeout=280, env=env, cwd=REPO)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "pretrain.py"),
+            "--config-file",
+            os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml"),
+            "--num-gpus",
+            "2",
+            "-b",
+            "8",
+            "--epochs",
+            "1",
+            "-j",
+            "0",
+            "--output-dir",
+            str(out),
+            data,
+            "INPUT.CROP_SIZE",
+            "32",
+            "MODEL.DIM",
+            "16",
+            "KNN.PERIOD",
+            "0",
+            *opts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "pretrain_summary.json") as f:
         return json.load(f)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mechanism, extra", [
-    ("end_to_end", []),
-    ("memory_bank", ["MODEL.K", "40"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mechanism, extra",
+    [
+        ("end_to_end", []),
+        ("memory_bank", ["MODEL.K", "40"]),
+    ],
+)
 def test_mechanism_trains_in_two_processes_via_cli(synthetic_root, tmp_path, mechanism, extra):
-    s = pretrain_in_two_processes(synthetic_root, tmp_path / mechanism, ["MODEL.MECHANISM", mechanism, *extra])
+    s = pretrain_in_two_processes(
+        synthetic_root, tmp_path / mechanism, ["MODEL.MECHANISM", mechanism, *extra]
+    )
     assert s["world_size"] == 2 and s["mechanism"] == mechanism and s["shuffle_bn"] == "ddp"
     digests = s["queue_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]  # identical banks on both ranks

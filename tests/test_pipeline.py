@@ -14,9 +14,11 @@ from experiments.runs import stage_key
 
 # the CI preset on a smaller embedded set: the plumbing, not the numbers
 TINY = [
-    "DATA.SPEC", "['cls_train_per_class', 8, 'cls_val_per_class', 2, 'det_trainval_images', 8, "
+    "DATA.SPEC",
+    "['cls_train_per_class', 8, 'cls_val_per_class', 2, 'det_trainval_images', 8, "
     "'det_test_images', 10]",
-    "PRETRAIN.OPTS", "['SOLVER.EPOCHS', 2, 'SOLVER.IMS_PER_BATCH', 32, 'MODEL.K', 64, "
+    "PRETRAIN.OPTS",
+    "['SOLVER.EPOCHS', 2, 'SOLVER.IMS_PER_BATCH', 32, 'MODEL.K', 64, "
     "'MODEL.SPLIT_BN_GROUPS', 4, 'DATALOADER.NUM_WORKERS', 0, 'KNN.BATCH_SIZE', 64, 'KNN.PERIOD', 2]",
 ]
 
@@ -37,9 +39,19 @@ def _stage_dirs(run_dir, name):
 def test_pipeline_writes_every_artefact(pipeline_run):
     cfg, paths = pipeline_run
     run_dir = cfg.RUN_DIR
-    for stage in ("data", "pretrain_moco", "pretrain_supervised", "convert_moco", "convert_supervised",
-                  "detect_moco_s0", "detect_supervised_s0", "detect_random_s0", "detect_moco_s1",
-                  "detect_supervised_s1", "detect_random_s1"):  # fmt: skip
+    for stage in (
+        "data",
+        "pretrain_moco",
+        "pretrain_supervised",
+        "convert_moco",
+        "convert_supervised",
+        "detect_moco_s0",
+        "detect_supervised_s0",
+        "detect_random_s0",
+        "detect_moco_s1",
+        "detect_supervised_s1",
+        "detect_random_s1",
+    ):
         dirs = _stage_dirs(run_dir, stage)
         assert len(dirs) == 1, (stage, dirs)
         with open(os.path.join(run_dir, dirs[0], "stage.json")) as f:
@@ -55,15 +67,25 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     for label in ("moco", "supervised"):
         conv = os.path.join(run_dir, _stage_dirs(run_dir, f"convert_{label}")[0], f"{label}.pkl")
         model = safe_load_pickle(conv)["model"]
-        assert model["stem.conv1.weight"].shape[0] == 16 and "res5.1.conv2.norm.running_var" in model
+        assert (
+            model["stem.conv1.weight"].shape[0] == 16 and "res5.1.conv2.norm.running_var" in model
+        )
         assert not any(k.startswith("fc") for k in model)
 
     for init in ("moco", "supervised", "random"):
         run = os.path.join(run_dir, _stage_dirs(run_dir, f"detect_{init}_s0")[0])
         with open(os.path.join(run, "final_metrics.json")) as f:
             metrics = json.load(f)
-        assert metrics["task"] == "voc" and set(metrics["metrics"]["bbox"]) >= {"AP", "AP50", "AP75"}
-        assert metrics["weights"].endswith(f"{init}.pkl") if init != "random" else metrics["weights"] == ""
+        assert metrics["task"] == "voc" and set(metrics["metrics"]["bbox"]) >= {
+            "AP",
+            "AP50",
+            "AP75",
+        }
+        assert (
+            metrics["weights"].endswith(f"{init}.pkl")
+            if init != "random"
+            else metrics["weights"] == ""
+        )
 
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -80,7 +102,10 @@ def test_pipeline_writes_every_artefact(pipeline_run):
         text = f.read()
     assert "## What was run" in text and "- moco: 2 trial(s), seeds 0, 1; config configs/" in text
     verdict_lines = [line for line in text.splitlines() if line.startswith("- moco vs ")]
-    assert [line.split(":")[0] for line in verdict_lines] == ["- moco vs random", "- moco vs supervised"]
+    assert [line.split(":")[0] for line in verdict_lines] == [
+        "- moco vs random",
+        "- moco vs supervised",
+    ]
     assert all("paired difference" in line and "(n = 2 pairs)" in line for line in verdict_lines)
     assert "Published figures" in text and "not measured here" in text
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
@@ -100,8 +125,11 @@ def test_pipeline_writes_every_artefact(pipeline_run):
 
 def test_pipeline_rerun_reuses_finished_stages(pipeline_run, capsys):
     cfg, _ = pipeline_run
-    before = {d: os.path.getmtime(os.path.join(cfg.RUN_DIR, d, "stage.json"))
-              for d in os.listdir(cfg.RUN_DIR) if os.path.isfile(os.path.join(cfg.RUN_DIR, d, "stage.json"))}
+    before = {
+        d: os.path.getmtime(os.path.join(cfg.RUN_DIR, d, "stage.json"))
+        for d in os.listdir(cfg.RUN_DIR)
+        if os.path.isfile(os.path.join(cfg.RUN_DIR, d, "stage.json"))
+    }
     run_pipeline(cfg)
     out = capsys.readouterr().out
     assert out.count("done earlier, reusing") == 11
@@ -113,12 +141,16 @@ def test_stage_key_follows_the_config():
     a = load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml")
     b = load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml", ["DATA.SEED", "1"])
     assert stage_key(dict(a.DATA)) != stage_key(dict(b.DATA))
-    assert stage_key(dict(a.DATA)) == stage_key(dict(load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml").DATA))
+    assert stage_key(dict(a.DATA)) == stage_key(
+        dict(load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml").DATA)
+    )
     assert synthetic_spec(b).seed == 1
 
 
 def test_a_preset_may_be_named_by_its_file_name():
-    assert load_pipeline_cfg("ci.yaml").dump() == load_pipeline_cfg("configs/pipeline/ci.yaml").dump()
+    assert (
+        load_pipeline_cfg("ci.yaml").dump() == load_pipeline_cfg("configs/pipeline/ci.yaml").dump()
+    )
 
 
 def test_bad_pipeline_settings_fail_clearly():
@@ -134,16 +166,34 @@ def test_bad_pipeline_settings_fail_clearly():
 
 def test_methods_add_cmc_and_cpc_rows_reusing_the_moco_only_stages(pipeline_run, capsys):
     cfg, _ = pipeline_run
-    opts = ["RUN_DIR", cfg.RUN_DIR, "DATA.ROOT", cfg.DATA.ROOT, *TINY, "METHODS", "['moco', 'cmc', 'cpc']"]
+    opts = [
+        "RUN_DIR",
+        cfg.RUN_DIR,
+        "DATA.ROOT",
+        cfg.DATA.ROOT,
+        *TINY,
+        "METHODS",
+        "['moco', 'cmc', 'cpc']",
+    ]
     paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
     assert capsys.readouterr().out.count("done earlier, reusing") == 11  # all of the MoCo-only run
     with open(paths["csv"]) as f:
-        assert [r["pretraining"] for r in csv.DictReader(f)] == ["moco", "cmc", "cpc", "supervised", "random"]
+        assert [r["pretraining"] for r in csv.DictReader(f)] == [
+            "moco",
+            "cmc",
+            "cpc",
+            "supervised",
+            "random",
+        ]
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
         summary = json.load(f)
     assert {f"{m}_vs_{o}" for m in ("moco", "cmc", "cpc") for o in ("random", "supervised")} == set(
-        summary["comparisons"])
-    for method, key in (("cmc", "module.l.encoder_q.conv1.weight"), ("cpc", "module.context.0.weight")):
+        summary["comparisons"]
+    )
+    for method, key in (
+        ("cmc", "module.l.encoder_q.conv1.weight"),
+        ("cpc", "module.context.0.weight"),
+    ):
         pretrain = os.path.join(cfg.RUN_DIR, _stage_dirs(cfg.RUN_DIR, f"pretrain_{method}")[0])
         ckpt = torch.load(os.path.join(pretrain, "checkpoint_0001.pth.tar"), weights_only=True)
         assert key in ckpt["state_dict"]
@@ -152,7 +202,11 @@ def test_methods_add_cmc_and_cpc_rows_reusing_the_moco_only_stages(pipeline_run,
             with open(os.path.join(run, "final_metrics.json")) as f:
                 metrics = json.load(f)
             assert metrics["weights"].endswith(f"{method}.pkl")
-            assert metrics["weights_load"]["matched"] == metrics["weights_load"]["backbone_tensors"] > 0
+            assert (
+                metrics["weights_load"]["matched"]
+                == metrics["weights_load"]["backbone_tensors"]
+                > 0
+            )
             assert metrics["config_file"].endswith("_cmc.yaml") == (method == "cmc")
     with pytest.raises(ValueError, match="METHODS \\['moco', 'byol'\\]: expected distinct names"):
         load_pipeline_cfg("configs/pipeline/ci.yaml", ["METHODS", "['moco', 'byol']"])
@@ -165,8 +219,16 @@ def test_a_reused_data_stage_regenerates_a_set_overwritten_with_another_spec(pip
 
     cfg, _ = pipeline_run
     wanted = read_manifest(cfg.DATA.ROOT)["spec"]
-    ensure_generated(cfg.DATA.ROOT, SyntheticSpec(seed=7, cls_train_per_class=1, cls_val_per_class=1,
-                                                 det_trainval_images=2, det_test_images=2))  # fmt: skip
+    ensure_generated(
+        cfg.DATA.ROOT,
+        SyntheticSpec(
+            seed=7,
+            cls_train_per_class=1,
+            cls_val_per_class=1,
+            det_trainval_images=2,
+            det_test_images=2,
+        ),
+    )
     run_pipeline(cfg)
     assert read_manifest(cfg.DATA.ROOT)["spec"] == wanted
     assert capsys.readouterr().out.count("done earlier, reusing") >= 11

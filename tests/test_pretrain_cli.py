@@ -22,22 +22,63 @@ def _tool_module():
 
 def _run(args, timeout=300, env=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, TOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_official_flags_map_to_config_with_official_semantics():
     tool = _tool_module()
-    args = tool.parse_args([
-        "-a", "resnet101", "--lr", "0.015", "--batch-size", "128", "--mlp", "--moco-t", "0.2",
-        "--aug-plus", "--cos", "--dist-url", "tcp://10.0.0.1:10001",
-        "--multiprocessing-distributed", "--world-size", "2", "--rank", "1", "-j", "16",
-        "--epochs", "800", "--moco-k", "4096", "--schedule", "30", "40", "--wd", "5e-4",
-        "/data/imagenet", "MODEL.M", "0.99",
-    ])  # fmt: skip
+    args = tool.parse_args(
+        [
+            "-a",
+            "resnet101",
+            "--lr",
+            "0.015",
+            "--batch-size",
+            "128",
+            "--mlp",
+            "--moco-t",
+            "0.2",
+            "--aug-plus",
+            "--cos",
+            "--dist-url",
+            "tcp://10.0.0.1:10001",
+            "--multiprocessing-distributed",
+            "--world-size",
+            "2",
+            "--rank",
+            "1",
+            "-j",
+            "16",
+            "--epochs",
+            "800",
+            "--moco-k",
+            "4096",
+            "--schedule",
+            "30",
+            "40",
+            "--wd",
+            "5e-4",
+            "/data/imagenet",
+            "MODEL.M",
+            "0.99",
+        ]
+    )
     assert args.data == "/data/imagenet" and args.opts == ["MODEL.M", "0.99"]
-    spec = resolve_launch(dist_url=args.dist_url, world_size=args.world_size, rank=args.rank,
-                          multiprocessing_distributed=True, num_gpus=4, environ={})  # fmt: skip
+    spec = resolve_launch(
+        dist_url=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
+        multiprocessing_distributed=True,
+        num_gpus=4,
+        environ={},
+    )
     assert (spec.num_machines, spec.machine_rank, spec.procs_per_machine) == (2, 1, 4)
     assert spec.world_size == 8 and spec.dist_url == "tcp://10.0.0.1:10001"
     cfg = apply_official_args(load_cfg(), args, spec.procs_per_machine, spec.num_machines)
@@ -59,8 +100,14 @@ def test_official_flags_map_to_config_with_official_semantics():
     spec = resolve_launch(num_gpus=2, environ={})
     assert spec.world_size == 2 and spec.dist_url == "auto"
     # torchrun's environment decides the processes
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
-           "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}  # fmt: skip
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+    }
     spec = resolve_launch(environ=env)
     assert spec.from_env and (spec.num_machines, spec.machine_rank, spec.world_size) == (2, 1, 4)
     with pytest.raises(ValueError, match="--dist-url"):
@@ -72,13 +119,46 @@ def test_official_flags_map_to_config_with_official_semantics():
 def test_paper_v2_flags_scaled_down_run(synthetic_root, tmp_path):
     data = os.path.join(synthetic_root, "imagefolder")
     out = tmp_path / "v2"
-    r = _run([
-        "-a", "resnet18", "--lr", "0.06", "-b", "16", "--mlp", "--moco-t", "0.2", "--aug-plus",
-        "--cos", "--epochs", "1", "--moco-k", "256", "--moco-dim", "32", "-j", "0", "--seed", "0",
-        "--dist-url", "tcp://localhost:10001", "--dist-backend", "nccl", "--world-size", "1",
-        "--rank", "0", "--output-dir", str(out), data,
-        "INPUT.CROP_SIZE", "32", "MODEL.SPLIT_BN_GROUPS", "4",
-    ])  # fmt: skip
+    r = _run(
+        [
+            "-a",
+            "resnet18",
+            "--lr",
+            "0.06",
+            "-b",
+            "16",
+            "--mlp",
+            "--moco-t",
+            "0.2",
+            "--aug-plus",
+            "--cos",
+            "--epochs",
+            "1",
+            "--moco-k",
+            "256",
+            "--moco-dim",
+            "32",
+            "-j",
+            "0",
+            "--seed",
+            "0",
+            "--dist-url",
+            "tcp://localhost:10001",
+            "--dist-backend",
+            "nccl",
+            "--world-size",
+            "1",
+            "--rank",
+            "0",
+            "--output-dir",
+            str(out),
+            data,
+            "INPUT.CROP_SIZE",
+            "32",
+            "MODEL.SPLIT_BN_GROUPS",
+            "4",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
@@ -93,11 +173,33 @@ def test_paper_v2_flags_scaled_down_run(synthetic_root, tmp_path):
 def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
     data = os.path.join(synthetic_root, "imagefolder")
     out = tmp_path / "ddp"
-    r = _run([
-        "--config-file", CPU_CFG, "--num-gpus", "2", "-b", "8", "--moco-k", "16", "--epochs", "2",
-        "-j", "0", "--output-dir", str(out), "--knn-data", data, data,
-        "INPUT.CROP_SIZE", "32", "MODEL.DIM", "32", "KNN.BATCH_SIZE", "16",
-    ])  # fmt: skip
+    r = _run(
+        [
+            "--config-file",
+            CPU_CFG,
+            "--num-gpus",
+            "2",
+            "-b",
+            "8",
+            "--moco-k",
+            "16",
+            "--epochs",
+            "2",
+            "-j",
+            "0",
+            "--output-dir",
+            str(out),
+            "--knn-data",
+            data,
+            data,
+            "INPUT.CROP_SIZE",
+            "32",
+            "MODEL.DIM",
+            "32",
+            "KNN.BATCH_SIZE",
+            "16",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "pretrain_summary.json") as f:
         s = json.load(f)
@@ -112,12 +214,18 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
     assert os.path.exists(out / "log.txt") and os.path.exists(out / "log.txt.rank1")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--moco-k", "100", "-b", "8"], "MODEL.K (--moco-k) = 100 is not a multiple"),
-    (["-b", "8", "--moco-k", "16", "NOT.A_KEY", "1"], "Non-existent key: NOT.A_KEY"),
-    (["SOLVER.BASE_LRR", "0.1"], "Non-existent key: SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?"),
-    (["-a", "vgg16"], "unknown ResNet arch 'vgg16'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--moco-k", "100", "-b", "8"], "MODEL.K (--moco-k) = 100 is not a multiple"),
+        (["-b", "8", "--moco-k", "16", "NOT.A_KEY", "1"], "Non-existent key: NOT.A_KEY"),
+        (
+            ["SOLVER.BASE_LRR", "0.1"],
+            "Non-existent key: SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?",
+        ),
+        (["-a", "vgg16"], "unknown ResNet arch 'vgg16'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(synthetic_root, tmp_path, args, message):
     r = _run([*args, "--output-dir", str(tmp_path), os.path.join(synthetic_root, "imagefolder")])
     assert r.returncode == 2, r.stderr[-2000:]

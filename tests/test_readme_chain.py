@@ -22,28 +22,93 @@ from conftest import REPO
 
 # appended to each README command: the embedded data at the tests' size and runs of a few steps
 TINY = {
-    "make_data.py": ["--cls-size", "64", "--cls-train-per-class", "3", "--cls-val-per-class", "3",
-                     "--det-size", "128", "--det-trainval", "12", "--det-test", "12"],
-    "pretrain.py": ["SOLVER.IMS_PER_BATCH", "8", "MODEL.K", "16", "MODEL.DIM", "16",
-                    "MODEL.SPLIT_BN_GROUPS", "2",
-                    "INPUT.CROP_SIZE", "32", "KNN.BATCH_SIZE", "16", "DATALOADER.NUM_WORKERS", "0"],
+    "make_data.py": [
+        "--cls-size",
+        "64",
+        "--cls-train-per-class",
+        "3",
+        "--cls-val-per-class",
+        "3",
+        "--det-size",
+        "128",
+        "--det-trainval",
+        "12",
+        "--det-test",
+        "12",
+    ],
+    "pretrain.py": [
+        "SOLVER.IMS_PER_BATCH",
+        "8",
+        "MODEL.K",
+        "16",
+        "MODEL.DIM",
+        "16",
+        "MODEL.SPLIT_BN_GROUPS",
+        "2",
+        "INPUT.CROP_SIZE",
+        "32",
+        "KNN.BATCH_SIZE",
+        "16",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+    ],
     "lincls.py": ["-b", "10", "--crop-size", "32", "-j", "0"],
     "convert_to_d2.py": [],
     "train_net.py": [
-        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.PRECISE_BN.NUM_ITER", "2"],
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.STEPS",
+        "()",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "128",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "128",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "32",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "32",
+        "TEST.PRECISE_BN.NUM_ITER",
+        "2",
+    ],
     "report.py": [],
-    "benchmark.py": ["--image-size", "32", "--batch-size", "8", "--K", "64", "--split-bn-groups",
-                     "2", "--reps", "1", "--steps", "1", "--warmup", "0", "--workers", "0"],
-}  # fmt: skip
+    "benchmark.py": [
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--K",
+        "64",
+        "--split-bn-groups",
+        "2",
+        "--reps",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--workers",
+        "0",
+    ],
+}
 
 
 def readme_quick_list(text):
     """The commands of the bash block after "Small CPU runs", continuations joined, comments cut."""
-    block = re.search(r"Small CPU runs of each on the embedded data:\s*```bash\n(.*?)```", text, re.S)
+    block = re.search(
+        r"Small CPU runs of each on the embedded data:\s*```bash\n(.*?)```", text, re.S
+    )
     assert block, "the README's quick list is gone"
     joined = block.group(1).replace("\\\n", " ")
     return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
@@ -75,11 +140,20 @@ def test_the_readme_quick_list_runs_as_written(tmp_path):
             env[name] = value
         assert argv[0] == ".venv/bin/python" and argv[1].startswith("tools/"), argv
         tool = os.path.basename(argv[1])
-        r = subprocess.run([sys.executable, *argv[1:], *TINY[tool]], cwd=repo, env=env,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, *argv[1:], *TINY[tool]],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, f"{shlex.join(argv)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        said = re.findall(r"output folder (\S+)|wrote (\S+?),? |report to (\S+)|^(\S+): \d+ classes",
-                          r.stdout, re.M)  # fmt: skip
+        said = re.findall(
+            r"output folder (\S+)|wrote (\S+?),? |report to (\S+)|^(\S+): \d+ classes",
+            r.stdout,
+            re.M,
+        )
         assert said, f"{tool} does not say where its output went:\n{r.stdout[-2000:]}"
         folders.append([p for group in said for p in group if p][0])
     # one folder per run: none writes into another's
@@ -88,16 +162,22 @@ def test_the_readme_quick_list_runs_as_written(tmp_path):
     # nothing outside output/ and the data folder; nothing that was there rewritten
     after = _files(repo)
     new = [p for p in after if p not in before]
-    assert new and all(p.split(os.sep)[0] in ("output", "datasets") for p in new), \
-        [p for p in new if p.split(os.sep)[0] not in ("output", "datasets")]  # fmt: skip
+    assert new and all(p.split(os.sep)[0] in ("output", "datasets") for p in new), [
+        p for p in new if p.split(os.sep)[0] not in ("output", "datasets")
+    ]
     assert all(after[p] == before[p] for p in before)
     # the artefacts the README promises
     out = repo / "output"
-    for path in ("pretrain/moco_v2_R18_cpu/checkpoint_0001.pth.tar",
-                 "pretrain/moco_v2_R18_cpu_2proc/checkpoint_0001.pth.tar",
-                 "lincls/moco_v2_R18_cpu/lincls_results.json", "moco_r18.pkl",
-                 "voc_moco_r18/final_metrics.json", "report/transfer.md", "report/transfer.png",
-                 "benchmark/benchmark.json"):  # fmt: skip
+    for path in (
+        "pretrain/moco_v2_R18_cpu/checkpoint_0001.pth.tar",
+        "pretrain/moco_v2_R18_cpu_2proc/checkpoint_0001.pth.tar",
+        "lincls/moco_v2_R18_cpu/lincls_results.json",
+        "moco_r18.pkl",
+        "voc_moco_r18/final_metrics.json",
+        "report/transfer.md",
+        "report/transfer.png",
+        "benchmark/benchmark.json",
+    ):
         assert (out / path).is_file(), path
     # the 2-process run did not append to the first run's metrics: iterations only go up there
     rows = (out / "pretrain" / "moco_v2_R18_cpu" / "metrics.json").read_text().splitlines()

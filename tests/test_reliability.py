@@ -31,14 +31,28 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHON
 def tiny_opts(root, out, **overrides):
     """KEY VALUE list of a tiny pretraining run (2 epochs x 3 iterations, a checkpoint per epoch)."""
     opts = {
-        "MODEL.ARCH": "resnet18", "MODEL.DIM": 16, "MODEL.K": 16, "MODEL.M": 0.99,
-        "MODEL.MLP": True, "MODEL.T": 0.2, "MODEL.SPLIT_BN_GROUPS": 2, "MODEL.DEVICE": "cpu",
-        "INPUT.AUG_PLUS": True, "INPUT.CROP_SIZE": 32,
-        "DATA.ROOT": os.path.join(root, "imagefolder"), "DATALOADER.NUM_WORKERS": 0,
-        "SOLVER.IMS_PER_BATCH": 8, "SOLVER.BASE_LR": 0.06, "SOLVER.EPOCHS": 2,
-        "SOLVER.COS": True, "SOLVER.CHECKPOINT_PERIOD": 1, "KNN.DATA": "", "LOG_PERIOD": 1,
-        "SEED": 0, "OUTPUT_DIR": str(out),
-    }  # fmt: skip
+        "MODEL.ARCH": "resnet18",
+        "MODEL.DIM": 16,
+        "MODEL.K": 16,
+        "MODEL.M": 0.99,
+        "MODEL.MLP": True,
+        "MODEL.T": 0.2,
+        "MODEL.SPLIT_BN_GROUPS": 2,
+        "MODEL.DEVICE": "cpu",
+        "INPUT.AUG_PLUS": True,
+        "INPUT.CROP_SIZE": 32,
+        "DATA.ROOT": os.path.join(root, "imagefolder"),
+        "DATALOADER.NUM_WORKERS": 0,
+        "SOLVER.IMS_PER_BATCH": 8,
+        "SOLVER.BASE_LR": 0.06,
+        "SOLVER.EPOCHS": 2,
+        "SOLVER.COS": True,
+        "SOLVER.CHECKPOINT_PERIOD": 1,
+        "KNN.DATA": "",
+        "LOG_PERIOD": 1,
+        "SEED": 0,
+        "OUTPUT_DIR": str(out),
+    }
     opts.update(overrides)
     return [str(x) for kv in opts.items() for x in kv]
 
@@ -56,8 +70,11 @@ def _metrics(out):
 
 def _losses(out):
     """{iteration: (total_loss, acc1, acc5, lr)} of the training rows of metrics.json."""
-    return {r["iteration"]: (r["total_loss"], r["acc1"], r["acc5"], r["lr"])
-            for r in _metrics(out) if "total_loss" in r}  # fmt: skip
+    return {
+        r["iteration"]: (r["total_loss"], r["acc1"], r["acc5"], r["lr"])
+        for r in _metrics(out)
+        if "total_loss" in r
+    }
 
 
 def _sha256(path):
@@ -85,7 +102,8 @@ class WaitForKill(HookBase):
 """
 
 # train_worker's steps (logging, seeds, trainer, train), plus WaitForKill
-_DRIVER = r"""
+_DRIVER = (
+    r"""
 import json, os, sys, time
 from detectron2.engine import HookBase
 from moco.config import get_cfg
@@ -98,16 +116,24 @@ cfg.merge_from_list(opts)
 cfg.freeze()
 setup_process(cfg)
 trainer = PretrainTrainer(cfg, resume="auto")
-""" + _WAIT_FOR_KILL + r"""
+"""
+    + _WAIT_FOR_KILL
+    + r"""
 trainer.register_hooks([WaitForKill()])
 trainer.train()
-"""  # fmt: skip
+"""
+)
 
 
 def _driver(opts, stop=0, marker=""):
-    return subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(opts), str(stop), marker],
-                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, json.dumps(opts), str(stop), marker],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(proc, timeout=240):
@@ -162,8 +188,9 @@ def test_sigkill_after_half_then_resume_is_bit_identical(synthetic_root, tmp_pat
 # 4. training faults: NaN loss, full disk during a save
 
 
-def test_nan_loss_stops_before_the_optimizer_step_and_keeps_the_checkpoint(synthetic_root, tmp_path,
-                                                                           one_thread):  # fmt: skip
+def test_nan_loss_stops_before_the_optimizer_step_and_keeps_the_checkpoint(
+    synthetic_root, tmp_path, one_thread
+):
     trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path))
     forward = trainer.model.forward
     seen = {}
@@ -211,8 +238,9 @@ class _FullDisk:
         self.f.close()
 
 
-def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_path, monkeypatch,
-                                                         one_thread):  # fmt: skip
+def test_full_disk_during_save_keeps_previous_checkpoint(
+    synthetic_root, tmp_path, monkeypatch, one_thread
+):
     trainer = PretrainTrainer(tiny_cfg(synthetic_root, tmp_path))
     mkstemp, fdopen = file_io.tempfile.mkstemp, os.fdopen
     names, seen = {}, {}
@@ -232,9 +260,11 @@ def test_full_disk_during_save_keeps_previous_checkpoint(synthetic_root, tmp_pat
 
     monkeypatch.setattr(file_io.tempfile, "mkstemp", recording_mkstemp)
     monkeypatch.setattr(os, "fdopen", full_fdopen)
-    with pytest.raises(OSError, match=r"could not write .*checkpoint_0001\.pth\.tar: No space left "
-                                      r"on device; the previous file there \(if any\) is unchanged"
-                       ) as err:  # fmt: skip
+    with pytest.raises(
+        OSError,
+        match=r"could not write .*checkpoint_0001\.pth\.tar: No space left "
+        r"on device; the previous file there \(if any\) is unchanged",
+    ) as err:
         trainer.train()
     assert err.value.errno == errno.ENOSPC
     assert seen["tmp"] and not os.path.exists(seen["tmp"])  # the partial file was removed
@@ -304,9 +334,14 @@ def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root
     driver.write_text(_DDP_DRIVER)
     opts = tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3})
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(driver), json.dumps(opts), str(victim), "4",
-                           str(tmp_path)], env=ENV, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(driver), json.dumps(opts), str(victim), "4", str(tmp_path)],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert f"process {victim} terminated with signal SIGKILL" in proc.stderr, proc.stderr[-3000:]
@@ -332,21 +367,37 @@ def _without_a_parent(synthetic_root, tmp_path, signum, **overrides):
     env://); rank 1 sends itself ``signum`` after iteration 4."""
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(_DDP_DRIVER)
-    opts = json.dumps(tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3},
-                                **overrides))  # fmt: skip
+    opts = json.dumps(
+        tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3}, **overrides)
+    )
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(driver), opts, "1", "4", str(tmp_path),
-                                       signum], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = {
+            **ENV,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(driver), opts, "1", "4", str(tmp_path), signum],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
-def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
+def test_without_a_parent_the_survivor_of_a_killed_rank_fails_in_bounded_time(
+    synthetic_root, tmp_path
+):
     procs = _without_a_parent(synthetic_root, tmp_path, "SIGKILL")
     start = time.monotonic()
     errs = [p.communicate(timeout=120)[1] for p in procs]
@@ -361,12 +412,14 @@ def _stopped(pid):
         return f.read().split(")")[-1].split()[0] == "T"
 
 
-def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
+def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(
+    synthetic_root, tmp_path
+):
     # SIGSTOP: a frozen or cut-off machine; its connections stay open, so only the timeout tells
     timeout_s = 9  # DIST.TIMEOUT_MINUTES 0.15
-    procs = _without_a_parent(synthetic_root, tmp_path, "SIGSTOP",
-                              **{"DIST.TIMEOUT_MINUTES": timeout_s / 60})  # fmt: skip
+    procs = _without_a_parent(
+        synthetic_root, tmp_path, "SIGSTOP", **{"DIST.TIMEOUT_MINUTES": timeout_s / 60}
+    )
     try:
         deadline = time.monotonic() + 120
         while not _stopped(procs[1].pid):
@@ -378,10 +431,13 @@ def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(s
         assert procs[0].returncode == 1, err[-3000:]
         last = err.strip().splitlines()[-1]  # torch may prefix "[rank0]: "
         # gloo's own words: its timeout, or the pair it closed on a timeout (another thread's op)
-        assert re.search(r"RuntimeError: rank 0: (\[.*gloo.*\] Timed out waiting 9000ms for \w+ "
-                         r"operation to complete|Application timeout caused pair closure); rank 1 "
-                         r"of 2 did not answer a roll call within 10 s \(hung, stopped or cut "
-                         r"off\)$", last), last  # fmt: skip
+        assert re.search(
+            r"RuntimeError: rank 0: (\[.*gloo.*\] Timed out waiting 9000ms for \w+ "
+            r"operation to complete|Application timeout caused pair closure); rank 1 "
+            r"of 2 did not answer a roll call within 10 s \(hung, stopped or cut "
+            r"off\)$",
+            last,
+        ), last
         assert elapsed < timeout_s + 10 + 45, elapsed
         os.kill(procs[1].pid, signal.SIGCONT)  # back again, it finds its peer gone
         err1 = procs[1].communicate(timeout=60)[1]
@@ -435,21 +491,26 @@ def test_unreadable_images_are_skipped_counted_and_bounded(synthetic_root, tmp_p
     os.makedirs(nothing)
     (nothing / "x.jpg").write_bytes(b"")
     (nothing / "y.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ValueError, match=r"none of the 2 image files is readable \(e\.g\. .*x\.jpg: "
-                                         r"empty file\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"none of the 2 image files is readable \(e\.g\. .*x\.jpg: "
+        r"empty file\)",
+    ):
         image_folder(str(tmp_path / "nothing"), "train", None, "KNN.DATA", max_bad_fraction=1.0)
 
 
-def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
+def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(
+    synthetic_root, tmp_path
+):
     from torch.utils.data import DataLoader
 
     from moco.augment import eval_transform
     from moco.data import image_folder
 
     folder_with_bad_files(synthetic_root, tmp_path / "f")
-    ds = image_folder(str(tmp_path / "f"), "train", eval_transform(crop=32), "DATA.ROOT",
-                      max_bad_fraction=0.1)  # fmt: skip
+    ds = image_folder(
+        str(tmp_path / "f"), "train", eval_transform(crop=32), "DATA.ROOT", max_bad_fraction=0.1
+    )
     victim = ds.samples[5][0]
     with open(victim, "r+b") as f:  # the file breaks while the run is going
         f.truncate(100)
@@ -460,11 +521,15 @@ def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(s
     assert ds.skipped_images == 3 + 1  # the workers' count reaches the main process
 
 
-def test_pretraining_skips_unreadable_images_and_reports_them(synthetic_root, tmp_path, caplog,
-                                                              one_thread):  # fmt: skip
+def test_pretraining_skips_unreadable_images_and_reports_them(
+    synthetic_root, tmp_path, caplog, one_thread
+):
     bad = folder_with_bad_files(synthetic_root, tmp_path / "f")
-    cfg = tiny_cfg(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 1,
-                   "DATA.ROOT": str(tmp_path / "f"), "DATA.MAX_BAD_FRACTION": 0.1})  # fmt: skip
+    cfg = tiny_cfg(
+        synthetic_root,
+        tmp_path / "out",
+        **{"SOLVER.EPOCHS": 1, "DATA.ROOT": str(tmp_path / "f"), "DATA.MAX_BAD_FRACTION": 0.1},
+    )
     with caplog.at_level("WARNING", logger="moco"):  # the "moco" logger writes the run's log.txt
         summary = PretrainTrainer(cfg).train()
     assert summary["dataset_size"] == 30 and summary["skipped_images"] == 3
@@ -495,13 +560,19 @@ def voc_copy(synthetic_root, tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda x: x[: len(x) // 2], "not well-formed XML"),
-    (lambda x: x.replace("<height>", "<h>").replace("</height>", "</h>"), "missing <size/height>"),
-    (lambda x: x.replace("<name>", "<name>unicorn", 1), "has class 'unicorn"),
-    (lambda x: x.replace("<xmax>", "<xmax>wide", 1), "<bndbox/xmax> in object 0 is 'wide"),
-    (lambda x: _BOMB, "refused unsafe XML (EntitiesForbidden)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda x: x[: len(x) // 2], "not well-formed XML"),
+        (
+            lambda x: x.replace("<height>", "<h>").replace("</height>", "</h>"),
+            "missing <size/height>",
+        ),
+        (lambda x: x.replace("<name>", "<name>unicorn", 1), "has class 'unicorn"),
+        (lambda x: x.replace("<xmax>", "<xmax>wide", 1), "<bndbox/xmax> in object 0 is 'wide"),
+        (lambda x: _BOMB, "refused unsafe XML (EntitiesForbidden)"),
+    ],
+)
 def test_broken_voc_xml_is_one_line_error_naming_the_file(voc_copy, edit, message):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -531,12 +602,26 @@ def _det_cfg(out, *opts):
 
     from test_train_net import TINY, VOC_CFG
 
-    return load_cfg(VOC_CFG, TINY + ["TEST.PRECISE_BN.ENABLED", "False", "DATASETS.TEST", "()",
-                                     "OUTPUT_DIR", str(out), "SEED", "1", *opts])  # fmt: skip
+    return load_cfg(
+        VOC_CFG,
+        TINY
+        + [
+            "TEST.PRECISE_BN.ENABLED",
+            "False",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(out),
+            "SEED",
+            "1",
+            *opts,
+        ],
+    )
 
 
-def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_path, caplog,
-                                                              one_thread):  # fmt: skip
+def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(
+    voc_copy, tmp_path, caplog, one_thread
+):
     from detection.data_checks import register_pascal_voc_checked
     from detection.trainer import DetectionTrainer
     from moco.synthetic import CLASS_NAMES
@@ -549,12 +634,22 @@ def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_pat
     register_pascal_voc_checked(name, voc_copy, "trainval", 2007, CLASS_NAMES)
     try:
         cfg = _det_cfg(tmp_path / "d", "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2")
-        with pytest.raises(ValueError, match=rf"DATASETS.TRAIN {name}: 1 of 12 image files are "
-                                             r"unreadable \(8.33% > DATALOADER.MAX_BAD_FRACTION "
-                                             r"1.00%\), e.g. .*000003.jpg: OSError"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"DATASETS.TRAIN {name}: 1 of 12 image files are "
+            r"unreadable \(8.33% > DATALOADER.MAX_BAD_FRACTION "
+            r"1.00%\), e.g. .*000003.jpg: OSError",
+        ):
             DetectionTrainer(cfg)
-        cfg = _det_cfg(tmp_path / "d", "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2",
-                       "DATALOADER.MAX_BAD_FRACTION", "0.1")  # fmt: skip
+        cfg = _det_cfg(
+            tmp_path / "d",
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+            "SOLVER.MAX_ITER",
+            "2",
+            "DATALOADER.MAX_BAD_FRACTION",
+            "0.1",
+        )
         with caplog.at_level("WARNING", logger="detection"):
             trainer = DetectionTrainer(cfg)
         assert f"skipping unreadable image {jpeg}" in caplog.text
@@ -573,7 +668,8 @@ def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(voc_copy, tmp_pat
 
 
 def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
-        synthetic_datasets, tmp_path, one_thread):  # fmt: skip
+    synthetic_datasets, tmp_path, one_thread
+):
     from detection.trainer import DetectionTrainer
 
     out = tmp_path / "det"
@@ -584,7 +680,9 @@ def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
     saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert saved["iteration"] == 1
 
-    second = DetectionTrainer(_det_cfg(out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    second = DetectionTrainer(
+        _det_cfg(out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2")
+    )
     second.resume_or_load(resume=True)  # reads last_checkpoint through SafeDetectionCheckpointer
     assert second.start_iter == 2
     model = second.model.state_dict()
@@ -594,13 +692,16 @@ def test_detection_resume_restores_iteration_model_optimizer_and_schedule(
     assert opt["state"].keys() == saved_opt["state"].keys() and opt["state"]
     for i, s in saved_opt["state"].items():
         assert torch.equal(opt["state"][i]["momentum_buffer"], s["momentum_buffer"]), i
-    assert second.scheduler.last_epoch == saved["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
+    assert (
+        second.scheduler.last_epoch == saved["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
+    )
     second.train()
     assert second.iter == 4  # Detectron2 leaves iter at max_iter
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 3 and not torch.equal(
         final["model"]["backbone.bottom_up.stem.conv1.weight"],
-        saved["model"]["backbone.bottom_up.stem.conv1.weight"])  # fmt: skip
+        saved["model"]["backbone.bottom_up.stem.conv1.weight"],
+    )
 
 
 def test_the_detection_loader_continues_at_any_batch_whatever_the_workers():
@@ -631,15 +732,19 @@ def test_the_detection_loader_continues_at_any_batch_whatever_the_workers():
     for workers, start in ((0, 4), (2, 4), (2, 7)):
         assert batches(workers, start, 9 - start) == (straight[start:], 9), (workers, start)
     loader = ResumableTrainLoader(dicts, mapper, TrainingSampler(10, seed=3), 3, True, 0)
-    for state, field in (({"seed": "3", "batches": 1}, "seed '3'"), ({"seed": 3, "batches": -1},
-                         "batches -1"), ([], "seed None")):  # fmt: skip
+    for state, field in (
+        ({"seed": "3", "batches": 1}, "seed '3'"),
+        ({"seed": 3, "batches": -1}, "batches -1"),
+        ([], "seed None"),
+    ):
         with pytest.raises(ValueError, match=rf"^m.pth: data order {field} is not"):
             loader.load_state_dict(state, "m.pth")
 
 
 # detection's main() up to training (setup_cfg seeds as train_net does), metrics.json written every
 # iteration, and WaitForKill
-_DET_DRIVER = r"""
+_DET_DRIVER = (
+    r"""
 import json, os, sys, time
 from detectron2.engine import HookBase, default_argument_parser, hooks
 from detection.config import setup_cfg
@@ -652,24 +757,46 @@ cfg = setup_cfg(default_argument_parser().parse_args(argv))
 prepare_datasets(cfg)
 trainer = DetectionTrainer(cfg)
 trainer.resume_or_load(resume=True)
-""" + _WAIT_FOR_KILL + r"""
+"""
+    + _WAIT_FOR_KILL
+    + r"""
 for h in trainer._hooks:
     if isinstance(h, hooks.PeriodicWriter):
         h._period = 1  # Detectron2 writes every 20 iterations; compare each one
 trainer.register_hooks([WaitForKill()])
 trainer.train()
-"""  # fmt: skip
+"""
+)
 
 
 def _det_driver(root, out, workers, stop=0, marker=""):
     from test_train_net import TINY, VOC_CFG
 
-    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "4",
-            "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", str(workers), "SEED", "5",
-            "OUTPUT_DIR", str(out)]  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", _DET_DRIVER, json.dumps(argv), root, str(stop),
-                             marker], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    argv = [
+        "--config-file",
+        VOC_CFG,
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "8",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "4",
+        "DATASETS.TEST",
+        "()",
+        "DATALOADER.NUM_WORKERS",
+        str(workers),
+        "SEED",
+        "5",
+        "OUTPUT_DIR",
+        str(out),
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-c", _DET_DRIVER, json.dumps(argv), root, str(stop), marker],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _det_losses(out):
@@ -683,8 +810,9 @@ def _det_losses(out):
     }
 
 
-def test_detection_sigkill_after_a_checkpoint_then_resume_is_bit_identical(synthetic_root,
-                                                                           tmp_path):  # fmt: skip
+def test_detection_sigkill_after_a_checkpoint_then_resume_is_bit_identical(
+    synthetic_root, tmp_path
+):
     # the killed run has data-loading workers that prefetch, the straight one none: the data order,
     # augmentation and step RNGs depend on (seed, position) only
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -737,8 +865,11 @@ def test_no_unsafe_deserialisation_in_the_toolkit():
                 if func.endswith("torch.load") or func == "load" and "map_location" in kwargs:
                     checked += 1
                     assert kwargs.get("weights_only") == "True", f"{path}:{node.lineno}"
-                assert func not in ("pickle.load", "pickle.loads", "pickle.Unpickler"), \
-                    f"{path}:{node.lineno}: plain unpickling"  # fmt: skip
-                assert not (func.endswith(("ET.parse", "ET.fromstring", "ElementTree.parse"))
-                            and not func.startswith("DET")), f"{path}:{node.lineno}: use defusedxml"
+                assert func not in ("pickle.load", "pickle.loads", "pickle.Unpickler"), (
+                    f"{path}:{node.lineno}: plain unpickling"
+                )
+                assert not (
+                    func.endswith(("ET.parse", "ET.fromstring", "ElementTree.parse"))
+                    and not func.startswith("DET")
+                ), f"{path}:{node.lineno}: use defusedxml"
     assert checked >= 3  # the loaders exist and were seen

@@ -6,7 +6,17 @@ import os
 
 import pytest
 
-from detection.report import Row, Stat, Table, compare, format_cell, parse_groups, summarize, to_markdown, write_report
+from detection.report import (
+    Row,
+    Stat,
+    Table,
+    compare,
+    format_cell,
+    parse_groups,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from conftest import REPO, load_tool
 
 ROOT = REPO
@@ -37,7 +47,9 @@ def _write_run(folder, task, metrics):
 def voc_runs(tmp_path):
     for label, runs in VOC_RUNS.items():
         for i, (ap50, ap, ap75) in enumerate(runs):
-            _write_run(tmp_path / f"{label}_{i}", "voc", {"bbox": {"AP": ap, "AP50": ap50, "AP75": ap75}})
+            _write_run(
+                tmp_path / f"{label}_{i}", "voc", {"bbox": {"AP": ap, "AP50": ap50, "AP75": ap75}}
+            )
     return tmp_path
 
 
@@ -69,7 +81,9 @@ def test_report_files(voc_runs, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["pretraining"] for r in rows] == ["supervised", "moco_v2", "random"]
     assert [r["n"] for r in rows] == ["2", "3", "1"]
-    assert float(rows[1]["AP_mean"]) == pytest.approx(57.0) and float(rows[1]["AP75_std"]) == pytest.approx(0.4)
+    assert float(rows[1]["AP_mean"]) == pytest.approx(57.0) and float(
+        rows[1]["AP75_std"]
+    ) == pytest.approx(0.4)
     assert float(rows[1]["AP_delta"]) == pytest.approx(3.5) and rows[0]["AP_delta"] == ""
     assert rows[2]["AP50_std"] == "" and float(rows[2]["AP75_delta"]) == pytest.approx(-25.7)
     import matplotlib.image
@@ -81,12 +95,18 @@ def test_report_files(voc_runs, tmp_path):
 
 def test_coco_columns_and_cells(tmp_path):
     def m(bb, mk):
-        return {"bbox": {"AP": bb, "AP50": bb + 20, "AP75": bb + 4}, "segm": {"AP": mk, "AP50": mk + 21, "AP75": mk + 2}}
+        return {
+            "bbox": {"AP": bb, "AP50": bb + 20, "AP75": bb + 4},
+            "segm": {"AP": mk, "AP50": mk + 21, "AP75": mk + 2},
+        }
 
     _write_run(tmp_path / "sup_0", "coco", m(40.0, 34.6))
     _write_run(tmp_path / "sup_1", "coco", m(40.0, 34.8))
     _write_run(tmp_path / "moco_0", "coco", m(40.7, 35.4))
-    table = summarize(parse_groups([f"supervised={tmp_path}/sup_*", f"moco={tmp_path}/moco_*"]), baseline="supervised")
+    table = summarize(
+        parse_groups([f"supervised={tmp_path}/sup_*", f"moco={tmp_path}/moco_*"]),
+        baseline="supervised",
+    )
     assert table.columns == ["AP^bb", "AP^bb_50", "AP^bb_75", "AP^mk", "AP^mk_50", "AP^mk_75"]
     sup, moco = table.rows
     assert format_cell(sup.stats[0]) == "40.0±0.0" and format_cell(sup.stats[3]) == "34.7±0.1"
@@ -143,16 +163,28 @@ def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
     # AP 57.0 vs 53.5; 2 * sqrt(0.2^2/3 + 0.2828^2/2) = 0.46 by hand
     assert compare(table, "moco_v2", "supervised") == (
         "moco_v2 vs supervised: AP 57.0 vs 53.5 (+3.5): moco_v2 beats supervised "
-        "(2 standard errors = 0.5)")
+        "(2 standard errors = 0.5)"
+    )
     assert compare(table, "random", "moco_v2", "AP50").startswith(
         "random vs moco_v2: AP50 60.2 vs 82.4 (-22.2): random is behind moco_v2 in a single trial "
-        "each, no spread estimate")
-    close = Table("voc", ["AP"], [Row("a", [], [Stat.of([10.0, 10.4])], None),
-                                  Row("b", [], [Stat.of([10.1, 10.1, 10.2])], None)], None)
-    assert "within noise" in compare(close, "a", "b") and "a does not beat b" in compare(close, "a", "b")
+        "each, no spread estimate"
+    )
+    close = Table(
+        "voc",
+        ["AP"],
+        [
+            Row("a", [], [Stat.of([10.0, 10.4])], None),
+            Row("b", [], [Stat.of([10.1, 10.1, 10.2])], None),
+        ],
+        None,
+    )
+    assert "within noise" in compare(close, "a", "b") and "a does not beat b" in compare(
+        close, "a", "b"
+    )
     assert compare(table, "supervised", "moco_v2") == (
         "supervised vs moco_v2: AP 53.5 vs 57.0 (-3.5): supervised is behind moco_v2 "
-        "(2 standard errors = 0.5)")
+        "(2 standard errors = 0.5)"
+    )
     with pytest.raises(ValueError, match="compare: no row 'moco'"):
         compare(table, "moco", "random")
 
@@ -197,10 +229,21 @@ def test_training_curves_from_metrics_json(tmp_path, monkeypatch):
     figures = _captured_figures(monkeypatch)
     pre, det = tmp_path / "pre", tmp_path / "det"
     pre.mkdir(), det.mkdir()
-    (pre / "metrics.json").write_text("".join(
-        json.dumps({"iteration": i, "total_loss": 5.0 - i, "lr": 0.03, **({"knn_top1": 20.0 + i}
-                                                                          if i % 2 else {})}) + "\n"
-        for i in range(4)) + '{"iteration": 4, "total_lo')  # a torn last line is skipped
+    (pre / "metrics.json").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "iteration": i,
+                    "total_loss": 5.0 - i,
+                    "lr": 0.03,
+                    **({"knn_top1": 20.0 + i} if i % 2 else {}),
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+        + '{"iteration": 4, "total_lo'
+    )  # a torn last line is skipped
     (det / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 2.0, "lr": 0.02}))
     path = str(tmp_path / "curves.png")
     assert plot_curves({"pre": str(pre), "det": str(det)}, path) == path and os.path.isfile(path)

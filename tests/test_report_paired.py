@@ -23,42 +23,68 @@ def _runs(root, label, by_seed, shuffle=False):
         folder = os.path.join(root, f"{label}_{i}")
         os.makedirs(folder)
         with open(os.path.join(folder, "final_metrics.json"), "w") as f:
-            json.dump({"task": "voc", "seed": seed,
-                       "metrics": {"bbox": {"AP50": by_seed[seed], "AP": 1.0, "AP75": 1.0}}}, f)  # fmt: skip
+            json.dump(
+                {
+                    "task": "voc",
+                    "seed": seed,
+                    "metrics": {"bbox": {"AP50": by_seed[seed], "AP": 1.0, "AP75": 1.0}},
+                },
+                f,
+            )
     return [os.path.join(root, f"{label}_{i}") for i in range(len(seeds))]
 
 
 def test_paired_difference_matches_hand_computation(tmp_path):
-    table = summarize({"moco": _runs(tmp_path, "moco", MOCO, shuffle=True),
-                       "random": _runs(tmp_path, "random", RANDOM)})  # fmt: skip
+    table = summarize(
+        {
+            "moco": _runs(tmp_path, "moco", MOCO, shuffle=True),
+            "random": _runs(tmp_path, "random", RANDOM),
+        }
+    )
     result = paired(table, "moco", "random")
     assert result.metric == "AP50" and result.n_pairs == 5
     assert result.mean_diff == pytest.approx(2.0)
     assert result.ci95 == pytest.approx((2.0 - HALF_WIDTH, 2.0 + HALF_WIDTH), abs=1e-6)
     assert result.p_value == pytest.approx(P_ONE_SIDED, abs=1e-5)
-    assert result.to_dict() == {"metric": "AP50", "n_pairs": 5, "mean_diff": pytest.approx(2.0),
-                                "ci95": [pytest.approx(2.0 - HALF_WIDTH), pytest.approx(2.0 + HALF_WIDTH)],
-                                "p_value": pytest.approx(P_ONE_SIDED, abs=1e-5)}  # fmt: skip
+    assert result.to_dict() == {
+        "metric": "AP50",
+        "n_pairs": 5,
+        "mean_diff": pytest.approx(2.0),
+        "ci95": [pytest.approx(2.0 - HALF_WIDTH), pytest.approx(2.0 + HALF_WIDTH)],
+        "p_value": pytest.approx(P_ONE_SIDED, abs=1e-5),
+    }
     assert "moco is ahead of random" in result.line()
     reverse = paired(table, "random", "moco")
-    assert reverse.mean_diff == pytest.approx(-2.0) and reverse.p_value == pytest.approx(1 - P_ONE_SIDED, abs=1e-5)
+    assert reverse.mean_diff == pytest.approx(-2.0) and reverse.p_value == pytest.approx(
+        1 - P_ONE_SIDED, abs=1e-5
+    )
     assert "random is behind moco" in reverse.line()
 
 
 def test_paired_uses_only_shared_seeds_and_says_when_an_interval_is_impossible(tmp_path):
-    table = summarize({"moco": _runs(tmp_path, "moco", {0: 12.0, 7: 30.0}),
-                       "random": _runs(tmp_path, "random", {0: 10.0, 1: 50.0})})  # fmt: skip
+    table = summarize(
+        {
+            "moco": _runs(tmp_path, "moco", {0: 12.0, 7: 30.0}),
+            "random": _runs(tmp_path, "random", {0: 10.0, 1: 50.0}),
+        }
+    )
     one = paired(table, "moco", "random")
     assert one.n_pairs == 1 and one.mean_diff == pytest.approx(2.0) and one.ci95 is None
     assert "too few pairs" in one.line()
-    other = summarize({"a": _runs(tmp_path / "x", "a", {3: 1.0}), "b": _runs(tmp_path / "y", "b", {4: 1.0})})
+    other = summarize(
+        {"a": _runs(tmp_path / "x", "a", {3: 1.0}), "b": _runs(tmp_path / "y", "b", {4: 1.0})}
+    )
     with pytest.raises(ValueError, match="share no detection seed"):
         paired(other, "a", "b")
 
 
 def test_an_interval_containing_zero_is_reported_as_no_difference(tmp_path):
-    table = summarize({"moco": _runs(tmp_path, "moco", {0: 11.0, 1: 9.0, 2: 10.5}),
-                       "random": _runs(tmp_path, "random", {0: 10.0, 1: 10.0, 2: 10.0})})  # fmt: skip
+    table = summarize(
+        {
+            "moco": _runs(tmp_path, "moco", {0: 11.0, 1: 9.0, 2: 10.5}),
+            "random": _runs(tmp_path, "random", {0: 10.0, 1: 10.0, 2: 10.0}),
+        }
+    )
     result = paired(table, "moco", "random")
     assert result.ci95[0] < 0 < result.ci95[1]
     assert "no difference shown" in result.line()

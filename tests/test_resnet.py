@@ -27,8 +27,10 @@ def test_names_resolve_to_torchvision_or_a_width():
             parse_arch(bad)
 
 
-@pytest.mark.parametrize("arch, block_channels", [("resnet18_w16", [16, 32, 64, 128]),
-                                                  ("resnet50_w8", [32, 64, 128, 256])])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, block_channels",
+    [("resnet18_w16", [16, 32, 64, 128]), ("resnet50_w8", [32, 64, 128, 256])],
+)
 def test_narrow_encoder_keeps_torchvision_keys_with_scaled_shapes(arch, block_channels):
     base, width = parse_arch(arch)
     narrow = resnet_encoder(arch)(num_classes=10)
@@ -70,8 +72,16 @@ def test_narrow_moco_checkpoint_converts_loads_safely_and_runs_identically(tmp_p
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         res5 = detector.backbone.bottom_up(x)["res5"]
-        trunk = torch.nn.Sequential(encoder.conv1, encoder.bn1, encoder.relu, encoder.maxpool,
-                                    encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
+        trunk = torch.nn.Sequential(
+            encoder.conv1,
+            encoder.bn1,
+            encoder.relu,
+            encoder.maxpool,
+            encoder.layer1,
+            encoder.layer2,
+            encoder.layer3,
+            encoder.layer4,
+        )
         assert torch.allclose(res5, trunk(x), atol=1e-5)
 
 

@@ -41,8 +41,13 @@ def _one_line(err):
 def held_folder(tmp_path):
     """(folder, pid): a folder whose lock another live process holds."""
     out = tmp_path / "busy"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=ENV, cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out)],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held"  # bounded: the holder prints or dies
         yield out, proc.pid
@@ -51,13 +56,16 @@ def held_folder(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(synthetic_root, held_folder,
-                                                                        capsys):  # fmt: skip
+def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(
+    synthetic_root, held_folder, capsys
+):
     out, pid = held_folder
     pretrain, train_net = load_tool("pretrain").main, load_tool("train_net").main
     assert pretrain(tiny_opts(synthetic_root, out)) == 2
     err = _one_line(capsys.readouterr().err)
-    assert err.startswith("pretrain.py: error: OUTPUT_DIR") and str(out) in err and f"pid {pid}" in err
+    assert (
+        err.startswith("pretrain.py: error: OUTPUT_DIR") and str(out) in err and f"pid {pid}" in err
+    )
     assert train_net(["--config-file", VOC_CFG, *TINY, "OUTPUT_DIR", str(out)]) == 2
     err = _one_line(capsys.readouterr().err)
     assert err.startswith("train_net.py: error: OUTPUT_DIR") and f"pid {pid}" in err
@@ -80,33 +88,40 @@ def test_a_folder_of_another_config_is_refused_unless_resuming(synthetic_root, t
 
 
 def test_a_new_run_never_writes_over_a_finished_one_and_resume_auto_says_what_it_found(
-        synthetic_root, tmp_path, capsys):  # fmt: skip
+    synthetic_root, tmp_path, capsys
+):
     out = tmp_path / "run"
     pretrain = load_tool("pretrain").main
     assert pretrain([*tiny_opts(synthetic_root, out), "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"pretrain.py: output folder {out}\n")
     assert f"pretrain.py: wrote {out / 'checkpoint_0001.pth.tar'}, " in printed
-    assert f"--resume auto: no checkpoint in {out}, starting from the beginning" in \
-        (out / "log.txt").read_text()  # fmt: skip
+    assert (
+        f"--resume auto: no checkpoint in {out}, starting from the beginning"
+        in (out / "log.txt").read_text()
+    )
     files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
     assert pretrain(tiny_opts(synthetic_root, out)) == 2
     assert _one_line(capsys.readouterr().err) == (
         f"pretrain.py: error: OUTPUT_DIR {out} holds a run (last checkpoint "
         f"{out / 'checkpoint_0001.pth.tar'}); continue it with --resume auto, or give another "
-        "--output-dir")  # fmt: skip
+        "--output-dir"
+    )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == files
     assert pretrain([*tiny_opts(synthetic_root, out), "--resume", "auto"]) == 0
-    assert f"--resume auto: resuming from {out / 'checkpoint_0001.pth.tar'}" in \
-        (out / "log.txt").read_text()  # fmt: skip
+    assert (
+        f"--resume auto: resuming from {out / 'checkpoint_0001.pth.tar'}"
+        in (out / "log.txt").read_text()
+    )
 
 
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("mine\n")
     assert load_tool("pretrain").main(tiny_opts(synthetic_root, log)) == 2
-    assert _one_line(capsys.readouterr().err).endswith(f"OUTPUT_DIR {log} is a file, not a folder; "
-                                                       "give a folder path")  # fmt: skip
+    assert _one_line(capsys.readouterr().err).endswith(
+        f"OUTPUT_DIR {log} is a file, not a folder; give a folder path"
+    )
     assert load_tool("train_net").main(["--config-file", VOC_CFG, "OUTPUT_DIR", str(log)]) == 2
     assert "is a file, not a folder" in _one_line(capsys.readouterr().err)
     assert log.read_text() == "mine\n"  # detection used to append its log to it
@@ -130,41 +145,67 @@ def _stop(proc, signum):
     return err
 
 
-def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(synthetic_root,
-                                                                               tmp_path):  # fmt: skip
+def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(
+    synthetic_root, tmp_path
+):
     out = tmp_path / "run"
     out.mkdir()
     stale = out / ".checkpoint_0000.pth.tar.k3x9_a1b.tmp"  # what a kill mid-save leaves
     stale.write_bytes(b"\0" * 4096)
-    cmd = [sys.executable, os.path.join(REPO, "tools", "pretrain.py"),
-           *tiny_opts(synthetic_root, out, **{"SOLVER.EPOCHS": 500})]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "pretrain.py"),
+        *tiny_opts(synthetic_root, out, **{"SOLVER.EPOCHS": 500}),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(out / "last_checkpoint", proc)  # the first epoch's checkpoint
     assert not stale.exists()
     err = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and line.startswith("pretrain.py: stopped by SIGTERM after iteration")
+    assert "Traceback" not in err and line.startswith(
+        "pretrain.py: stopped by SIGTERM after iteration"
+    )
     # to continue: the command that was run, with --resume auto
     assert line.endswith(f"tools/pretrain.py {shlex.join(cmd[2:])} --resume auto"), line
     path = line.split("checkpoint ", 1)[1].split(";")[0]
-    assert os.path.dirname(path) == str(out) and (out / "last_checkpoint").read_text() == os.path.basename(path)
+    assert os.path.dirname(path) == str(out) and (
+        out / "last_checkpoint"
+    ).read_text() == os.path.basename(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert f"after iteration {ckpt['iteration']};" in line and ckpt["iteration"] >= 3
     rows = [json.loads(r) for r in (out / "metrics.json").read_text().splitlines()]
-    assert rows[-1]["iteration"] == ckpt["iteration"] - 1  # the last step is logged, then resumed after
+    assert (
+        rows[-1]["iteration"] == ckpt["iteration"] - 1
+    )  # the last step is logged, then resumed after
     assert not file_io.remove_stale_temp_files(str(out))
 
 
 def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):
     out = tmp_path / "det"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", VOC_CFG,
-           *TINY, "SOLVER.MAX_ITER", "2000", "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()",
-           "TEST.PRECISE_BN.ENABLED", "False", "OUTPUT_DIR", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        VOC_CFG,
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "2000",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "TEST.PRECISE_BN.ENABLED",
+        "False",
+        "OUTPUT_DIR",
+        str(out),
+    ]
     env = dict(ENV, DETECTRON2_DATASETS=os.path.dirname(synthetic_root))
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(out / "last_checkpoint", proc)
     err = _stop(proc, signal.SIGINT)
     assert proc.returncode == 130, err[-3000:]

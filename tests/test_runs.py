@@ -13,7 +13,12 @@ def _work(value, out, resume):
     import torch
 
     print(f"stage says {value}", flush=True)
-    return {"value": value, "pid": os.getpid(), "threads": torch.get_num_threads(), "resume": resume}
+    return {
+        "value": value,
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "resume": resume,
+    }
 
 
 def _fail(out, resume):
@@ -51,7 +56,9 @@ def test_jobs_1_runs_in_this_process(tmp_path):
 
 def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_path):
     stages = _stages(2) + [("bad", {"bad": 1}, _fail)]
-    with pytest.raises(StageFailed, match=r"stage bad failed: ValueError: boom in the stage \(see .*console.log\)"):
+    with pytest.raises(
+        StageFailed, match=r"stage bad failed: ValueError: boom in the stage \(see .*console.log\)"
+    ):
         Stages(str(tmp_path), total=3).run_many(stages, jobs=2, threads=1)
     (bad,) = [d for d in os.listdir(tmp_path) if d.startswith("bad-")]
     assert "Traceback" in (tmp_path / bad / "console.log").read_text()

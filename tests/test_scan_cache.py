@@ -97,20 +97,35 @@ def _entries(files):
     return {"format": "moco-det image scan", "version": 1, "max_pixels": 89478485, "files": files}
 
 
-@pytest.mark.parametrize("content", [
-    "pickle",
-    b"\x80\x04 not json",
-    b'{"format": "moco-det image scan", "version": 1, "files": {"a.jpg": [1, 2',  # cut short
-    b"[" * 100_000 + b"]" * 100_000,  # nesting: a RecursionError in the parser
-    json.dumps(["a list"]).encode(),
-    json.dumps(_entries({"disk/disk_0000.jpg": ["1174", 5, None]})).encode(),
-    json.dumps(_entries({"disk/disk_0000.jpg": [1174, 5, {"reason": 1}]})).encode(),
-    json.dumps(_entries([])).encode(),
-    json.dumps({**_entries({}), "version": 2}).encode(),
-    json.dumps({**_entries({}), "max_pixels": "many"}).encode(),
-    b" " * (4096 * FILES + 65537),  # larger than a cache of the folder can be: not parsed
-], ids=["pickle", "binary", "truncated", "deep", "list", "str-size", "dict-reason", "files-list",
-        "version", "max-pixels-type", "too-large"])  # fmt: skip
+@pytest.mark.parametrize(
+    "content",
+    [
+        "pickle",
+        b"\x80\x04 not json",
+        b'{"format": "moco-det image scan", "version": 1, "files": {"a.jpg": [1, 2',  # cut short
+        b"[" * 100_000 + b"]" * 100_000,  # nesting: a RecursionError in the parser
+        json.dumps(["a list"]).encode(),
+        json.dumps(_entries({"disk/disk_0000.jpg": ["1174", 5, None]})).encode(),
+        json.dumps(_entries({"disk/disk_0000.jpg": [1174, 5, {"reason": 1}]})).encode(),
+        json.dumps(_entries([])).encode(),
+        json.dumps({**_entries({}), "version": 2}).encode(),
+        json.dumps({**_entries({}), "max_pixels": "many"}).encode(),
+        b" " * (4096 * FILES + 65537),  # larger than a cache of the folder can be: not parsed
+    ],
+    ids=[
+        "pickle",
+        "binary",
+        "truncated",
+        "deep",
+        "list",
+        "str-size",
+        "dict-reason",
+        "files-list",
+        "version",
+        "max-pixels-type",
+        "too-large",
+    ],
+)
 def test_a_corrupt_or_hostile_cache_is_ignored_with_one_warning_and_never_run(
     folder, decodes, caplog, tmp_path, content
 ):
@@ -139,8 +154,9 @@ def test_a_cache_of_another_pixel_limit_is_not_used(folder, decodes):
     assert len(decodes) == FILES and _cache(train)["max_pixels"] == 5000
 
 
-def test_a_folder_that_is_not_writable_keeps_its_cache_in_the_output_dir(folder, decodes, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+def test_a_folder_that_is_not_writable_keeps_its_cache_in_the_output_dir(
+    folder, decodes, tmp_path, monkeypatch
+):
     train, _ = folder
     writable = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if p == train else writable(p, mode))
@@ -186,8 +202,9 @@ def test_ranks_scan_their_share_once_and_rank_0_writes_the_union(folder, decodes
     assert decodes == []
 
 
-def test_never_skips_the_scan_and_the_load_replaces_and_counts_a_broken_file(folder, decodes,
-                                                                             caplog):  # fmt: skip
+def test_never_skips_the_scan_and_the_load_replaces_and_counts_a_broken_file(
+    folder, decodes, caplog
+):
     from PIL import Image
 
     train, bad = folder
@@ -204,8 +221,10 @@ def test_never_skips_the_scan_and_the_load_replaces_and_counts_a_broken_file(fol
         assert torch.equal(images[i], images[i + 1])  # served by the next image
     with caplog.at_level("WARNING", logger="moco.data_checks"):  # in this process: its warning
         ds[[p for p, _ in ds.samples].index(big)]
-    assert f"cannot load {big} (ValueError: 80x80 = 6400 pixels > DATA.MAX_IMAGE_PIXELS 5000)" \
-        in caplog.text  # fmt: skip
+    assert (
+        f"cannot load {big} (ValueError: 80x80 = 6400 pixels > DATA.MAX_IMAGE_PIXELS 5000)"
+        in caplog.text
+    )
 
 
 def test_auto_scans_a_folder_up_to_the_threshold(folder, decodes, monkeypatch):
@@ -221,8 +240,9 @@ def test_auto_scans_a_folder_up_to_the_threshold(folder, decodes, monkeypatch):
 def test_the_pretraining_dataset_takes_data_scan_images(folder, decodes):
     train, _ = folder
     cfg = config.get_cfg()
-    cfg.merge_from_list(["DATA.ROOT", os.path.dirname(train), "DATA.SCAN_IMAGES", "never",
-                         "INPUT.CROP_SIZE", "32"])  # fmt: skip
+    cfg.merge_from_list(
+        ["DATA.ROOT", os.path.dirname(train), "DATA.SCAN_IMAGES", "never", "INPUT.CROP_SIZE", "32"]
+    )
     assert not build_pretrain_dataset(cfg).scanned and decodes == []
     cfg.DATA.SCAN_IMAGES, cfg.DATA.MAX_BAD_FRACTION = "always", 0.1
     assert build_pretrain_dataset(cfg).scanned and len(decodes) == FILES
@@ -237,21 +257,43 @@ def _one_line_error(err, prog):
 def test_a_bad_scan_images_value_is_one_line_naming_the_key(folder, tmp_path, capsys, monkeypatch):
     train, _ = folder
     data = os.path.dirname(train)
-    with pytest.raises(ValueError, match=r"^DATA.SCAN_IMAGES must be one of auto, always, never, "
-                                         r"got 'sometimes'$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^DATA.SCAN_IMAGES must be one of auto, always, never, "
+        r"got 'sometimes'$",
+    ):
         image_folder(data, "train", None, "DATA.ROOT", scan="sometimes")
     pretrain = load_tool("pretrain").main
-    assert pretrain(["--config-file", PRETRAIN_CFG, "--output-dir", str(tmp_path / "o"), data,
-                     "DATA.SCAN_IMAGES", "sometimes", "MODEL.DEVICE", "cpu"]) == 2  # fmt: skip
-    assert "DATA.SCAN_IMAGES must be one of auto, always, never, got 'sometimes'" in \
-        _one_line_error(capsys.readouterr().err, "pretrain.py")  # fmt: skip
+    assert (
+        pretrain(
+            [
+                "--config-file",
+                PRETRAIN_CFG,
+                "--output-dir",
+                str(tmp_path / "o"),
+                data,
+                "DATA.SCAN_IMAGES",
+                "sometimes",
+                "MODEL.DEVICE",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "DATA.SCAN_IMAGES must be one of auto, always, never, got 'sometimes'"
+        in _one_line_error(capsys.readouterr().err, "pretrain.py")
+    )
 
     lincls = load_tool("lincls")
     assert lincls.main(["--scan-images", "sometimes", data]) == 2
-    assert "--scan-images must be one of auto, always, never, got 'sometimes'" in \
-        _one_line_error(capsys.readouterr().err, "lincls.py")  # fmt: skip
+    assert "--scan-images must be one of auto, always, never, got 'sometimes'" in _one_line_error(
+        capsys.readouterr().err, "lincls.py"
+    )
     launched = []
-    monkeypatch.setattr("moco.launch.launch_processes", lambda fn, spec, a, **kw: launched.append(a))
+    monkeypatch.setattr(
+        "moco.launch.launch_processes", lambda fn, spec, a, **kw: launched.append(a)
+    )
     assert lincls.main(["--scan-images", "never", "--output-dir", str(tmp_path / "l"), data]) == 0
     (opts,) = launched[0]
     assert opts.scan_images == "never" and opts.output_dir == str(tmp_path / "l")

@@ -74,8 +74,9 @@ def test_split_batchnorm_statistics_are_per_sub_batch():
     b_ref = bn.bias.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     ref = torch.empty_like(out)
-    ref_parts = [F.batch_norm(x_ref[j::G], None, None, w_ref, b_ref, True, 0.1, bn.eps)
-                 for j in range(G)]
+    ref_parts = [
+        F.batch_norm(x_ref[j::G], None, None, w_ref, b_ref, True, 0.1, bn.eps) for j in range(G)
+    ]
     for j in range(G):
         ref[j::G] = ref_parts[j]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -105,7 +106,9 @@ def test_split_batchnorm_eval_is_plain_bn_and_checks_divisibility():
         bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
     x = torch.randn(6, 3, 4, 4)  # 6 is not divisible by 4: fine in eval
     bn.eval()
-    expected = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+    expected = F.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+    )
     torch.testing.assert_close(bn(x), expected)
     bn.train()
     msg = r"batch size 6 is not divisible by num_splits=4 \(MODEL.SPLIT_BN_GROUPS\)"
@@ -135,7 +138,12 @@ def test_resolve_shuffle_bn():
     assert resolve_shuffle_bn("auto") == "split"  # no process group here
     assert resolve_shuffle_bn("auto", world_size=1) == "split"
     assert resolve_shuffle_bn("auto", world_size=4) == "ddp"
-    assert [resolve_shuffle_bn(m) for m in ("ddp", "split", "sync", "off")] == ["ddp", "split", "sync", "off"]
+    assert [resolve_shuffle_bn(m) for m in ("ddp", "split", "sync", "off")] == [
+        "ddp",
+        "split",
+        "sync",
+        "off",
+    ]
     with pytest.raises(ValueError, match=r"unknown shuffle_bn mode 'shuffle' \(MODEL.SHUFFLE_BN\)"):
         resolve_shuffle_bn("shuffle")
 
@@ -154,8 +162,15 @@ def test_single_process_shuffle_restores_order():
 def test_split_mode_shuffles_keys_across_sub_batches_and_restores_order():
     torch.manual_seed(0)
     G, N = 4, 16
-    model = MoCo(torchvision.models.resnet18, dim=16, K=32, m=0.99, T=0.2, shuffle_bn="split",
-                 split_bn_groups=G)
+    model = MoCo(
+        torchvision.models.resnet18,
+        dim=16,
+        K=32,
+        m=0.99,
+        T=0.2,
+        shuffle_bn="split",
+        split_bn_groups=G,
+    )
     for enc in (model.encoder_q, model.encoder_k):
         bns = [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)]
         assert len(bns) == 20 and all(type(m) is SplitBatchNorm and m.num_splits == G for m in bns)
@@ -205,8 +220,9 @@ def test_sync_and_off_modes_plain_bn_types_no_shuffle_and_split1_matches_off():
     torch.testing.assert_close(logits_sync, logits_off)
 
     # one split = whole-batch BN; the in-batch shuffle is undone exactly
-    split1, logits_split1, enc_in_split1 = _logits_for_mode("split", state, im_q, im_k,
-                                                            split_bn_groups=1)
+    split1, logits_split1, enc_in_split1 = _logits_for_mode(
+        "split", state, im_q, im_k, split_bn_groups=1
+    )
     assert not torch.equal(enc_in_split1, im_k)
     torch.testing.assert_close(logits_split1, logits_off, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(split1.queue, off.queue, rtol=1e-5, atol=1e-5)
@@ -226,8 +242,13 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         N, K = 8, 64
         torch.manual_seed(0)
@@ -257,7 +278,7 @@ def _ddp_worker(rank, world, port):
         # the positive logit pairs q_i with the key of this rank's own im_k[i]
         with torch.no_grad():
             q = F.normalize(model.encoder_q(im_q), dim=1)
-        k_mine = k_all[rank * N:(rank + 1) * N]
+        k_mine = k_all[rank * N : (rank + 1) * N]
         torch.testing.assert_close(logits[:, 0] * 0.2, (q * k_mine).sum(1), rtol=1e-4, atol=1e-5)
 
         def queues_identical():

@@ -24,8 +24,14 @@ from moco.synthetic import (
 )
 from conftest import REPO
 
-TINY = SyntheticSpec(cls_image_size=32, cls_train_per_class=1, cls_val_per_class=1,
-                     det_image_size=64, det_trainval_images=3, det_test_images=2)  # fmt: skip
+TINY = SyntheticSpec(
+    cls_image_size=32,
+    cls_train_per_class=1,
+    cls_val_per_class=1,
+    det_image_size=64,
+    det_trainval_images=3,
+    det_test_images=2,
+)
 
 
 def _voc_objects(root, file_id):
@@ -33,13 +39,15 @@ def _voc_objects(root, file_id):
     objs = []
     for o in tree.findall("object"):
         bb = o.find("bndbox")
-        objs.append({
-            "name": o.find("name").text,
-            "pose": o.find("pose").text,
-            "truncated": int(o.find("truncated").text),
-            "difficult": int(o.find("difficult").text),
-            "box": tuple(int(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")),
-        })  # fmt: skip
+        objs.append(
+            {
+                "name": o.find("name").text,
+                "pose": o.find("pose").text,
+                "truncated": int(o.find("truncated").text),
+                "difficult": int(o.find("difficult").text),
+                "box": tuple(int(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")),
+            }
+        )
     size = tree.find("size")
     return tree, objs, (int(size.find("height").text), int(size.find("width").text))
 
@@ -82,7 +90,9 @@ def test_imagefolder_layout(synthetic_root, synthetic_spec):
     for split, n in (("train", spec.cls_train_per_class), ("val", spec.cls_val_per_class)):
         d = os.path.join(synthetic_root, "imagefolder", split)
         # class folders only: a run that scanned the folder keeps its scan cache file there
-        assert sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e))) == sorted(CLASS_NAMES)
+        assert sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e))) == sorted(
+            CLASS_NAMES
+        )
         for name in CLASS_NAMES:
             files = sorted(os.listdir(os.path.join(d, name)))
             assert len(files) == n and all(f.endswith(".jpg") for f in files)
@@ -91,7 +101,10 @@ def test_imagefolder_layout(synthetic_root, synthetic_spec):
     with open(os.path.join(synthetic_root, "spec.json")) as f:
         manifest = json.load(f)
     assert manifest["spec"] == synthetic_spec.to_dict()
-    assert manifest["counts"]["imagefolder_train_images"] == len(CLASS_NAMES) * spec.cls_train_per_class
+    assert (
+        manifest["counts"]["imagefolder_train_images"]
+        == len(CLASS_NAMES) * spec.cls_train_per_class
+    )
 
 
 def test_classification_images_are_not_blank_and_differ():
@@ -113,7 +126,9 @@ def test_voc_xml_has_every_field_and_boxes_inside(synthetic_root, synthetic_spec
             tree, objs, (h, w) = _voc_objects(synthetic_root, file_id)
             assert tree.find("filename").text == file_id + ".jpg"
             assert tree.find("size/depth").text == "3"
-            img = cv2.imread(os.path.join(synthetic_root, "VOC2007", "JPEGImages", file_id + ".jpg"))
+            img = cv2.imread(
+                os.path.join(synthetic_root, "VOC2007", "JPEGImages", file_id + ".jpg")
+            )
             assert img.shape == (h, w, 3)
             assert max(h, w) == synthetic_spec.det_image_size
             assert 1 <= len(objs) <= synthetic_spec.det_max_objects
@@ -125,7 +140,9 @@ def test_voc_xml_has_every_field_and_boxes_inside(synthetic_root, synthetic_spec
                 seen[split].add(o["name"])
     # the top object of image i has class i % num_classes: all classes in both splits
     assert seen["trainval"] == seen["test"] == set(CLASS_NAMES)
-    assert set(_image_set(synthetic_root, "trainval")).isdisjoint(_image_set(synthetic_root, "test"))
+    assert set(_image_set(synthetic_root, "trainval")).isdisjoint(
+        _image_set(synthetic_root, "test")
+    )
 
 
 def test_coco_matches_voc_and_masks_are_exact(synthetic_root):
@@ -134,28 +151,42 @@ def test_coco_matches_voc_and_masks_are_exact(synthetic_root):
         cats = coco.loadCats(coco.getCatIds())
         assert [c["name"] for c in sorted(cats, key=lambda c: c["id"])] == list(CLASS_NAMES)
         ids = _image_set(synthetic_root, split)
-        assert sorted(img["file_name"] for img in coco.dataset["images"]) == sorted(i + ".jpg" for i in ids)
+        assert sorted(img["file_name"] for img in coco.dataset["images"]) == sorted(
+            i + ".jpg" for i in ids
+        )
         for img in coco.dataset["images"]:
             file_id = img["file_name"][:-4]
-            assert os.path.isfile(os.path.join(synthetic_root, "VOC2007", "JPEGImages", img["file_name"]))
+            assert os.path.isfile(
+                os.path.join(synthetic_root, "VOC2007", "JPEGImages", img["file_name"])
+            )
             _, voc, (h, w) = _voc_objects(synthetic_root, file_id)
             assert (img["height"], img["width"]) == (h, w)
             anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
             coco_objs = sorted(
-                (coco.cats[a["category_id"]]["name"],
-                 (a["bbox"][0] + 1, a["bbox"][1] + 1,
-                  a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]))
+                (
+                    coco.cats[a["category_id"]]["name"],
+                    (
+                        a["bbox"][0] + 1,
+                        a["bbox"][1] + 1,
+                        a["bbox"][0] + a["bbox"][2],
+                        a["bbox"][1] + a["bbox"][3],
+                    ),
+                )
                 for a in anns
-            )  # fmt: skip
+            )
             assert coco_objs == sorted((o["name"], o["box"]) for o in voc)
             for a in anns:
                 assert a["iscrowd"] == 0
-                assert a["segmentation"] and all(len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"])
+                assert a["segmentation"] and all(
+                    len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"]
+                )
                 m = coco.annToMask(a)
                 ys, xs = np.nonzero(m)
                 # polygons rasterise back to the visible mask: its pixel count and its box
                 assert m.sum() == a["area"]
-                assert [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1] == a["bbox"]
+                assert [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1] == a[
+                    "bbox"
+                ]
 
 
 def test_mask_to_polygons_keeps_holes():
@@ -202,7 +233,9 @@ def test_render_is_order_independent():
 
 
 def test_same_seed_byte_identical_other_seed_differs(tmp_path):
-    spec = dataclasses.replace(TINY, cls_train_per_class=4, cls_val_per_class=2)  # 65 jobs: pool used
+    spec = dataclasses.replace(
+        TINY, cls_train_per_class=4, cls_val_per_class=2
+    )  # 65 jobs: pool used
     generate(str(tmp_path / "a"), spec, workers=1)
     generate(str(tmp_path / "b"), spec, workers=2)
     generate(str(tmp_path / "c"), dataclasses.replace(spec, seed=1))
@@ -249,15 +282,36 @@ def test_refuses_to_delete_foreign_data(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_data.py"), *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "make_data.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_generates_and_reports(tmp_path):
     root = str(tmp_path / "cli")
-    r = _cli("--root", root, "--seed", "5", "--cls-size", "32", "--cls-train-per-class", "2",
-             "--cls-val-per-class", "1", "--det-size", "64", "--det-trainval", "3", "--det-test", "2",
-             "--workers", "1")  # fmt: skip
+    r = _cli(
+        "--root",
+        root,
+        "--seed",
+        "5",
+        "--cls-size",
+        "32",
+        "--cls-train-per-class",
+        "2",
+        "--cls-val-per-class",
+        "1",
+        "--det-size",
+        "64",
+        "--det-trainval",
+        "3",
+        "--det-test",
+        "2",
+        "--workers",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert "trainval 3 images" in r.stdout
     with open(os.path.join(root, "spec.json")) as f:

@@ -63,17 +63,27 @@ def test_expert_override_loads_partly_and_is_recorded(tmp_path, w16_model):
 
 
 def test_c4_backbone_includes_res5_in_the_roi_head_but_not_its_extra_norm():
-    cfg = load_cfg(os.path.join(REPO, "configs", "detection", "pascal_voc_R_50_C4_24k_moco.yaml"),
-                   ["MODEL.DEVICE", "cpu"])  # fmt: skip
+    cfg = load_cfg(
+        os.path.join(REPO, "configs", "detection", "pascal_voc_R_50_C4_24k_moco.yaml"),
+        ["MODEL.DEVICE", "cpu"],
+    )
     keys = backbone_keys(DetectionTrainer.build_model(cfg))
     assert any(k.startswith("roi_heads.res5.0.") for k in keys)
     assert not any(k.startswith("roi_heads.res5.norm") for k in keys)
 
 
 def test_report_refuses_a_row_whose_weights_did_not_load(tmp_path):
-    data = {"task": "voc", "metrics": {"bbox": {"AP": 1.0}}, "weights": "w.pkl",
-            "weights_load": {"file": "w.pkl", "backbone_tensors": 60, "matched": 0,
-                             "allow_partial": False}}  # fmt: skip
+    data = {
+        "task": "voc",
+        "metrics": {"bbox": {"AP": 1.0}},
+        "weights": "w.pkl",
+        "weights_load": {
+            "file": "w.pkl",
+            "backbone_tensors": 60,
+            "matched": 0,
+            "allow_partial": False,
+        },
+    }
     path = tmp_path / "final_metrics.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="its weights did not load .0 of 60"):

@@ -20,22 +20,39 @@ from moco.cli import run_cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", metavar="FILE", help="sweep preset (configs/ablation/*.yaml)")
     p.add_argument("--config-file", metavar="FILE", help="pretraining config of every run")
     p.add_argument("--setting", metavar="NAME", help="the setting swept: m, K, T or mechanism")
     p.add_argument("--values", nargs="+", metavar="V", help="values of the setting")
-    p.add_argument("--series", nargs="+", metavar="MECH",
-                   help="one line per mechanism (moco end_to_end memory_bank), e.g. over K")
+    p.add_argument(
+        "--series",
+        nargs="+",
+        metavar="MECH",
+        help="one line per mechanism (moco end_to_end memory_bank), e.g. over K",
+    )
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of every value")
-    p.add_argument("--num-gpus", type=int, metavar="N",
-                   help="processes per run (GPUs; CPU processes without CUDA)")
-    p.add_argument("--linear-epochs", type=int, metavar="N",
-                   help="also linear classification for N epochs (0: kNN only)")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        metavar="N",
+        help="processes per run (GPUs; CPU processes without CUDA)",
+    )
+    p.add_argument(
+        "--linear-epochs",
+        type=int,
+        metavar="N",
+        help="also linear classification for N epochs (0: kNN only)",
+    )
     p.add_argument("--output-dir", metavar="DIR", help="sweep folder (runs, table, plot)")
-    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
-                   help="pretraining config overrides of every run, e.g. SOLVER.EPOCHS 10")
+    p.add_argument(
+        "opts",
+        nargs="*",
+        metavar="KEY VALUE",
+        help="pretraining config overrides of every run, e.g. SOLVER.EPOCHS 10",
+    )
     return p
 
 
@@ -43,9 +60,15 @@ def run(args):
     from experiments.ablate import load_ablation_cfg, run_ablation  # after parsing: a fast --help
 
     acfg = load_ablation_cfg(args.preset)
-    for flag, key in (("config_file", "PRETRAIN_CONFIG"), ("setting", "SETTING"),
-                      ("values", "VALUES"), ("series", "SERIES"), ("seeds", "SEEDS"),
-                      ("num_gpus", "NUM_PROCESSES"), ("output_dir", "OUTPUT_DIR")):  # fmt: skip
+    for flag, key in (
+        ("config_file", "PRETRAIN_CONFIG"),
+        ("setting", "SETTING"),
+        ("values", "VALUES"),
+        ("series", "SERIES"),
+        ("seeds", "SEEDS"),
+        ("num_gpus", "NUM_PROCESSES"),
+        ("output_dir", "OUTPUT_DIR"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             acfg[key] = value
@@ -59,8 +82,10 @@ def run(args):
     with open(os.path.join(out, "ablation.md")) as f:
         print(f.read(), end="")
     failed = sum(r["status"] == "fail" for r in records)
-    print(f"{len(records)} runs ({failed} fail); table and plot: {os.path.join(out, 'ablation')}"
-          ".{md,csv,json,png}")
+    print(
+        f"{len(records)} runs ({failed} fail); table and plot: {os.path.join(out, 'ablation')}"
+        ".{md,csv,json,png}"
+    )
 
 
 def main(argv=None):

@@ -23,53 +23,91 @@ _D = BenchConfig()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--arch", default=_D.arch, help="torchvision ResNet (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=_D.image_size,
-                   help="crop size (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--image-size", type=int, default=_D.image_size, help="crop size (default: %(default)s)"
+    )
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="default: %(default)s")
-    p.add_argument("--device", default=_D.device,
-                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=_D.workers,
-                   help="DataLoader workers (default: %(default)s)")  # fmt: skip
-    p.add_argument("--reps", type=int, default=_D.reps,
-                   help="interleaved repetitions (default: %(default)s)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=_D.steps,
-                   help="timed steps per repetition (default: %(default)s)")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=_D.warmup,
-                   help="untimed steps per row (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--device", default=_D.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=_D.workers, help="DataLoader workers (default: %(default)s)"
+    )
+    p.add_argument(
+        "--reps", type=int, default=_D.reps, help="interleaved repetitions (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=_D.steps,
+        help="timed steps per repetition (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=_D.warmup, help="untimed steps per row (default: %(default)s)"
+    )
     p.add_argument("--moco", choices=("v1", "v2"), default=_D.moco, help="default: %(default)s")
     p.add_argument("--K", type=int, default=_D.K, help="queue size (default: %(default)s)")
     p.add_argument("--shuffle-bn", choices=("split", "off"), default=_D.shuffle_bn)
     p.add_argument("--split-bn-groups", type=int, default=_D.split_bn_groups)
-    p.add_argument("--amp", default=_D.amp,
-                   help="bf16 autocast: auto, true, false (default: %(default)s)")  # fmt: skip
-    p.add_argument("--channels-last", default=_D.channels_last,
-                   help="auto, true, false (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--amp", default=_D.amp, help="bf16 autocast: auto, true, false (default: %(default)s)"
+    )
+    p.add_argument(
+        "--channels-last", default=_D.channels_last, help="auto, true, false (default: %(default)s)"
+    )
     p.add_argument("--compile", action="store_true", help="add a row with torch.compile'd encoders")
-    p.add_argument("--data", default=None,
-                   help="synthetic root or image folder with train/ (default: the embedded data, "
-                        f"{default_synthetic_root()}, generated if missing)")  # fmt: skip
-    p.add_argument("--data-per-class", type=int, default=None, metavar="N",
-                   help="generate (or reuse) the embedded set at --data with N training images per "
-                        "class (10 classes; 10000 = the 100,000-file start-up run)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default=None,
+        help="synthetic root or image folder with train/ (default: the embedded data, "
+        f"{default_synthetic_root()}, generated if missing)",
+    )
+    p.add_argument(
+        "--data-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate (or reuse) the embedded set at --data with N training images per "
+        "class (10 classes; 10000 = the 100,000-file start-up run)",
+    )
     p.add_argument("--data-batches", type=int, default=_D.data_batches)
-    p.add_argument("--rows", default=",".join(_D.groups),
-                   help=f"groups to measure, comma-separated from {','.join(GROUPS)}, or none "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's)")  # fmt: skip
-    p.add_argument("--detection-config", default=None,
-                   help="also time Detectron2 iterations of this config (e.g. "
-                        "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml)")  # fmt: skip
-    p.add_argument("--det-ims-per-batch", type=int, default=2,
-                   help="images per iteration (default: %(default)s = the paper's 16 / 8 GPUs)")
+    p.add_argument(
+        "--rows",
+        default=",".join(_D.groups),
+        help=f"groups to measure, comma-separated from {','.join(GROUPS)}, or none "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    p.add_argument(
+        "--detection-config",
+        default=None,
+        help="also time Detectron2 iterations of this config (e.g. "
+        "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml)",
+    )
+    p.add_argument(
+        "--det-ims-per-batch",
+        type=int,
+        default=2,
+        help="images per iteration (default: %(default)s = the paper's 16 / 8 GPUs)",
+    )
     p.add_argument("--det-iters", type=int, default=5, help="default: %(default)s")
-    p.add_argument("--det-opts", nargs="*", default=[],
-                   help="KEY VALUE overrides for the detection config")  # fmt: skip
-    p.add_argument("--output", default="output/benchmark/benchmark.json", metavar="FILE",
-                   help="JSON report (default: %(default)s)")
+    p.add_argument(
+        "--det-opts", nargs="*", default=[], help="KEY VALUE overrides for the detection config"
+    )
+    p.add_argument(
+        "--output",
+        default="output/benchmark/benchmark.json",
+        metavar="FILE",
+        help="JSON report (default: %(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -80,21 +118,41 @@ def _config(args):
     data = args.data
     if args.data_per_class is not None:
         if not data or args.data_per_class < 1:
-            raise ValueError("--data-per-class needs --data (the folder to generate the set in) "
-                             "and N >= 1")  # fmt: skip
+            raise ValueError(
+                "--data-per-class needs --data (the folder to generate the set in) and N >= 1"
+            )
         # only the image folder's training split matters here: the other parts at their minimum
-        ensure_generated(data, SyntheticSpec(cls_train_per_class=args.data_per_class,
-                                             cls_val_per_class=1, det_trainval_images=2,
-                                             det_test_images=2), workers=os.cpu_count() or 1)  # fmt: skip
+        ensure_generated(
+            data,
+            SyntheticSpec(
+                cls_train_per_class=args.data_per_class,
+                cls_val_per_class=1,
+                det_trainval_images=2,
+                det_test_images=2,
+            ),
+            workers=os.cpu_count() or 1,
+        )
     generate = data is None and any(g in ("data", "e2e", "startup") for g in groups)
     cfg = BenchConfig(
-        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
-        device=args.device, workers=args.workers, reps=args.reps, steps=args.steps,
-        warmup=args.warmup, moco=args.moco, K=args.K, shuffle_bn=args.shuffle_bn,
-        split_bn_groups=args.split_bn_groups, amp=args.amp, channels_last=args.channels_last,
-        compile=args.compile, data=default_synthetic_root() if generate else data or "",
-        data_batches=args.data_batches, groups=groups,
-    )  # fmt: skip
+        arch=args.arch,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        reps=args.reps,
+        steps=args.steps,
+        warmup=args.warmup,
+        moco=args.moco,
+        K=args.K,
+        shuffle_bn=args.shuffle_bn,
+        split_bn_groups=args.split_bn_groups,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        data=default_synthetic_root() if generate else data or "",
+        data_batches=args.data_batches,
+        groups=groups,
+    )
     # bad flags fail before anything is written: generating the default set first had replaced
     # the main job's 20,000-image set with the 1,000-image default on a mistyped --arch
     cfg.validate(check_data=False)
@@ -113,9 +171,11 @@ def _print_report(report):
         print(format_table(report))
     det = report.get("detectron2")
     if det and det["status"] == "ok":
-        print(f"detectron2 {det['config_file']}: {det['median_s'] * 1e3:.0f} ms/iter "
-              f"({det['ims_per_batch']} images, {det['images_per_s']:.1f} img/s) on "
-              f"{det['gpu'] or det['device']}")  # fmt: skip
+        print(
+            f"detectron2 {det['config_file']}: {det['median_s'] * 1e3:.0f} ms/iter "
+            f"({det['ims_per_batch']} images, {det['images_per_s']:.1f} img/s) on "
+            f"{det['gpu'] or det['device']}"
+        )
     elif det:
         print(f"detectron2: {det['status']}")
 
@@ -136,9 +196,12 @@ def run(args):
     report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.detection_config:
         report["detectron2"] = time_detectron2_iteration(
-            args.detection_config, args.det_ims_per_batch, args.det_iters,
-            device=args.device, opts=args.det_opts,
-        )  # fmt: skip
+            args.detection_config,
+            args.det_ims_per_batch,
+            args.det_iters,
+            device=args.device,
+            opts=args.det_opts,
+        )
     _print_report(report)
     write_json(report, args.output)
     print(f"benchmark.py: wrote {args.output}")

@@ -18,13 +18,19 @@ from moco.cli import run_cli
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="convert_to_d2.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        prog="convert_to_d2.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
-    parser.add_argument("--format", default=None, metavar="FORMAT",
-                        help="input layout (default: detected from the keys; a wrong one is "
-                             "answered with the list)")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        default=None,
+        metavar="FORMAT",
+        help="input layout (default: detected from the keys; a wrong one is "
+        "answered with the list)",
+    )
     return parser.parse_args(argv)
 
 
@@ -37,8 +43,9 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli("convert_to_d2.py", lambda: run(parse_args(argv)),
-                   errors=(OSError, pickle.UnpicklingError))  # fmt: skip
+    return run_cli(
+        "convert_to_d2.py", lambda: run(parse_args(argv)), errors=(OSError, pickle.UnpicklingError)
+    )
 
 
 if __name__ == "__main__":

@@ -24,25 +24,59 @@ from moco.cli import run_cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="lincls.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="lincls.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (ImageFolder)")
-    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet50",
-                   help="torchvision ResNet (default resnet50)")
-    p.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
-                   help="data loading workers per node, split over its processes (default: this "
-                        "machine's CPU count, at most the official 32: %(default)s)")  # fmt: skip
-    p.add_argument("--epochs", default=100, type=int, metavar="N",
-                   help="default 100 (ImageNet); about 10 at CPU scale")
+    p.add_argument(
+        "-a",
+        "--arch",
+        metavar="ARCH",
+        default="resnet50",
+        help="torchvision ResNet (default resnet50)",
+    )
+    p.add_argument(
+        "-j",
+        "--workers",
+        default=min(32, os.cpu_count() or 1),
+        type=int,
+        metavar="N",
+        help="data loading workers per node, split over its processes (default: this "
+        "machine's CPU count, at most the official 32: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs",
+        default=100,
+        type=int,
+        metavar="N",
+        help="default 100 (ImageNet); about 10 at CPU scale",
+    )
     p.add_argument("--start-epoch", default=0, type=int, help="manual epoch (useful on restarts)")
-    p.add_argument("-b", "--batch-size", default=256, type=int,
-                   help="batch of one node, all its processes (default 256)")
-    p.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr", metavar="LR",
-                   help="default 30 (official: ImageNet, batch 256, 200-epoch MoCo); on the "
-                        "embedded 64-px data after a few epochs of pretraining the loss diverges "
-                        "above about 0.01")  # fmt: skip
-    p.add_argument("--schedule", default=[60, 80], nargs="*", type=int,
-                   help="epochs where lr drops x0.1 (default 60 80)")
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        default=256,
+        type=int,
+        help="batch of one node, all its processes (default 256)",
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        default=30.0,
+        type=float,
+        dest="lr",
+        metavar="LR",
+        help="default 30 (official: ImageNet, batch 256, 200-epoch MoCo); on the "
+        "embedded 64-px data after a few epochs of pretraining the loss diverges "
+        "above about 0.01",
+    )
+    p.add_argument(
+        "--schedule",
+        default=[60, 80],
+        nargs="*",
+        type=int,
+        help="epochs where lr drops x0.1 (default 60 80)",
+    )
     p.add_argument("--momentum", default=0.9, type=float)
     p.add_argument("--wd", "--weight-decay", default=0.0, type=float, dest="wd")
     p.add_argument("-p", "--print-freq", default=10, type=int)
@@ -51,24 +85,46 @@ def build_parser():
     p.add_argument("--world-size", default=-1, type=int, help="number of nodes, as official")
     p.add_argument("--rank", default=-1, type=int, help="node rank, as official")
     p.add_argument("--dist-url", default=None, help="tcp://HOST:PORT of node 0 (default: auto)")
-    p.add_argument("--dist-backend", default=None,
-                   help="accepted for compatibility: NCCL is used on GPU, gloo on CPU")
-    p.add_argument("--dist-timeout-minutes", type=float, metavar="M",
-                   help="how long a collective waits for the other processes before the run fails "
-                        "(a hung peer; default 30, pretraining's DIST.TIMEOUT_MINUTES)")  # fmt: skip
+    p.add_argument(
+        "--dist-backend",
+        default=None,
+        help="accepted for compatibility: NCCL is used on GPU, gloo on CPU",
+    )
+    p.add_argument(
+        "--dist-timeout-minutes",
+        type=float,
+        metavar="M",
+        help="how long a collective waits for the other processes before the run fails "
+        "(a hung peer; default 30, pretraining's DIST.TIMEOUT_MINUTES)",
+    )
     p.add_argument("--seed", default=None, type=int)
     p.add_argument("--gpu", default=None, type=int, help="GPU to use in a one-process run")
     p.add_argument("--multiprocessing-distributed", action="store_true")
-    p.add_argument("--pretrained", default="", help="pretrained checkpoint (MoCo, MoCo v3, torchvision)")
-    p.add_argument("--crop-size", default=224, type=int,
-                   help="training crop / center crop (val resizes to crop*256/224)")
-    p.add_argument("--scan-images", default=None, metavar="MODE",
-                   help="decode every image at start: auto (small folders, see DATA.SCAN_IMAGES in "
-                        "moco/config.py), always or never; the results are cached (default: auto)")
-    p.add_argument("--output-dir", metavar="DIR",
-                   help="checkpoints and lincls_results.json (default: output/lincls/<the "
-                        "--pretrained file's folder name>, output/lincls/random_init without one)")
-    p.add_argument("--num-gpus", type=int, help="processes per machine (CPU processes without CUDA)")
+    p.add_argument(
+        "--pretrained", default="", help="pretrained checkpoint (MoCo, MoCo v3, torchvision)"
+    )
+    p.add_argument(
+        "--crop-size",
+        default=224,
+        type=int,
+        help="training crop / center crop (val resizes to crop*256/224)",
+    )
+    p.add_argument(
+        "--scan-images",
+        default=None,
+        metavar="MODE",
+        help="decode every image at start: auto (small folders, see DATA.SCAN_IMAGES in "
+        "moco/config.py), always or never; the results are cached (default: auto)",
+    )
+    p.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="checkpoints and lincls_results.json (default: output/lincls/<the "
+        "--pretrained file's folder name>, output/lincls/random_init without one)",
+    )
+    p.add_argument(
+        "--num-gpus", type=int, help="processes per machine (CPU processes without CUDA)"
+    )
     p.add_argument("--num-machines", type=int)
     p.add_argument("--machine-rank", type=int)
     return p
@@ -84,14 +140,22 @@ def run(args):
     from moco.data import resolve_data_path
     from moco.data_checks import check_scan_mode
     from moco.launch import launch_from_args, launch_processes, process_group_timeout
-    from moco.lincls import (BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, LinclsOptions, check_new_run,
-                             run_lincls)
+    from moco.lincls import (
+        BEST_FILE,
+        CHECKPOINT_FILE,
+        RESULTS_FILE,
+        LinclsOptions,
+        check_new_run,
+        run_lincls,
+    )
 
     spec = launch_from_args(args)
     process_group_timeout(args.dist_timeout_minutes, "--dist-timeout-minutes")
     if args.batch_size % spec.procs_per_machine:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
-                         f"{spec.procs_per_machine} processes of a node")  # fmt: skip
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not divisible by the "
+            f"{spec.procs_per_machine} processes of a node"
+        )
     for flag, path in (("--pretrained", args.pretrained), ("--resume", args.resume)):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -103,16 +167,26 @@ def run(args):
     if not args.resume and not args.evaluate:
         check_new_run(out)
     opts = LinclsOptions(
-        data=args.data, arch=args.arch,
+        data=args.data,
+        arch=args.arch,
         workers=int(math.ceil(args.workers / spec.procs_per_machine)),
-        epochs=args.epochs, start_epoch=args.start_epoch,
-        batch_size=args.batch_size // spec.procs_per_machine, lr=args.lr,
-        schedule=tuple(args.schedule), momentum=args.momentum, weight_decay=args.wd,
-        print_freq=args.print_freq, resume=args.resume, evaluate=args.evaluate,
-        pretrained=args.pretrained, seed=args.seed, crop_size=args.crop_size,
-        output_dir=out, device=f"cuda:{args.gpu}" if args.gpu is not None else "auto",
+        epochs=args.epochs,
+        start_epoch=args.start_epoch,
+        batch_size=args.batch_size // spec.procs_per_machine,
+        lr=args.lr,
+        schedule=tuple(args.schedule),
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        print_freq=args.print_freq,
+        resume=args.resume,
+        evaluate=args.evaluate,
+        pretrained=args.pretrained,
+        seed=args.seed,
+        crop_size=args.crop_size,
+        output_dir=out,
+        device=f"cuda:{args.gpu}" if args.gpu is not None else "auto",
         scan_images=args.scan_images,
-    )  # fmt: skip
+    )
     print(f"lincls.py: output folder {out}", flush=True)
     launch_processes(run_lincls, spec, (opts,), timeout_minutes=args.dist_timeout_minutes)
     files = (RESULTS_FILE,) if args.evaluate else (RESULTS_FILE, CHECKPOINT_FILE, BEST_FILE)

@@ -32,16 +32,28 @@ _SPEC_FLAGS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="make_data.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--root", default=None,
-                   help=f"output directory (default: {default_synthetic_root()})")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="make_data.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--root", default=None, help=f"output directory (default: {default_synthetic_root()})"
+    )
     for flag, field in _SPEC_FLAGS.items():
-        p.add_argument(flag, dest=field, type=int, default=getattr(_DEFAULT, field),
-                       help=f"SyntheticSpec.{field} (default: %(default)s)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="rendering processes; the output does not depend on it "
-                        "(default: %(default)s)")  # fmt: skip
+        p.add_argument(
+            flag,
+            dest=field,
+            type=int,
+            default=getattr(_DEFAULT, field),
+            help=f"SyntheticSpec.{field} (default: %(default)s)",
+        )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="rendering processes; the output does not depend on it (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="regenerate even if the root is up to date")
     return p.parse_args(argv)
 
@@ -69,8 +81,9 @@ def run(args):
 
 def main(argv=None) -> int:
     # FileExistsError / permission problems are OSErrors
-    return run_cli("make_data.py", lambda: run(parse_args(argv)), errors=(OSError,),
-                   rewrite=_flag_names)  # fmt: skip
+    return run_cli(
+        "make_data.py", lambda: run(parse_args(argv)), errors=(OSError,), rewrite=_flag_names
+    )
 
 
 if __name__ == "__main__":

@@ -22,54 +22,106 @@ from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pretrain.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # official main_moco.py flags; None = not given (the config decides)
     p.add_argument("-a", "--arch", metavar="ARCH", help="torchvision ResNet (default resnet50)")
-    p.add_argument("-j", "--workers", type=int, metavar="N",
-                   help="data loading workers per node (split over its processes)")
+    p.add_argument(
+        "-j",
+        "--workers",
+        type=int,
+        metavar="N",
+        help="data loading workers per node (split over its processes)",
+    )
     p.add_argument("--epochs", type=int, metavar="N", help="total epochs (default 200)")
     p.add_argument("--start-epoch", type=int, metavar="N", help="first epoch when not resuming")
-    p.add_argument("-b", "--batch-size", type=int, metavar="N",
-                   help="batch of one node, all its processes (default 256); global = b x nodes")
-    p.add_argument("--lr", "--learning-rate", type=float, dest="lr", metavar="LR",
-                   help="initial learning rate (default 0.03)")
-    p.add_argument("--schedule", type=int, nargs="*", metavar="EPOCH",
-                   help="epochs where lr drops x0.1 (default 120 160; ignored with --cos)")
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="batch of one node, all its processes (default 256); global = b x nodes",
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        type=float,
+        dest="lr",
+        metavar="LR",
+        help="initial learning rate (default 0.03)",
+    )
+    p.add_argument(
+        "--schedule",
+        type=int,
+        nargs="*",
+        metavar="EPOCH",
+        help="epochs where lr drops x0.1 (default 120 160; ignored with --cos)",
+    )
     p.add_argument("--momentum", type=float, metavar="M", help="SGD momentum (default 0.9)")
-    p.add_argument("--wd", "--weight-decay", type=float, dest="wd", metavar="W",
-                   help="weight decay (default 1e-4)")
+    p.add_argument(
+        "--wd",
+        "--weight-decay",
+        type=float,
+        dest="wd",
+        metavar="W",
+        help="weight decay (default 1e-4)",
+    )
     p.add_argument("-p", "--print-freq", type=int, metavar="N", help="log every N iterations")
-    p.add_argument("--resume", default="", metavar="PATH",
-                   help="checkpoint file, a folder with last_checkpoint, or 'auto' (OUTPUT_DIR)")
-    p.add_argument("--world-size", type=int, metavar="N",
-                   help="number of nodes (with --multiprocessing-distributed), as official")
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="PATH",
+        help="checkpoint file, a folder with last_checkpoint, or 'auto' (OUTPUT_DIR)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="number of nodes (with --multiprocessing-distributed), as official",
+    )
     p.add_argument("--rank", type=int, metavar="R", help="node rank, as official")
     p.add_argument("--dist-url", metavar="URL", help="tcp://HOST:PORT of node 0 (default: auto)")
-    p.add_argument("--dist-backend", metavar="NAME",
-                   help="accepted for compatibility: NCCL is used on GPU, gloo on CPU")
+    p.add_argument(
+        "--dist-backend",
+        metavar="NAME",
+        help="accepted for compatibility: NCCL is used on GPU, gloo on CPU",
+    )
     p.add_argument("--seed", type=int, help="seed for initialising training")
     p.add_argument("--gpu", type=int, metavar="ID", help="GPU to use in a one-process run")
-    p.add_argument("--multiprocessing-distributed", action="store_true",
-                   help="one process per GPU of each node (all GPUs)")
+    p.add_argument(
+        "--multiprocessing-distributed",
+        action="store_true",
+        help="one process per GPU of each node (all GPUs)",
+    )
     p.add_argument("--moco-dim", type=int, metavar="D", help="feature dimension (default 128)")
     p.add_argument("--moco-k", type=int, metavar="K", help="queue size (default 65536)")
     p.add_argument("--moco-m", type=float, metavar="M", help="key encoder momentum (default 0.999)")
     p.add_argument("--moco-t", type=float, metavar="T", help="softmax temperature (default 0.07)")
     p.add_argument("--mlp", action="store_true", default=None, help="MLP head (MoCo v2)")
-    p.add_argument("--aug-plus", action="store_true", default=None,
-                   help="MoCo v2 data augmentation")
+    p.add_argument(
+        "--aug-plus", action="store_true", default=None, help="MoCo v2 data augmentation"
+    )
     p.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule")
     # Detectron2-style and toolkit flags
     p.add_argument("--config-file", metavar="FILE", help="YAML config (configs/pretrain/*.yaml)")
-    p.add_argument("--num-gpus", type=int, metavar="N",
-                   help="processes per machine (GPUs; CPU processes without CUDA)")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        metavar="N",
+        help="processes per machine (GPUs; CPU processes without CUDA)",
+    )
     p.add_argument("--num-machines", type=int, metavar="N", help="number of machines")
     p.add_argument("--machine-rank", type=int, metavar="R", help="rank of this machine")
     p.add_argument("--output-dir", metavar="DIR", help="OUTPUT_DIR (checkpoints, metrics.json)")
     p.add_argument("--knn-data", metavar="DIR", help="labeled folder with train/ and val/ for kNN")
-    p.add_argument("rest", nargs="*", metavar="[DATA] [KEY VALUE ...]",
-                   help="DATA: folder with train/; KEY VALUE: config overrides (e.g. MODEL.K 4096)")
+    p.add_argument(
+        "rest",
+        nargs="*",
+        metavar="[DATA] [KEY VALUE ...]",
+        help="DATA: folder with train/; KEY VALUE: config overrides (e.g. MODEL.K 4096)",
+    )
     return p
 
 
@@ -91,8 +143,10 @@ def parse_args(argv=None):
         elif args.data is None:
             args.data = token
         else:
-            raise ValueError(f"unexpected argument {token!r}: give one DATA folder and KEY VALUE "
-                             "config overrides")  # fmt: skip
+            raise ValueError(
+                f"unexpected argument {token!r}: give one DATA folder and KEY VALUE "
+                "config overrides"
+            )
     return args
 
 
@@ -113,11 +167,14 @@ def run(args, argv):
     try:
         launch_training(PretrainTrainer, cfg, spec, resume=args.resume)
     except Interrupted as e:
-        raise Interrupted(f"{e}: {resume_command('tools/pretrain.py', argv)}",
-                          e.exit_code - 128) from None  # fmt: skip
-    print(f"pretrain.py: wrote {read_last_checkpoint(out)}, "
-          f"{os.path.join(out, SUMMARY_FILE)}, {os.path.join(out, 'metrics.json')}; "
-          f"curves: tensorboard --logdir {out}")  # fmt: skip
+        raise Interrupted(
+            f"{e}: {resume_command('tools/pretrain.py', argv)}", e.exit_code - 128
+        ) from None
+    print(
+        f"pretrain.py: wrote {read_last_checkpoint(out)}, "
+        f"{os.path.join(out, SUMMARY_FILE)}, {os.path.join(out, 'metrics.json')}; "
+        f"curves: tensorboard --logdir {out}"
+    )
 
 
 def main(argv=None):

@@ -19,18 +19,29 @@ from moco.cli import run_cli
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="report.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders")
-    parser.add_argument("--baseline", default=None, help="label whose means the deltas are taken against")
-    parser.add_argument("--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here")
+        prog="report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders"
+    )
+    parser.add_argument(
+        "--baseline", default=None, help="label whose means the deltas are taken against"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here"
+    )
     parser.add_argument("--title", default=None, help="chart title")
     return parser.parse_args(argv)
 
 
 def run(args):
-    from detection.report import (parse_groups, plot_curves, summarize, to_markdown,
-                                  write_report)  # after parsing: --help answers at once
+    from detection.report import (
+        parse_groups,
+        plot_curves,
+        summarize,
+        to_markdown,
+        write_report,
+    )  # after parsing: --help answers at once
 
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)
@@ -39,8 +50,11 @@ def run(args):
     print(to_markdown(table), end="")
     if args.output_dir:
         paths = write_report(table, args.output_dir, title=args.title)
-        runs = {f"{label}/{os.path.basename(os.path.normpath(run))}": run
-                for label, group in groups.items() for run in group}  # fmt: skip
+        runs = {
+            f"{label}/{os.path.basename(os.path.normpath(run))}": run
+            for label, group in groups.items()
+            for run in group
+        }
         curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
         print("report.py: wrote " + ", ".join([*paths.values(), *([curves] if curves else [])]))
 

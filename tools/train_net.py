@@ -21,22 +21,37 @@ def build_parser():
     """Detectron2's ``default_argument_parser`` (same flags, defaults and dist-url port), built here
     without importing Detectron2 so that --help answers at once; tests/test_train_net.py checks
     that the two agree."""
-    p = argparse.ArgumentParser(prog="train_net.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="train_net.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
-    p.add_argument("--resume", action="store_true",
-                   help="resume from OUTPUT_DIR's last checkpoint (DefaultTrainer.resume_or_load)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from OUTPUT_DIR's last checkpoint (DefaultTrainer.resume_or_load)",
+    )
     p.add_argument("--eval-only", action="store_true", help="perform evaluation only")
     p.add_argument("--num-gpus", type=int, default=1, help="number of gpus *per machine*")
     p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    p.add_argument("--machine-rank", type=int, default=0,
-                   help="the rank of this machine (unique per machine)")
+    p.add_argument(
+        "--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)"
+    )
     # Detectron2's deterministic port, so that an orphan process shows as a port in use
     port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
-    p.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}",
-                   help="initialization URL for pytorch distributed backend")
-    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides at the end of the command, e.g. SOLVER.MAX_ITER 50")
+    p.add_argument(
+        "--dist-url",
+        default=f"tcp://127.0.0.1:{port}",
+        help="initialization URL for pytorch distributed backend",
+    )
+    p.add_argument(
+        "opts",
+        default=None,
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides at the end of the command, e.g. SOLVER.MAX_ITER 50",
+    )
     return p
 
 
@@ -53,8 +68,9 @@ def run(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    return run_cli("train_net.py", lambda: run(args, argv),
-                   errors=(OSError, pickle.UnpicklingError))  # fmt: skip
+    return run_cli(
+        "train_net.py", lambda: run(args, argv), errors=(OSError, pickle.UnpicklingError)
+    )
 
 
 if __name__ == "__main__":
