@@ -28,10 +28,10 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from moco.lab import LabSplit
 
 __all__ = [
-    "build_basic_resnet_fpn_backbone",
-    "build_basic_resnet",
-    "build_lab_resnet_fpn_backbone",
     "LabResNet",
+    "build_basic_resnet",
+    "build_basic_resnet_fpn_backbone",
+    "build_lab_resnet_fpn_backbone",
 ]
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}

@@ -35,11 +35,11 @@ from moco.checkpoint import check_torch_file
 from moco.file_io import atomic_save, atomic_write_text
 
 __all__ = [
-    "backbone_keys",
     "RestrictedUnpickler",
-    "safe_load_pickle",
-    "load_weights_only",
     "SafeDetectionCheckpointer",
+    "backbone_keys",
+    "load_weights_only",
+    "safe_load_pickle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to {}".format(save_file))
+        self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_save(data, save_file)
         self.tag_last_checkpoint(basename)
 

@@ -28,7 +28,7 @@ from moco.data_checks import default_max_bad_fraction
 
 from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
 
-__all__ = ["add_moco_det_config", "load_cfg", "setup_cfg", "NORM_KEYS"]
+__all__ = ["NORM_KEYS", "add_moco_det_config", "load_cfg", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ from .checkpoint import load_weights_only
 __all__ = [
     "FORMATS",
     "ConversionResult",
-    "load_source_state_dict",
+    "convert_checkpoint",
+    "convert_state_dict",
     "detect_format",
     "extract_backbone",
+    "load_source_state_dict",
     "rename_key",
-    "convert_state_dict",
     "save_d2_weights",
-    "convert_checkpoint",
 ]
 
 AUTHOR = "moco-det"

@@ -16,7 +16,6 @@ Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are
 
 import logging
 import os
-from typing import Dict, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -35,7 +34,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # name -> (style, split)
-SYNTHETIC_DATASETS: Dict[str, tuple] = {
+SYNTHETIC_DATASETS: dict[str, tuple] = {
     f"synthetic_{style}_{split}": (style, split)
     for style in ("voc", "coco")
     for split in VOC_SPLITS
@@ -55,7 +54,7 @@ def _paths(root: str, style: str, split: str) -> dict:
     }
 
 
-def register_synthetic(root: Optional[str] = None) -> Dict[str, str]:
+def register_synthetic(root: str | None = None) -> dict[str, str]:
     """Register the four synthetic datasets for ``root`` (default: ``default_synthetic_root()``).
 
     Idempotent: names already registered for the same root are left as they are; names registered

@@ -42,10 +42,10 @@ from .data_order import DataOrder
 from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
 
 __all__ = [
-    "DetectionTrainer",
     "FINAL_METRICS",
-    "prepare_datasets",
+    "DetectionTrainer",
     "main",
+    "prepare_datasets",
     "run",
     "write_final_metrics",
 ]

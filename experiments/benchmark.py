@@ -48,8 +48,7 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 # the settings live in a torch-free module, so tools/benchmark.py --help answers at once
 from experiments.bench_config import BASELINE, BASELINES, GROUPS, BenchConfig  # noqa: F401
@@ -60,9 +59,8 @@ from moco.augment import JpegDraftLoader, pretrain_transform
 from moco.batch_augment import BatchAugment, batch_source_transform
 from moco.builder import MoCo
 from moco.data_checks import CheckedImageFolder, scan_cache_path, scan_wanted
-from moco.resnet import resnet_encoder
 from moco.launch import resolve_device
-
+from moco.resnet import resnet_encoder
 
 # ------------------------------------------------------------------------------------------------
 # results

@@ -7,7 +7,7 @@ momentum loop on ``.data``, queue cloned every step, slice enqueue with a host-r
 """
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from moco.shuffle_bn import convert_split_batchnorm
 

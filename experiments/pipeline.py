@@ -190,9 +190,11 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
     from moco.launch import LaunchSpec, launch_training
 
     if supervised:
-        from moco.supervised import SUMMARY_FILE, SupervisedTrainer as trainer_cls
+        from moco.supervised import SUMMARY_FILE
+        from moco.supervised import SupervisedTrainer as trainer_cls
     else:
-        from moco.engine import SUMMARY_FILE, PretrainTrainer as trainer_cls
+        from moco.engine import SUMMARY_FILE
+        from moco.engine import PretrainTrainer as trainer_cls
 
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out

@@ -18,20 +18,20 @@ import weakref
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.dist import concat_all_gather, get_world_size
 from moco.heads import attach_head, resolve_head
-from moco.resnet import resnet_encoder
 from moco.losses import info_nce_logits
+from moco.resnet import resnet_encoder
 from moco.shuffle_bn import (
     batch_shuffle_ddp,
-    blocked_order,
-    blocked_split_batchnorm,
     batch_shuffle_single,
     batch_unshuffle_ddp,
     batch_unshuffle_single,
+    blocked_order,
+    blocked_split_batchnorm,
     convert_split_batchnorm,
     resolve_shuffle_bn,
 )
@@ -40,7 +40,7 @@ from moco.shuffle_bn import (
 class _UndoLog:
     """In-place writes to ``queue`` since one forward: (column index, old columns), oldest first."""
 
-    __slots__ = ("queue", "entries", "expected_version", "peers", "__weakref__")
+    __slots__ = ("__weakref__", "entries", "expected_version", "peers", "queue")
 
     def __init__(self, queue, peers):
         self.queue, self.entries, self.peers = queue, [], peers

@@ -8,7 +8,6 @@ import shlex
 import sys
 import traceback
 
-
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 

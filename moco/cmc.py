@@ -26,8 +26,8 @@ Evaluation (kNN, :class:`LabEncoder`) concatenates the two views' features, the 
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.builder import MoCo
 from moco.lab import LabSplit

@@ -26,8 +26,8 @@ ResNets unchanged; batch statistics are over the process's patches. ``MODEL.T`` 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.builder import build_encoder
 from moco.dist import all_gather_with_grad, get_rank

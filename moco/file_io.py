@@ -17,7 +17,6 @@ import os
 import re
 import tempfile
 
-
 _TMP_SUFFIX = ".tmp"
 # what atomic_write's mkstemp names look like: ".<target>.<8 random characters>.tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")

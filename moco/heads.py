@@ -10,7 +10,7 @@
 Checkpoint converters and linear evaluation drop every ``fc.*`` key, so any head converts.
 """
 
-import torch.nn as nn
+from torch import nn
 
 HEADS = ("linear", "mlp", "simclr_v2")
 

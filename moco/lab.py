@@ -13,7 +13,7 @@ each scaled to about [-1, 1] with the constants of CMC's code (the sRGB gamut's 
 """
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,11 @@ from torch.utils.data import DistributedSampler
 from moco import checkpoint as ckpt_lib
 from moco import file_io
 from moco.augment import imagenet_normalize
-from moco.resnet import resnet_encoder
 from moco.data import build_eval_loader, build_labeled_datasets, make_loader
 from moco.fast import to_device
 from moco.hooks import epoch_lr_factors
 from moco.launch import resolve_device
+from moco.resnet import resnet_encoder
 
 logger = logging.getLogger("moco.lincls")
 
@@ -72,7 +72,7 @@ class LinclsOptions:
     resume: str = ""
     evaluate: bool = False
     pretrained: str = ""
-    seed: Optional[int] = None
+    seed: int | None = None
     crop_size: int = 224
     output_dir: str = "."
     device: str = "auto"
@@ -158,9 +158,7 @@ def load_pretrained(model, path, arch):
 def sanity_check(state_dict, pretrained_path):
     """Official check: every non-fc tensor still equals the pretrained one. Raises RuntimeError."""
     reference, _ = read_pretrained(pretrained_path)
-    state_dict = {
-        k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()
-    }
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     for k, ref in reference.items():
         if not torch.equal(state_dict[k].detach().cpu(), ref.cpu()):
             raise RuntimeError(

@@ -29,16 +29,16 @@ The memory bank uses one crop per sample (InstDisc), the loader's first; the sec
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.builder import MoCo, build_encoder, encode
-from moco.resnet import half_width, resnet_encoder
-from moco.heads import HEADS, resolve_head
 from moco.cpc import CPC
 from moco.dist import all_gather_with_grad, get_world_size
+from moco.heads import HEADS, resolve_head
 from moco.losses import LOSSES, batch_info_nce_logits, info_nce_logits, nt_xent_logits
 from moco.memory_bank import MemoryBank
+from moco.resnet import half_width, resnet_encoder
 from moco.shuffle_bn import batch_shuffle_ddp, batch_shuffle_single, resolve_shuffle_bn
 
 MECHANISMS = ("moco", "end_to_end", "memory_bank", "cmc", "cpc")

@@ -9,8 +9,8 @@ same update, so the banks stay identical without broadcasting the (dataset-sized
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.dist import concat_all_gather, get_world_size
 

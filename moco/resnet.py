@@ -12,10 +12,10 @@ ResNet-18 at width 32 runs about 4x faster than at width 64, width 16 at 32 px a
 
 import re
 
-import torch.nn as nn
 import torchvision
+from torch import nn
 
-__all__ = ["parse_arch", "resnet_encoder", "half_width", "STANDARD_WIDTH"]
+__all__ = ["STANDARD_WIDTH", "half_width", "parse_arch", "resnet_encoder"]
 
 STANDARD_WIDTH = 64
 _NARROW = re.compile(r"^(?P<base>[a-z0-9_]+?)_w(?P<width>\d+)$")

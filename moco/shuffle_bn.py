@@ -30,8 +30,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from moco.dist import concat_all_gather, get_world_size
 

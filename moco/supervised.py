@@ -19,11 +19,11 @@ from torchvision import transforms
 
 from moco import file_io
 from moco.augment import imagenet_normalize
-from moco.resnet import resnet_encoder
 from moco.data import build_eval_loader, build_labeled_datasets, folder_checks, image_folder
 from moco.engine import PretrainTrainer
 from moco.fast import autocast_context, to_device
 from moco.lincls import validate
+from moco.resnet import resnet_encoder
 
 SUMMARY_FILE = "supervised_summary.json"
 FINAL_WEIGHTS = "model_final.pth"

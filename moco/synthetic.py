@@ -53,7 +53,6 @@ import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -63,7 +62,7 @@ logger = logging.getLogger(__name__)
 # Bump when drawing or file formats change: an existing set with an older version is regenerated.
 GENERATOR_VERSION = 2
 
-CLASS_NAMES: Tuple[str, ...] = (
+CLASS_NAMES: tuple[str, ...] = (
     "disk",
     "square",
     "triangle",
@@ -75,7 +74,7 @@ CLASS_NAMES: Tuple[str, ...] = (
     "arrow",
     "heart",
 )
-TEXTURE_OF_CLASS: Dict[str, str] = {
+TEXTURE_OF_CLASS: dict[str, str] = {
     "disk": "stripes",
     "square": "checker",
     "triangle": "dots",
@@ -87,7 +86,7 @@ TEXTURE_OF_CLASS: Dict[str, str] = {
     "arrow": "sunburst",
     "heart": "bricks",
 }
-TEXTURE_FAMILIES: Tuple[str, ...] = tuple(TEXTURE_OF_CLASS[c] for c in CLASS_NAMES)
+TEXTURE_FAMILIES: tuple[str, ...] = tuple(TEXTURE_OF_CLASS[c] for c in CLASS_NAMES)
 
 # Backgrounds: two of these colours and a ramp, shared by every image (no identity key).
 BACKGROUND_POOL = np.array(
@@ -200,7 +199,7 @@ def _regular(n: int, r: float = 1.0, phase: float = -np.pi / 2) -> np.ndarray:
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
 
-def _shape_parts(name: str, rng: np.random.Generator) -> List[Tuple[np.ndarray, bool]]:
+def _shape_parts(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray, bool]]:
     """Unit-size outline of a class as [(polygon (K, 2), is_cut)]; cuts are removed from fills."""
     if name == "disk":
         return [(_circle(), False)]
@@ -266,7 +265,7 @@ def _rasterize(parts, h: int, w: int, ox: int = 0, oy: int = 0) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _object_masks(parts, h: int, w: int) -> Tuple[np.ndarray, bool]:
+def _object_masks(parts, h: int, w: int) -> tuple[np.ndarray, bool]:
     """In-image mask and whether the full shape is cut by the image border."""
     pts = np.concatenate([p for p, _ in parts])
     x0, y0 = min(0, int(np.floor(pts[:, 0].min())) - 1), min(0, int(np.floor(pts[:, 1].min())) - 1)
@@ -382,7 +381,7 @@ def _draw_object(rng, img: np.ndarray, obj: dict, mask: np.ndarray):
     _paint(img, mask, win, pattern, (np.full(3, grey[0]), np.full(3, grey[1])))
 
 
-def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
     """COCO polygons whose rasterisation (pycocotools) equals ``mask``, holes included.
 
     Traced on a 4x nearest-upsampled mask so the outline runs just outside the boundary pixel
@@ -413,7 +412,7 @@ def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
     return polygons
 
 
-def _polygon_area(polygons: List[List[float]]) -> float:
+def _polygon_area(polygons: list[list[float]]) -> float:
     return float(sum(cv2.contourArea(np.array(p, np.float32).reshape(-1, 2)) for p in polygons))
 
 
@@ -722,7 +721,7 @@ def _clear(root: str):
             os.remove(path)
 
 
-def read_manifest(root: str) -> Optional[dict]:
+def read_manifest(root: str) -> dict | None:
     """The manifest of a generated root, or None if there is none (or it is unreadable)."""
     try:
         with open(os.path.join(root, MANIFEST_NAME), encoding="utf-8") as f:
@@ -765,7 +764,7 @@ def _lock(root: str):
 
 
 def ensure_generated(
-    root: Optional[str] = None,
+    root: str | None = None,
     spec: SyntheticSpec = SyntheticSpec(),
     workers: int = 1,
     force: bool = False,

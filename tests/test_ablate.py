@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from experiments.ablate import (
     aggregate,
@@ -17,7 +18,6 @@ from experiments.ablate import (
     run_ablation,
     write_report,
 )
-from conftest import REPO
 
 TOOL = os.path.join(REPO, "tools", "ablate.py")
 

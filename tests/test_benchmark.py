@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import REPO, load_tool
 
 from experiments.benchmark import (
     BenchConfig,
@@ -19,7 +20,6 @@ from experiments.benchmark import (
 )
 from experiments.official import OfficialMoCo, official_train_step
 from moco.builder import MoCo
-from conftest import REPO, load_tool
 
 ROOT = REPO
 cli = load_tool("benchmark")

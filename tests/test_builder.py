@@ -4,9 +4,9 @@ import functools
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from moco.builder import MoCo
 from moco.resnet import resnet_encoder

@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
+from test_engine import tiny_cfg
+from test_mechanisms import _free_port, pretrain_in_two_processes
+from torch import nn
 
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco.checkpoint import load_checkpoint
@@ -23,9 +25,6 @@ from moco.cmc import CMC
 from moco.engine import PretrainTrainer, validate_cfg
 from moco.knn import extract_features
 from moco.lab import LAB_MEAN, LAB_STD, LabSplit, rgb_to_lab
-
-from test_engine import tiny_cfg
-from test_mechanisms import _free_port, pretrain_in_two_processes
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -8,7 +8,10 @@ import sys
 
 import numpy as np
 import torch
+from conftest import REPO
 from detectron2.modeling import build_model
+from test_convert import _randomized, _torchvision_trunk
+from test_train_net import TINY
 
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
@@ -16,10 +19,6 @@ from detection.convert import convert_checkpoint, rename_key
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco.checkpoint import build_checkpoint
 from moco.cmc import CMC
-
-from conftest import REPO
-from test_convert import _randomized, _torchvision_trunk
-from test_train_net import TINY
 
 CMC_CFG = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN_cmc.yaml")
 

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
+from conftest import REPO, load_tool
 from detectron2.modeling import build_model
+from torch import nn
 
 from detection.checkpoint import SafeDetectionCheckpointer, load_weights_only, safe_load_pickle
 from detection.config import load_cfg
@@ -20,7 +21,6 @@ from detection.convert import (
     load_source_state_dict,
     rename_key,
 )
-from conftest import REPO, load_tool
 
 ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")

@@ -6,9 +6,14 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from conftest import REPO
 from detectron2.modeling import build_model
+from test_cmc import assert_resumes_exactly, same_in_one_and_two_gloo_processes
+from test_cmc_detection import fine_tune
+from test_engine import tiny_cfg
+from test_mechanisms import pretrain_in_two_processes
+from torch import nn
 
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
@@ -17,12 +22,6 @@ from moco.checkpoint import load_checkpoint
 from moco.cpc import CPC, augment_patches, context_network, cpc_logits, grid_size, patch_grid
 from moco.engine import PretrainTrainer, validate_cfg
 from moco.resnet import resnet_encoder
-
-from conftest import REPO
-from test_engine import tiny_cfg
-from test_cmc import assert_resumes_exactly, same_in_one_and_two_gloo_processes
-from test_cmc_detection import fine_tune
-from test_mechanisms import pretrain_in_two_processes
 
 
 def test_patch_grid_geometry():

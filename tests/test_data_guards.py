@@ -9,9 +9,8 @@ import re
 import shutil
 
 import pytest
-from detectron2.structures import BoxMode
-
 from conftest import load_tool
+from detectron2.structures import BoxMode
 from test_train_net import COCO_CFG, TINY, VOC_CFG
 
 

@@ -9,20 +9,23 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import detection_utils  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator  # noqa: E402
-from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks  # noqa: E402
-from detectron2.structures.masks import polygons_to_bitmask  # noqa: E402
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    detection_utils,
+)
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks
+from detectron2.structures.masks import polygons_to_bitmask
 
-from detection.datasets import (  # noqa: E402
+from detection.datasets import (
     CLASS_NAMES,
     SYNTHETIC_DATASETS,
     default_synthetic_root,
     evaluator_type,
     register_synthetic,
 )
-from moco.synthetic import SyntheticSpec, ensure_generated  # noqa: E402
+from moco.synthetic import SyntheticSpec, ensure_generated
 
 
 def _xyxy(ann):
@@ -130,7 +133,7 @@ def test_repoint_to_another_root_and_refuse_foreign_names(synthetic_root, tmp_pa
         assert len(DatasetCatalog.get("synthetic_coco_trainval")) == 2
         DatasetCatalog.remove("synthetic_voc_test")
         MetadataCatalog.remove("synthetic_voc_test")
-        DatasetCatalog.register("synthetic_voc_test", lambda: [])  # someone else's dataset
+        DatasetCatalog.register("synthetic_voc_test", list)  # someone else's dataset
         with pytest.raises(
             ValueError, match="synthetic_voc_test is already registered, not by register_"
         ):

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from conftest import REPO
 from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 
 from detection.config import load_cfg
 from detection.roi_heads import Res5ROIHeadsExtraNorm
-from conftest import REPO
 
 ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")

@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from detectron2.solver.lr_scheduler import LRMultiplier
 
-from moco import checkpoint as C
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer, validate_cfg
 from moco.hooks import build_lr_multiplier, epoch_lr_factors
-from detectron2.solver.lr_scheduler import LRMultiplier
 
 BATCH, EPOCHS = 8, 2
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from experiments.official import OfficialMoCo
 from moco import fast
 from moco.augment import (
     IMAGENET_MEAN,
@@ -26,7 +26,6 @@ from moco.augment import (
     moco_v2_transform,
     pretrain_transform,
 )
-from experiments.official import OfficialMoCo
 from moco.builder import MoCo
 from moco.shuffle_bn import SplitBatchNorm, blocked_order, blocked_split_batchnorm
 

@@ -2,7 +2,6 @@
 the state items of 8): crafted resume states are one line and exit 2, never a segfault (each runs in
 a subprocess); tiny files never allocate what they claim (peak memory of a subprocess)."""
 
-import json
 import os
 import pickle
 import subprocess
@@ -12,11 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
+from test_reliability import tiny_cfg, tiny_opts
 
 from moco import checkpoint as C
 from moco.engine import PretrainTrainer
-from conftest import REPO
-from test_reliability import tiny_cfg, tiny_opts
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 PRETRAIN = os.path.join(REPO, "tools", "pretrain.py")

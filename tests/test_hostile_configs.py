@@ -5,8 +5,8 @@ safe YAML only, a tagged value is one line naming the file and the tag and runs 
 import os
 
 import pytest
-
 from conftest import REPO, load_tool
+
 from experiments.ablate import load_ablation_cfg
 from experiments.pipeline import load_pipeline_cfg
 from moco.config import load_cfg

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, load_tool
 
 from moco import checkpoint as C
 from moco.builder import MoCo
-from moco.resnet import resnet_encoder
 from moco.lincls import (
     LinclsOptions,
     backbone_state,
@@ -19,7 +19,7 @@ from moco.lincls import (
     run_lincls,
     sanity_check,
 )
-from conftest import REPO, load_tool
+from moco.resnet import resnet_encoder
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from conftest import REPO
+from test_engine import tiny_cfg
+from torch import nn
 
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer, validate_cfg
@@ -24,9 +26,6 @@ from moco.heads import attach_head
 from moco.losses import batch_info_nce_logits, info_nce, nt_xent, nt_xent_logits
 from moco.mechanisms import EndToEnd, MemoryBankModel, build_contrastive_model
 from moco.memory_bank import MemoryBank
-
-from conftest import REPO
-from test_engine import tiny_cfg
 
 
 class LinearEncoder(nn.Module):

@@ -16,8 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
 
 # appended to each README command: the embedded data at the tests' size and runs of a few steps
@@ -107,7 +105,7 @@ TINY = {
 def readme_quick_list(text):
     """The commands of the bash block after "Small CPU runs", continuations joined, comments cut."""
     block = re.search(
-        r"Small CPU runs of each on the embedded data:\s*```bash\n(.*?)```", text, re.S
+        r"Small CPU runs of each on the embedded data:\s*```bash\n(.*?)```", text, re.DOTALL
     )
     assert block, "the README's quick list is gone"
     joined = block.group(1).replace("\\\n", " ")
@@ -152,7 +150,7 @@ def test_the_readme_quick_list_runs_as_written(tmp_path):
         said = re.findall(
             r"output folder (\S+)|wrote (\S+?),? |report to (\S+)|^(\S+): \d+ classes",
             r.stdout,
-            re.M,
+            re.MULTILINE,
         )
         assert said, f"{tool} does not say where its output went:\n{r.stdout[-2000:]}"
         folders.append([p for group in said for p in group if p][0])

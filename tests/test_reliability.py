@@ -18,12 +18,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, folder_with_bad_files
 
 from moco import checkpoint as C
 from moco import file_io
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
-from conftest import REPO, folder_with_bad_files
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
@@ -598,9 +598,9 @@ def test_broken_voc_xml_is_one_line_error_naming_the_file(voc_copy, edit, messag
 
 
 def _det_cfg(out, *opts):
-    from detection.config import load_cfg
-
     from test_train_net import TINY, VOC_CFG
+
+    from detection.config import load_cfg
 
     return load_cfg(
         VOC_CFG,
@@ -622,10 +622,11 @@ def _det_cfg(out, *opts):
 def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(
     voc_copy, tmp_path, caplog, one_thread
 ):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
     from detection.data_checks import register_pascal_voc_checked
     from detection.trainer import DetectionTrainer
     from moco.synthetic import CLASS_NAMES
-    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     jpeg = os.path.join(voc_copy, "JPEGImages", "000003.jpg")
     with open(jpeg, "r+b") as f:

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from conftest import REPO, load_tool
 
 from detection.report import (
     Row,
@@ -17,7 +18,6 @@ from detection.report import (
     to_markdown,
     write_report,
 )
-from conftest import REPO, load_tool
 
 ROOT = REPO
 

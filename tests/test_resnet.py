@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import REPO, load_tool
 from detectron2.modeling import build_model
 
-from conftest import REPO, load_tool
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
 from detection.convert import rename_key

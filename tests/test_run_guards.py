@@ -16,11 +16,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, load_tool
-from moco import file_io
 from test_reliability import ENV, tiny_opts
 from test_train_net import TINY, VOC_CFG
+
+from moco import file_io
 
 _HOLD = r"""
 import sys, time

@@ -10,13 +10,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO, folder_with_bad_files, load_tool
 from torch.utils.data import DataLoader
 
 import moco.data_checks as dc
 from moco import config
 from moco.augment import eval_transform
 from moco.data import build_pretrain_dataset, image_folder
-from conftest import REPO, folder_with_bad_files, load_tool
 
 # tests/conftest.py's folder: 30 readable images in train/ + 3 unreadable ones
 FILES, BAD = 33, 3

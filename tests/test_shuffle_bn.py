@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from moco.builder import MoCo
 from moco.dist import concat_all_gather

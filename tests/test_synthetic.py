@@ -9,6 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO
 from defusedxml import ElementTree as ET
 from pycocotools.coco import COCO
 
@@ -22,7 +23,6 @@ from moco.synthetic import (
     mask_to_polygons,
     render_detection_image,
 )
-from conftest import REPO
 
 TINY = SyntheticSpec(
     cls_image_size=32,

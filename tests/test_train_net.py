@@ -6,17 +6,16 @@ tests check structure and consistency, not accuracy.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import REPO, load_tool
 from detectron2.engine import default_argument_parser
 
 from detection.trainer import main as train_main
-from conftest import REPO, load_tool
 
 ROOT = REPO
 CONFIGS = os.path.join(ROOT, "configs", "detection")

@@ -9,9 +9,8 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-
 from conftest import REPO
+
 from detection.checkpoint import SafeDetectionCheckpointer, backbone_keys
 from detection.config import load_cfg
 from detection.convert import convert_state_dict, save_d2_weights
