@@ -24,5 +24,5 @@ setup(
         "tqdm",
         "scipy>=1.9",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
 )
