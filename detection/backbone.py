@@ -1,14 +1,14 @@
 """``build_basic_resnet_fpn_backbone``: a BasicBlock ResNet (R18/R34) of any base width, with FPN.
 
 Detectron2's ``build_resnet_backbone`` asserts ``RES2_OUT_CHANNELS == 64`` for R18/R34, so the
-narrow encoders of ``moco.resnet`` (``resnet18_w32`` ...) need their own builder. This one is
+narrow encoders of ``moco.modeling.resnet`` (``resnet18_w32`` ...) need their own builder. This one is
 Detectron2's own parts (``BasicStem``, ``ResNet.make_stage`` with ``BasicBlock``, ``FPN``) at
 width ``MODEL.RESNETS.RES2_OUT_CHANNELS``: the stem has that many channels (as torchvision's
 narrow ResNet) and stage i has width x 2**(i-2). Module names are Detectron2's (``stem.conv1``,
 ``res2.0.conv1`` ...), so weights converted by ``tools/convert_to_d2.py`` load unchanged.
 
-``build_lab_resnet_fpn_backbone`` is the backbone of CMC's weights (moco.cmc): the detector's
-RGB input is converted to Lab (moco.lab) and split into L and ab, the L ResNet runs on L and the
+``build_lab_resnet_fpn_backbone`` is the backbone of CMC's weights (moco.modeling.cmc): the detector's
+RGB input is converted to Lab (moco.modeling.lab) and split into L and ab, the L ResNet runs on L and the
 ab ResNet on ab, each at half of ``RES2_OUT_CHANNELS`` with a 1- or 2-channel stem, and each
 stage's two outputs are concatenated, so the FPN sees the channels of the full-width network (the
 paper's evaluation concatenates the two views' features). Module names are ``l.stem.conv1`` ...,
@@ -25,7 +25,7 @@ from detectron2.modeling.backbone import FPN, Backbone, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 
-from moco.lab import LabSplit
+from moco.modeling.lab import LabSplit
 
 __all__ = [
     "LabResNet",

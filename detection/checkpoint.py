@@ -15,7 +15,7 @@ people), so this module treats them as untrusted:
 :class:`SafeDetectionCheckpointer` plugs both into Detectron2's checkpointer by overriding only the
 file-reading hooks, so URL handling, ndarray->tensor conversion, name-matching heuristics
 (``align_and_update_state_dicts``) and resume stay Detectron2's own. Its writes (``model_*.pth``,
-``last_checkpoint``) go through :mod:`moco.file_io`'s atomic write: fvcore writes in place, and a
+``last_checkpoint``) go through :mod:`moco.utils.file_io`'s atomic write: fvcore writes in place, and a
 SIGTERM mid-save left a 0-byte ``model_*.pth`` under its final name.
 """
 
@@ -32,7 +32,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from moco.checkpoint import check_torch_file
-from moco.file_io import atomic_save, atomic_write_text
+from moco.utils.file_io import atomic_save, atomic_write_text
 
 __all__ = [
     "RestrictedUnpickler",

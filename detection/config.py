@@ -22,11 +22,10 @@ import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 
-from moco.config import check_safe_yaml, key_hint
+from detection import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
 from moco.config import get_cfg as moco_defaults
-from moco.data_checks import default_max_bad_fraction
-
-from . import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
+from moco.data.checks import default_max_bad_fraction
+from moco.utils.config_loading import check_safe_yaml, key_hint
 
 __all__ = ["NORM_KEYS", "add_moco_det_config", "load_cfg", "setup_cfg"]
 
@@ -46,12 +45,12 @@ _SINGLE_PROCESS_NORM = {"SyncBN": "BN", "nnSyncBN": "BN"}
 
 def add_moco_det_config(cfg):
     """The toolkit's keys on top of Detectron2's config (as PointRend's ``add_pointrend_config``)."""
-    # unreadable training images tolerated before the run stops (detection.data_checks)
+    # unreadable training images tolerated before the run stops (detection.data.checks)
     cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
     # Weights must load every backbone tensor, shape for shape (detection.checkpoint); True trains
     # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
-    # the process group's timeout in minutes (moco.launch.process_group_timeout): pretraining's key
+    # the process group's timeout in minutes (moco.utils.launch.process_group_timeout): pretraining's key
     cfg.DIST = CfgNode()
     cfg.DIST.TIMEOUT_MINUTES = moco_defaults().DIST.TIMEOUT_MINUTES
 

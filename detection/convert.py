@@ -9,7 +9,7 @@ Accepted inputs (read with ``torch.load(weights_only=True)`` only):
 * ``torchvision``: a supervised torchvision ResNet state dict, plain or under ``state_dict`` /
   ``model`` (an optional DDP ``module.`` prefix is removed);
 * ``cmc``: this toolkit's CMC checkpoints (``module.l.encoder_q.*`` and ``module.ab.encoder_q.*``,
-  moco.cmc): both views' query encoders, written as ``l.<Detectron2 key>`` and
+  moco.modeling.cmc): both views' query encoders, written as ``l.<Detectron2 key>`` and
   ``ab.<Detectron2 key>`` for ``build_lab_resnet_fpn_backbone`` (detection.backbone), which runs
   both halves on the Lab split of the input; the dictionaries and heads are dropped.
 
@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moco.file_io import atomic_write
-
-from .checkpoint import load_weights_only
+from detection.checkpoint import load_weights_only
+from moco.utils.file_io import atomic_write
 
 __all__ = [
     "FORMATS",
@@ -56,7 +55,7 @@ _BACKBONE_PREFIXES = {
     "mocov3": ("module.base_encoder.", "base_encoder."),
     "torchvision": ("module.", ""),
 }
-# CMC (moco.cmc): one ResNet per view, written under the view's name
+# CMC (moco.modeling.cmc): one ResNet per view, written under the view's name
 _CMC_VIEW_PREFIXES = {
     view: (f"module.{view}.encoder_q.", f"{view}.encoder_q.") for view in ("l", "ab")
 }

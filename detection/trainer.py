@@ -9,10 +9,10 @@ What this adds to Detectron2:
   ``default_synthetic_root()``, i.e. ``$DETECTRON2_DATASETS/moco_det_synthetic``);
 * ``final_metrics.json`` in OUTPUT_DIR (written atomically) with what ``tools/report.py`` reads;
   checkpoints and metrics.json are written atomically too;
-* one run per OUTPUT_DIR (``run`` holds its lock, moco.file_io.run_folder_lock); SIGTERM / SIGINT
-  stop after the current step with a checkpoint and one line (moco.hooks.SignalStop);
+* one run per OUTPUT_DIR (``run`` holds its lock, moco.utils.file_io.run_folder_lock); SIGTERM / SIGINT
+  stop after the current step with a checkpoint and one line (moco.engine.hooks.SignalStop);
 * ``--resume`` continues the data order and augmentation draws where the checkpoint left them
-  (detection.data_order: the loader's position in the trainer's checkpoint, per-step seeds).
+  (detection.data.order: the loader's position in the trainer's checkpoint, per-step seeds).
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
@@ -30,19 +30,18 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
-from moco import file_io
-from moco.file_io import atomic_write_json
-from moco.hooks import SignalStop, build_writers
-from moco.launch import LaunchSpec, launch_processes, process_group_timeout
-
-from .checkpoint import SafeDetectionCheckpointer
-from .config import load_cfg, setup_cfg
-from .data_checks import build_checked_train_loader
-from .data_order import DataOrder
-from .datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
+from detection.checkpoint import SafeDetectionCheckpointer
+from detection.config import load_cfg, setup_cfg
+from detection.data.checks import build_checked_train_loader
+from detection.data.datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
+from detection.data.order import DataOrder
+from moco.utils import file_io
+from moco.utils.file_io import atomic_write_json
+from moco.utils.hooks import SignalStop, build_writers
+from moco.utils.launch import LaunchSpec, launch_processes, process_group_timeout
+from moco.utils.run_files import FINAL_METRICS
 
 __all__ = [
-    "FINAL_METRICS",
     "DetectionTrainer",
     "main",
     "prepare_datasets",
@@ -52,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FINAL_METRICS = "final_metrics.json"
 _TASKS = {"pascal_voc": "voc", "coco": "coco"}
 
 
@@ -70,7 +68,7 @@ class DetectionTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's loader over the readable training images (detection.data_checks)."""
+        """Detectron2's loader over the readable training images (detection.data.checks)."""
         loader, skipped = build_checked_train_loader(cfg)
         loader.skipped_images = skipped
         return loader
@@ -116,7 +114,7 @@ class DetectionTrainer(DefaultTrainer):
         return path
 
     def build_writers(self):
-        """Detectron2's ``default_writers`` as pretraining's (moco.hooks.build_writers): metrics.json
+        """Detectron2's ``default_writers`` as pretraining's (moco.engine.hooks.build_writers): metrics.json
         written atomically, with each logged iteration's own values, which a resumed run repeats."""
         return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
@@ -143,7 +141,7 @@ def prepare_datasets(cfg):
 
 
 def check_test_annotations(cfg):
-    """Load the test sets once at start: their loaders check the annotations (detection.data_checks),
+    """Load the test sets once at start: their loaders check the annotations (detection.data.checks),
     so a bad test file fails now with its name, not in the evaluator after training."""
     for name in cfg.DATASETS.TEST:
         DatasetCatalog.get(name)
@@ -281,7 +279,7 @@ def run(args, prog="train_net.py"):
 
 
 def _launch(args, cfg):
-    """Detectron2's launch of :func:`main` (moco.launch: DIST.TIMEOUT_MINUTES, a timed-out
+    """Detectron2's launch of :func:`main` (moco.utils.launch: DIST.TIMEOUT_MINUTES, a timed-out
     collective names the silent ranks)."""
     spec = LaunchSpec(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
     return launch_processes(main, spec, (args,), timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)

@@ -6,7 +6,7 @@ end_to_end and memory_bank over K), and ``SEEDS``. Each (series, value, seed) ru
 own folder ``OUTPUT_DIR/<mechanism>/<setting>=<value>/seed<seed>`` with the engine (resumed from its
 last checkpoint if interrupted, skipped when its ``pretrain_summary.json`` says it finished) and is
 scored by the kNN monitor's last top-1 (and, with ``LINEAR.EPOCHS`` > 0, linear classification on
-the frozen encoder, moco.lincls).
+the frozen encoder, moco.evaluation.lincls).
 
 Settings: ``m`` (MODEL.M), ``K``, ``T`` (MODEL.T), ``mechanism`` (MODEL.MECHANISM). K is the
 dictionary size, so for ``end_to_end`` it is the global batch (SOLVER.IMS_PER_BATCH = K with the
@@ -33,16 +33,19 @@ import traceback
 
 from fvcore.common.config import CfgNode as CN
 
-from detection import report
-from detection.report import Stat
+from experiments import report
+from experiments.report import Stat
 from experiments.runs import check_same_config, fresh_loggers, read_marker
-from moco import file_io
-from moco.config import load_cfg, merge_opts
-from moco.engine import SUMMARY_FILE, PretrainTrainer, validate_cfg
-from moco.launch import LaunchSpec, launch_training
-from moco.mechanisms import MECHANISMS
+from moco.config import load_cfg
+from moco.engine.launch import launch_training
+from moco.engine.trainer import PretrainTrainer, validate_cfg
+from moco.modeling.build import mechanism_names
+from moco.utils import file_io
+from moco.utils.config_loading import load_config, merge_opts
+from moco.utils.launch import LaunchSpec
+from moco.utils.run_files import PRETRAIN_SUMMARY, read_metrics
 
-logger = logging.getLogger("moco.ablate")
+logger = logging.getLogger(__name__)
 
 SETTINGS = {"m": "MODEL.M", "K": "MODEL.K", "T": "MODEL.T", "mechanism": "MODEL.MECHANISM"}
 _PARSE = {"m": float, "K": int, "T": float, "mechanism": str}
@@ -72,7 +75,7 @@ def get_ablation_cfg():
 
 
 def load_ablation_cfg(preset=None, opts=None):
-    return load_cfg(preset, opts, defaults=get_ablation_cfg)
+    return load_config(get_ablation_cfg, preset, opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,9 +127,9 @@ def plan_runs(acfg, world_size=None):
     values = parse_values(setting, list(acfg.VALUES))
     series = list(acfg.SERIES) or [None]
     for s in series:
-        if s is not None and s not in MECHANISMS:
+        if s is not None and s not in mechanism_names():
             raise ValueError(
-                f"SERIES (--series) names mechanisms ({', '.join(MECHANISMS)}), got {s!r}"
+                f"SERIES (--series) names mechanisms ({', '.join(mechanism_names())}), got {s!r}"
             )
     if setting == "mechanism" and series != [None]:
         raise ValueError("SETTING mechanism sweeps the mechanisms itself; leave SERIES empty")
@@ -160,24 +163,6 @@ def plan_runs(acfg, world_size=None):
     return runs
 
 
-def read_metrics(out_dir):
-    """Rows of OUTPUT_DIR/metrics.json ([] when missing); the last row wins per iteration."""
-    path = os.path.join(out_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return []
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                rows[(row.get("iteration"), "total_loss" in row)] = row
-    return sorted(rows.values(), key=lambda r: r.get("iteration", -1))
-
-
 def detect_failure(losses, knn_top1=None, chance=None, min_loss_drop=0.01, chance_margin=1.0):
     """The reason a run failed (a short string), or None. ``losses``: logged training losses."""
     if any(not math.isfinite(v) for v in losses):
@@ -196,7 +181,7 @@ def detect_failure(losses, knn_top1=None, chance=None, min_loss_drop=0.01, chanc
 
 def finished_summary(run):
     """The run's pretrain_summary.json if it finished the configured schedule, else None."""
-    summary = read_marker(os.path.join(run["dir"], SUMMARY_FILE))
+    summary = read_marker(os.path.join(run["dir"], PRETRAIN_SUMMARY))
     if summary is None:
         return None
     cfg = run["cfg"]
@@ -209,7 +194,7 @@ def finished_summary(run):
 
 
 def _linear_eval(run, acfg, checkpoint):
-    from moco.lincls import RESULTS_FILE, LinclsOptions, run_lincls
+    from moco.evaluation.lincls import RESULTS_FILE, LinclsOptions, run_lincls
 
     cfg, out = run["cfg"], os.path.join(run["dir"], "lincls")
     results_path = os.path.join(out, RESULTS_FILE)
@@ -257,7 +242,7 @@ def execute_run(run, acfg, spec):
             logger.warning("run %s failed:\n%s", run["dir"], traceback.format_exc())
         summary = None if error else finished_summary(run)
         if summary is None and error is None:
-            error = f"no {SUMMARY_FILE} after training"
+            error = f"no {PRETRAIN_SUMMARY} after training"
     losses = [r["total_loss"] for r in read_metrics(run["dir"]) if "total_loss" in r]
     knn = (summary or {}).get("knn") or []
     record.update(

@@ -2,7 +2,7 @@
 
 Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
 
-1. ``data``: the embedded synthetic set (:func:`moco.synthetic.ensure_generated`; cached);
+1. ``data``: the embedded synthetic set (:func:`moco.data.synthetic.ensure_generated`; cached);
 2. ``pretrain_<method>``: each of ``METHODS`` (default MoCo, v2 by default; also ``cmc``, ``cpc``)
    on the image folder, labels unused: ``PRETRAIN.CONFIG`` with ``MODEL.MECHANISM <method>``;
 3. ``pretrain_supervised``: the same ResNet, data and budget, trained with the labels (stands in
@@ -36,9 +36,11 @@ from fvcore.common.config import CfgNode as CN
 
 from experiments.runs import Stages
 from moco.config import load_cfg
-from moco.file_io import atomic_write_json
+from moco.utils.config_loading import load_config
+from moco.utils.file_io import atomic_write_json
+from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
 
-logger = logging.getLogger("moco_det.pipeline")
+logger = logging.getLogger(__name__)
 
 DEFAULT_PRESET = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -94,10 +96,10 @@ def load_pipeline_cfg(preset=None, opts=()):
     presets = os.path.dirname(DEFAULT_PRESET)
     if preset and not os.path.exists(preset) and os.path.isfile(os.path.join(presets, preset)):
         preset = os.path.join(presets, preset)  # --preset ci.yaml, as the help names them
-    cfg = load_cfg(
+    cfg = load_config(
+        get_pipeline_cfg,
         preset,
         list(opts),
-        defaults=get_pipeline_cfg,
         what="--preset",
         keys="experiments/pipeline.py",
     )
@@ -117,7 +119,8 @@ def load_pipeline_cfg(preset=None, opts=()):
 
 
 def _data_stage(cfg):
-    from moco.synthetic import default_synthetic_root, ensure_generated
+    from moco.data.synthetic.spec import default_synthetic_root
+    from moco.data.synthetic.writers import ensure_generated
 
     root = os.path.abspath(cfg.DATA.ROOT or default_synthetic_root())
     if not cfg.DATA.SYNTHETIC:
@@ -134,7 +137,7 @@ def _data_stage(cfg):
 
 def synthetic_spec(cfg):
     """The SyntheticSpec of DATA.SEED and DATA.SPEC (NAME VALUE pairs)."""
-    from moco.synthetic import SyntheticSpec
+    from moco.data.synthetic.spec import SyntheticSpec
 
     pairs = list(cfg.DATA.SPEC)
     fields = set(SyntheticSpec.__dataclass_fields__) - {"seed"}
@@ -187,14 +190,15 @@ def _knn_outputs(summary):
 
 
 def _pretrain_work(pcfg, supervised, nproc, out, resume):
-    from moco.launch import LaunchSpec, launch_training
+    from moco.engine.launch import launch_training
+    from moco.utils.launch import LaunchSpec
 
     if supervised:
-        from moco.supervised import SUMMARY_FILE
-        from moco.supervised import SupervisedTrainer as trainer_cls
+        summary_file = SUPERVISED_SUMMARY
+        from moco.engine.supervised import SupervisedTrainer as trainer_cls
     else:
-        from moco.engine import SUMMARY_FILE
-        from moco.engine import PretrainTrainer as trainer_cls
+        summary_file = PRETRAIN_SUMMARY
+        from moco.engine.trainer import PretrainTrainer as trainer_cls
 
     pcfg = pcfg.clone()
     pcfg.OUTPUT_DIR = out
@@ -202,7 +206,7 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
         trainer_cls, pcfg, LaunchSpec(procs_per_machine=nproc), "auto" if resume else None
     )
     what = "supervised pretraining" if supervised else f"{pcfg.MODEL.MECHANISM} pretraining"
-    summary = _read_json(os.path.join(out, SUMMARY_FILE), what)
+    summary = _read_json(os.path.join(out, summary_file), what)
     outputs = {
         "checkpoint": summary["weights" if supervised else "last_checkpoint"],
         **_knn_outputs(summary),
@@ -241,8 +245,8 @@ def _convert_stage(label, checkpoint):
 def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
     from detectron2.engine import default_argument_parser
 
-    from detection.datasets import register_synthetic
-    from detection.trainer import FINAL_METRICS, run
+    from detection.data.datasets import register_synthetic
+    from detection.trainer import run
 
     if synthetic_root:  # this run's embedded set under the synthetic_* names
         register_synthetic(synthetic_root)
@@ -277,7 +281,14 @@ def run_pipeline(cfg):
     the supervised baseline and the random-init trials (which need no pretraining) first, and each
     pretraining's trials as soon as its weights exist.
     """
-    from detection.report import compare, paired, plot_curves, summarize, to_markdown, write_report
+    from experiments.report import (
+        compare,
+        paired,
+        plot_curves,
+        summarize,
+        to_markdown,
+        write_report,
+    )
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     os.makedirs(run_dir, exist_ok=True)
@@ -293,7 +304,7 @@ def run_pipeline(cfg):
     data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
     folder, synthetic_root = data["image_folder"], data["synthetic_root"]
     if synthetic_root:  # a reused data stage: the set may have been regenerated with another spec
-        from moco.synthetic import ensure_generated
+        from moco.data.synthetic.writers import ensure_generated
 
         ensure_generated(synthetic_root, synthetic_spec(cfg), workers=cfg.DATA.WORKERS)
     sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None

@@ -27,10 +27,10 @@ import sys
 import time
 
 from moco.config import load_cfg
-from moco.file_io import atomic_write_json
+from moco.utils.file_io import atomic_write_json
+from moco.utils.run_files import CONFIG_FILE, STAGE_FILE
 
-STAGE_FILE = "stage.json"
-_LOGGERS = ("moco", "detectron2", "fvcore", "d2")
+_LOGGERS = ("moco", "experiments", "detectron2", "fvcore", "d2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REPO_MARK = "$REPO/"
 
@@ -68,7 +68,7 @@ def read_marker(path):
 
 def check_same_config(cfg, out):
     """A run folder is reused or resumed only by the configuration that made it."""
-    saved = os.path.join(out, "config.yaml")
+    saved = os.path.join(out, CONFIG_FILE)
     if not os.path.isfile(saved):
         return
     try:
@@ -258,7 +258,7 @@ class Stages:
                         raise StageFailed(
                             f"a worker process died (exit code {dead[0].exitcode}) "
                             f"while running {running}"
-                        )
+                        ) from None
                     continue
                 name, material, fn, head, out, resume, key = pending[i]
                 log = os.path.join(out, "console.log")

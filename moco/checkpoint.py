@@ -12,9 +12,11 @@ Files are named ``checkpoint_{epoch:04d}.pth.tar`` with the official 0-based ind
 finished epoch (``checkpoint_0199.pth.tar`` after 200 epochs holds ``"epoch": 200``); a run stopped
 by a signal mid-epoch writes ``checkpoint_interrupted.pth.tar`` (its ``iteration`` says where); the file
 ``last_checkpoint`` in the same folder names the newest one. Both are written to a temporary file in
-the same folder, flushed, fsync'ed and moved into place with ``os.replace`` (moco.file_io).
+the same folder, flushed, fsync'ed and moved into place with ``os.replace`` (moco.utils.file_io).
 """
 
+import logging
+import math
 import os
 import pickle
 import pickletools
@@ -25,7 +27,9 @@ import zipfile
 import numpy as np
 import torch
 
-from moco.file_io import atomic_save, atomic_write_text
+from moco.utils.file_io import atomic_save, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 OFFICIAL_KEYS = ("epoch", "arch", "state_dict", "optimizer")
 DDP_PREFIX = "module."
@@ -153,7 +157,7 @@ def check_torch_file(path):
 def _refuse_bytearray(path, streams):
     try:
         for stream in streams:
-            for op, arg, _ in pickletools.genops(stream):  # reads the opcodes, runs nothing
+            for _, arg, _ in pickletools.genops(stream):  # reads the opcodes, runs nothing
                 if isinstance(arg, str) and arg.split(" ")[-1] == "bytearray":
                     raise ValueError(
                         f"{path}: refusing to load: it calls bytearray, which "
@@ -334,3 +338,91 @@ def save_checkpoint(ckpt, output_dir, name=None):
     atomic_save(ckpt, path)
     write_last_checkpoint(output_dir, name)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# resume state: every field checked before it is used
+
+
+def load_resume_state(path, model, optimizer, cfg, iters_per_epoch):
+    """Load a pretraining checkpoint into ``model`` and ``optimizer`` for a resume, every field
+    checked first (arch, tensors, counters in range, optimizer state against the model, scheduler,
+    queue pointers); returns ``{iteration, sampler_seed, rng_states}``. One-line ValueError naming
+    the file and the field for anything a crafted or foreign file could get wrong."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+        raise ValueError(
+            f"{path}: not a MoCo pretraining checkpoint (needs 'epoch' and 'state_dict')"
+        )
+    if ckpt.get("arch") not in (None, cfg.MODEL.ARCH):
+        raise ValueError(
+            f"{path}: checkpoint arch {ckpt['arch']} != MODEL.ARCH (-a) {cfg.MODEL.ARCH}"
+        )
+    if not isinstance(ckpt["state_dict"], dict) or not all(
+        isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()
+    ):
+        raise ValueError(f"{path}: state_dict is not a dict of tensors")
+    epoch = check_count(ckpt["epoch"], path, "epoch")
+    load_model_state(model, ckpt["state_dict"], path)
+    check_queue_pointers(model, cfg.SOLVER.IMS_PER_BATCH, path)
+    if ckpt.get("optimizer"):
+        check_optimizer_state(ckpt["optimizer"], optimizer, path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}: optimizer state does not fit the model ({e})") from None
+        for group in optimizer.param_groups:  # this run's hyper-parameters, as official
+            group["momentum"] = cfg.SOLVER.MOMENTUM
+            group["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY
+    else:
+        logger.warning("%s has no optimizer state: SGD momentum restarts from zero", path)
+    iteration = check_count(ckpt.get("iteration", epoch * iters_per_epoch), path, "iteration")
+    sched = ckpt.get("scheduler") or {}
+    if not isinstance(sched, dict):
+        raise ValueError(f"{path}: scheduler is a {type(sched).__name__}, not a state dict")
+    lrs = sched.get("base_lrs", [cfg.SOLVER.BASE_LR])
+    if not isinstance(lrs, list) or not all(
+        isinstance(lr, (int, float)) and math.isfinite(lr) for lr in lrs
+    ):
+        raise ValueError(f"{path}: scheduler.base_lrs {lrs!r} is not a list of finite numbers")
+    if (
+        sched
+        and check_count(sched.get("last_epoch", iteration), path, "scheduler.last_epoch")
+        != iteration
+    ):
+        raise ValueError(
+            f"{path}: scheduler is at iteration {sched['last_epoch']} but the "
+            f"checkpoint at {iteration}; the file is inconsistent"
+        )
+    saved_lr = lrs
+    if any(abs(lr - cfg.SOLVER.BASE_LR) > 1e-12 for lr in saved_lr):
+        logger.warning(
+            "base LR %s of %s replaced by SOLVER.BASE_LR %s (official resume uses "
+            "the command line's --lr)",
+            saved_lr,
+            path,
+            cfg.SOLVER.BASE_LR,
+        )
+    logger.info("resuming from %s: epoch %s, iteration %d", path, ckpt["epoch"], iteration)
+    seed = ckpt.get("sampler_seed")
+    return {
+        "iteration": iteration,
+        "sampler_seed": None if seed is None else check_count(seed, path, "sampler_seed"),
+        "rng_states": ckpt.get("rng_states"),
+    }
+
+
+def check_queue_pointers(model, batch, path):
+    """Each MoCo queue pointer must name a slot where a global ``batch`` of keys fits (K % batch
+    == 0 is checked at start): out of range, the enqueue writes outside the queue."""
+    buffers = dict(model.named_buffers())
+    for name, ptr in buffers.items():
+        if name.rsplit(".", 1)[-1] != "queue_ptr":
+            continue
+        k = buffers[name[: -len("_ptr")]].shape[1]  # the queue beside it: dim x K
+        value = int(ptr.reshape(-1)[0])
+        if not 0 <= value < k or value % batch:
+            raise ValueError(
+                f"{path}: {name} {value} is not in [0, MODEL.K {k}) in steps of "
+                f"the global batch {batch}"
+            )

@@ -9,14 +9,11 @@ Conventions: ``SOLVER.IMS_PER_BATCH`` is the *global* batch (all processes) and
 ``DATALOADER.NUM_WORKERS`` is per process, as in Detectron2; epochs count the schedule.
 """
 
-import difflib
 import math
-import os
-import re
 
-import yaml
-from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as CN
+
+from moco.utils.config_loading import load_config
 
 
 def get_cfg():
@@ -25,226 +22,235 @@ def get_cfg():
 
 
 _C = CN()
+
+
 _C.VERSION = 1
 
+
 _C.MODEL = CN()
-_C.MODEL.ARCH = (
-    "resnet50"  # a torchvision ResNet name, or one at base width W: resnet18_w32 (moco.resnet)
-)
+
+
+_C.MODEL.ARCH = "resnet50"  # a torchvision ResNet name, or one at base width W: resnet18_w32 (moco.modeling.resnet)
+
+
 _C.MODEL.DIM = 128  # feature dimension of the contrastive head
+
+
 _C.MODEL.K = 65536  # queue size; must be a multiple of SOLVER.IMS_PER_BATCH
+
+
 _C.MODEL.M = 0.999  # key encoder momentum
+
+
 _C.MODEL.T = 0.07  # softmax temperature
+
+
 _C.MODEL.MLP = False  # MoCo v2 2-layer MLP head (the official --mlp: MODEL.HEAD "mlp")
-# Contrastive mechanism (moco.mechanisms): "moco" (momentum encoder + queue), "end_to_end" (keys of
+
+
+# Contrastive mechanism (moco.modeling.build): "moco" (momentum encoder + queue), "end_to_end" (keys of
 # the global batch, one encoder with gradients; MODEL.K unused), "memory_bank" (InstDisc; MODEL.K
 # negatives sampled from a bank of one feature per training image), "cmc" (L and ab views of Lab),
 # "cpc" (CPC v2: patches predicted by a masked-convolution context network).
 _C.MODEL.MECHANISM = "moco"
+
+
 _C.MODEL.LOSS = "info_nce"  # or "nt_xent" (SimCLR, symmetric; end_to_end only)
-_C.MODEL.HEAD = "linear"  # projection head (moco.heads): "linear", "mlp", "simclr_v2"
+
+
+_C.MODEL.HEAD = "linear"  # projection head (moco.modeling.heads): "linear", "mlp", "simclr_v2"
+
+
 _C.MODEL.MEMORY_BANK_MOMENTUM = 0.5  # InstDisc's bank entry update
-# "cmc" (moco.cmc): each view's dictionary, "memory_bank" (the paper; MODEL.K negatives drawn) or
+
+
+# "cmc" (moco.modeling.cmc): each view's dictionary, "memory_bank" (the paper; MODEL.K negatives drawn) or
 # "moco" (momentum encoders, queues of MODEL.K keys)
 _C.MODEL.CMC_DICTIONARY = "memory_bank"
-# "cpc" (moco.cpc): patches of this many pixels (stride half a patch) tile INPUT.CROP_SIZE; the
+
+
+# "cpc" (moco.modeling.cpc): patches of this many pixels (stride half a patch) tile INPUT.CROP_SIZE; the
 # context network predicts the patch embeddings 1 .. CPC_STEPS rows below
 _C.MODEL.CPC_PATCH_SIZE = 16
+
+
 _C.MODEL.CPC_STEPS = 2
+
+
 # Shuffle BN: "auto" (ddp when world size > 1, else split), "ddp", "split", "sync", "off".
 _C.MODEL.SHUFFLE_BN = "auto"
+
+
 _C.MODEL.SPLIT_BN_GROUPS = 8  # sub-batches of "split" (MoCo CIFAR demo: 8)
+
+
 # "auto": this process's GPU if CUDA is available, else CPU; or "cpu", "cuda", "cuda:N".
 _C.MODEL.DEVICE = "auto"
+
+
 # Fast path (moco.fast): channels_last memory format of the image batches and encoders
 _C.MODEL.CHANNELS_LAST = False
 
+
 _C.INPUT = CN()
+
+
 _C.INPUT.AUG_PLUS = False  # MoCo v2 augmentation (blur, jitter p=0.8)
+
+
 _C.INPUT.CROP_SIZE = 224
+
+
 _C.INPUT.MIN_SCALE = 0.2  # smallest RandomResizedCrop area fraction (official 0.2)
+
+
 # Same transforms, parameters and random draws with OpenCV hue/blur and a reduced-scale JPEG
-# decode (moco.augment, fast=True); False = torchvision's PIL implementations as official.
+# decode (moco.data.augment, fast=True); False = torchvision's PIL implementations as official.
 _C.INPUT.FAST_AUGMENT = True
-# Augment whole batches in the training process (moco.batch_augment): the loader only decodes each
+
+
+# Augment whole batches in the training process (moco.data.batch_augment): the loader only decodes each
 # image to a BATCH_AUGMENT_SIZE square (0 = 1.5 x CROP_SIZE); same v1/v2 augmentation, per-sample
 # draws. Measured on 2 cores it frees the loader's core (docs/RESULTS.md).
 _C.INPUT.BATCH_AUGMENT = False
+
+
 _C.INPUT.BATCH_AUGMENT_SIZE = 0
 
+
 _C.DATA = CN()
+
+
 # Folder with train/<class>/ images (ImageFolder). "$DETECTRON2_DATASETS" expands with the
-# default "datasets" (see moco.data.resolve_data_path).
+# default "datasets" (see moco.data.datasets.resolve_data_path).
 _C.DATA.ROOT = ""
+
+
 # Unreadable image files (corrupt, truncated, empty, not an image) are found by a decode scan at
-# start (DATA.SCAN_IMAGES) and skipped with a warning (moco.data_checks); more than this fraction
+# start (DATA.SCAN_IMAGES) and skipped with a warning (moco.data.checks); more than this fraction
 # of a folder stops the run with an error.
 _C.DATA.MAX_BAD_FRACTION = 0.01
-# images with more pixels are skipped and counted like unreadable ones (moco.data_checks); PIL's
+
+
+# images with more pixels are skipped and counted like unreadable ones (moco.data.checks); PIL's
 # own limit (only a warning up to twice it) let 177-MP images through at ~1.4 GB each
 _C.DATA.MAX_IMAGE_PIXELS = 89478485
-# The start-up decode scan (moco.data_checks): "always", "never", or "auto" = a full scan of a folder
+
+
+# The start-up decode scan (moco.data.checks): "always", "never", or "auto" = a full scan of a folder
 # of up to SCAN_AUTO_MAX_FILES files. Results are cached per file (path, size, mtime), so a later
 # start decodes only new or changed files. Without the scan an unreadable file is replaced by the
 # next image and counted when loaded, and DATA.MAX_BAD_FRACTION is not enforced.
 _C.DATA.SCAN_IMAGES = "auto"
+
+
 # INPUT.BATCH_AUGMENT only: decode every training image once, at start, into one uint8 tensor in
 # each process (N x 3 x BATCH_AUGMENT_SIZE^2 bytes: 138 MB for the embedded 20,000 48-px images);
 # the steps then index it and no loader worker decodes an image per epoch. For small folders.
 _C.DATA.CACHE_DECODED = False
+
+
 # auto's bound: a cold scan of 50,000 files costs 61-90 CPU-s at ImageNet's JPEG sizes (1.22 ms a
 # file measured, 1.8 ms in issue #16), once; a warm start ~12 us a file. So ImageNet val and the
 # embedded sets are scanned, ImageNet train (1.28M files: 26-38 CPU-min cold) is not
 # (docs/RESULTS.md, 2026-12-03).
 SCAN_AUTO_MAX_FILES = 50_000
 
+
 _C.DATALOADER = CN()
+
+
 _C.DATALOADER.NUM_WORKERS = 4  # per process (official -j 32 per 8-GPU node)
 
+
 _C.SOLVER = CN()
+
+
 _C.SOLVER.IMS_PER_BATCH = 256  # global batch
+
+
 _C.SOLVER.BASE_LR = 0.03  # for the global batch above; not rescaled automatically (as official)
+
+
 _C.SOLVER.MOMENTUM = 0.9
+
+
 _C.SOLVER.WEIGHT_DECAY = 1e-4
+
+
 _C.SOLVER.EPOCHS = 200
+
+
 _C.SOLVER.START_EPOCH = 0  # first epoch of a run that does not resume (official --start-epoch)
+
+
 _C.SOLVER.STEPS = (120, 160)  # epochs where lr is multiplied by GAMMA (ignored with COS)
+
+
 _C.SOLVER.GAMMA = 0.1
+
+
 _C.SOLVER.COS = False  # lr * 0.5 * (1 + cos(pi * epoch / EPOCHS)), per epoch
+
+
 _C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs; the last epoch is always saved
+
+
 # bfloat16 autocast for the encoders (no loss scaling needed; logits stay fp32). A gain on CUDA and
 # on CPUs with native bf16; much slower on CPUs without it (moco.fast).
 _C.SOLVER.AMP = False
+
+
 _C.SOLVER.FUSED_SGD = True  # torch's fused SGD kernel where the device has it (same update rule)
 
+
 _C.KNN = CN()
+
+
 _C.KNN.DATA = ""  # folder with train/ and val/ (labeled); "" = no kNN monitor
+
+
 _C.KNN.K = 200  # InstDisc weighted kNN
+
+
 _C.KNN.T = 0.1
+
+
 _C.KNN.PERIOD = 1  # epochs between measurements (the last epoch always); 0 = monitor off
+
+
 _C.KNN.AT_START = False  # also measure before the first step (the untrained encoder's baseline)
+
+
 _C.KNN.BATCH_SIZE = 256  # per process, feature extraction
+
+
 # training images in the bank: 0 = all; N = N evenly spaced ones (ImageFolder lists by class, so
 # every class keeps its share). Each pass encodes the bank: 20,000 images took ~10-19 s on a CPU.
 _C.KNN.BANK_SIZE = 0
 
+
 _C.DIST = CN()
+
+
 # Minutes a collective, and the start-up rendezvous, waits for the other processes (the process
 # group's timeout; torch's default is 30). A peer that hangs without closing its connection (a
-# frozen or cut-off machine) ends the run after this long; a float (0.5 = 30 s). moco.launch.
+# frozen or cut-off machine) ends the run after this long; a float (0.5 = 30 s). moco.utils.launch.
 _C.DIST.TIMEOUT_MINUTES = 30.0
 
+
 _C.OUTPUT_DIR = "./output/pretrain"
+
+
 _C.SEED = -1  # < 0: a random seed per run; >= 0: SEED + rank seeds torch/numpy/random
+
+
 _C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)
 
 
-def load_cfg(config_file=None, opts=None, defaults=None, what="config file", keys="moco/config.py"):
-    """Defaults (``defaults()``, else :func:`get_cfg`), then ``config_file`` (YAML with optional
-    ``_BASE_``), then ``KEY VALUE`` opts. Errors are one line naming the file as ``what`` (e.g.
-    ``--preset``) and where the keys are defined (``keys``)."""
-    cfg = (defaults or get_cfg)()
-    if config_file:
-        merge_config_file(cfg, config_file, what, keys)
-    if opts:
-        merge_opts(cfg, opts, keys)
-    return cfg
-
-
-def merge_config_file(cfg, path, what="config file", keys="moco/config.py"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    check_safe_yaml(path, what)
-    try:
-        # allow_unsafe=False: fvcore must never fall back to yaml.unsafe_load (Detectron2's
-        # CfgNode defaults to True); check_safe_yaml already refused tags with a clear line.
-        cfg.merge_from_file(path, allow_unsafe=False)
-    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(f"{what} {path}: {_reason(e)}{key_hint(cfg, e, keys)}") from None
-
-
-def check_safe_yaml(path, what="config file", _chain=()):
-    """Parse ``path`` and its ``_BASE_`` chain with ``yaml.SafeLoader`` only; one-line ValueError
-    for a tagged value (``!!python/object/apply:...``: code), a syntax error, a non-mapping file, a
-    URL base or a ``_BASE_`` cycle. Configs are shared like checkpoints, so they are untrusted: safe
-    YAML builds plain values only and never runs anything. Bases resolve as fvcore's do (relative
-    to the file that names them, ``~`` expanded)."""
-    real = os.path.realpath(path)
-    if real in _chain:
-        cycle = " -> ".join(
-            [*(os.path.basename(p) for p in _chain[_chain.index(real) :]), os.path.basename(real)]
-        )
-        raise ValueError(f"{what} {_chain[0]}: _BASE_ cycle ({cycle})")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{what} {_chain[-1] if _chain else path}: _BASE_ {path} does not exist"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=yaml.SafeLoader)
-    except yaml.constructor.ConstructorError as e:
-        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ValueError(
-            f"{what} {path}: {line}{_reason_text(e.problem)}; configs are read as safe "
-            "YAML (plain values only) and nothing in them is run"
-        ) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"{what} {path}: invalid config (not valid YAML: {_reason_text(str(e))})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{what} {path}: expected a mapping of KEY: value, got {type(data).__name__}"
-        )
-    bases = data.get(BASE_KEY, [])
-    for base in bases if isinstance(bases, list) else [bases]:
-        if not isinstance(base, str):
-            raise ValueError(f"{what} {path}: _BASE_ must be a file name, got {base!r}")
-        if base.startswith(("https://", "http://")):
-            raise ValueError(f"{what} {path}: _BASE_ {base}: only local files (no URLs)")
-        base = os.path.expanduser(base)
-        if not base.startswith("/"):
-            base = os.path.join(os.path.dirname(path), base)
-        check_safe_yaml(base, what, (*_chain, real))
-
-
-def merge_opts(cfg, opts, keys="moco/config.py"):
-    if len(opts) % 2:
-        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    try:
-        cfg.merge_from_list(list(opts))
-    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, type mismatch
-        raise ValueError(
-            f"config override {' '.join(map(str, opts))}: {_reason(e)}{key_hint(cfg, e, keys)}"
-        ) from None
-
-
-def all_keys(cfg, prefix=""):
-    """Every leaf key of a CfgNode, dotted (``SOLVER.BASE_LR``)."""
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            yield from all_keys(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
-
-
-def key_hint(cfg, exc, keys=None):
-    """For yacs' "Non-existent config key: X": the closest existing keys (difflib), so a typo is
-    answered with its fix; else where the keys are defined (``keys``), if given."""
-    match = re.search(r"Non-existent (?:config )?key: (\S+)", _reason(exc))
-    wrong = match.group(1).upper() if match else ""
-    close = difflib.get_close_matches(wrong, list(all_keys(cfg)), n=3, cutoff=0.8) if wrong else []
-    if close:
-        return f"; did you mean {' or '.join(close)}?"
-    return f" (keys: {keys})" if keys else ""
-
-
-def _reason(exc):
-    return _reason_text(exc.args[0] if exc.args else type(exc).__name__)
-
-
-def _reason_text(text):
-    return " ".join(str(text).split())
+def load_cfg(config_file=None, opts=None, what="config file", keys="moco/config.py"):
+    """The pretraining config: defaults (:func:`get_cfg`), then ``config_file``, then opts."""
+    return load_config(get_cfg, config_file, opts, what, keys)
 
 
 # official main_moco.py flag -> config key (for flags that map one to one)

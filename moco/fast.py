@@ -5,7 +5,7 @@ Measured on this project's machines (tools/benchmark.py, docs in its module docs
 * bf16 autocast: about 2x on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX); on CPUs
   without it (AVX2 only) oneDNN emulates bf16 and a ResNet-50 step is *many times slower*, so
   ``"auto"`` enables it only where the hardware has it. Logits and the loss stay fp32
-  (:class:`moco.builder.MoCo` computes them with autocast disabled).
+  (:class:`moco.modeling.moco.MoCo` computes them with autocast disabled).
 * channels_last: faster convolutions on CUDA (tensor cores) and CPU (oneDNN); MoCo's split BN runs
   on blocked sub-batches for channels_last input, so results do not change. On CPU it pays off
   from about 64 px crops (measured, one thread: ResNet-50 96 px 1.22x, ResNet-18 64 px 1.15x,

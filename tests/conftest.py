@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from moco.synthetic import SyntheticSpec, ensure_generated
+from moco.data.synthetic.spec import SyntheticSpec
+from moco.data.synthetic.writers import ensure_generated
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +78,7 @@ def synthetic_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("data") / "moco_det_synthetic")
     ensure_generated(root, SMALL_SPEC)
     try:
-        from detection.datasets import register_synthetic
+        from detection.data.datasets import register_synthetic
     except ImportError:  # pure-MoCo tests need no Detectron2
         return root
     register_synthetic(root)
@@ -87,7 +88,7 @@ def synthetic_root(tmp_path_factory) -> str:
 @pytest.fixture
 def synthetic_datasets(synthetic_root) -> dict:
     """Registers ``synthetic_root`` under the standard names; returns {name: annotation file}."""
-    from detection.datasets import register_synthetic
+    from detection.data.datasets import register_synthetic
 
     return register_synthetic(synthetic_root)
 

@@ -6,7 +6,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
-from moco.augment import (
+from moco.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     GaussianBlur,

@@ -1,4 +1,4 @@
-"""Batched MoCo augmentation (moco.batch_augment) against torchvision's per-image functions, and a
+"""Batched MoCo augmentation (moco.data.batch_augment) against torchvision's per-image functions, and a
 pretraining run that uses it."""
 
 import json
@@ -10,8 +10,8 @@ import torch
 import torchvision.transforms.functional as TF
 from detectron2.utils.env import seed_all_rng
 
-from moco import batch_augment as B
-from moco.engine import PretrainTrainer
+from moco.data import batch_augment as B
+from moco.engine.trainer import PretrainTrainer
 from tests.test_engine import tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

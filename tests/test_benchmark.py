@@ -11,15 +11,15 @@ import torch.nn.functional as F
 import torchvision
 from conftest import REPO, load_tool
 
-from experiments.benchmark import (
-    BenchConfig,
+from experiments.benchmark.config import BenchConfig
+from experiments.benchmark.official import OfficialMoCo, official_train_step
+from experiments.benchmark.runner import (
     format_table,
     loader_schedule,
     run_benchmark,
     time_detectron2_iteration,
 )
-from experiments.official import OfficialMoCo, official_train_step
-from moco.builder import MoCo
+from moco.modeling.moco import MoCo
 
 ROOT = REPO
 cli = load_tool("benchmark")
@@ -192,7 +192,7 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
 def test_startup_rows_time_fresh_processes_against_imagefolder(synthetic_root, tmp_path, capsys):
     import shutil
 
-    from moco.data_checks import SCAN_CACHE_NAME
+    from moco.data.checks import SCAN_CACHE_NAME
 
     data = tmp_path / "data"
     shutil.copytree(os.path.join(synthetic_root, "imagefolder"), data)

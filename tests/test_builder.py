@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from moco.builder import MoCo
-from moco.resnet import resnet_encoder
+from moco.modeling.moco import MoCo
+from moco.modeling.resnet import resnet_encoder
 
 
 class LinearEncoder(nn.Module):

@@ -19,12 +19,12 @@ from test_engine import tiny_cfg
 from test_mechanisms import _free_port, pretrain_in_two_processes
 from torch import nn
 
-from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco.checkpoint import load_checkpoint
-from moco.cmc import CMC
-from moco.engine import PretrainTrainer, validate_cfg
-from moco.knn import extract_features
-from moco.lab import LAB_MEAN, LAB_STD, LabSplit, rgb_to_lab
+from moco.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from moco.engine.trainer import PretrainTrainer, validate_cfg
+from moco.evaluation.knn import extract_features
+from moco.modeling.cmc import CMC
+from moco.modeling.lab import LAB_MEAN, LAB_STD, LabSplit, rgb_to_lab
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -16,9 +16,9 @@ from test_train_net import TINY
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
 from detection.convert import convert_checkpoint, rename_key
-from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco.checkpoint import build_checkpoint
-from moco.cmc import CMC
+from moco.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from moco.modeling.cmc import CMC
 
 CMC_CFG = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN_cmc.yaml")
 

@@ -195,7 +195,7 @@ def test_moco_v3_checkpoint_keeps_only_base_encoder(tmp_path):
 
 
 def test_toolkit_moco_checkpoint_without_ddp_prefix(tmp_path):
-    from moco.builder import MoCo
+    from moco.modeling.moco import MoCo
 
     moco = MoCo(torchvision.models.resnet18, dim=16, K=32, mlp=True)  # default split-BN mode
     torch.save(

@@ -19,9 +19,16 @@ from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
 from detection.convert import convert_checkpoint
 from moco.checkpoint import load_checkpoint
-from moco.cpc import CPC, augment_patches, context_network, cpc_logits, grid_size, patch_grid
-from moco.engine import PretrainTrainer, validate_cfg
-from moco.resnet import resnet_encoder
+from moco.engine.trainer import PretrainTrainer, validate_cfg
+from moco.modeling.cpc import (
+    CPC,
+    augment_patches,
+    context_network,
+    cpc_logits,
+    grid_size,
+    patch_grid,
+)
+from moco.modeling.resnet import resnet_encoder
 
 
 def test_patch_grid_geometry():

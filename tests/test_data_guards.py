@@ -17,7 +17,7 @@ from test_train_net import COCO_CFG, TINY, VOC_CFG
 @pytest.fixture
 def data_copy(synthetic_root, tmp_path):
     """A copy of the embedded data (VOC, COCO), registered under the standard names for the test."""
-    from detection.datasets import register_synthetic
+    from detection.data.datasets import register_synthetic
 
     dst = str(tmp_path / "moco_det_synthetic")
     shutil.copytree(synthetic_root, dst)
@@ -52,8 +52,8 @@ def test_a_non_integer_box_in_the_voc_test_split_fails_at_start_naming_the_file(
 
 
 def test_an_image_set_id_that_leaves_the_dataset_root_is_refused(data_copy):
-    from detection.data_checks import check_voc_annotations
-    from moco.synthetic import CLASS_NAMES
+    from detection.data.checks import check_voc_annotations
+    from moco.data.synthetic.spec import CLASS_NAMES
 
     voc = os.path.join(data_copy, "VOC2007")
     listing = os.path.join(voc, "ImageSets", "Main", "trainval.txt")
@@ -95,7 +95,7 @@ def _dicts(box, mode=BoxMode.XYXY_ABS):
     ],
 )
 def test_bad_boxes_are_refused_naming_the_file(box, mode, message):
-    from detection.data_checks import check_boxes
+    from detection.data.checks import check_boxes
 
     with pytest.raises(ValueError) as err:
         check_boxes(_dicts(box, mode), lambda d: "ann.xml")
@@ -103,7 +103,7 @@ def test_bad_boxes_are_refused_naming_the_file(box, mode, message):
 
 
 def test_a_box_partly_outside_is_clipped_and_counted():
-    from detection.data_checks import check_boxes
+    from detection.data.checks import check_boxes
 
     dicts = _dicts((-4, 10, 120, 50))
     assert check_boxes(dicts, lambda d: "ann.xml") == 1
@@ -220,7 +220,7 @@ def image_folder_copy(synthetic_root, tmp_path):
 
 
 def test_directory_symlinks_do_not_loop_or_leave_the_root(image_folder_copy, tmp_path):
-    from moco.data_checks import CheckedImageFolder
+    from moco.data.checks import CheckedImageFolder
 
     train = image_folder_copy / "train"
     before = CheckedImageFolder(str(train)).samples
@@ -239,7 +239,7 @@ def test_directory_symlinks_do_not_loop_or_leave_the_root(image_folder_copy, tmp
 def test_images_above_the_pixel_limit_are_skipped_and_counted(image_folder_copy, caplog):
     from PIL import Image
 
-    from moco.data import image_folder
+    from moco.data.datasets import image_folder
 
     big = image_folder_copy / "train" / "disk" / "big.png"
     Image.new("RGB", (300, 200)).save(big)

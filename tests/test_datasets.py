@@ -1,4 +1,4 @@
-"""detection.datasets: registration through Detectron2's helpers, loaders and evaluators."""
+"""detection.data.datasets: registration through Detectron2's helpers, loaders and evaluators."""
 
 import copy
 import os
@@ -18,14 +18,15 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks
 from detectron2.structures.masks import polygons_to_bitmask
 
-from detection.datasets import (
+from detection.data.datasets import (
     CLASS_NAMES,
     SYNTHETIC_DATASETS,
     default_synthetic_root,
     evaluator_type,
     register_synthetic,
 )
-from moco.synthetic import SyntheticSpec, ensure_generated
+from moco.data.synthetic.spec import SyntheticSpec
+from moco.data.synthetic.writers import ensure_generated
 
 
 def _xyxy(ann):

@@ -9,8 +9,8 @@ import torch
 from detectron2.solver.lr_scheduler import LRMultiplier
 
 from moco.config import get_cfg
-from moco.engine import PretrainTrainer, validate_cfg
-from moco.hooks import build_lr_multiplier, epoch_lr_factors
+from moco.engine.trainer import PretrainTrainer, validate_cfg
+from moco.solver import build_lr_multiplier, epoch_lr_factors
 
 BATCH, EPOCHS = 8, 2
 

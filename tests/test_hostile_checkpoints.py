@@ -15,7 +15,7 @@ from conftest import REPO
 from test_reliability import tiny_cfg, tiny_opts
 
 from moco import checkpoint as C
-from moco.engine import PretrainTrainer
+from moco.engine.trainer import PretrainTrainer
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 PRETRAIN = os.path.join(REPO, "tools", "pretrain.py")
@@ -101,7 +101,7 @@ def test_optimizer_state_is_checked_against_the_model_before_loading():
 _MEMORY_PROBE = """
 import resource, sys
 sys.path.insert(0, {repo!r})
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 from detection.checkpoint import SafeDetectionCheckpointer, load_weights_only
 import torch
 def load():

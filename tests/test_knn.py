@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from moco.knn import knn_correct, knn_evaluate, knn_scores
+from moco.evaluation.knn import knn_correct, knn_evaluate, knn_scores
 
 
 def _unit(deg):
@@ -129,7 +129,7 @@ def test_knn_scores_the_backbone_features_and_reports_the_head_second():
 
 
 def test_knn_bank_size_keeps_evenly_spaced_images_of_every_class(synthetic_root):
-    from moco.data import build_labeled_datasets, knn_bank
+    from moco.data.datasets import build_labeled_datasets, knn_bank
 
     train, _ = build_labeled_datasets(os.path.join(synthetic_root, "imagefolder"), 32, "KNN.DATA")
     per_class = len(train) // len(train.classes)
@@ -141,7 +141,7 @@ def test_knn_bank_size_keeps_evenly_spaced_images_of_every_class(synthetic_root)
 
 def test_a_negative_bank_size_is_one_line():
     from moco.config import get_cfg
-    from moco.knn import validate_knn
+    from moco.evaluation.knn import validate_knn
 
     cfg = get_cfg()
     cfg.KNN.DATA, cfg.KNN.BANK_SIZE = "somewhere", -1

@@ -10,8 +10,7 @@ import torch
 from conftest import REPO, load_tool
 
 from moco import checkpoint as C
-from moco.builder import MoCo
-from moco.lincls import (
+from moco.evaluation.lincls import (
     LinclsOptions,
     backbone_state,
     build_linear_model,
@@ -19,7 +18,8 @@ from moco.lincls import (
     run_lincls,
     sanity_check,
 )
-from moco.resnet import resnet_encoder
+from moco.modeling.moco import MoCo
+from moco.modeling.resnet import resnet_encoder
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ from test_engine import tiny_cfg
 from torch import nn
 
 from moco.config import get_cfg
-from moco.engine import PretrainTrainer, validate_cfg
-from moco.heads import attach_head
-from moco.losses import batch_info_nce_logits, info_nce, nt_xent, nt_xent_logits
-from moco.mechanisms import EndToEnd, MemoryBankModel, build_contrastive_model
-from moco.memory_bank import MemoryBank
+from moco.engine.trainer import PretrainTrainer, validate_cfg
+from moco.modeling.build import build_contrastive_model
+from moco.modeling.end_to_end import EndToEnd
+from moco.modeling.heads import attach_head
+from moco.modeling.losses import batch_info_nce_logits, info_nce, nt_xent, nt_xent_logits
+from moco.modeling.memory_bank import MemoryBank, MemoryBankModel
 
 
 class LinearEncoder(nn.Module):
@@ -137,11 +138,11 @@ def test_nt_xent_matches_hand_computation():
     z1, z2 = _unit(3, 4, seed=1), _unit(3, 4, seed=2)
     z = [z1[0], z2[0], z1[1], z2[1], z1[2], z2[2]]  # SimCLR's order: 2k-1, 2k are a pair
 
-    def l(i, j):  # SimCLR paper: -log exp(s_ij/T) / sum_{k != i} exp(s_ik/T)
+    def loss(i, j):  # SimCLR paper: -log exp(s_ij/T) / sum_{k != i} exp(s_ik/T)
         den = sum(math.exp(float(z[i] @ z[k]) / T) for k in range(6) if k != i)
         return -math.log(math.exp(float(z[i] @ z[j]) / T) / den)
 
-    by_hand = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(3)) / 6
+    by_hand = sum(loss(2 * k, 2 * k + 1) + loss(2 * k + 1, 2 * k) for k in range(3)) / 6
     assert nt_xent(z1, z2, T).item() == pytest.approx(by_hand, rel=1e-5)
     logits, labels = nt_xent_logits(z1, z2, T)
     assert logits.shape == (6, 5)  # each anchor: 1 positive + 2N - 2 = 4 negatives

@@ -215,7 +215,8 @@ def test_methods_add_cmc_and_cpc_rows_reusing_the_moco_only_stages(pipeline_run,
 def test_a_reused_data_stage_regenerates_a_set_overwritten_with_another_spec(pipeline_run, capsys):
     """Another command may regenerate the data folder with its own spec; a rerun must not
     train on that set because the data stage's record says it finished."""
-    from moco.synthetic import SyntheticSpec, ensure_generated, read_manifest
+    from moco.data.synthetic.spec import SyntheticSpec
+    from moco.data.synthetic.writers import ensure_generated, read_manifest
 
     cfg, _ = pipeline_run
     wanted = read_manifest(cfg.DATA.ROOT)["spec"]

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, load_tool
 
 from moco.config import apply_official_args, load_cfg
-from moco.launch import resolve_launch
+from moco.utils.launch import resolve_launch
 
 TOOL = os.path.join(REPO, "tools", "pretrain.py")
 CPU_CFG = os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml")

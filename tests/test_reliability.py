@@ -21,9 +21,9 @@ import torch
 from conftest import REPO, folder_with_bad_files
 
 from moco import checkpoint as C
-from moco import file_io
 from moco.config import get_cfg
-from moco.engine import PretrainTrainer
+from moco.engine.trainer import PretrainTrainer
+from moco.utils import file_io
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
@@ -108,7 +108,7 @@ import json, os, sys, time
 from detectron2.engine import HookBase
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
-from moco.launch import setup_process
+from moco.utils.launch import setup_process
 
 opts, stop, marker = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg = get_cfg()
@@ -284,7 +284,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from moco.config import get_cfg
 from moco.engine import PretrainTrainer
-from moco.launch import LaunchSpec, launch_processes, resolve_launch, setup_process
+from moco.utils.launch import LaunchSpec, launch_processes, resolve_launch, setup_process
 
 
 class Die(HookBase):
@@ -456,7 +456,7 @@ def test_a_silent_rank_ends_the_run_within_the_process_group_timeout_naming_it(
 def test_check_image_catches_what_verify_misses(synthetic_root, tmp_path):
     from PIL import Image
 
-    from moco.data_checks import check_image
+    from moco.data.checks import check_image
 
     truncated, empty, notes = folder_with_bad_files(synthetic_root, tmp_path / "f")
     with Image.open(truncated) as im:
@@ -469,11 +469,11 @@ def test_check_image_catches_what_verify_misses(synthetic_root, tmp_path):
 
 
 def test_unreadable_images_are_skipped_counted_and_bounded(synthetic_root, tmp_path, caplog):
-    from moco.data import image_folder
+    from moco.data.datasets import image_folder
 
     bad = folder_with_bad_files(synthetic_root, tmp_path / "f")
     root = str(tmp_path / "f")
-    with caplog.at_level("WARNING", logger="moco.data_checks"):
+    with caplog.at_level("WARNING", logger="moco.data.checks"):
         ds = image_folder(root, "train", None, "DATA.ROOT", max_bad_fraction=0.1)  # 3/33 < 10%
     assert len(ds) == 30 and ds.skipped_images == 3
     assert not set(bad) & {p for p, _ in ds.samples}
@@ -504,8 +504,8 @@ def test_an_image_broken_after_the_scan_is_replaced_and_counted_across_workers(
 ):
     from torch.utils.data import DataLoader
 
-    from moco.augment import eval_transform
-    from moco.data import image_folder
+    from moco.data.augment import eval_transform
+    from moco.data.datasets import image_folder
 
     folder_with_bad_files(synthetic_root, tmp_path / "f")
     ds = image_folder(
@@ -576,8 +576,8 @@ def voc_copy(synthetic_root, tmp_path):
 def test_broken_voc_xml_is_one_line_error_naming_the_file(voc_copy, edit, message):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from detection.data_checks import check_voc_annotations, register_pascal_voc_checked
-    from moco.synthetic import CLASS_NAMES
+    from detection.data.checks import check_voc_annotations, register_pascal_voc_checked
+    from moco.data.synthetic.spec import CLASS_NAMES
 
     check_voc_annotations(voc_copy, "trainval", CLASS_NAMES)  # the generated files are fine
     xml = os.path.join(voc_copy, "Annotations", "000002.xml")
@@ -624,9 +624,9 @@ def test_detection_training_skips_a_corrupt_jpeg_and_counts_it(
 ):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from detection.data_checks import register_pascal_voc_checked
+    from detection.data.checks import register_pascal_voc_checked
     from detection.trainer import DetectionTrainer
-    from moco.synthetic import CLASS_NAMES
+    from moco.data.synthetic.spec import CLASS_NAMES
 
     jpeg = os.path.join(voc_copy, "JPEGImages", "000003.jpg")
     with open(jpeg, "r+b") as f:
@@ -712,7 +712,7 @@ def test_the_detection_loader_continues_at_any_batch_whatever_the_workers():
     import numpy as np
     from detectron2.data.samplers import TrainingSampler
 
-    from detection.data_order import ResumableTrainLoader
+    from detection.data.order import ResumableTrainLoader
 
     # two aspect groups (width > height or not): Detectron2's grouping buffers one while the other
     # fills; every draw of the mapper (augmentation) is recorded
@@ -749,7 +749,7 @@ _DET_DRIVER = (
 import json, os, sys, time
 from detectron2.engine import HookBase, default_argument_parser, hooks
 from detection.config import setup_cfg
-from detection.datasets import register_synthetic
+from detection.data.datasets import register_synthetic
 from detection.trainer import DetectionTrainer, prepare_datasets
 
 argv, root, stop, marker = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]

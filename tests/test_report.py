@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import REPO, load_tool
 
-from detection.report import (
+from experiments.report import (
     Row,
     Stat,
     Table,
@@ -191,7 +191,7 @@ def test_compare_uses_two_standard_errors_and_names_single_trials(voc_runs):
 
 def _captured_figures(monkeypatch):
     """The figures the report saves, kept open for inspection (files are still written)."""
-    import detection.report as R
+    import experiments.report.figures as R
 
     figures = []
 
@@ -224,7 +224,7 @@ def test_report_records_what_was_run(voc_runs, tmp_path):
 
 
 def test_training_curves_from_metrics_json(tmp_path, monkeypatch):
-    from detection.report import plot_curves
+    from experiments.report import plot_curves
 
     figures = _captured_figures(monkeypatch)
     pre, det = tmp_path / "pre", tmp_path / "det"

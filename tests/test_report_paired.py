@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from detection.report import PUBLISHED_VOC, paired, published_markdown, summarize, write_report
+from experiments.report import PUBLISHED_VOC, paired, published_markdown, summarize, write_report
 
 # AP50 of five paired trials (seed -> value): differences 2, 3, 1, 4, 0 (mean 2, sample sd sqrt(2.5))
 MOCO = {0: 12.0, 1: 13.0, 2: 11.0, 3: 14.0, 4: 10.0}

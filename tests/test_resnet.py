@@ -1,4 +1,4 @@
-"""Narrow ResNets (moco.resnet): torchvision's layout at another base width, end to end into Detectron2."""
+"""Narrow ResNets (moco.modeling.resnet): torchvision's layout at another base width, end to end into Detectron2."""
 
 import os
 
@@ -11,9 +11,9 @@ from detectron2.modeling import build_model
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg
 from detection.convert import rename_key
-from moco.builder import MoCo
-from moco.file_io import atomic_save
-from moco.resnet import parse_arch, resnet_encoder
+from moco.modeling.moco import MoCo
+from moco.modeling.resnet import parse_arch, resnet_encoder
+from moco.utils.file_io import atomic_save
 
 CONFIG = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN.yaml")
 
@@ -48,7 +48,7 @@ def test_narrow_moco_checkpoint_converts_loads_safely_and_runs_identically(tmp_p
     torch.manual_seed(0)
     model = MoCo(resnet_encoder("resnet18_w16"), dim=16, K=32, mlp=True, shuffle_bn="off")
     with torch.no_grad():  # non-default BN statistics, so a skipped buffer would show
-        for name, t in model.encoder_q.state_dict().items():
+        for t in model.encoder_q.state_dict().values():
             if t.is_floating_point():
                 t.add_(torch.randn_like(t) * 0.1).abs_()
     state = {f"module.{k}": v for k, v in model.state_dict().items()}

@@ -20,11 +20,11 @@ from conftest import REPO, load_tool
 from test_reliability import ENV, tiny_opts
 from test_train_net import TINY, VOC_CFG
 
-from moco import file_io
+from moco.utils import file_io
 
 _HOLD = r"""
 import sys, time
-from moco.file_io import run_folder_lock
+from moco.utils.file_io import run_folder_lock
 with run_folder_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from experiments.runs import STAGE_FILE, StageFailed, Stages
+from experiments.runs import StageFailed, Stages
+from moco.utils.run_files import STAGE_FILE
 
 
 def _work(value, out, resume):

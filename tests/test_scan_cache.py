@@ -1,7 +1,7 @@
 """DATA.SCAN_IMAGES and the scan cache: a later start decodes only new or changed files, a corrupt
 or hostile cache is ignored with one warning (never run), ``never`` and ``auto`` above the threshold
 leave broken files to the load-time path, bad values are one line. Decodes are counted by
-replacing moco.data_checks.check_image; nothing is timed."""
+replacing moco.data.checks.check_image; nothing is timed."""
 
 import json
 import os
@@ -13,10 +13,10 @@ import torch
 from conftest import REPO, folder_with_bad_files, load_tool
 from torch.utils.data import DataLoader
 
-import moco.data_checks as dc
+import moco.data.checks as dc
 from moco import config
-from moco.augment import eval_transform
-from moco.data import build_pretrain_dataset, image_folder
+from moco.data.augment import eval_transform
+from moco.data.datasets import build_pretrain_dataset, image_folder
 
 # tests/conftest.py's folder: 30 readable images in train/ + 3 unreadable ones
 FILES, BAD = 33, 3
@@ -64,7 +64,7 @@ def test_the_cache_is_reused_and_a_changed_file_is_scanned_again(folder, decodes
 
     decodes.clear()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="moco.data_checks"):
+    with caplog.at_level("WARNING", logger="moco.data.checks"):
         second = _folder(train)  # a later run or a resume
     assert decodes == []  # nothing decoded again ...
     assert second.samples == first.samples and second.scan_skipped == BAD  # ... bad files stay bad
@@ -136,7 +136,7 @@ def test_a_corrupt_or_hostile_cache_is_ignored_with_one_warning_and_never_run(
     cache = os.path.join(train, dc.SCAN_CACHE_NAME)
     with open(cache, "wb") as f:
         f.write(content)
-    with caplog.at_level("WARNING", logger="moco.data_checks"):
+    with caplog.at_level("WARNING", logger="moco.data.checks"):
         ds = _folder(train)
     warnings = [r.getMessage() for r in caplog.records if "scan cache" in r.getMessage()]
     assert len(warnings) == 1 and f"ignoring the scan cache {cache}" in warnings[0], warnings
@@ -219,7 +219,7 @@ def test_never_skips_the_scan_and_the_load_replaces_and_counts_a_broken_file(
     assert len(broken) == BAD + 1 and ds.skipped_images == BAD + 1  # counted across the workers
     for i in broken:
         assert torch.equal(images[i], images[i + 1])  # served by the next image
-    with caplog.at_level("WARNING", logger="moco.data_checks"):  # in this process: its warning
+    with caplog.at_level("WARNING", logger="moco.data.checks"):  # in this process: its warning
         ds[[p for p, _ in ds.samples].index(big)]
     assert (
         f"cannot load {big} (ValueError: 80x80 = 6400 pixels > DATA.MAX_IMAGE_PIXELS 5000)"
@@ -292,7 +292,7 @@ def test_a_bad_scan_images_value_is_one_line_naming_the_key(folder, tmp_path, ca
     )
     launched = []
     monkeypatch.setattr(
-        "moco.launch.launch_processes", lambda fn, spec, a, **kw: launched.append(a)
+        "moco.utils.launch.launch_processes", lambda fn, spec, a, **kw: launched.append(a)
     )
     assert lincls.main(["--scan-images", "never", "--output-dir", str(tmp_path / "l"), data]) == 0
     (opts,) = launched[0]

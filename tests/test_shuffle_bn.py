@@ -11,15 +11,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from moco.builder import MoCo
-from moco.dist import concat_all_gather
-from moco.shuffle_bn import (
+from moco.modeling.moco import MoCo
+from moco.modeling.shuffle_bn import (
     SplitBatchNorm,
     batch_shuffle_single,
     batch_unshuffle_single,
     convert_split_batchnorm,
     resolve_shuffle_bn,
 )
+from moco.utils.dist import concat_all_gather
 
 
 class SmallConvNet(nn.Module):

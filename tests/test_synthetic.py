@@ -1,4 +1,4 @@
-"""moco.synthetic and tools/make_data.py: layout, annotation consistency, determinism, reuse."""
+"""moco.data.synthetic and tools/make_data.py: layout, annotation consistency, determinism, reuse."""
 
 import dataclasses
 import json
@@ -13,16 +13,10 @@ from conftest import REPO
 from defusedxml import ElementTree as ET
 from pycocotools.coco import COCO
 
-from moco import synthetic
-from moco.synthetic import (
-    CLASS_NAMES,
-    TEXTURE_OF_CLASS,
-    SyntheticSpec,
-    ensure_generated,
-    generate,
-    mask_to_polygons,
-    render_detection_image,
-)
+from moco.data import synthetic
+from moco.data.synthetic.render import mask_to_polygons, render_detection_image
+from moco.data.synthetic.spec import CLASS_NAMES, TEXTURE_OF_CLASS, SyntheticSpec
+from moco.data.synthetic.writers import ensure_generated, generate
 
 TINY = SyntheticSpec(
     cls_image_size=32,

@@ -190,8 +190,8 @@ def test_an_unconverted_moco_checkpoint_as_weights_names_the_converter(
     synthetic_datasets, tmp_path, capsys
 ):
     from moco import checkpoint as C
-    from moco.builder import MoCo
-    from moco.resnet import resnet_encoder
+    from moco.modeling.moco import MoCo
+    from moco.modeling.resnet import resnet_encoder
 
     model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
     path = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))

@@ -14,9 +14,9 @@ from conftest import REPO
 from detection.checkpoint import SafeDetectionCheckpointer, backbone_keys
 from detection.config import load_cfg
 from detection.convert import convert_state_dict, save_d2_weights
-from detection.report import load_metrics
 from detection.trainer import DetectionTrainer
-from moco.resnet import resnet_encoder
+from experiments.report import load_metrics
+from moco.modeling.resnet import resnet_encoder
 
 W16_CFG = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN.yaml")
 

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 
 
 def build_parser():

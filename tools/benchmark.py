@@ -6,7 +6,7 @@
     # start-up to the first batch, ImageFolder vs the scan modes, on 100,000 generated files
     python tools/benchmark.py --rows startup --data /tmp/startup100k --data-per-class 10000
 
-Rows, groups and method: see experiments/benchmark.py. Prints a table (median ms per step / update /
+Rows, groups and method: see experiments/benchmark/runner.py. Prints a table (median ms per step / update /
 batch / start, min-max over repetitions, images/s, speed relative to the official row, for start-up
 ImageFolder's) and writes JSON.
 """
@@ -15,9 +15,10 @@ import argparse
 import os
 import sys
 
-from experiments.bench_config import GROUPS, BenchConfig
-from moco.cli import run_cli
-from moco.synthetic import SyntheticSpec, default_synthetic_root, ensure_generated
+from experiments.benchmark.config import GROUPS, BenchConfig
+from moco.data.synthetic.spec import SyntheticSpec, default_synthetic_root
+from moco.data.synthetic.writers import ensure_generated
+from moco.utils.cli import run_cli
 
 _D = BenchConfig()
 
@@ -162,7 +163,7 @@ def _config(args):
 
 
 def _print_report(report):
-    from experiments.benchmark import format_table
+    from experiments.benchmark.runner import format_table
 
     for name in ("fast_path", "environment"):  # a line each, the whole record is in the JSON
         items = ", ".join(f"{k} {v}" for k, v in report[name].items())
@@ -183,7 +184,7 @@ def _print_report(report):
 def run(args):
     import torch  # after parsing: --help answers at once
 
-    from experiments.benchmark import run_benchmark, time_detectron2_iteration, write_json
+    from experiments.benchmark.runner import run_benchmark, time_detectron2_iteration, write_json
 
     if args.threads is not None:
         if args.threads < 1:

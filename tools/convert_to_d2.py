@@ -13,7 +13,7 @@ import argparse
 import pickle
 import sys
 
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 
 
 def parse_args(argv=None):

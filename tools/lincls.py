@@ -20,7 +20,7 @@ import math
 import os
 import sys
 
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 
 
 def build_parser():
@@ -137,10 +137,9 @@ def default_output_dir(pretrained):
 
 
 def run(args):
-    from moco.data import resolve_data_path
-    from moco.data_checks import check_scan_mode
-    from moco.launch import launch_from_args, launch_processes, process_group_timeout
-    from moco.lincls import (
+    from moco.data.checks import check_scan_mode
+    from moco.data.datasets import resolve_data_path
+    from moco.evaluation.lincls import (
         BEST_FILE,
         CHECKPOINT_FILE,
         RESULTS_FILE,
@@ -148,6 +147,7 @@ def run(args):
         check_new_run,
         run_lincls,
     )
+    from moco.utils.launch import launch_from_args, launch_processes, process_group_timeout
 
     spec = launch_from_args(args)
     process_group_timeout(args.dist_timeout_minutes, "--dist-timeout-minutes")

@@ -12,8 +12,9 @@ import os
 import sys
 import time
 
-from moco.cli import run_cli
-from moco.synthetic import CLASS_NAMES, SyntheticSpec, default_synthetic_root, ensure_generated
+from moco.data.synthetic.spec import CLASS_NAMES, SyntheticSpec, default_synthetic_root
+from moco.data.synthetic.writers import ensure_generated
+from moco.utils.cli import run_cli
 
 _DEFAULT = SyntheticSpec()
 # flag -> SyntheticSpec field

@@ -11,7 +11,7 @@ Finished stages are reused on rerun; an interrupted one resumes. See experiments
 import sys
 
 from experiments.pipeline import build_argument_parser, load_pipeline_cfg, run_pipeline
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 
 
 def run(args):

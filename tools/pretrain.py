@@ -16,8 +16,9 @@ import os
 import re
 import sys
 
-from moco.cli import Interrupted, resume_command, run_cli
-from moco.config import apply_official_args, get_cfg, load_cfg, merge_opts
+from moco.config import apply_official_args, get_cfg, load_cfg
+from moco.utils.cli import Interrupted, resume_command, run_cli
+from moco.utils.config_loading import merge_opts
 
 
 def build_parser():
@@ -153,8 +154,10 @@ def parse_args(argv=None):
 def run(args, argv):
     # heavy imports after parsing: --help and argument errors answer at once
     from moco.checkpoint import read_last_checkpoint
-    from moco.engine import SUMMARY_FILE, PretrainTrainer
-    from moco.launch import launch_from_args, launch_training
+    from moco.engine.launch import launch_training
+    from moco.engine.trainer import PretrainTrainer
+    from moco.utils.launch import launch_from_args
+    from moco.utils.run_files import METRICS_FILE, PRETRAIN_SUMMARY
 
     spec = launch_from_args(args)
     cfg = load_cfg(args.config_file)
@@ -172,7 +175,7 @@ def run(args, argv):
         ) from None
     print(
         f"pretrain.py: wrote {read_last_checkpoint(out)}, "
-        f"{os.path.join(out, SUMMARY_FILE)}, {os.path.join(out, 'metrics.json')}; "
+        f"{os.path.join(out, PRETRAIN_SUMMARY)}, {os.path.join(out, METRICS_FILE)}; "
         f"curves: tensorboard --logdir {out}"
     )
 

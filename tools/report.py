@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from moco.cli import run_cli
+from moco.utils.cli import run_cli
 
 
 def parse_args(argv=None):
@@ -35,13 +35,13 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from detection.report import (
+    from experiments.report import (  # after parsing: --help answers at once
         parse_groups,
         plot_curves,
         summarize,
         to_markdown,
         write_report,
-    )  # after parsing: --help answers at once
+    )
 
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)

@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 
-from moco.cli import Interrupted, resume_command, run_cli
+from moco.utils.cli import Interrupted, resume_command, run_cli
 
 
 def build_parser():

@@ -1,0 +1,381 @@
+"""Bad detection data: broken VOC XML fails with the file named; unreadable images are skipped.
+
+* :func:`check_voc_annotations` parses every annotation file of a VOC split with ``defusedxml``
+  (no entity expansion, no external references) and checks what Detectron2's
+  ``load_voc_instances`` and VOC evaluation (``parse_rec``: ``int()``) read: integer
+  ``size/width``, ``size/height``, and per object a ``name`` among the dataset's classes and an
+  integer ``bndbox``; image-set ids that would leave the dataset folder (``../x``) are refused.
+  A bad file is a one-line ValueError naming it, instead of Detectron2's bare ``IndexError`` /
+  ``AttributeError`` / ``ValueError`` traceback (the test split's only after training).
+  :func:`register_pascal_voc_checked` registers a VOC split whose loader runs this check first.
+* :func:`check_coco_json` reads a COCO annotation file before pycocotools does and checks what
+  Detectron2's ``load_coco_json`` relies on: valid JSON, the top-level lists ``images``,
+  ``annotations`` and ``categories``, the fields of each entry, unique ids, every annotation's
+  ``image_id`` and ``category_id`` declared, a 4-number ``bbox``, and every image file on disk. A
+  bad file is a one-line ValueError naming it and the offending id or key, instead of a
+  pycocotools ``KeyError`` / ``AssertionError`` traceback (or an orphan annotation silently lost).
+* :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
+  with positive width and height (as torchvision's detectors require); a box slightly outside its
+  image is clipped to it and counted, one far outside (beyond one image size) is refused.
+* :func:`drop_unreadable_images`: the training images are decoded once at start
+  (:func:`moco.data.checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
+  warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
+* :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
+  None, which the loader answers with the next image, and is counted.
+* :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``
+  (a :class:`detection.data.order.ResumableTrainLoader`); the trainer writes the count as the
+  ``data/skipped_images`` scalar (metrics.json, TensorBoard).
+"""
+
+import json
+import logging
+import math
+import multiprocessing
+import numbers
+import os
+from functools import partial
+
+import defusedxml.ElementTree as DET
+from defusedxml import DefusedXmlException
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.build import get_detection_dataset_dicts
+from detectron2.data.datasets import load_coco_json
+from detectron2.data.datasets.pascal_voc import load_voc_instances
+from detectron2.structures import BoxMode
+
+from detection.data.order import build_resumable_train_loader
+from moco.data.checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
+
+__all__ = [
+    "SkipUnreadableMapper",
+    "build_checked_train_loader",
+    "check_boxes",
+    "check_coco_json",
+    "check_voc_annotations",
+    "drop_unreadable_images",
+    "load_voc_checked",
+    "max_bad_fraction",
+    "register_coco_checked",
+    "register_pascal_voc_checked",
+]
+
+logger = logging.getLogger(__name__)
+
+_BOX = ("xmin", "ymin", "xmax", "ymax")
+
+
+def _text(node, path, file, what):
+    found = node.find(path)
+    if found is None or found.text is None or not found.text.strip():
+        raise ValueError(f"VOC annotation {file}: missing <{path}> in {what}")
+    return found.text.strip()
+
+
+def _integer(node, path, file, what):
+    # VOC coordinates and sizes are integer pixels; VOC evaluation reads them with int()
+    text = _text(node, path, file, what)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"VOC annotation {file}: <{path}> in {what} is {text!r}, not an integer"
+        ) from None
+
+
+def check_voc_file(file, class_names):
+    """Raise a one-line ValueError naming ``file`` if it is not a VOC annotation Detectron2 can load."""
+    try:
+        root = DET.parse(file).getroot()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"VOC annotation {file} does not exist (listed in the image set)"
+        ) from None
+    except DefusedXmlException as e:
+        raise ValueError(
+            f"VOC annotation {file}: refused unsafe XML ({type(e).__name__})"
+        ) from None
+    except DET.ParseError as e:
+        raise ValueError(f"VOC annotation {file}: not well-formed XML ({e})") from None
+    for key in ("size/width", "size/height"):
+        if _integer(root, key, file, "<annotation>") <= 0:
+            raise ValueError(f"VOC annotation {file}: <{key}> must be positive")
+    for i, obj in enumerate(root.findall("object")):
+        what = f"object {i}"
+        name = _text(obj, "name", file, what)
+        if name not in class_names:
+            raise ValueError(
+                f"VOC annotation {file}: {what} has class {name!r}, not one of the "
+                f"dataset's {len(class_names)} classes"
+            )
+        for key in _BOX:
+            _integer(obj, f"bndbox/{key}", file, what)
+
+
+def check_voc_annotations(dirname, split, class_names):
+    """Check every annotation file named by ``dirname/ImageSets/Main/{split}.txt``."""
+    listing = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
+    with open(listing, encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"VOC image set {listing} lists no image")
+    for file_id in ids:
+        # an id is a file name in Annotations/ and JPEGImages/, never a path (../../outside/evil)
+        if os.path.basename(file_id) != file_id or file_id.startswith("."):
+            raise ValueError(
+                f"VOC image set {listing}: id {file_id!r} is a path, not a file name; "
+                "it would read files outside the dataset folder"
+            )
+        check_voc_file(os.path.join(dirname, "Annotations", file_id + ".xml"), class_names)
+
+
+def check_boxes(dicts, source):
+    """Check and clip the boxes of Detectron2 dataset dicts in place; returns how many were clipped.
+
+    Refused (one-line ValueError naming ``source(d)``, the file the box came from): a non-finite
+    coordinate, a non-positive width or height, a box beyond one image size outside its image (a
+    typo or a sentinel such as 1e6) or wholly outside it. A box partly outside is clipped to the
+    image (it would otherwise be trained on and scored as drawn).
+    """
+    clipped, example = 0, None
+    for d in dicts:
+        w, h = d["width"], d["height"]
+        for i, ann in enumerate(d.get("annotations", ())):
+            box = ann["bbox"]
+            try:
+                values = [float(v) for v in box]
+            except (TypeError, ValueError):
+                values = [math.nan]
+            if len(values) != 4 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{source(d)}: object {i} has box {box}, not 4 finite numbers")
+            x0, y0, x1, y1 = BoxMode.convert(values, ann["bbox_mode"], BoxMode.XYXY_ABS)
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box} with non-positive width or height"
+                )
+            if min(x0, x1) < -w or max(x0, x1) > 2 * w or min(y0, y1) < -h or max(y0, y1) > 2 * h:
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box}, far outside the {w}x{h} image"
+                )
+            inside = [
+                min(max(x0, 0.0), w),
+                min(max(y0, 0.0), h),
+                min(max(x1, 0.0), w),
+                min(max(y1, 0.0), h),
+            ]
+            if inside == [x0, y0, x1, y1]:
+                continue
+            if inside[2] <= inside[0] or inside[3] <= inside[1]:
+                raise ValueError(
+                    f"{source(d)}: object {i} has box {box}, outside the {w}x{h} image"
+                )
+            ann["bbox"], ann["bbox_mode"] = inside, BoxMode.XYXY_ABS
+            clipped += 1
+            example = example or source(d)
+    if clipped:
+        logger.warning("clipped %d boxes to their image (e.g. in %s)", clipped, example)
+    return clipped
+
+
+def load_voc_checked(dirname, split, class_names):
+    """:func:`check_voc_annotations`, then Detectron2's own ``load_voc_instances``, boxes checked."""
+    check_voc_annotations(dirname, split, class_names)
+    dicts = load_voc_instances(dirname, split, class_names)
+    check_boxes(dicts, lambda d: os.path.join(dirname, "Annotations", d["image_id"] + ".xml"))
+    return dicts
+
+
+_COCO_FIELDS = {  # what load_coco_json reads of each entry
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _coco_entries(data, key, what):
+    entries = data.get(key)
+    if key not in data:
+        raise ValueError(
+            f"{what}: missing top-level key '{key}' (COCO needs images, annotations and categories)"
+        )
+    if not isinstance(entries, list):
+        raise ValueError(f"{what}: '{key}' must be a list, found {type(entries).__name__}")
+    ids = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{what}: {key}[{i}] is a {type(entry).__name__}, not an object")
+        for field in _COCO_FIELDS[key]:
+            if field not in entry:
+                raise ValueError(f"{what}: {key}[{i}] has no '{field}'")
+        if not _is_int(entry["id"]):
+            raise ValueError(f"{what}: {key}[{i}] has id {entry['id']!r}, not an integer")
+        if entry["id"] in ids:
+            raise ValueError(f"{what}: {key}[{i}] repeats id {entry['id']}")
+        ids.add(entry["id"])
+    return entries, ids
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _missing_files(paths):
+    """The paths that are not files, listing each folder once (not one stat per image)."""
+    listed = {}
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in listed:
+            listed[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if os.path.basename(path) not in listed[folder] or not os.path.isfile(path):
+            yield path
+
+
+def check_coco_json(json_file, image_root):
+    """Raise a one-line ValueError naming ``json_file`` (and the id or key) if it is not a COCO
+    annotation file Detectron2's ``load_coco_json`` reads correctly, or names an image that is not
+    under ``image_root``. Boxes' values are :func:`check_boxes`' part, after the load."""
+    what = f"COCO annotations {json_file}"
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} does not exist") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise ValueError(f"{what}: not valid JSON ({e.msg}: {where})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{what}: expected a JSON object with images, annotations and categories, "
+            f"found a {type(data).__name__}"
+        )
+    images, image_ids = _coco_entries(data, "images", what)
+    annotations, _ = _coco_entries(data, "annotations", what)
+    _, category_ids = _coco_entries(data, "categories", what)
+    for ann in annotations:
+        where = f"{what}: annotation id {ann['id']}"
+        if ann["image_id"] not in image_ids:
+            raise ValueError(
+                f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has"
+            )
+        if ann["category_id"] not in category_ids:
+            raise ValueError(
+                f"{where} (image id {ann['image_id']}) has category_id "
+                f"{ann['category_id']!r}, not declared in 'categories'"
+            )
+        box = ann["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(map(_is_number, box)):
+            raise ValueError(
+                f"{where} (image id {ann['image_id']}) has bbox {box!r}, not [x, y, width, height]"
+            )
+    for image in images:
+        name = image["file_name"]
+        # a file name below image_root, never a way out of it (as VOC ids, check_voc_annotations)
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/"):
+            raise ValueError(
+                f"{what}: image id {image['id']} has file_name {name!r}, not a file "
+                "name below the image folder"
+            )
+        for key in ("height", "width"):
+            if not _is_int(image[key]) or image[key] <= 0:
+                raise ValueError(
+                    f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
+                    "positive integer"
+                )
+    paths = {os.path.join(image_root, im["file_name"]): im["id"] for im in images}
+    for path in _missing_files(paths):
+        raise ValueError(f"{what}: image id {paths[path]} is {path}, which does not exist")
+
+
+def load_coco_checked(json_file, image_root, name):
+    """:func:`check_coco_json`, then Detectron2's ``load_coco_json``, boxes checked
+    (:func:`check_boxes`)."""
+    check_coco_json(json_file, image_root)
+    dicts = load_coco_json(json_file, image_root, name)
+    check_boxes(dicts, lambda d: f"COCO annotations {json_file} (image {d['file_name']})")
+    return dicts
+
+
+def register_coco_checked(name, metadata, json_file, image_root):
+    """Detectron2's ``register_coco_instances`` (same metadata) with the checked loader."""
+    DatasetCatalog.register(name, partial(load_coco_checked, json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
+
+
+def register_pascal_voc_checked(name, dirname, split, year, class_names):
+    """Detectron2's ``register_pascal_voc`` (same metadata) with the checked loader."""
+    DatasetCatalog.register(name, partial(load_voc_checked, dirname, split, list(class_names)))
+    MetadataCatalog.get(name).set(
+        thing_classes=list(class_names), dirname=dirname, year=year, split=split
+    )
+
+
+def max_bad_fraction(cfg):
+    """DATALOADER.MAX_BAD_FRACTION (added by detection.config.add_moco_det_config), else moco's default."""
+    return cfg.DATALOADER.get("MAX_BAD_FRACTION", default_max_bad_fraction())
+
+
+def drop_unreadable_images(dataset_dicts, what, max_fraction):
+    """(readable dicts, number dropped); one warning per dropped file; call in every process."""
+    files = sorted({d["file_name"] for d in dataset_dicts})
+    bad = scan_images(files)
+    if not bad:
+        return dataset_dicts, 0
+    error = bad_fraction_error(what, bad, len(files), max_fraction)
+    if error:
+        raise ValueError(error.replace("DATA.MAX_BAD_FRACTION", "DATALOADER.MAX_BAD_FRACTION"))
+    for path in sorted(bad):
+        logger.warning("%s: skipping unreadable image %s (%s)", what, path, bad[path])
+    return [d for d in dataset_dicts if d["file_name"] not in bad], len(bad)
+
+
+class SkipUnreadableMapper:
+    """``mapper(d)``, or None (Detectron2's MapDataset then takes another image) when the image of
+    ``d`` cannot be decoded; ``skipped`` counts those, across the data-loading workers."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+        self._skipped = multiprocessing.get_context().Value("q", 0)
+
+    @property
+    def skipped(self):
+        return self._skipped.value
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except UNREADABLE as e:
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            logger.warning(
+                "skipping unreadable image %s (%s: %s)",
+                dataset_dict.get("file_name"),
+                type(e).__name__,
+                e,
+            )
+            return None
+
+
+def build_checked_train_loader(cfg):
+    """The resumable train loader over the readable images; returns (loader, skipped_images()).
+
+    ``skipped_images()`` = images dropped at start + images skipped at load time so far.
+    """
+    keypoints = cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+    dicts = get_detection_dataset_dicts(  # the arguments of Detectron2's _train_loader_from_config
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=keypoints,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
+    dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
+    mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
+    loader = build_resumable_train_loader(cfg, dicts, mapper)
+    return loader, lambda: dropped + mapper.skipped

@@ -1,0 +1,117 @@
+"""The embedded synthetic detection set in Detectron2's catalogs, through Detectron2's own helpers.
+
+``register_synthetic(root)`` registers, for a root written by ``moco.data.synthetic``:
+
+* ``synthetic_voc_trainval`` / ``synthetic_voc_test``: ``register_pascal_voc`` on ``root/VOC2007``
+  (its loader runs after :func:`detection.data.checks.check_voc_annotations`)
+  (year 2007 -> 11-point VOC07 AP in ``PascalVOCDetectionEvaluator``), ``evaluator_type``
+  "pascal_voc" as Detectron2's builtin VOC sets;
+* ``synthetic_coco_trainval`` / ``synthetic_coco_test``: ``register_coco_instances`` on
+  ``root/coco/annotations/instances_{split}.json`` with images in ``root/VOC2007/JPEGImages``
+  (``evaluator_type`` "coco", boxes and polygon masks; its loader checks the boxes,
+  :func:`detection.data.checks.check_boxes`).
+
+Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are never touched.
+"""
+
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from detection.data.checks import register_coco_checked, register_pascal_voc_checked
+from moco.data.synthetic.spec import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
+
+__all__ = [
+    "CLASS_NAMES",
+    "SYNTHETIC_DATASETS",
+    "default_synthetic_root",
+    "evaluator_type",
+    "register_synthetic",
+]
+
+logger = logging.getLogger(__name__)
+
+# name -> (style, split)
+SYNTHETIC_DATASETS: dict[str, tuple] = {
+    f"synthetic_{style}_{split}": (style, split)
+    for style in ("voc", "coco")
+    for split in VOC_SPLITS
+}
+EVALUATOR_TYPES = ("pascal_voc", "coco")
+
+
+def _paths(root: str, style: str, split: str) -> dict:
+    voc = os.path.join(root, "VOC2007")
+    if style == "voc":
+        return {"dirname": voc, "check": os.path.join(voc, "ImageSets", "Main", split + ".txt")}
+    json_file = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
+    return {
+        "json_file": json_file,
+        "image_root": os.path.join(voc, "JPEGImages"),
+        "check": json_file,
+    }
+
+
+def register_synthetic(root: str | None = None) -> dict[str, str]:
+    """Register the four synthetic datasets for ``root`` (default: ``default_synthetic_root()``).
+
+    Idempotent: names already registered for the same root are left as they are; names registered
+    for another root are re-pointed to this one. Raises FileNotFoundError if ``root`` was not
+    generated (run ``tools/make_data.py --root ROOT`` or ``moco.data.synthetic.ensure_generated``).
+    Returns {dataset name: its annotation file or image-set file}.
+    """
+    root = os.path.abspath(root or default_synthetic_root())
+    registered = {}
+    for name, (style, split) in SYNTHETIC_DATASETS.items():
+        paths = _paths(root, style, split)
+        if not os.path.isfile(paths["check"]):
+            raise FileNotFoundError(
+                f"synthetic dataset {name}: {paths['check']} not found; generate the data first with "
+                f"`python tools/make_data.py --root {root}`"
+            )
+        registered[name] = paths["check"]
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if meta.get("synthetic_root") == root:
+                continue
+            if meta.get("synthetic_root") is None:
+                raise ValueError(
+                    f"dataset name {name} is already registered, not by register_synthetic; "
+                    f"refusing to replace it"
+                )
+            logger.info("re-registering %s from %s to %s", name, meta.synthetic_root, root)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        if style == "voc":
+            # Detectron2's register_pascal_voc, with the XML checked first (defusedxml, fields)
+            register_pascal_voc_checked(name, paths["dirname"], split, VOC_YEAR, CLASS_NAMES)
+            MetadataCatalog.get(name).set(evaluator_type="pascal_voc", synthetic_root=root)
+        else:
+            metadata = {
+                "thing_classes": list(CLASS_NAMES),
+                # the ids moco.data.synthetic writes (1-based); load_coco_json derives the same mapping
+                "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CLASS_NAMES))},
+                "synthetic_root": root,
+            }
+            register_coco_checked(name, metadata, paths["json_file"], paths["image_root"])
+    return registered
+
+
+def evaluator_type(dataset_name: str) -> str:
+    """ "pascal_voc" or "coco": which evaluator scores ``dataset_name`` (from its MetadataCatalog entry).
+
+    Works for the synthetic sets and for Detectron2's builtin VOC / COCO sets alike.
+    """
+    if dataset_name not in DatasetCatalog.list():
+        raise ValueError(
+            f"dataset {dataset_name!r} is not registered; for the embedded data call "
+            f"register_synthetic(root) first (names: {', '.join(SYNTHETIC_DATASETS)})"
+        )
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    if kind not in EVALUATOR_TYPES:
+        raise ValueError(
+            f"dataset {dataset_name!r} has evaluator_type {kind!r}; only {' and '.join(EVALUATOR_TYPES)} "
+            f"datasets are supported"
+        )
+    return kind

@@ -1,0 +1,108 @@
+"""Paired comparisons of two report rows: trials matched by detection seed, the mean difference
+with its 95% t interval and a one-sided p (scipy), and the sentence that says which way it fell.
+"""
+
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass
+class Paired:
+    """Row ``a`` minus row ``b`` over trials paired by detection seed (same seed, same data order)."""
+
+    a: str
+    b: str
+    metric: str
+    n_pairs: int
+    mean_diff: float
+    ci95: tuple | None  # two-sided 95% confidence interval of the mean difference (t distribution)
+    p_value: float | None  # one-sided paired t-test, H1: a > b
+
+    def to_dict(self):
+        return {
+            "metric": self.metric,
+            "n_pairs": self.n_pairs,
+            "mean_diff": self.mean_diff,
+            "ci95": list(self.ci95) if self.ci95 else None,
+            "p_value": self.p_value,
+        }
+
+    def line(self):
+        head = f"{self.a} vs {self.b}: {self.metric} paired difference {self.mean_diff:+.2f}"
+        if self.ci95 is None:
+            return f"{head} over {self.n_pairs} pair(s): too few pairs for an interval (need >= 2)"
+        lo, hi = self.ci95
+        verdict = (
+            f"{self.a} is ahead of {self.b}"
+            if lo > 0
+            else f"{self.a} is behind {self.b}"
+            if hi < 0
+            else "the interval contains 0: no difference shown"
+        )
+        return (
+            f"{head}, 95% CI [{lo:+.2f}, {hi:+.2f}], one-sided p = {self.p_value:.3g} "
+            f"(n = {self.n_pairs} pairs): {verdict}"
+        )
+
+
+def _two_rows(table, a, b, what):
+    rows = {r.label: r for r in table.rows}
+    for label in (a, b):
+        if label not in rows:
+            raise ValueError(f"{what}: no row {label!r} (rows: {', '.join(rows)})")
+    return rows[a], rows[b]
+
+
+def paired(table, a, b, column=None):
+    """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
+    over the trials whose seeds both rows have. Statistics from scipy (t distribution)."""
+    from scipy import stats as st
+
+    column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
+    i = table.columns.index(column)
+    by_seed = [dict(zip(row.seeds, row.values[i])) for row in _two_rows(table, a, b, "paired")]
+    common = [s for s in by_seed[0] if s is not None and s in by_seed[1]]
+    if not common:
+        raise ValueError(
+            f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials"
+        )
+    xa = [by_seed[0][s] for s in common]
+    xb = [by_seed[1][s] for s in common]
+    diffs = [x - y for x, y in zip(xa, xb)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Paired(a, b, column, len(diffs), mean, None, None)
+    sem = st.sem(diffs)
+    if sem == 0:  # identical differences: the interval is the point
+        ci, p = (mean, mean), (0.0 if mean > 0 else 1.0)
+    else:
+        ci = tuple(float(x) for x in st.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem))
+        p = float(st.ttest_rel(xa, xb, alternative="greater").pvalue)
+    return Paired(a, b, column, len(diffs), mean, ci, p)
+
+
+def compare(table, a, b, column=None):
+    """One line: does row ``a`` beat row ``b`` on ``column`` (default AP / AP^bb)?
+
+    With at least 2 runs in both rows, a difference counts only beyond twice its standard error;
+    with one run per row there is no spread estimate and the line says so.
+    """
+    column = column or ("AP" if table.task == "voc" else "AP^bb")
+    row_a, row_b = _two_rows(table, a, b, "compare")
+    i = table.columns.index(column)
+    sa, sb = row_a.stats[i], row_b.stats[i]
+    diff = sa.mean - sb.mean
+    head = f"{a} vs {b}: {column} {sa.mean:.1f} vs {sb.mean:.1f} ({diff:+.1f})"
+    if sa.std is None or sb.std is None:
+        word = "ahead of" if diff > 0 else "behind" if diff < 0 else "level with"
+        return (
+            f"{head}: {a} is {word} {b} in a single trial each, no spread estimate "
+            "(DETECTION.TRIALS >= 2 gives one)"
+        )
+    noise = 2.0 * math.sqrt(sa.std**2 / sa.n + sb.std**2 / sb.n)
+    if abs(diff) <= noise:
+        return f"{head}: within noise (2 standard errors = {noise:.1f}); {a} does not beat {b}"
+    return (
+        f"{head}: {a} {'beats' if diff > 0 else 'is behind'} {b} (2 standard errors = {noise:.1f})"
+    )

@@ -1,0 +1,299 @@
+"""Paper-style transfer tables from detection runs: mean ± std over trials, delta to a baseline.
+
+Input: labeled groups of run folders, each holding the ``final_metrics.json`` that
+``detection.trainer`` writes. Per group (one pretraining) and metric: the mean over trials, the
+sample standard deviation (ddof=1, shown only when n > 1) and the difference of the mean to the
+baseline group's mean, e.g. ``55.9±0.2 (+2.4)`` as in the MoCo paper's tables.
+
+Columns: VOC: AP50, AP, AP75 (Detectron2's VOC evaluator, "bbox"); COCO: AP^bb, AP^bb_50,
+AP^bb_75, AP^mk, AP^mk_50, AP^mk_75 (mask columns only when the runs have masks).
+Outputs: Markdown, CSV and a PNG bar chart (matplotlib, Agg backend). The table helpers
+(:class:`Stat`, :func:`markdown_table`, :func:`csv_text`, :func:`save_figure`) also make the
+ablation tables (experiments.ablate).
+"""
+
+import csv
+import glob
+import io
+import json
+import os
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from moco.utils.run_files import FINAL_METRICS
+
+# (column name, result section, key in Detectron2's results)
+VOC_COLUMNS = (("AP50", "bbox", "AP50"), ("AP", "bbox", "AP"), ("AP75", "bbox", "AP75"))
+
+
+COCO_BOX_COLUMNS = (
+    ("AP^bb", "bbox", "AP"),
+    ("AP^bb_50", "bbox", "AP50"),
+    ("AP^bb_75", "bbox", "AP75"),
+)
+
+
+COCO_MASK_COLUMNS = (
+    ("AP^mk", "segm", "AP"),
+    ("AP^mk_50", "segm", "AP50"),
+    ("AP^mk_75", "segm", "AP75"),
+)
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # sample std (ddof=1); None when n == 1
+    n: int
+
+    @classmethod
+    def of(cls, values):
+        n = len(values)
+        return cls(statistics.fmean(values), statistics.stdev(values) if n > 1 else None, n)
+
+
+@dataclass
+class Row:
+    label: str
+    runs: list  # run folders
+    stats: list  # Stat per column
+    deltas: list | None  # mean - baseline mean per column; None for the baseline / no baseline
+    values: list = None  # per column, the runs' values (in ``runs`` order)
+    seeds: list = None  # each run's detection SEED (final_metrics.json), pairs trials across rows
+
+
+@dataclass
+class Table:
+    task: str  # "voc" or "coco"
+    columns: list  # column names
+    rows: list
+    baseline: str | None
+
+
+def _has_glob(pattern):
+    return any(c in pattern for c in "*?[")
+
+
+def parse_groups(specs):
+    """``["supervised=out/sup_*", "moco=out/m_1", "out/m_2"]`` -> {label: [run folders]}.
+
+    A token ``LABEL=PATTERN`` starts a group; a token without ``=`` adds to the previous group
+    (what a shell leaves after expanding ``LABEL=a b*``). Patterns are expanded here (sorted), so
+    quoting them is fine.
+    """
+    groups = OrderedDict()
+    label = None
+    for spec in specs:
+        if "=" in spec and not os.path.exists(spec):
+            label, pattern = spec.split("=", 1)
+            label = label.strip()
+            if not label:
+                raise ValueError(f"group {spec!r}: empty label; write LABEL=RUN_DIR_PATTERN")
+            if label in groups:
+                raise ValueError(
+                    f"group {label!r} given twice; put all its runs in one LABEL=... group"
+                )
+            groups[label] = []
+        else:
+            pattern = spec
+            if label is None:
+                raise ValueError(f"{spec!r}: runs must follow a label, e.g. supervised={spec}")
+        if not pattern:
+            continue
+        matches = sorted(glob.glob(pattern)) if _has_glob(pattern) else [pattern]
+        if not matches:
+            raise ValueError(f"group {label!r}: pattern {pattern!r} matched nothing")
+        groups[label].extend(matches)
+    if not groups:
+        raise ValueError("no groups given; write e.g. supervised='out/sup_*' moco_v2='out/moco_*'")
+    for name, runs in groups.items():
+        if not runs:
+            raise ValueError(f"group {name!r} is empty; give it run folders, e.g. {name}=out/run_*")
+    return groups
+
+
+def load_metrics(run_dir):
+    """Read ``run_dir/final_metrics.json`` (a run folder, or the file itself)."""
+    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, FINAL_METRICS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no such file (did the run in {run_dir} finish its evaluation?)"
+        )
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if (
+        not isinstance(data, dict)
+        or data.get("task") not in ("voc", "coco")
+        or "metrics" not in data
+    ):
+        raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
+    load = data.get("weights_load")
+    if (
+        isinstance(load, dict)
+        and load.get("matched") != load.get("backbone_tensors")
+        and not load.get("allow_partial")
+    ):
+        # such a run trained a partly random backbone: its row would be mislabelled
+        raise ValueError(
+            f"{path}: its weights did not load ({load.get('matched')} of "
+            f"{load.get('backbone_tensors')} backbone tensors from {load.get('file')})"
+        )
+    return data
+
+
+def _value(data, section, key, path):
+    try:
+        value = data["metrics"][section][key]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: no metrics.{section}.{key}") from None
+    if value is None:
+        raise ValueError(f"{path}: metrics.{section}.{key} is null (no score)")
+    return float(value)
+
+
+def summarize(groups, baseline=None):
+    """Build a :class:`Table` from {label: [run folders]}; deltas against ``baseline``'s row."""
+    loaded = OrderedDict(
+        (label, [(run, load_metrics(run)) for run in runs]) for label, runs in groups.items()
+    )
+    tasks = {data["task"]: run for runs in loaded.values() for run, data in runs}
+    if len(tasks) > 1:
+        raise ValueError(
+            "runs mix VOC and COCO results (e.g. "
+            + ", ".join(f"{run}: {t}" for t, run in tasks.items())
+            + "); report them in separate tables"
+        )
+    task = next(iter(tasks))
+    if task == "voc":
+        columns = VOC_COLUMNS
+    else:
+        with_masks = {
+            run: "segm" in data["metrics"] for runs in loaded.values() for run, data in runs
+        }
+        if len(set(with_masks.values())) > 1:
+            box_only = [run for run, has in with_masks.items() if not has]
+            raise ValueError(
+                f"some COCO runs have no mask results ({', '.join(box_only)}); mix not allowed"
+            )
+        columns = COCO_BOX_COLUMNS + (COCO_MASK_COLUMNS if all(with_masks.values()) else ())
+    if baseline is not None and baseline not in loaded:
+        raise ValueError(f"--baseline {baseline!r} is not one of the groups ({', '.join(loaded)})")
+
+    rows = []
+    for label, runs in loaded.items():
+        values = [
+            [_value(data, section, key, run) for run, data in runs] for _, section, key in columns
+        ]
+        seeds = [data.get("seed") for _, data in runs]
+        rows.append(
+            Row(label, [run for run, _ in runs], [Stat.of(v) for v in values], None, values, seeds)
+        )
+    if baseline is not None:
+        base = next(r for r in rows if r.label == baseline)
+        for row in rows:
+            if row is not base:
+                row.deltas = [s.mean - b.mean for s, b in zip(row.stats, base.stats)]
+    return Table(task, [name for name, _, _ in columns], rows, baseline)
+
+
+def format_cell(stat, delta=None, digits=1):
+    """``55.9±0.2 (+2.4)``; no ``±`` part when n == 1, no delta part when ``delta`` is None."""
+    text = f"{stat.mean:.{digits}f}"
+    if stat.std is not None:
+        text += f"±{stat.std:.{digits}f}"
+    if delta is not None:
+        text += f" ({delta:+.{digits}f})"
+    return text
+
+
+def markdown_table(header, rows):
+    """A Markdown table (no final newline) of ``header`` and ``rows`` (lists of cell strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def csv_text(header, rows, lineterminator="\r\n"):
+    """CSV text of ``header`` and ``rows`` (csv module quoting)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator=lineterminator)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(table, digits=1):
+    header = ["pretraining", "n"] + table.columns
+    rows = []
+    for row in table.rows:
+        n = row.stats[0].n
+        deltas = row.deltas or [None] * len(row.stats)
+        cells = [format_cell(s, d, digits) for s, d in zip(row.stats, deltas)]
+        rows.append([row.label, str(n)] + cells)
+    note = f"{'VOC' if table.task == 'voc' else 'COCO'}: mean±std (sample std, n runs)"
+    if table.baseline:
+        note += f"; (+x) = mean minus the {table.baseline} mean"
+    return markdown_table(header, rows) + "\n\n" + note + "\n"
+
+
+# Published figures (ImageNet scale, ResNet-50), shown beside measured rows and never mixed into
+# their statistics. He et al. 2019 (MoCo), Table 5: VOC07+12 trainval -> VOC07 test, R50-C4,
+# 24k iterations; (AP50, AP, AP75).
+PUBLISHED_VOC = (
+    ("random init", (60.2, 33.8, 33.1)),
+    ("super. IN-1M", (81.3, 53.5, 58.8)),
+    ("MoCo IN-1M", (81.5, 55.9, 62.6)),
+    ("MoCo v2 IN-1M, 800 ep (Chen et al. 2020)", (82.5, 57.4, 64.0)),
+)
+
+
+# The seed's pretext-task comparators (MoCo paper Table 4: VOC07 trainval fine-tuning; each method
+# against the supervised baseline of its own paper): (method, metric, super. IN-1M, unsup. IN-1M).
+PUBLISHED_PRETEXT = (
+    ("RelPos (Doersch et al.)", "AP50", 74.2, 66.8),
+    ("Multi-task (Doersch & Zisserman)", "AP50", 74.2, 70.5),
+    ("Jigsaw (Goyal et al.)", "AP50", 70.5, 61.4),
+    ("LocalAgg (Zhuang et al.)", "AP50", 74.6, 69.1),
+    ("MoCo", "AP50", 74.4, 74.9),
+    ("Multi-task (Doersch & Zisserman)", "AP75", 44.3, 43.9),
+    ("MoCo", "AP75", 42.7, 50.1),
+)
+
+
+def published_markdown():
+    """The published reference tables (ImageNet-scale figures, not measured here), as Markdown."""
+    voc = markdown_table(
+        ["published (R50-C4, VOC07+12, 24k)", "AP50", "AP", "AP75"],
+        [[name] + [f"{v:.1f}" for v in vals] for name, vals in PUBLISHED_VOC],
+    )
+    pretext = markdown_table(
+        ["published pretext task (VOC07 trainval)", "metric", "super. IN-1M", "unsup. IN-1M"],
+        [[m, k, f"{s:.1f}", f"{u:.1f} ({u - s:+.1f})"] for m, k, s, u in PUBLISHED_PRETEXT],
+    )
+    return (
+        f"Published figures for orientation (ImageNet pretraining, ResNet-50; not measured here "
+        f"and not part of the statistics above):\n\n{voc}\n\n{pretext}\n"
+    )
+
+
+def write_csv(table, path):
+    header = ["pretraining", "n"]
+    for name in table.columns:
+        header += [f"{name}_mean", f"{name}_std", f"{name}_delta"]
+    rows = []
+    for row in table.rows:
+        deltas = row.deltas or [None] * len(row.stats)
+        values = [row.label, row.stats[0].n]
+        for stat, delta in zip(row.stats, deltas):
+            values += [
+                f"{stat.mean:.4f}",
+                "" if stat.std is None else f"{stat.std:.4f}",
+                "" if delta is None else f"{delta:.4f}",
+            ]
+        rows.append(values)
+    with open(path, "w", newline="") as f:
+        f.write(csv_text(header, rows))

@@ -1,0 +1,75 @@
+"""Writing a report: ``transfer.{md,csv,png}`` and the "What was run" section (configs, overrides,
+iterations, seeds, weights, code commit, machine).
+"""
+
+import os
+
+from experiments.report.figures import plot_table
+from experiments.report.tables import load_metrics, published_markdown, to_markdown, write_csv
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def git_commit(folder=_REPO):
+    """This code's git commit (short), "+ local changes" when the tree differs; None outside git."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", folder, *args], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit and commit + (" + local changes" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def what_was_run(table):
+    """Markdown lines saying what each row ran (config, iterations, batch, seeds, weights) and
+    where (code commit, machine), read from the runs' final_metrics.json."""
+    import platform
+
+    lines = ["## What was run", ""]
+    for row in table.rows:
+        runs = [load_metrics(run) for run in row.runs]
+
+        def values(key, runs=runs):
+            return ", ".join(sorted({str(d.get(key)) for d in runs}))
+
+        configs = ", ".join(
+            sorted(
+                {os.path.relpath(d["config_file"]) if d.get("config_file") else "?" for d in runs}
+            )
+        )
+        seeds = ", ".join(map(str, row.seeds))
+        lines.append(
+            f"- {row.label}: {len(runs)} trial(s), seeds {seeds}; config {configs} "
+            f"(overrides: {values('opts')}); {values('iterations')} iterations of "
+            f"{values('ims_per_batch')} images on {values('device')} x "
+            f"{values('world_size')}; weights {values('weights') or 'none'}"
+        )
+    lines.append(f"- code: commit {git_commit() or 'unknown (not a git checkout)'}")
+    lines.append(
+        f"- machine: {platform.node()}, {platform.platform()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(table, output_dir, name="transfer", title=None, notes=(), published=False):
+    """Write ``name.md`` (the table, then ``notes`` lines, what was run, then with ``published``
+    the published reference tables), ``name.csv`` and ``name.png`` into ``output_dir``; return
+    their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+    with open(paths["md"], "w") as f:
+        f.write(to_markdown(table))
+        f.write("".join(f"\n- {line}" for line in notes) + ("\n" if notes else ""))
+        f.write("\n" + what_was_run(table))
+        if published:
+            f.write("\n" + published_markdown())
+    write_csv(table, paths["csv"])
+    plot_table(table, paths["png"], title)
+    return paths

@@ -1,0 +1,47 @@
+"""Deterministic embedded data: an image folder, a Pascal VOC detection set and its COCO twin.
+
+Layout under one root (docs/DESIGN.md)::
+
+    imagefolder/{train,val}/<class>/<class>_NNNN.jpg     one object per image
+    VOC2007/JPEGImages/NNNNNN.jpg                         several objects per image
+    VOC2007/Annotations/NNNNNN.xml
+    VOC2007/ImageSets/Main/{trainval,test}.txt
+    coco/annotations/instances_{trainval,test}.json       same detection data, images in VOC2007/JPEGImages
+    spec.json                                             manifest, written last
+
+Content (generator version 2, designed for instance discrimination; docs/RESULTS.md has the
+measurements behind it). Each of the ``CLASS_NAMES`` is a shape with its own texture family
+(``TEXTURE_OF_CLASS``). What tells one instance from another is object content that clusters by
+class: a per-instance deformation of the outline, the texture's period, phase and orientation, the
+aspect ratio, and two grey levels from ``GREY_LEVELS``. Backgrounds are low-entropy (two colours of
+a pool shared by all images and a smooth ramp) and objects stand nearly upright (tilt within
+``MAX_TILT_DEG``), so neither the background nor the pose is an identity key that has nothing to do
+with the class; in the classification images the object fills most of the frame. Version 1's
+per-image clutter, random colours and free rotation made MoCo's kNN fall below the untrained
+encoder's at CPU budgets.
+
+Detection annotation rules (the visible part of an object is what VOC and COCO annotate):
+  * objects are drawn in order, later ones on top; an object's visible mask is its in-image mask
+    minus the masks of the objects kept above it;
+  * an occluded object with less than ``MIN_VISIBLE_FRACTION`` of its in-image area visible, or
+    fewer than ``MIN_VISIBLE_PIXELS`` visible pixels, is *not drawn at all* (so nothing unannotated
+    remains);
+  * a kept object with less than ``DIFFICULT_VISIBLE_FRACTION`` visible is ``difficult`` in VOC
+    (ignored by the VOC evaluator, used in training by Detectron2); COCO has no such flag, so it is
+    an ordinary annotation there -- both versions hold the same boxes;
+  * ``truncated`` = the object's full shape extends beyond the image border;
+  * boxes are the extent of the visible mask: VOC xmin..xmax are 1-based inclusive pixel indices,
+    COCO bbox = [xmin-1, ymin-1, width, height]; COCO segmentation polygons trace the visible mask
+    exactly (holes are joined to their outline by a zero-width cut, since COCO polygons are merged
+    by union); area = visible pixel count.
+  * the top-most object of detection image i has class ``i % num_classes``, so every class occurs
+    in a split that has at least ``num_classes`` images (VOC AP is undefined for an absent class).
+
+Determinism: every image draws from its own ``numpy.random.Generator`` seeded with
+(seed, kind, split, class, index), so output does not depend on generation order or worker count;
+JPEG quality is fixed and no timestamps are written. Same spec => byte-identical files.
+"""
+
+from moco.data.synthetic.render import *  # noqa
+from moco.data.synthetic.spec import *  # noqa
+from moco.data.synthetic.writers import *  # noqa

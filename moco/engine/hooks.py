@@ -1,0 +1,138 @@
+"""Pretraining hooks on Detectron2's hook system: per-epoch LR, epoch checkpoints, kNN monitor.
+
+- LR: the official ``adjust_learning_rate`` multiplier of every epoch (step: x GAMMA at each epoch
+  in STEPS; cosine: ``0.5 * (1 + cos(pi * epoch / EPOCHS))``), held constant within the epoch, as
+  an fvcore ``MultiStepParamScheduler`` driven by Detectron2's ``LRMultiplier`` /
+  ``hooks.LRScheduler``.
+- :class:`EpochCheckpointer`: Detectron2's ``PeriodicCheckpointer`` writes its own format
+  non-atomically, so checkpoints in the official format go through this hook.
+- kNN monitor: Detectron2's ``EvalHook`` running :func:`moco.evaluation.knn.knn_evaluate`; the results are
+  the scalars ``knn_top1`` / ``knn_top5`` (backbone features) and ``knn_head_top1`` /
+  ``knn_head_top5`` of the event storage (metrics.json, TensorBoard).
+- :class:`SignalStop`: SIGTERM / SIGINT end the run at the next step boundary after a checkpoint
+  (pretraining and detection alike); :class:`AtomicJSONWriter`: metrics.json written atomically.
+"""
+
+import logging
+
+from detectron2.engine import hooks
+from detectron2.engine.hooks import EvalHook, HookBase
+from detectron2.utils import comm
+
+from moco.data.datasets import build_eval_loader, build_labeled_datasets, folder_checks, knn_bank
+from moco.evaluation.knn import knn_evaluate
+from moco.utils.hooks import SignalStop, build_writers
+
+logger = logging.getLogger(__name__)
+
+
+class EpochCheckpointer(HookBase):
+    """Calls ``trainer.save_checkpoint(epoch)`` every ``period`` epochs and after the last one.
+
+    Runs on every process (the RNG states of all ranks are gathered); only rank 0 writes.
+    ``period`` 0 saves only the last epoch.
+    """
+
+    def __init__(self, iters_per_epoch, period):
+        self.iters_per_epoch, self.period = int(iters_per_epoch), int(period)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter % self.iters_per_epoch:
+            return
+        epoch = next_iter // self.iters_per_epoch
+        if next_iter >= self.trainer.max_iter or (self.period > 0 and epoch % self.period == 0):
+            self.trainer.save_checkpoint(epoch)
+
+
+class KNNMonitor(EvalHook):
+    """Detectron2's EvalHook, plus an optional measurement before the first step (epoch 0)."""
+
+    def __init__(self, eval_period, eval_function, at_start=False):
+        super().__init__(eval_period, eval_function)
+        self._at_start = at_start
+
+    def before_train(self):
+        if self._at_start and self.trainer.iter == 0:
+            self._do_eval()
+
+
+def build_knn_hook(trainer, cfg):
+    """kNN monitor every KNN.PERIOD epochs and after the last (and at start with KNN.AT_START).
+
+    ``trainer`` provides ``encoder`` (the network scored), ``device``, ``iters_per_epoch``,
+    ``completed_iters`` and ``knn_history`` (list the results are appended to). None when off.
+    """
+    if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
+        return None
+    train_set, val_set = build_labeled_datasets(
+        cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+    )
+    num_classes = len(train_set.classes)
+    train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
+    pin = trainer.device.type == "cuda"
+    workers = cfg.DATALOADER.NUM_WORKERS
+    train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    val_loader = build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    trainer.knn_num_classes = num_classes
+
+    def evaluate():
+        done = trainer.completed_iters
+        res = knn_evaluate(
+            trainer.encoder,
+            train_loader,
+            val_loader,
+            num_classes,
+            trainer.device,
+            k=cfg.KNN.K,
+            t=cfg.KNN.T,
+            channels_last=cfg.MODEL.CHANNELS_LAST,
+            amp=cfg.SOLVER.AMP,
+        )
+        epoch = (
+            done // trainer.iters_per_epoch
+            if done % trainer.iters_per_epoch == 0
+            else done / trainer.iters_per_epoch
+        )
+        logger.info(
+            "epoch %g: kNN top-1 %.2f%%, top-5 %.2f%% on backbone features (head: top-1 %.2f%%; "
+            "chance %.2f%%; %d train / %d val)",
+            epoch,
+            res["top1"],
+            res["top5"],
+            res["head_top1"],
+            100.0 / num_classes,
+            len(train_set),
+            len(val_set),
+        )
+        trainer.knn_history.append({"epoch": epoch, "iteration": done, **res})
+        return {f"knn_{k}": v for k, v in res.items()}
+
+    return KNNMonitor(cfg.KNN.PERIOD * trainer.iters_per_epoch, evaluate, cfg.KNN.AT_START)
+
+
+def build_epoch_hooks(trainer, cfg):
+    """The hooks of an epoch-based pretraining run (MoCo or the supervised baseline), in order.
+
+    ``trainer`` provides ``optimizer``, ``scheduler``, ``iters_per_epoch``, ``max_iter``,
+    ``save_checkpoint(epoch)``, ``save_stop_checkpoint()`` and what :func:`build_knn_hook` needs.
+    """
+    ret = [hooks.IterationTimer(), hooks.LRScheduler(trainer.optimizer, trainer.scheduler)]
+    knn = build_knn_hook(trainer, cfg)
+    if knn is not None:
+        ret.append(knn)
+    ret.append(EpochCheckpointer(trainer.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
+    if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
+        ret.append(
+            hooks.PeriodicWriter(
+                build_writers(cfg.OUTPUT_DIR, trainer.max_iter), period=cfg.LOG_PERIOD
+            )
+        )
+    # after the writers: the step that was running when a signal came is logged before the stop
+    ret.append(
+        SignalStop(
+            trainer.save_stop_checkpoint,
+            f"rerun the same command with --resume auto (OUTPUT_DIR {cfg.OUTPUT_DIR})",
+        )
+    )
+    return ret

@@ -1,0 +1,216 @@
+"""File I/O: atomic writes (a temporary file beside the target, fsync, ``os.replace``), and the
+run folder's lock.
+
+A reader sees either the old file or the complete new one, never a torn write; an ``OSError``
+(e.g. a full disk) names the file and says the previous one is unchanged. Used for checkpoints,
+summaries, configs, reports, converted weights and metrics.json (:class:`AtomicAppendFile`) alike.
+A temporary file left by a killed writer is removed by :func:`remove_stale_temp_files`.
+
+:func:`run_folder_lock`: one run per output folder (``fcntl.flock`` on ``OUTPUT_DIR/.lock``, held
+for the run; the kernel drops it when the holder dies, so a killed run never leaves it stuck).
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+
+from moco.utils.run_files import CONFIG_FILE
+
+_TMP_SUFFIX = ".tmp"
+# what atomic_write's mkstemp names look like: ".<target>.<8 random characters>.tmp"
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+LOCK_FILE = ".lock"
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform/filesystem: the replace is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
+            raise OSError(
+                e.errno,
+                f"could not write {path}: {e.strerror or e}; the previous "
+                "file there (if any) is unchanged",
+            ) from e
+        raise
+    _fsync_dir(folder)
+
+
+class _KeepWriteError:
+    """File wrapper that remembers the OSError of a failed write: torch.save turns it into an
+    opaque RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def atomic_save(obj, path):
+    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
+    import torch  # here: the text and JSON writers serve tools that start without torch
+
+    def save(f):
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+    atomic_write(path, save)
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class AtomicAppendFile:
+    """A text file that is only ever appended to, each ``flush()`` one ``write(2)`` of whole lines.
+
+    For Detectron2's ``JSONWriter`` (metrics.json), which appends lines to an open file and flushes
+    after each event: its buffered file object could be cut mid-line by a signal. Here what was
+    written since the last flush goes out in a single ``os.write`` on an ``O_APPEND`` descriptor (a
+    regular-file write is not split by a signal), and a torn last line left by a crash elsewhere
+    (power loss) is cut off when the file is opened again. Appending, unlike rewriting the whole
+    file, keeps a write's cost independent of the run's length.
+    """
+
+    def __init__(self, path):
+        self.path, self._pending = path, []
+        try:
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
+            pass
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text):
+        self._pending.append(text)
+
+    def flush(self):
+        if self._pending:
+            data = "".join(self._pending).encode("utf-8")
+            self._pending = []
+            while data:  # a regular file takes it whole; loop only for the rare short write
+                data = data[os.write(self._fd, data) :]
+
+    def close(self):
+        if self._fd is not None:
+            self.flush()
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale_temp_files(folder):
+    """Remove temporary files of atomic writes that a killed process left in ``folder``; returns
+    their names. Call only while holding the folder's lock: no other writer is then running."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(n for n in os.listdir(folder) if _TMP_NAME.match(n))
+    for name in stale:
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    return stale
+
+
+def check_output_dir(folder, what="OUTPUT_DIR"):
+    """One-line NotADirectoryError when ``folder`` exists but is not a folder (e.g. a log file)."""
+    if not folder:
+        raise ValueError(f"{what} is empty: give the run's output folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{what} {folder} is a file, not a folder; give a folder path")
+
+
+class FolderInUse(ValueError):
+    """Another live process holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder, what="OUTPUT_DIR"):
+    """Hold an exclusive lock on ``folder`` (created if needed) for the ``with`` block.
+
+    A second holder, in this process or another, gets :class:`FolderInUse` naming the folder and
+    the holder's pid. The lock file stays (removing it would race with a new holder); the lock
+    itself ends with the block or the process.
+    """
+    check_output_dir(folder, what)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise FolderInUse(
+                f"{what} {folder} is in use by another run (pid {holder}); wait for "
+                "it to end or give another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_folder_config(folder, config_text, resume_hint):
+    """A folder that holds another configuration's run (its ``config.yaml`` differs from
+    ``config_text``) is refused: starting afresh there would mix two runs' checkpoints and logs.
+    Resuming is the caller's decision and skips this check."""
+    saved = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(saved):
+        return
+    with open(saved, encoding="utf-8") as f:
+        if f.read() == config_text:
+            return
+    raise ValueError(
+        f"OUTPUT_DIR {folder} holds a run of another configuration ({saved} differs); "
+        f"give another folder, or {resume_hint} to continue that run"
+    )
