@@ -3,6 +3,7 @@ report (table + JSON), CLI errors and the Detectron2 iteration timer; all at tin
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -140,6 +141,7 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     assert set(rows) == {
         ("model", "official"),
         ("model", "moco-det"),
+        ("model", "moco-det undo-log"),
         ("model", "lightly"),
         ("momentum", "official"),
         ("momentum", "moco-det"),
@@ -172,19 +174,21 @@ def test_cli_measures_every_group_interleaved_and_writes_table_and_json(
     assert report["fast_path"]["channels_last"] is True
     assert report["config"]["batch_size"] == 8 and report["environment"]["device"] == "cpu"
     # interleaved: official, moco-det, official, moco-det within each group
-    log = [line.split()[:4] for line in captured.err.splitlines() if " rep " in line]
-    model_log = [(g, name, rep.rstrip(":")) for g, name, _, rep in log if g == "model"]
+    log = [re.match(r"(\S+)\s+(.+?)\s+rep (\d+/\d+):", line) for line in captured.err.splitlines()]
+    model_log = [m.groups() for m in log if m and m.group(1) == "model"]
     assert model_log == [
         ("model", "official", "1/2"),
         ("model", "moco-det", "1/2"),
+        ("model", "moco-det undo-log", "1/2"),
         ("model", "official", "2/2"),
         ("model", "moco-det", "2/2"),
+        ("model", "moco-det undo-log", "2/2"),
     ]
     # the table: one line per row, the lightly row with its status
     table = captured.out
     assert "median ms" in table and "cpu ms" in table and "x baseline" in table
     groups = ("model", "momentum", "data", "e2e")
-    assert sum(line.startswith(groups) for line in table.splitlines()) == 11
+    assert sum(line.startswith(groups) for line in table.splitlines()) == 12
     assert "BATCH_AUGMENT" in rows[("e2e", "moco-det batch")]["detail"]
     assert "not installed" in table and f"wrote {out}" in table
 

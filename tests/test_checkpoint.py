@@ -100,7 +100,7 @@ def test_unreadable_and_missing_files(tmp_path):
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pth")
     file_io.atomic_save({"a": torch.ones(2)}, path)
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # by torch version
         file_io.atomic_save({"a": lambda: None}, path)  # lambdas cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ckpt.pth"], "temporary files are cleaned up"

@@ -253,7 +253,7 @@ class _StartupRunner:
         path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         code = (
-            "import json, sys; from experiments.benchmark import startup_child; "
+            "import json, sys; from experiments.benchmark.runner import startup_child; "
             "startup_child(json.loads(sys.argv[1]))"
         )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
