@@ -24,7 +24,6 @@ buffers to keep equal on every replica, and what the loader must give (sample in
 
 import math
 
-import torch
 from fvcore.common.registry import Registry
 from torch import nn
 
@@ -165,7 +164,7 @@ def validate_memory_bank(cfg):
         )
 
 
-def build_contrastive_model(cfg, world_size, dataset_size=None) -> torch.nn.Module:
+def build_contrastive_model(cfg, world_size, dataset_size=None) -> nn.Module:
     """The ``MODEL.MECHANISM`` model of ``cfg`` (``dataset_size``: memory bank entries)."""
     return mechanism_class(cfg).from_config(cfg, world_size, dataset_size)
 

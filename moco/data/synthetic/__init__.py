@@ -42,6 +42,49 @@ Determinism: every image draws from its own ``numpy.random.Generator`` seeded wi
 JPEG quality is fixed and no timestamps are written. Same spec => byte-identical files.
 """
 
-from moco.data.synthetic.render import *  # noqa
-from moco.data.synthetic.spec import *  # noqa
-from moco.data.synthetic.writers import *  # noqa
+from moco.data.synthetic.render import (
+    mask_to_polygons,
+    render_classification_image,
+    render_detection_image,
+)
+from moco.data.synthetic.spec import (
+    CLASS_NAMES,
+    CLS_SPLITS,
+    DIFFICULT_VISIBLE_FRACTION,
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    MARKER_NAME,
+    MAX_TILT_DEG,
+    MIN_VISIBLE_FRACTION,
+    MIN_VISIBLE_PIXELS,
+    TEXTURE_OF_CLASS,
+    VOC_SPLITS,
+    VOC_YEAR,
+    SyntheticSpec,
+    default_synthetic_root,
+)
+from moco.data.synthetic.writers import ensure_generated, generate, is_generated, read_manifest
+
+__all__ = [
+    "CLASS_NAMES",
+    "CLS_SPLITS",
+    "DIFFICULT_VISIBLE_FRACTION",
+    "GENERATOR_VERSION",
+    "MANIFEST_NAME",
+    "MARKER_NAME",
+    "MAX_TILT_DEG",
+    "MIN_VISIBLE_FRACTION",
+    "MIN_VISIBLE_PIXELS",
+    "TEXTURE_OF_CLASS",
+    "VOC_SPLITS",
+    "VOC_YEAR",
+    "SyntheticSpec",
+    "default_synthetic_root",
+    "ensure_generated",
+    "generate",
+    "is_generated",
+    "mask_to_polygons",
+    "read_manifest",
+    "render_classification_image",
+    "render_detection_image",
+]
