@@ -55,6 +55,36 @@ def stage_key(material, root=REPO_ROOT):
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
+def file_sha256(path):
+    """A file's content hash (hex): stage keys and reports name weights by what they hold, since
+    a file rewritten in place keeps its path (and often its size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def listing_fingerprint(folder):
+    """sha256 of the files under ``folder`` by relative path and size: a user image folder's
+    identity in stage keys. Reading every image would cost as much as a start-up scan; a set
+    regenerated or edited in place changes names or sizes. Relative paths: a copied folder keeps
+    its fingerprint. Hidden files (the scan cache, locks, temporary files) are not data."""
+    from moco.data.checks import walk_inside
+
+    entries = []
+    for dirpath, dirnames, filenames in walk_inside(folder, folder, set()):
+        dirnames.sort()
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # a dangling link: listed, so its repair changes the fingerprint
+                size = -1
+            entries.append((os.path.relpath(path, folder), size))
+    blob = json.dumps(sorted(entries)).encode()
+    return {"files": len(entries), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def read_marker(path):
     """The JSON of a finished-marker file, or None when it is missing or unreadable."""
     if not os.path.isfile(path):
