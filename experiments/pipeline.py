@@ -40,7 +40,7 @@ from fvcore.common.config import CfgNode as CN
 from experiments.runs import Stages, file_sha256, listing_fingerprint
 from moco.config import load_cfg
 from moco.utils.config_loading import load_config
-from moco.utils.file_io import atomic_write_json
+from moco.utils.file_io import atomic_write_json, check_output_dir
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,34 @@ def _detect_stage(cfg, init, weights, seed, synthetic_root, data):
     return f"detect_{init}_s{seed}", material, work
 
 
+def _tail(path, parts=2):
+    """The last ``parts`` components of a path: a copied repository keeps them."""
+    return os.path.normpath(path).split(os.sep)[-parts:] if path else []
+
+
+def _trial_run(folder, outputs, seed, weights):
+    """A detection stage's run folder, checked against the stage: its record names its own
+    folder, and its final_metrics.json this trial's seed and weights. A record or result copied
+    from another stage would otherwise add another init's trial to this row (issue 27.3)."""
+    from experiments.report import load_metrics
+
+    record = os.path.join(folder, "stage.json")
+    run = outputs.get("run_dir")
+    if not isinstance(run, str) or os.path.realpath(run) != os.path.realpath(folder):
+        raise ValueError(
+            f"{record}: its run_dir {run!r} is not its own folder; remove {folder} to run the "
+            "stage again"
+        )
+    data = load_metrics(run)
+    if data.get("seed") != seed or _tail(data.get("weights")) != _tail(weights):
+        raise ValueError(
+            f"{os.path.join(run, FINAL_METRICS)}: seed {data.get('seed')!r} and weights "
+            f"{data.get('weights')!r} are not this trial's (seed {seed}, weights {weights!r}); "
+            f"remove {folder} to run the stage again"
+        )
+    return run
+
+
 def run_pipeline(cfg):
     """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths.
 
@@ -345,13 +373,13 @@ def run_pipeline(cfg):
     from experiments.report import (
         compare,
         paired,
-        plot_curves,
         summarize,
         to_markdown,
         write_report,
     )
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
+    check_output_dir(run_dir, "RUN_DIR")
     os.makedirs(run_dir, exist_ok=True)
     methods = list(cfg.METHODS)
     trials = list(range(cfg.DETECTION.SEED, cfg.DETECTION.SEED + cfg.DETECTION.TRIALS))
@@ -390,9 +418,20 @@ def run_pipeline(cfg):
 
     stages.run_many(first + later, cfg.JOBS, then=then)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
+    folders = {r["name"]: r["folder"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
+    weights = {init: outputs[f"convert_{init}"]["weights"] for init in inits if init != "random"}
     runs = {
-        init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in inits
+        init: [
+            _trial_run(
+                folders[f"detect_{init}_s{seed}"],
+                outputs[f"detect_{init}_s{seed}"],
+                seed,
+                weights.get(init, ""),
+            )
+            for seed in trials
+        ]
+        for init in inits
     }
 
     stages.done += 1
@@ -408,17 +447,19 @@ def run_pipeline(cfg):
             else:
                 verdicts.append(compare(table, method, other))
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
-    # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
-    paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
-    curves = plot_curves(
-        {
+    # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
+    paths = write_report(
+        table,
+        report_dir,
+        title=title,
+        notes=verdicts,
+        published=True,
+        curves={
             f"pretrain_{name}": os.path.dirname(out["checkpoint"])
             for name, out in pretrained.items()
         },
-        os.path.join(report_dir, "pretraining_curves.png"),
+        curves_name="pretraining_curves.png",
     )
-    if curves:
-        paths["curves"] = curves
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [

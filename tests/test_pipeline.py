@@ -308,3 +308,63 @@ def test_a_user_detection_set_is_keyed_by_its_annotation_files(tmp_path):
     assert len(first[name]) == 64
     xml.write_text("<annotation><object><name>ring</name></object></annotation>\n")
     assert detection_data_identity(dcfg) != first
+
+
+@pytest.mark.parametrize("case", ["[]", "{}", '{"outputs": null}', "stage folder", "run dir"])
+def test_a_bad_stage_record_or_a_file_for_a_folder_is_one_line_exit_2(tmp_path, capsys, case):
+    """Issue 27: stage.json `[]` was a TypeError, `{}` and `{"outputs": null}` an exit 2 naming
+    no file; a file in a stage folder's place a FileExistsError."""
+    from conftest import load_tool
+
+    run_dir = tmp_path / "run"
+    argv = ["--preset", "ci.yaml", "RUN_DIR", str(run_dir), "DATA.ROOT", str(tmp_path / "d")]
+    cfg = load_pipeline_cfg("ci.yaml", argv[2:])
+    data = run_dir / f"data-{stage_key(dict(cfg.DATA))}"
+    if case == "run dir":
+        run_dir.write_text("not a folder")
+        expected = f"RUN_DIR {run_dir} is a file"
+    elif case == "stage folder":
+        run_dir.mkdir()
+        data.write_text("not a folder")
+        expected = f"{data} is a file where the folder of stage data belongs"
+    else:
+        data.mkdir(parents=True)
+        (data / "stage.json").write_text(case)
+        expected = f"{data / 'stage.json'}: "
+    assert load_tool("pipeline").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pipeline.py: error: ") and len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert not (tmp_path / "d").exists()  # refused before any work
+
+
+def test_a_record_or_result_copied_from_another_stage_is_refused(pipeline_run):
+    """Issue 27.3: a MoCo fine-tune's stage.json copied into a random-init trial's folder gave
+    the random row a MoCo trial. Its record, its run_dir, and its final_metrics.json are checked."""
+    import shutil
+
+    cfg, _ = pipeline_run
+    paths = run_pipeline(cfg)  # all reused; RUN_DIR also holds other tests' stages (DATA.SEED 1)
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        runs = json.load(f)["runs"]
+    moco, rand = runs["moco"][1], runs["random"][1]
+    saved = {n: open(os.path.join(rand, n)).read() for n in ("stage.json", "final_metrics.json")}
+    try:
+        shutil.copy(os.path.join(moco, "stage.json"), os.path.join(rand, "stage.json"))
+        with pytest.raises(ValueError, match="the record of stage 'detect_moco_s1'"):
+            run_pipeline(cfg)
+        record = json.loads(saved["stage.json"])
+        record["outputs"]["run_dir"] = moco  # its own name and key, another stage's run
+        with open(os.path.join(rand, "stage.json"), "w") as f:
+            json.dump(record, f)
+        with pytest.raises(ValueError, match="its run_dir .* is not its own folder"):
+            run_pipeline(cfg)
+        with open(os.path.join(rand, "stage.json"), "w") as f:
+            f.write(saved["stage.json"])
+        shutil.copy(os.path.join(moco, "final_metrics.json"), rand)
+        with pytest.raises(ValueError, match="final_metrics.json: seed 1 and weights .*moco.pkl"):
+            run_pipeline(cfg)
+    finally:
+        for name, text in saved.items():
+            with open(os.path.join(rand, name), "w") as f:
+                f.write(text)
