@@ -35,13 +35,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from experiments.report import (  # after parsing: --help answers at once
-        parse_groups,
-        plot_curves,
-        summarize,
-        to_markdown,
-        write_report,
-    )
+    from experiments.report import parse_groups, summarize, to_markdown, write_report
 
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)
@@ -49,14 +43,15 @@ def run(args):
     table = summarize(groups, baseline=args.baseline)
     print(to_markdown(table), end="")
     if args.output_dir:
-        paths = write_report(table, args.output_dir, title=args.title)
         runs = {
             f"{label}/{os.path.basename(os.path.normpath(run))}": run
             for label, group in groups.items()
             for run in group
         }
-        curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
-        print("report.py: wrote " + ", ".join([*paths.values(), *([curves] if curves else [])]))
+        paths = write_report(
+            table, args.output_dir, title=args.title, curves=runs, curves_title="training"
+        )
+        print("report.py: wrote " + ", ".join(paths.values()))
 
 
 def main(argv=None):

@@ -2,8 +2,11 @@
 training curves from the runs' metrics.json.
 """
 
+import io
 import math
+import os
 
+from moco.utils.file_io import atomic_write
 from moco.utils.run_files import read_metrics
 
 
@@ -18,9 +21,23 @@ def pyplot():
 
 
 def save_figure(fig, path):
+    """``fig`` as PNG to ``path``: a file name (written atomically) or a binary file object."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    try:
+        if isinstance(path, (str, os.PathLike)):
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        else:
+            fig.savefig(path, format="png", dpi=120)
+    finally:
+        pyplot().close(fig)
+
+
+def figure_bytes(draw, *args, **kwargs):
+    """The PNG bytes that ``draw(*args, path, **kwargs)`` (e.g. :func:`plot_table`) saves, so
+    that they can be written with the files they belong to (moco.utils.file_io.atomic_write_files)."""
+    buf = io.BytesIO()
+    draw(*args, buf, **kwargs)
+    return buf.getvalue()
 
 
 def plot_table(table, path, title=None):
@@ -57,18 +74,31 @@ CURVE_PANELS = (
 )
 
 
-def plot_curves(runs, path, title=None):
-    """Training curves of run folders ({label: folder}) from their metrics.json, one panel per
-    :data:`CURVE_PANELS` entry that any run recorded (loss, kNN top-1, lr over iterations).
-    Returns ``path``, or None when no run has recorded metrics (nothing is written)."""
-    series = {}  # panel -> [(label, iterations, values)]
+def _plottable(value):
+    """A finite real number (a hand-edited or foreign metrics.json row may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curve_series(runs):
+    """{panel: [(label, iterations, values)]} of run folders ({label: folder}): each panel's
+    first recorded key, its finite numeric values only."""
+    series = {}
     for label, folder in runs.items():
         rows = read_metrics(folder)
         for panel, keys in CURVE_PANELS:
-            key = next((k for k in keys if any(k in r for r in rows)), None)
+            key = next((k for k in keys if any(_plottable(r.get(k)) for r in rows)), None)
             if key is not None:
-                points = [(r["iteration"], r[key]) for r in rows if key in r]
+                points = [(r["iteration"], r[key]) for r in rows if _plottable(r.get(key))]
                 series.setdefault(panel, []).append((label, *zip(*points)))
+    return series
+
+
+def plot_curves(runs, path, title=None):
+    """Training curves of run folders ({label: folder}) from their metrics.json, one panel per
+    :data:`CURVE_PANELS` entry that any run recorded (loss, kNN top-1, lr over iterations).
+    Returns ``path`` (a file name, or a binary file object), or None when no run has recorded
+    metrics (nothing is written)."""
+    series = curve_series(runs)
     if not series:
         return None
     plt = pyplot()

@@ -4,8 +4,15 @@ iterations, seeds, weights, code commit, machine).
 
 import os
 
-from experiments.report.figures import plot_table
-from experiments.report.tables import load_metrics, published_markdown, to_markdown, write_csv
+from experiments.report.figures import curve_series, figure_bytes, plot_curves, plot_table
+from experiments.report.tables import (
+    csv_rows,
+    csv_text,
+    load_metrics,
+    published_markdown,
+    to_markdown,
+)
+from moco.utils.file_io import atomic_write_files, check_output_dir
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,18 +65,40 @@ def what_was_run(table):
     return "\n".join(lines) + "\n"
 
 
-def write_report(table, output_dir, name="transfer", title=None, notes=(), published=False):
+def write_report(
+    table,
+    output_dir,
+    name="transfer",
+    title=None,
+    notes=(),
+    published=False,
+    curves=None,
+    curves_name="curves.png",
+    curves_title=None,
+):
     """Write ``name.md`` (the table, then ``notes`` lines, what was run, then with ``published``
-    the published reference tables), ``name.csv`` and ``name.png`` into ``output_dir``; return
-    their paths."""
-    os.makedirs(output_dir, exist_ok=True)
+    the published reference tables), ``name.csv`` and ``name.png`` into ``output_dir``, and with
+    ``curves`` ({label: run folder}) the training curves as ``curves_name`` when any run recorded
+    them; return their paths ({"md", "csv", "png"[, "curves"]}).
+
+    Everything is rendered first and the files are written as one set
+    (:func:`moco.utils.file_io.atomic_write_files`): bad input or a full disk leaves the previous
+    report whole, never a new Markdown beside an old figure."""
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
-    with open(paths["md"], "w") as f:
-        f.write(to_markdown(table))
-        f.write("".join(f"\n- {line}" for line in notes) + ("\n" if notes else ""))
-        f.write("\n" + what_was_run(table))
-        if published:
-            f.write("\n" + published_markdown())
-    write_csv(table, paths["csv"])
-    plot_table(table, paths["png"], title)
+    text = to_markdown(table)
+    text += "".join(f"\n- {line}" for line in notes) + ("\n" if notes else "")
+    text += "\n" + what_was_run(table)
+    if published:
+        text += "\n" + published_markdown()
+    contents = {
+        paths["md"]: text.encode("utf-8"),
+        paths["csv"]: csv_text(*csv_rows(table)).encode("utf-8"),
+        paths["png"]: figure_bytes(plot_table, table, title=title),
+    }
+    if curves and curve_series(curves):
+        paths["curves"] = os.path.join(output_dir, curves_name)
+        contents[paths["curves"]] = figure_bytes(plot_curves, curves, title=curves_title)
+    check_output_dir(output_dir, "the report folder")
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_files(contents)
     return paths
