@@ -19,6 +19,9 @@ Key rule (official ``convert-pretrain-to-detectron2.py``): keys without ``layer`
 backbone (C4 with res5 in the ROI head, or FPN) by its matching heuristics. BasicBlock (R18/34)
 and Bottleneck (R50+) ResNets both follow this rule.
 
+Backbone tensors holding NaN or inf are refused (one line naming the file and the first tensor):
+Detectron2 would load them and fail only at the first fine-tuning iteration.
+
 Output: ``{"model": {name: numpy array}, "__author__": "moco-det", "matching_heuristics": True}``,
 pickled atomically (temp file in the target folder, fsync, ``os.replace``).
 """
@@ -181,7 +184,24 @@ def extract_backbone(state_dict, fmt, source="<checkpoint>", view=None):
             )
         backbone[name] = value
     _check_resnet(backbone, fmt if view is None else f"{fmt} {view}", source)
+    _check_finite(backbone, prefix or "", source)
     return backbone, dropped
+
+
+def _check_finite(backbone, prefix, source):
+    """Refuse NaN/inf weights here: Detectron2 would load them and fail only at iteration 0."""
+    bad = [
+        name
+        for name, t in backbone.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} backbone "
+            f"{'tensors hold' if len(bad) > 1 else 'tensor holds'} NaN or inf "
+            f"(first: {prefix + bad[0]!r}); the pretraining diverged or the file is damaged: "
+            "convert an earlier checkpoint"
+        )
 
 
 def _check_resnet(backbone, fmt, source):

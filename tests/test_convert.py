@@ -371,3 +371,37 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, content):
     ), err
     assert "Traceback" not in err
     assert not (tmp_path / "out.pkl").exists()
+
+
+def _tiny_checkpoint(fmt):
+    """A checkpoint of ``fmt``'s layout around a ResNet-18 of base width 16 (CMC: the real model)."""
+    from moco.checkpoint import build_checkpoint
+    from moco.modeling.cmc import CMC
+    from moco.modeling.resnet import resnet_encoder
+
+    if fmt == "cmc":
+        model = CMC("resnet18_w16", "moco", size=6, dim=8, K=8, shuffle_bn="off")
+        return build_checkpoint(model, None, 1, "resnet18_w16"), "module.ab.encoder_q."
+    sd = resnet_encoder("resnet18_w16")(num_classes=8).state_dict()
+    prefix = {"moco": "module.encoder_q.", "mocov3": "module.base_encoder.", "torchvision": ""}
+    sd = {prefix[fmt] + k: v for k, v in sd.items()}
+    return ({"state_dict": sd} if fmt != "torchvision" else sd), prefix[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["moco", "mocov3", "torchvision", "cmc"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_backbone_weights_are_refused_at_conversion(tmp_path, fmt, value, capsys):
+    ckpt, prefix = _tiny_checkpoint(fmt)
+    src, out = tmp_path / "ckpt.pth.tar", tmp_path / "out.pkl"
+    torch.save(ckpt, src)
+    assert convert_checkpoint(src, out).format == fmt  # the clean checkpoint converts
+    before = out.read_bytes()
+    sd = ckpt if fmt == "torchvision" else ckpt["state_dict"]
+    sd[prefix + "layer3.1.bn2.running_var"][5] = value  # one value in one buffer
+    torch.save(ckpt, src)
+    code = load_tool("convert_to_d2").main([str(src), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "ckpt.pth.tar: 1 backbone tensor holds NaN or inf" in err
+    assert repr(prefix + "layer3.1.bn2.running_var") in err
+    assert out.read_bytes() == before  # the earlier output is kept whole

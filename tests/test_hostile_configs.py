@@ -127,3 +127,67 @@ def test_values_that_cannot_train_are_one_line_exit_2(
     assert main(argv) == 2
     assert message in _one_line_error(capsys.readouterr().err, "pretrain.py")
     assert not (tmp_path / "o" / "metrics.json").exists()  # nothing ran: no bare NaN written
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "train_net", "lincls"])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("timeout", "is more than a year (525600 minutes)"),
+        ("processes", "--num-gpus 100000"),
+    ],
+)
+def test_huge_timeout_and_process_count_are_one_line_in_every_tool(
+    synthetic_root, tmp_path, capsys, tool, case, message
+):
+    """DIST.TIMEOUT_MINUTES 1e300 overflowed timedelta (a traceback in all three tools), and
+    --num-gpus 100000 passed every check of a CPU machine (it would start 100,000 processes)."""
+    out = str(tmp_path / "o")
+    data = os.path.join(synthetic_root, "imagefolder")
+    timeout = "--dist-timeout-minutes" if tool == "lincls" else "DIST.TIMEOUT_MINUTES"
+    extra = [timeout, "1e300"] if case == "timeout" else ["--num-gpus", "100000"]
+    argv = {
+        "pretrain": [
+            "--config-file",
+            PRETRAIN_CFG,
+            "--output-dir",
+            out,
+            data,
+            "MODEL.DEVICE",
+            "cpu",
+        ],
+        "train_net": ["--config-file", DETECTION_CFG, "OUTPUT_DIR", out],
+        "lincls": [data, "--output-dir", out],
+    }[tool]
+    # flags before the positional DATA (pretraining reads KEY VALUE pairs after it)
+    argv = extra + argv if extra[0].startswith("--") else argv + extra
+    assert load_tool(tool).main(argv) == 2
+    msg = _one_line_error(capsys.readouterr().err, f"{tool}.py")
+    assert message in msg
+    if case == "timeout":
+        assert timeout in msg
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_processes_per_machine_are_bounded_at_launch_not_when_resolved(monkeypatch):
+    """A layout for other machines resolves here (tests/test_pretrain_cli.py maps --num-gpus 4 on a
+    2-core machine); launching it is what is bounded, by the cores this process may use."""
+    import torch
+
+    from moco.utils.launch import (
+        LaunchSpec,
+        available_cores,
+        check_local_processes,
+        launch_processes,
+        resolve_launch,
+    )
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cores = available_cores()
+    assert resolve_launch(num_gpus=cores + 1, environ={}).procs_per_machine == cores + 1
+    check_local_processes(LaunchSpec(cores))  # as many as there are cores: allowed
+    called = []
+    with pytest.raises(ValueError, match=rf"--num-gpus {cores + 1}: .* {cores} cores") as e:
+        launch_processes(called.append, LaunchSpec(cores + 1), (1,))
+    assert not called and "\n" not in str(e.value)
+    check_local_processes(LaunchSpec(cores + 1, from_env=True))  # torchrun started them

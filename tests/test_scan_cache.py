@@ -46,13 +46,26 @@ def decodes(monkeypatch):
     return seen
 
 
-def _folder(train, scan="always", **kwargs):
-    return dc.CheckedImageFolder(train, what="DATA.ROOT", max_bad_fraction=0.1, scan=scan, **kwargs)
+def _folder(train, scan="always", max_bad_fraction=0.1, **kwargs):
+    return dc.CheckedImageFolder(
+        train, what="DATA.ROOT", max_bad_fraction=max_bad_fraction, scan=scan, **kwargs
+    )
 
 
 def _cache(train):
+    """The folder's scan cache as {"max_pixels": ..., "files": {key: [size, mtime_ns, reason]}}."""
     with open(os.path.join(train, dc.SCAN_CACHE_NAME)) as f:
-        return json.load(f)
+        header, *lines = [json.loads(line) for line in f]
+    assert header["format"] == "moco-det image scan" and header["version"] == 2
+    return {"max_pixels": header["max_pixels"], "files": {k: e for k, *e in lines}}
+
+
+def _write_cache(train, entries, max_pixels=89478485):
+    """A well-formed cache of ``entries`` ({key: [size, mtime_ns, reason]})."""
+    header = {"format": "moco-det image scan", "version": 2, "max_pixels": max_pixels}
+    lines = [json.dumps(header)] + [json.dumps([k, *e]) for k, e in entries.items()]
+    with open(os.path.join(train, dc.SCAN_CACHE_NAME), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def test_the_cache_is_reused_and_a_changed_file_is_scanned_again(folder, decodes, caplog):
@@ -93,8 +106,11 @@ class _RunsCode:
         return open, (self.marker, "w")
 
 
-def _entries(files):
-    return {"format": "moco-det image scan", "version": 1, "max_pixels": 89478485, "files": files}
+_HEADER = {"format": "moco-det image scan", "version": 2, "max_pixels": 89478485}
+
+
+def _lines(*items, header=_HEADER):
+    return "\n".join(json.dumps(x) for x in (header, *items)).encode() + b"\n"
 
 
 @pytest.mark.parametrize(
@@ -102,28 +118,36 @@ def _entries(files):
     [
         "pickle",
         b"\x80\x04 not json",
-        b'{"format": "moco-det image scan", "version": 1, "files": {"a.jpg": [1, 2',  # cut short
-        b"[" * 100_000 + b"]" * 100_000,  # nesting: a RecursionError in the parser
+        _lines()[:30],  # cut short
+        _lines()[:-1] + b"\n" + b"[" * 5_000 + b"]" * 5_000,  # nesting: a RecursionError
+        b"[" * 100_000 + b"]" * 100_000,  # a line longer than any entry
         json.dumps(["a list"]).encode(),
-        json.dumps(_entries({"disk/disk_0000.jpg": ["1174", 5, None]})).encode(),
-        json.dumps(_entries({"disk/disk_0000.jpg": [1174, 5, {"reason": 1}]})).encode(),
-        json.dumps(_entries([])).encode(),
-        json.dumps({**_entries({}), "version": 2}).encode(),
-        json.dumps({**_entries({}), "max_pixels": "many"}).encode(),
+        _lines(["disk/disk_0000.jpg", "1174", 5, None]),
+        _lines(["disk/disk_0000.jpg", 1174, 5, {"reason": 1}]),
+        _lines({"disk/disk_0000.jpg": [1174, 5, None]}),  # version 1's entry shape
+        _lines({}),
+        json.dumps({**_HEADER, "version": 1, "files": {}}).encode(),  # an earlier version's
+        _lines(header={**_HEADER, "max_pixels": "many"}),
+        _lines(*(["x", 1, 1, None] for _ in range(2 * FILES + 1000))),  # more lines than files
         b" " * (4096 * FILES + 65537),  # larger than a cache of the folder can be: not parsed
+        b"",
     ],
     ids=[
         "pickle",
         "binary",
         "truncated",
         "deep",
+        "long-line",
         "list",
         "str-size",
         "dict-reason",
-        "files-list",
+        "dict-entry",
+        "empty-dict-entry",
         "version",
         "max-pixels-type",
+        "too-many-lines",
         "too-large",
+        "empty",
     ],
 )
 def test_a_corrupt_or_hostile_cache_is_ignored_with_one_warning_and_never_run(
@@ -297,3 +321,105 @@ def test_a_bad_scan_images_value_is_one_line_naming_the_key(folder, tmp_path, ca
     assert lincls.main(["--scan-images", "never", "--output-dir", str(tmp_path / "l"), data]) == 0
     (opts,) = launched[0]
     assert opts.scan_images == "never" and opts.output_dir == str(tmp_path / "l")
+
+
+_CACHE_PROBE = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+import moco.data.checks as dc
+pages = int(open("/proc/self/statm").read().split()[0])
+vm = pages * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # +1 GiB at most
+ds = dc.CheckedImageFolder(sys.argv[1], what="DATA.ROOT", max_bad_fraction=0.1, scan="always")
+print(len(ds), ds.scan_skipped)
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_cache_that_is_no_regular_file_is_ignored_without_reading_it(folder, tmp_path, kind):
+    """A FIFO blocked the start forever and a link to /dev/zero read until memory ran out (the size
+    cap read getsize, 0 for both); in a fresh process with 1 GiB of address space to spare."""
+    import subprocess
+    import sys
+
+    train, _ = folder
+    cache = os.path.join(train, dc.SCAN_CACHE_NAME)
+    {"fifo": os.mkfifo, "dev-zero": lambda p: os.symlink("/dev/zero", p), "folder": os.mkdir}[kind](
+        cache
+    )
+    script = tmp_path / "probe.py"
+    script.write_text(_CACHE_PROBE.format(repo=REPO))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # the timeout only ends a hang of the old behaviour; nothing is timed
+    r = subprocess.run(
+        [sys.executable, str(script), train], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(FILES - BAD), str(BAD)]
+    assert f"ignoring the scan cache {cache} (not a regular file)" in r.stderr
+    if kind == "fifo":  # the scan's results were not written into the FIFO (it was replaced)
+        assert os.path.isfile(cache) and len(_cache(train)["files"]) == FILES
+
+
+def test_cache_entries_held_are_only_the_folders_files(folder, decodes):
+    """Memory holds what the folder has: entries of other paths are read and dropped."""
+    train, _ = folder
+    first = _folder(train)
+    entries = _cache(train)["files"]
+    others = {f"gone/{i:05d}.jpg": [1, 1, None] for i in range(FILES + 900)}
+    _write_cache(train, {**others, **entries})  # files removed since: within the lines allowed
+    decodes.clear()
+    paths = [os.path.join(train, k) for k in entries]
+    cache = dc.ScanCache(dc.scan_cache_path(train), train, 89478485, FILES, "DATA.ROOT", paths)
+    assert cache.entries == entries
+    second = _folder(train)
+    assert decodes == [] and second.samples == first.samples  # the folder's entries still used
+
+
+def test_a_cache_calling_a_large_image_good_does_not_bypass_the_pixel_limit(
+    folder, decodes, caplog
+):
+    """A well-formed cache that lies (right size and mtime, no reason) was trusted: a scanned folder
+    had no pixel check at load. The load checks the header of every image."""
+    from PIL import Image
+
+    train, _ = folder
+    big = os.path.join(train, "heart", "zz_big.png")  # its class's last file
+    Image.new("RGB", (80, 80)).save(big)  # 6400 pixels > 5000
+    _folder(train, max_pixels=5000, max_bad_fraction=0.2)  # a true cache: the big file is bad
+    key = os.path.relpath(big, train)
+    entries = _cache(train)["files"]
+    assert "6400 pixels > DATA.MAX_IMAGE_PIXELS 5000" in entries[key][2]
+    entries[key][2] = None  # the lie
+    _write_cache(train, entries, max_pixels=5000)
+    decodes.clear()
+    ds = _folder(train, max_pixels=5000, transform=eval_transform(crop=32))
+    assert decodes == [] and big in [p for p, _ in ds.samples]  # the cache was believed ...
+    i = [p for p, _ in ds.samples].index(big)
+    with caplog.at_level("WARNING", logger="moco.data.checks"):
+        image, label = ds[i]  # ... but the image is not loaded: the next one is served
+    assert torch.equal(image, ds[i + 1][0]) and ds.skipped_images == BAD + 1
+    assert f"cannot load {big} (ValueError: 80x80 = 6400 pixels > DATA.MAX_IMAGE_PIXELS 5000)" in (
+        caplog.text
+    )
+
+
+def test_reasons_from_the_cache_are_escaped_before_they_are_logged(folder, caplog):
+    """A reason is text from an untrusted file: a newline forged a log line, ANSI escapes reached
+    the terminal."""
+    train, bad = folder
+    _folder(train)
+    entries = _cache(train)["files"]
+    forged = "fine\n2026-12-05 00:00:00 INFO all images are readable\x1b[2J\x1b[31m"
+    entries[os.path.relpath(bad[0], train)][2] = forged
+    _write_cache(train, entries)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moco.data.checks"):
+        ds = _folder(train)
+    assert ds.scan_skipped == BAD
+    (line,) = [r.getMessage() for r in caplog.records if bad[0] in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line
+    assert "fine\\n2026-12-05 00:00:00 INFO all images are readable\\x1b[2J\\x1b[31m" in line
+    with pytest.raises(ValueError) as e:  # the too-many-bad error quotes a reason too
+        _folder(train, max_bad_fraction=0.0)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "fine\\n2026" in str(e.value)

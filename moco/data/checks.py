@@ -15,8 +15,9 @@ entropy-coded stream is still read, so a truncated file fails, at a fraction of 
   cached (:class:`ScanCache`), so a later run or resume decodes only new or changed files;
 * at load time replaces a file that cannot be loaded (broken after the scan, or never scanned) by
   the next sample (deterministic, so a resumed run stays reproducible), with a warning naming the
-  file, and counts it in a counter shared by the data-loading workers. Without the scan the load
-  also refuses images above the pixel limit (:class:`PixelLimitLoader`).
+  file, and counts it in a counter shared by the data-loading workers. The load also refuses
+  images above the pixel limit (:class:`PixelLimitLoader`): without the scan it is the only check,
+  with it the cache's word is not taken for it.
 
 ``skipped_images`` (scan + load time) is what the trainers report. The scan runs in every process
 that builds the dataset, so build it in all processes of a run (as the trainers do). An image with
@@ -28,10 +29,12 @@ root that was not listed yet: a symlink loop multiplied a class 41x, and one to 
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from detectron2.utils import comm
@@ -47,10 +50,11 @@ SCAN_MODES = ("auto", "always", "never")  # DATA.SCAN_IMAGES
 # The scan cache of a folder is this file in it: every run that reads the folder reuses it, and
 # ImageFolder takes only sub-folders there as classes. See ScanCache.
 SCAN_CACHE_NAME = ".moco_det_scan.json"
-_CACHE_FORMAT, _CACHE_VERSION = "moco-det image scan", 1
+_CACHE_FORMAT, _CACHE_VERSION = "moco-det image scan", 2  # 2: a JSON line per file
 # an entry is a path and three values (~100 bytes); a cache far larger than its folder needs is
 # not one this module wrote, and is not parsed
 _CACHE_MAX_BYTES_PER_FILE = 4096
+_CACHE_MAX_LINE = 16384  # a path of PATH_MAX (4096), escaped, and a reason
 
 # what PIL raises for a file it cannot read as an image (UnidentifiedImageError is an OSError;
 # DecompressionBombError is not)
@@ -124,58 +128,75 @@ def scan_cache_path(folder, fallback_dir=None):
     return os.path.join(fallback_dir, "scan_cache", f"{os.path.basename(real)}-{digest}.json")
 
 
-def _cache_entries(data):
-    """The ``files`` of a parsed scan cache after checking every type; ValueError says what is off."""
+def printable(text, limit=300):
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``) and cut to ``limit``: a
+    reason read from a cache or an error is logged without forging lines or reaching the
+    terminal as escape sequences."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cache_header(line):
+    """``max_pixels`` of a scan cache's first line; ValueError says what is off."""
+    data = json.loads(line)
     if (
         not isinstance(data, dict)
         or data.get("format") != _CACHE_FORMAT
         or data.get("version") != _CACHE_VERSION
     ):
         raise ValueError(f"not a {_CACHE_FORMAT} file of version {_CACHE_VERSION}")
-    limit, files = data.get("max_pixels"), data.get("files")
-    if not (limit is None or type(limit) is int) or not isinstance(files, dict):
-        raise ValueError("max_pixels or files of the wrong type")
-    for key, entry in files.items():
-        if not (
-            type(entry) is list
-            and len(entry) == 3
-            and type(entry[0]) is int
-            and type(entry[1]) is int
-            and (entry[2] is None or type(entry[2]) is str)
-        ):
-            raise ValueError(f"the entry of {key[:100]!r} is not [size, mtime_ns, reason]")
-    return files
+    limit = data.get("max_pixels")
+    if not (limit is None or type(limit) is int):
+        raise ValueError("max_pixels of the wrong type")
+    return limit
+
+
+def _cache_entry(line, number):
+    """``(key, [size, mtime_ns, reason])`` of an entry line; ValueError says what is off."""
+    entry = json.loads(line)
+    if not (
+        type(entry) is list
+        and len(entry) == 4
+        and type(entry[0]) is str
+        and type(entry[1]) is int
+        and type(entry[2]) is int
+        and (entry[3] is None or type(entry[3]) is str)
+    ):
+        raise ValueError(f"line {number} is not [path, size, mtime_ns, reason]")
+    return entry[0], entry[1:]
 
 
 class ScanCache:
-    """Earlier scan results of the files under ``folder``, read from the JSON file ``path``:
-    ``{path relative to the folder: [size, mtime_ns, reason or null]}`` and the pixel limit they
-    were made with. A file whose size and mtime_ns match its entry is not decoded again (bad files
-    stay bad, with their reason); any other is.
+    """Earlier scan results of the files under ``folder``, read from the file ``path``: a JSON
+    header line (format, version, the pixel limit the results were made with), then one JSON line
+    ``[path relative to the folder, size, mtime_ns, reason or null]`` per file. A file whose size
+    and mtime_ns match its entry is not decoded again (bad files stay bad, with their reason); any
+    other is.
 
-    The file is untrusted: it is parsed as JSON (never unpickled) and every type is checked. One
-    that does not parse as this class writes it (or is far too large for the folder) is ignored
-    with one warning, one made with another pixel limit with an info line: the files are then
-    scanned again. :meth:`save` rewrites it atomically; a failed write is a warning only.
+    The file is untrusted. It is opened only when it is a regular file (a FIFO would block the
+    start, ``/dev/zero`` never ends), its size is read after opening and at most that much is
+    read, each line is parsed as JSON on its own (never unpickled) and every type is checked, and
+    only entries of the folder's files (``paths``) are kept: memory is bounded by the folder, not
+    by the file. One that does not parse as this class writes it (or is too large for the folder)
+    is ignored with one warning, one made with another pixel limit with an info line: the files
+    are then scanned again. Images it calls good are still checked against the pixel limit when
+    loaded (:class:`PixelLimitLoader`). :meth:`save` rewrites it atomically; a failed write is a
+    warning only.
     """
 
-    def __init__(self, path, folder, max_pixels, files, what):
+    def __init__(self, path, folder, max_pixels, files, what, paths=None):
         self.path, self.max_pixels, self.what = path, max_pixels, what
         self.prefix = os.path.join(folder, "")
-        self.entries = self._load(files)
+        keys = None if paths is None else {self.key(p) for p in paths}
+        self.entries = self._load(files, keys)
 
-    def _load(self, files):
+    def _load(self, files, keys):
         try:
-            size = os.path.getsize(self.path)
-            if size > _CACHE_MAX_BYTES_PER_FILE * files + 65536:
-                raise ValueError(f"{size} bytes, more than a cache of {files} files needs")
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read())
-            entries = _cache_entries(data)
+            return self._read(files, keys)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            reason = printable(" ".join(str(e).split()), 200) or type(e).__name__
             logger.warning(
                 "%s: ignoring the scan cache %s (%s); scanning the files again",
                 self.what,
@@ -183,15 +204,50 @@ class ScanCache:
                 reason,
             )
             return {}
-        if data["max_pixels"] != self.max_pixels:
-            logger.info(
-                "%s: the scan cache %s was made with DATA.MAX_IMAGE_PIXELS %s; scanning the "
-                "files again",
-                self.what,
-                self.path,
-                data["max_pixels"],
-            )
-            return {}
+
+    def _read(self, files, keys):
+        # O_NONBLOCK: opening a FIFO without a writer returns at once (then refused below)
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(self.path, flags), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            size = st.st_size
+            if size > _CACHE_MAX_BYTES_PER_FILE * files + 65536:
+                raise ValueError(f"{size} bytes, more than a cache of {files} files needs")
+            # a folder's cache has a line per file; files removed since leave a few more
+            max_lines = 2 * files + 1000
+            entries, left = {}, size
+            for number in itertools.count(1):
+                line = f.readline(_CACHE_MAX_LINE + 1)
+                if not line:
+                    break
+                left -= len(line)
+                if left < 0:  # growing, or a special file that reports no size (/proc)
+                    raise ValueError(f"more than the {size} bytes it had when opened")
+                if len(line) > _CACHE_MAX_LINE:
+                    raise ValueError(f"line {number} is longer than {_CACHE_MAX_LINE} bytes")
+                if number > max_lines:
+                    raise ValueError(f"more than {max_lines} lines for {files} files")
+                if number == 1:
+                    limit = _cache_header(line)
+                    if limit != self.max_pixels:
+                        logger.info(
+                            "%s: the scan cache %s was made with DATA.MAX_IMAGE_PIXELS %s; "
+                            "scanning the files again",
+                            self.what,
+                            self.path,
+                            limit,
+                        )
+                        return {}
+                    continue
+                key, entry = _cache_entry(line, number)
+                if keys is None or key in keys:
+                    entries[key] = entry
+            if number == 1:
+                raise ValueError("empty")
+        if len(entries) > files:
+            raise ValueError(f"{len(entries)} entries for {files} files")
         return entries
 
     def key(self, path):
@@ -228,14 +284,11 @@ class ScanCache:
         )
         if files == self.entries:
             return
-        data = {
-            "format": _CACHE_FORMAT,
-            "version": _CACHE_VERSION,
-            "max_pixels": self.max_pixels,
-            "files": files,
-        }
+        header = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "max_pixels": self.max_pixels}
+        lines = [json.dumps(header, separators=(",", ":"))]
+        lines += [json.dumps([k, *e], separators=(",", ":")) for k, e in files.items()]
         try:
-            file_io.atomic_write_text(self.path, json.dumps(data, separators=(",", ":")) + "\n")
+            file_io.atomic_write_text(self.path, "\n".join(lines) + "\n")
         except OSError as e:
             logger.warning(
                 "%s: scan cache not written (%s); the next start scans again", self.what, e
@@ -263,7 +316,8 @@ def scan_images(paths, threads=None, max_pixels=None, cache=None):
     results = _map_in_chunks(check, mine, threads)
     if not cache:
         results = [(reason, None) for reason in results]
-    bad = {p: r for p, (r, _) in zip(mine, results) if r is not None}
+    # reasons come from the cache (untrusted) or exception texts: escaped for logs and errors
+    bad = {p: printable(r) for p, (r, _) in zip(mine, results) if r is not None}
     fresh = {cache.key(p): e for p, (_, e) in zip(mine, results) if e is not None} if cache else {}
     if world > 1:  # every rank joins both, with or without a cache
         merged = {}
@@ -281,6 +335,7 @@ def bad_fraction_error(what, bad, total, max_bad_fraction):
     if total and len(bad) < total and len(bad) <= max_bad_fraction * total:
         return None
     path, reason = sorted(bad.items())[0]
+    path, reason = printable(path), printable(reason)
     if len(bad) == total:
         return (
             f"{what}: none of the {total} image files is readable (e.g. {path}: {reason}); "
@@ -323,16 +378,22 @@ def walk_inside(top, root, seen):
 
 class PixelLimitLoader:
     """``loader`` that first reads the image's header and refuses (ValueError) an image above
-    ``max_pixels``: without the start-up scan the load is the only check of the size."""
+    ``max_pixels``. Every load of a checked folder goes through it: without the start-up scan it
+    is the only check of the size, and with it a cache that calls a file good is not proof (it
+    may lie, or the file may have changed). ``loader`` None: RGB through PIL (torchvision's
+    ``pil_loader``) from the same open file, so the check costs no second open."""
 
     def __init__(self, loader, max_pixels):
         self.loader, self.max_pixels = loader, max_pixels
 
     def __call__(self, path):
-        with Image.open(path) as im:
+        with open(path, "rb") as f:
+            im = Image.open(f)  # reads the header only
             too_large = pixel_limit_reason(*im.size, self.max_pixels)
-        if too_large:
-            raise ValueError(too_large)
+            if too_large:
+                raise ValueError(too_large)
+            if self.loader is None:
+                return im.convert("RGB")
         return self.loader(path)
 
 
@@ -370,8 +431,9 @@ class CheckedImageFolder(ImageFolder):
         self.scanned, bad = scan_wanted(scan, total), {}
         if self.scanned:
             path = scan_cache_path(self.root, cache_dir)
-            cache = ScanCache(path, self.root, max_pixels, total, what) if path else None
-            bad = scan_images([p for p, _ in self.samples], max_pixels=max_pixels, cache=cache)
+            paths = [p for p, _ in self.samples]
+            cache = ScanCache(path, self.root, max_pixels, total, what, paths) if path else None
+            bad = scan_images(paths, max_pixels=max_pixels, cache=cache)
         else:
             logger.info(
                 "%s: %d files, not decoded at start (DATA.SCAN_IMAGES %s); one that cannot "
@@ -380,13 +442,15 @@ class CheckedImageFolder(ImageFolder):
                 total,
                 scan,
             )
-            if max_pixels:
-                self.loader = PixelLimitLoader(self.loader, max_pixels)
+        if max_pixels:  # a scanned folder too: its cache may call an image good that is not
+            self.loader = PixelLimitLoader(None if loader is None else self.loader, max_pixels)
         error = bad_fraction_error(what, bad, total, max_bad_fraction) if bad else None
         if error:
             raise ValueError(error)
         for path in sorted(bad):
-            logger.warning("%s: skipping unreadable image %s (%s)", what, path, bad[path])
+            logger.warning(
+                "%s: skipping unreadable image %s (%s)", what, printable(path), bad[path]
+            )
         if bad:
             self.samples = [s for s in self.samples if s[0] not in bad]
             self.imgs, self.targets = self.samples, [t for _, t in self.samples]
@@ -436,8 +500,8 @@ class CheckedImageFolder(ImageFolder):
                 logger.warning(
                     "%s: cannot load %s (%s: %s); using the next image instead",
                     self.what,
-                    self.samples[i][0],
+                    printable(self.samples[i][0]),
                     type(e).__name__,
-                    e,
+                    printable(e),
                 )
         raise ValueError(f"{self.what}: no image of {self.root} is readable any more")

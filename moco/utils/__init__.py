@@ -21,6 +21,7 @@ _EXPORTS = {
     "LaunchSpec": "launch",
     "resolve_launch": "launch",
     "launch_from_args": "launch",
+    "check_local_processes": "launch",
     "launch_processes": "launch",
     "process_group_timeout": "launch",
     "setup_process": "launch",

@@ -9,7 +9,10 @@
   (moco.engine.trainer.PretrainTrainer, moco.engine.supervised.SupervisedTrainer) in every process.
 - :func:`process_group_timeout`: ``DIST.TIMEOUT_MINUTES`` as the process group's timeout, so a peer
   that hangs without closing its connection (a frozen or cut-off machine) ends the run after that
-  long; a collective that timed out names the ranks that did not answer a roll call.
+  long; a collective that timed out names the ranks that did not answer a roll call. At most a
+  year (:data:`MAX_TIMEOUT_MINUTES`).
+- :func:`check_local_processes`: at launch, no more processes per machine than CUDA devices (or CPU
+  cores without CUDA).
 - :func:`resolve_device`: the one device rule (auto, cpu, cuda, cuda:N) of every caller.
 """
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+MAX_TIMEOUT_MINUTES = 525600  # a year: DIST.TIMEOUT_MINUTES's bound (process_group_timeout)
 
 
 @dataclasses.dataclass
@@ -120,8 +124,8 @@ def resolve_launch(
 
 def launch_from_args(args):
     """:func:`resolve_launch` of a command line with the official and Detectron2 process flags
-    (tools/pretrain.py, tools/lincls.py)."""
-    return resolve_launch(
+    (tools/pretrain.py, tools/lincls.py), bounded by this machine (:func:`check_local_processes`)."""
+    spec = resolve_launch(
         num_gpus=args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
@@ -130,6 +134,8 @@ def launch_from_args(args):
         rank=args.rank,
         multiprocessing_distributed=args.multiprocessing_distributed,
     )
+    check_local_processes(spec)
+    return spec
 
 
 def process_group_timeout(minutes=None, what="DIST.TIMEOUT_MINUTES"):
@@ -151,7 +157,42 @@ def process_group_timeout(minutes=None, what="DIST.TIMEOUT_MINUTES"):
         raise ValueError(
             f"{what} must be a positive number of minutes (fractions allowed), got {minutes!r}"
         )
+    if value > MAX_TIMEOUT_MINUTES:
+        # timedelta overflows past 1e9 days, and the backends' deadlines (now + timeout, int64
+        # nanoseconds) past 292 years; no peer is worth waiting for longer than a year
+        raise ValueError(
+            f"{what} {minutes!r} is more than a year ({MAX_TIMEOUT_MINUTES} minutes); "
+            "give the longest a peer may be silent, in minutes"
+        )
     return datetime.timedelta(minutes=value)
+
+
+def available_cores():
+    """CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def check_local_processes(spec, flag="--num-gpus"):
+    """One-line ValueError naming ``flag`` when ``spec`` would start more processes on this machine
+    than it has CUDA devices (CUDA available) or CPU cores (no CUDA). Checked at launch, not when
+    flags are parsed: a layout for other machines may be resolved and mapped to a config here."""
+    if spec.from_env or spec.procs_per_machine <= 1:
+        return  # torchrun started the processes; one process is always possible
+    n = spec.procs_per_machine
+    if torch.cuda.is_available():
+        devices = torch.cuda.device_count()
+        if n > devices:
+            raise ValueError(f"{flag} {n}: this machine has {devices} CUDA devices")
+        return
+    cores = available_cores()
+    if n > cores:
+        raise ValueError(
+            f"{flag} {n}: without CUDA each process is a CPU process, and this machine has "
+            f"{cores} cores for this run; give at most {flag} {cores}"
+        )
 
 
 def _init_from_env(timeout):
@@ -199,6 +240,7 @@ def launch_processes(fn, spec, args, timeout_minutes=None):
     Returns ``fn``'s result when it runs in this process (one process or torchrun), else None.
     """
     timeout = process_group_timeout(timeout_minutes)
+    check_local_processes(spec)
     if spec.from_env:
         _init_from_env(timeout)
         return _close_after(fn, *args)
