@@ -32,7 +32,7 @@ from detectron2.utils import comm
 
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg, setup_cfg
-from detection.data.checks import build_checked_train_loader
+from detection.data.checks import build_checked_train_loader, set_annotation_limits
 from detection.data.datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
 from detection.data.order import DataOrder
 from moco.utils import file_io
@@ -120,7 +120,9 @@ class DetectionTrainer(DefaultTrainer):
 
 
 def prepare_datasets(cfg):
-    """Register the embedded datasets the config names (if not yet registered) and check classes."""
+    """Register the embedded datasets the config names (if not yet registered), check classes, set
+    the annotation bounds the checked loaders apply."""
+    set_annotation_limits(cfg.DATALOADER.MAX_ANNOTATIONS, cfg.DATALOADER.MAX_ANNOTATIONS_PER_IMAGE)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     if any(n in SYNTHETIC_DATASETS and n not in registered for n in names):
