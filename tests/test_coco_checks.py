@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 from pycocotools import mask as mask_util
 
 
@@ -228,3 +229,102 @@ def test_valid_segmentations_pass_and_load_in_detectron2(tmp_path):
     assert len(masks) == 4
     string_area, list_area = (float(mask_util.area(m)) for m in masks[2:4])
     assert string_area == list_area == 80.0  # both RLEs are the same 10x8 box
+
+
+def test_the_coco_file_is_read_once_and_loads_as_detectron2_reads_it(tmp_path, monkeypatch):
+    import builtins
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    from detection.data.checks import register_coco_checked
+
+    anns = [_ann(1), _ann(2, segmentation=_rle_list(), iscrowd=1), _ann(3, bbox=[30, 20, 20, 20])]
+    path, images = _coco(tmp_path, anns)
+    expected = load_coco_json(path, images, "test_plain_coco")  # before open is counted
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == path:
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    register_coco_checked("test_read_once", {}, path, images)
+    try:
+        dicts = DatasetCatalog.get("test_read_once")
+    finally:
+        DatasetCatalog.remove("test_read_once")
+        MetadataCatalog.remove("test_read_once")
+        MetadataCatalog.remove("test_plain_coco")
+    assert len(opened) == 1  # check_coco_json's; load_coco_json's pycocotools got the parsed data
+    # the same dicts as Detectron2's own loader, but the box past the 40x30 image clipped
+    assert dicts[0]["annotations"][:2] == expected[0]["annotations"][:2]
+    assert dicts[0]["annotations"][2]["bbox"] == [30.0, 20.0, 40.0, 30.0]
+    import pycocotools.coco
+
+    assert pycocotools.coco.COCO.__name__ == "COCO"  # put back after the load
+
+
+def test_detectron2_builtin_names_get_the_toolkits_checks(tmp_path, monkeypatch):
+    """coco_2017_val and voc_2007_test, registered by Detectron2 at import under the relative
+    root ``datasets``, refuse a NaN polygon and a fractional VOC box after prepare_datasets."""
+    import os
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detection.config import load_cfg
+    from detection.trainer import prepare_datasets
+
+    cfg = load_cfg(
+        os.path.join(REPO, "configs", "detection", "coco_R_50_FPN_1x.yaml"),
+        ["DATASETS.TRAIN", "('coco_2017_val',)", "DATASETS.TEST", "('voc_2007_test',)"],
+    )
+    coco, voc = MetadataCatalog.get("coco_2017_val"), MetadataCatalog.get("voc_2007_test")
+    if os.path.isabs(coco.json_file) or os.path.isabs(voc.dirname):
+        pytest.skip(
+            "DETECTRON2_DATASETS is set: the builtin paths are not under this test's folder"
+        )
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(coco.image_root)
+    os.makedirs(os.path.dirname(coco.json_file))
+    open(os.path.join(coco.image_root, "a.jpg"), "wb").close()
+    bad = _ann(5, segmentation=[[2, 3, float("nan"), 3, 12, 11]])
+    categories = [{"id": i, "name": n} for i, n in enumerate(coco.thing_classes, 1)]
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+        "annotations": [bad],
+        "categories": categories,
+    }
+    with open(coco.json_file, "w") as f:
+        json.dump(data, f)
+    for sub in ("Annotations", "ImageSets/Main"):
+        os.makedirs(os.path.join(voc.dirname, sub))
+    with open(os.path.join(voc.dirname, "ImageSets", "Main", "test.txt"), "w") as f:
+        f.write("a\nb\n")
+    xml = os.path.join(voc.dirname, "Annotations", "a.xml")
+    with open(xml, "w") as f:
+        f.write(
+            "<annotation><size><width>40</width><height>30</height></size><object><name>dog"
+            "</name><bndbox><xmin>1.5</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+            "</object></annotation>"
+        )
+    originals = {n: DatasetCatalog[n] for n in ("coco_2017_val", "voc_2007_test")}
+    try:
+        prepare_datasets(cfg)
+        assert all(DatasetCatalog[n] is not originals[n] for n in originals)
+        with pytest.raises(ValueError) as err:
+            DatasetCatalog.get("coco_2017_val")
+        assert str(err.value) == (
+            f"COCO annotations {coco.json_file}: annotation id 5 (image id 1) has polygon 0 with a "
+            "coordinate that is not a finite number; fix or remove the annotation"
+        )
+        with pytest.raises(ValueError) as err:
+            DatasetCatalog.get("voc_2007_test")
+        assert str(err.value) == (
+            f"VOC annotation {xml}: <bndbox/xmin> in object 0 is '1.5', not an integer"
+        )
+    finally:
+        for name, loader in originals.items():
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, loader)
