@@ -17,9 +17,11 @@
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
   with positive width and height (as torchvision's detectors require); a box slightly outside its
   image is clipped to it and counted, one far outside (beyond one image size) is refused.
-* :func:`drop_unreadable_images`: the training images are decoded once at start
-  (:func:`moco.data.checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
-  warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
+* :func:`drop_unreadable_images`: the training images are decoded at start
+  (:func:`moco.data.checks.scan_images`, sharded over ranks) as ``DATALOADER.SCAN_IMAGES`` says
+  (always, never, auto: up to 50,000 files), with a scan cache per image folder so that a later
+  start decodes only new or changed files; unreadable ones are dropped with one warning each, and
+  more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
 * :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
   None, which the loader answers with the next image, and is counted.
 * :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``
@@ -47,7 +49,16 @@ from detectron2.data.datasets.pascal_voc import load_voc_instances
 from detectron2.structures import BoxMode
 
 from detection.data.order import build_resumable_train_loader
-from moco.data.checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
+from moco.data.checks import (
+    UNREADABLE,
+    ScanCache,
+    bad_fraction_error,
+    check_scan_mode,
+    default_max_bad_fraction,
+    scan_cache_path,
+    scan_images,
+    scan_wanted,
+)
 
 __all__ = [
     "SkipUnreadableMapper",
@@ -492,10 +503,39 @@ def max_bad_fraction(cfg):
     return cfg.DATALOADER.get("MAX_BAD_FRACTION", default_max_bad_fraction())
 
 
-def drop_unreadable_images(dataset_dicts, what, max_fraction):
-    """(readable dicts, number dropped); one warning per dropped file; call in every process."""
+def scan_mode(cfg):
+    """DATALOADER.SCAN_IMAGES (detection.config), checked; moco's DATA.SCAN_IMAGES default without."""
+    from moco.config import get_cfg as moco_defaults
+
+    mode = cfg.DATALOADER.get("SCAN_IMAGES", moco_defaults().DATA.SCAN_IMAGES)
+    return check_scan_mode(mode, "DATALOADER.SCAN_IMAGES")
+
+
+def drop_unreadable_images(dataset_dicts, what, max_fraction, scan="always", cache_dir=None):
+    """(readable dicts, number dropped); one warning per dropped file; call in every process.
+
+    ``scan``: DATALOADER.SCAN_IMAGES (always, never, auto: up to ``moco.config.SCAN_AUTO_MAX_FILES``
+    files). The scan keeps one cache per image folder (:class:`moco.data.checks.ScanCache`, in the
+    folder, else in ``cache_dir``), so a later start decodes only new or changed files. Without the
+    scan, :class:`SkipUnreadableMapper` skips and counts a file that fails at load time."""
     files = sorted({d["file_name"] for d in dataset_dicts})
-    bad = scan_images(files)
+    if not scan_wanted(scan, len(files)):
+        logger.info(
+            "%s: %d image files, not decoded at start (DATALOADER.SCAN_IMAGES %s); one that "
+            "cannot be loaded is skipped and counted",
+            what,
+            len(files),
+            scan,
+        )
+        return dataset_dicts, 0
+    by_folder = {}
+    for path in files:
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    bad = {}
+    for folder, paths in by_folder.items():  # the same order in every rank: scan_images gathers
+        cache_path = scan_cache_path(folder, cache_dir)
+        cache = ScanCache(cache_path, folder, None, len(paths), what) if cache_path else None
+        bad.update(scan_images(paths, cache=cache))
     if not bad:
         return dataset_dicts, 0
     error = bad_fraction_error(what, bad, len(files), max_fraction)
@@ -546,7 +586,9 @@ def build_checked_train_loader(cfg):
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
     what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
-    dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
+    dicts, dropped = drop_unreadable_images(
+        dicts, what, max_bad_fraction(cfg), scan_mode(cfg), cfg.OUTPUT_DIR
+    )
     mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
     loader = build_resumable_train_loader(cfg, dicts, mapper)
     return loader, lambda: dropped + mapper.skipped
