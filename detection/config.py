@@ -3,6 +3,8 @@
 Adjustments made here, and why:
 
 * :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``,
+  ``DATALOADER.SCAN_IMAGES``,
+  ``DATALOADER.MAX_ANNOTATIONS``, ``DATALOADER.MAX_ANNOTATIONS_PER_IMAGE``,
   ``MODEL.ALLOW_PARTIAL_WEIGHTS``, ``DIST.TIMEOUT_MINUTES``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
@@ -23,8 +25,9 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 
 from detection import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
+from detection.data import checks
 from moco.config import get_cfg as moco_defaults
-from moco.data.checks import default_max_bad_fraction
+from moco.data.checks import check_scan_mode, default_max_bad_fraction
 from moco.utils.config_loading import check_safe_yaml, key_hint
 
 __all__ = ["NORM_KEYS", "add_moco_det_config", "load_cfg", "setup_cfg"]
@@ -47,6 +50,13 @@ def add_moco_det_config(cfg):
     """The toolkit's keys on top of Detectron2's config (as PointRend's ``add_pointrend_config``)."""
     # unreadable training images tolerated before the run stops (detection.data.checks)
     cfg.DATALOADER.MAX_BAD_FRACTION = default_max_bad_fraction()
+    # the training images' start-up decode scan, as pretraining's DATA.SCAN_IMAGES: always, never,
+    # or auto (up to moco.config.SCAN_AUTO_MAX_FILES files), cached per file in each image folder
+    cfg.DATALOADER.SCAN_IMAGES = moco_defaults().DATA.SCAN_IMAGES
+    # COCO files with more annotations (in all, or on one image) are refused at start
+    # (detection.data.checks.check_coco_json): 10^6 of them exhausted a run's memory
+    cfg.DATALOADER.MAX_ANNOTATIONS = checks.MAX_ANNOTATIONS
+    cfg.DATALOADER.MAX_ANNOTATIONS_PER_IMAGE = checks.MAX_ANNOTATIONS_PER_IMAGE
     # Weights must load every backbone tensor, shape for shape (detection.checkpoint); True trains
     # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
@@ -91,6 +101,7 @@ def load_cfg(config_file, opts=(), world_size=1):
         cfg.merge_from_list(list(opts or []))
     except (KeyError, AssertionError, ValueError) as e:
         raise ValueError(f"command-line overrides {list(opts)}: {e}{key_hint(cfg, e)}") from None
+    check_scan_mode(cfg.DATALOADER.SCAN_IMAGES, "DATALOADER.SCAN_IMAGES")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if world_size == 1:

@@ -32,8 +32,13 @@ from detectron2.utils import comm
 
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg, setup_cfg
-from detection.data.checks import build_checked_train_loader
-from detection.data.datasets import SYNTHETIC_DATASETS, evaluator_type, register_synthetic
+from detection.data.checks import build_checked_train_loader, set_annotation_limits
+from detection.data.datasets import (
+    SYNTHETIC_DATASETS,
+    evaluator_type,
+    register_synthetic,
+    use_checked_loaders,
+)
 from detection.data.order import DataOrder
 from moco.utils import file_io
 from moco.utils.file_io import atomic_write_json
@@ -120,7 +125,10 @@ class DetectionTrainer(DefaultTrainer):
 
 
 def prepare_datasets(cfg):
-    """Register the embedded datasets the config names (if not yet registered) and check classes."""
+    """Register the embedded datasets the config names (if not yet registered), give Detectron2's
+    builtin names the checked loaders (:func:`use_checked_loaders`), check classes, set the
+    annotation bounds the checked loaders apply."""
+    set_annotation_limits(cfg.DATALOADER.MAX_ANNOTATIONS, cfg.DATALOADER.MAX_ANNOTATIONS_PER_IMAGE)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     if any(n in SYNTHETIC_DATASETS and n not in registered for n in names):
@@ -129,6 +137,7 @@ def prepare_datasets(cfg):
     for name in names:
         if name not in registered:
             raise ValueError(f"DATASETS: {name!r} is not a registered dataset")
+    use_checked_loaders(names)
     for name in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:

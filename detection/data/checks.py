@@ -17,9 +17,11 @@
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
   with positive width and height (as torchvision's detectors require); a box slightly outside its
   image is clipped to it and counted, one far outside (beyond one image size) is refused.
-* :func:`drop_unreadable_images`: the training images are decoded once at start
-  (:func:`moco.data.checks.scan_images`, sharded over ranks), unreadable ones are dropped with one
-  warning each, and more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
+* :func:`drop_unreadable_images`: the training images are decoded at start
+  (:func:`moco.data.checks.scan_images`, sharded over ranks) as ``DATALOADER.SCAN_IMAGES`` says
+  (always, never, auto: up to 50,000 files), with a scan cache per image folder so that a later
+  start decodes only new or changed files; unreadable ones are dropped with one warning each, and
+  more than ``DATALOADER.MAX_BAD_FRACTION`` of them (or all) is an error.
 * :class:`SkipUnreadableMapper` wraps a dataset mapper: an image that fails to decode later returns
   None, which the loader answers with the next image, and is counted.
 * :func:`build_checked_train_loader` puts these together for ``DefaultTrainer.build_train_loader``
@@ -27,12 +29,15 @@
   ``data/skipped_images`` scalar (metrics.json, TensorBoard).
 """
 
+import collections
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
 import numbers
 import os
+import reprlib
 from functools import partial
 
 import defusedxml.ElementTree as DET
@@ -44,7 +49,16 @@ from detectron2.data.datasets.pascal_voc import load_voc_instances
 from detectron2.structures import BoxMode
 
 from detection.data.order import build_resumable_train_loader
-from moco.data.checks import UNREADABLE, bad_fraction_error, default_max_bad_fraction, scan_images
+from moco.data.checks import (
+    UNREADABLE,
+    ScanCache,
+    bad_fraction_error,
+    check_scan_mode,
+    default_max_bad_fraction,
+    scan_cache_path,
+    scan_images,
+    scan_wanted,
+)
 
 __all__ = [
     "SkipUnreadableMapper",
@@ -233,10 +247,119 @@ def _missing_files(paths):
             yield path
 
 
-def check_coco_json(json_file, image_root):
+# A COCO file's size bounds, far above real sets (COCO 2017 train: 860k annotations, at most 93 an
+# image; LVIS v1 train: 1.27M) and below what exhausts a run (10^6 annotations, 50k an image, took
+# 6 GB in 70 s). The two counts are config keys (DATALOADER.MAX_ANNOTATIONS*, detection.config).
+MAX_ANNOTATIONS = 2_000_000
+MAX_ANNOTATIONS_PER_IMAGE = 1000
+MAX_POLYGONS = 1000  # polygons of one annotation
+MAX_POLYGON_COORDINATES = 100_000  # numbers in one annotation's polygons (50,000 points)
+MAX_CATEGORY_ID = 2**31 - 1
+# how far (pixels, or this fraction of the side if larger) a polygon may reach outside its image:
+# annotation tools round and overshoot a little; 1e300 or a sentinel is a broken file
+_POLYGON_SLACK, _POLYGON_SLACK_FRACTION = 2.0, 0.01
+
+_limits = {"annotations": MAX_ANNOTATIONS, "per_image": MAX_ANNOTATIONS_PER_IMAGE}
+
+
+def set_annotation_limits(max_annotations, max_per_image):
+    """The bounds :func:`check_coco_json` applies when a registered loader calls it (a catalog
+    loader takes no arguments): DATALOADER.MAX_ANNOTATIONS and MAX_ANNOTATIONS_PER_IMAGE."""
+    for key, value in (
+        ("DATALOADER.MAX_ANNOTATIONS", max_annotations),
+        ("DATALOADER.MAX_ANNOTATIONS_PER_IMAGE", max_per_image),
+    ):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    _limits.update(annotations=max_annotations, per_image=max_per_image)
+
+
+def _short(value):
+    """A bounded repr (``reprlib``): a hostile value is named, never printed (or built) whole."""
+    return reprlib.repr(value)
+
+
+def _rle_string_counts(text):
+    """The run lengths of a compressed RLE string, as pycocotools' ``rleFrString`` (maskApi.c)
+    reads them, or ValueError: pycocotools decodes without checking that they fit the mask."""
+    counts, p, n = [], 0, len(text)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            c = ord(text[p]) - 48 if p < n else -1
+            if not 0 <= c < 64 or k > 6:  # its alphabet; at most 35 bits a number
+                raise ValueError("not a compressed RLE string")
+            x |= (c & 0x1F) << (5 * k)
+            more = c & 0x20
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        counts.append(x + counts[-2] if len(counts) > 2 else x)
+    return counts
+
+
+def _segmentation_error(segm, width, height):
+    """Why ``segm`` is not a segmentation Detectron2 can use in a ``width`` x ``height`` image, or
+    None. Polygons: lists of an even number (>= 6) of finite coordinates near the image; RLE:
+    ``size`` the image's, ``counts`` runs (a list, or pycocotools' string) that fill it exactly."""
+    if segm is None or segm == []:
+        return None  # no mask: Detectron2 skips it
+    if isinstance(segm, dict):
+        size, counts = segm.get("size"), segm.get("counts")
+        if size != [height, width] or not all(map(_is_int, size)):
+            return f"RLE size {_short(size)}, not the image's [height, width] [{height}, {width}]"
+        if isinstance(counts, str):
+            try:
+                counts = _rle_string_counts(counts)
+            except ValueError as e:
+                return f"RLE counts {_short(counts)}: {e}"
+        elif not isinstance(counts, list) or not all(map(_is_int, counts)):
+            return "RLE counts that are neither a string nor a list of integers"
+        if any(c < 0 for c in counts) or sum(counts) != width * height:
+            return f"RLE counts that do not cover the {width}x{height} image exactly"
+        return None
+    if not isinstance(segm, list):
+        return f"segmentation {_short(segm)}, neither polygons (a list of lists) nor RLE"
+    if len(segm) > MAX_POLYGONS:
+        return f"{len(segm)} polygons, more than {MAX_POLYGONS}"
+    slack_x = max(_POLYGON_SLACK, _POLYGON_SLACK_FRACTION * width)
+    slack_y = max(_POLYGON_SLACK, _POLYGON_SLACK_FRACTION * height)
+    coordinates = 0
+    for i, poly in enumerate(segm):
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            return f"polygon {i}, not a list of an even number >= 6 of coordinates (3+ points)"
+        coordinates += len(poly)
+        if coordinates > MAX_POLYGON_COORDINATES:
+            return f"polygons of more than {MAX_POLYGON_COORDINATES} coordinates"
+        try:
+            total = sum(poly)  # one pass: TypeError for a non-number, NaN and inf carry through
+        except TypeError:
+            return f"polygon {i} with a coordinate that is not a number"
+        if not math.isfinite(total) and not all(map(math.isfinite, poly)):
+            return f"polygon {i} with a coordinate that is not a finite number"
+        xs, ys = poly[0::2], poly[1::2]
+        if (
+            min(xs) < -slack_x
+            or max(xs) > width + slack_x
+            or min(ys) < -slack_y
+            or max(ys) > height + slack_y
+        ):
+            return f"polygon {i} reaching outside the {width}x{height} image"
+    return None
+
+
+def check_coco_json(json_file, image_root, max_annotations=None, max_per_image=None):
     """Raise a one-line ValueError naming ``json_file`` (and the id or key) if it is not a COCO
     annotation file Detectron2's ``load_coco_json`` reads correctly, or names an image that is not
-    under ``image_root``. Boxes' values are :func:`check_boxes`' part, after the load."""
+    under ``image_root``; returns the parsed file. Boxes' values are :func:`check_boxes`' part,
+    after the load. Segmentations (:func:`_segmentation_error`), ``iscrowd`` (0 or 1), category ids
+    (0 to 2^31 - 1) and the number of annotations (``max_annotations`` in all, ``max_per_image``
+    an image; default: :func:`set_annotation_limits`') are checked here: NaN polygons took
+    Detectron2 to 22 GB, 1e300 to a segfault, a wrong-size RLE or ``iscrowd: "yes"`` to an
+    AssertionError traceback."""
+    max_annotations = max_annotations or _limits["annotations"]
+    max_per_image = max_per_image or _limits["per_image"]
     what = f"COCO annotations {json_file}"
     try:
         with open(json_file, encoding="utf-8") as f:
@@ -254,24 +377,65 @@ def check_coco_json(json_file, image_root):
             f"found a {type(data).__name__}"
         )
     images, image_ids = _coco_entries(data, "images", what)
+    annotations = data.get("annotations")
+    if isinstance(annotations, list) and len(annotations) > max_annotations:
+        raise ValueError(
+            f"{what}: {len(annotations)} annotations, more than DATALOADER.MAX_ANNOTATIONS "
+            f"{max_annotations}; raise it if the set is really that large"
+        )
     annotations, _ = _coco_entries(data, "annotations", what)
-    _, category_ids = _coco_entries(data, "categories", what)
+    categories, category_ids = _coco_entries(data, "categories", what)
+    for category in categories:
+        if not 0 <= category["id"] <= MAX_CATEGORY_ID:
+            raise ValueError(
+                f"{what}: category id {category['id']} is outside [0, {MAX_CATEGORY_ID}]; "
+                "number the categories with small integers (COCO's are 1-90)"
+            )
+    for image in images:
+        for key in ("height", "width"):
+            if not _is_int(image[key]) or image[key] <= 0:
+                raise ValueError(
+                    f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
+                    "positive integer"
+                )
+    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
+    per_image = collections.Counter()
     for ann in annotations:
         where = f"{what}: annotation id {ann['id']}"
         if ann["image_id"] not in image_ids:
             raise ValueError(
-                f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has"
+                f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has; "
+                "fix its image_id or remove it"
+            )
+        where += f" (image id {ann['image_id']})"
+        per_image[ann["image_id"]] += 1
+        if per_image[ann["image_id"]] > max_per_image:
+            raise ValueError(
+                f"{where}: the image has more than DATALOADER.MAX_ANNOTATIONS_PER_IMAGE "
+                f"{max_per_image} annotations; remove duplicates or raise the bound"
             )
         if ann["category_id"] not in category_ids:
             raise ValueError(
-                f"{where} (image id {ann['image_id']}) has category_id "
-                f"{ann['category_id']!r}, not declared in 'categories'"
+                f"{where} has category_id {ann['category_id']!r}, not declared in 'categories'; "
+                "declare it or fix the annotation"
             )
         box = ann["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(map(_is_number, box)):
             raise ValueError(
-                f"{where} (image id {ann['image_id']}) has bbox {box!r}, not [x, y, width, height]"
+                f"{where} has bbox {_short(box)}, not [x, y, width, height]; fix or remove it"
             )
+        if ann.get("iscrowd", 0) not in (0, 1) or not _is_int(ann.get("iscrowd", 0)):
+            raise ValueError(
+                f"{where} has iscrowd {_short(ann['iscrowd'])}, not 0 or 1; fix or remove it"
+            )
+        if ann.get("ignore", 0) != 0:  # Detectron2 asserts on it
+            raise ValueError(
+                f"{where} has ignore {_short(ann['ignore'])}, which Detectron2 does not "
+                "support; remove the annotation or the key"
+            )
+        error = _segmentation_error(ann.get("segmentation"), *sizes[ann["image_id"]])
+        if error:
+            raise ValueError(f"{where} has {error}; fix or remove the annotation")
     for image in images:
         name = image["file_name"]
         # a file name below image_root, never a way out of it (as VOC ids, check_voc_annotations)
@@ -280,22 +444,40 @@ def check_coco_json(json_file, image_root):
                 f"{what}: image id {image['id']} has file_name {name!r}, not a file "
                 "name below the image folder"
             )
-        for key in ("height", "width"):
-            if not _is_int(image[key]) or image[key] <= 0:
-                raise ValueError(
-                    f"{what}: image id {image['id']} has {key} {image[key]!r}, not a "
-                    "positive integer"
-                )
     paths = {os.path.join(image_root, im["file_name"]): im["id"] for im in images}
     for path in _missing_files(paths):
         raise ValueError(f"{what}: image id {paths[path]} is {path}, which does not exist")
+    return data
+
+
+@contextlib.contextmanager
+def _coco_api_of(data):
+    """Detectron2's ``load_coco_json`` builds pycocotools' ``COCO(json_file)``, a second parse of a
+    file :func:`check_coco_json` has just parsed (COCO 2017 train: 448 MB, ~10 s each): inside this
+    block that call gets the index of ``data`` instead (pycocotools' own ``createIndex``)."""
+    import pycocotools.coco as coco_module
+
+    original = coco_module.COCO
+
+    def parsed(annotation_file=None):
+        api = original()
+        api.dataset = data
+        api.createIndex()
+        return api
+
+    coco_module.COCO = parsed
+    try:
+        yield
+    finally:
+        coco_module.COCO = original
 
 
 def load_coco_checked(json_file, image_root, name):
-    """:func:`check_coco_json`, then Detectron2's ``load_coco_json``, boxes checked
-    (:func:`check_boxes`)."""
-    check_coco_json(json_file, image_root)
-    dicts = load_coco_json(json_file, image_root, name)
+    """:func:`check_coco_json`, then Detectron2's ``load_coco_json`` on what it parsed (the file is
+    read once), boxes checked (:func:`check_boxes`)."""
+    data = check_coco_json(json_file, image_root)
+    with _coco_api_of(data):
+        dicts = load_coco_json(json_file, image_root, name)
     check_boxes(dicts, lambda d: f"COCO annotations {json_file} (image {d['file_name']})")
     return dicts
 
@@ -321,10 +503,39 @@ def max_bad_fraction(cfg):
     return cfg.DATALOADER.get("MAX_BAD_FRACTION", default_max_bad_fraction())
 
 
-def drop_unreadable_images(dataset_dicts, what, max_fraction):
-    """(readable dicts, number dropped); one warning per dropped file; call in every process."""
+def scan_mode(cfg):
+    """DATALOADER.SCAN_IMAGES (detection.config), checked; moco's DATA.SCAN_IMAGES default without."""
+    from moco.config import get_cfg as moco_defaults
+
+    mode = cfg.DATALOADER.get("SCAN_IMAGES", moco_defaults().DATA.SCAN_IMAGES)
+    return check_scan_mode(mode, "DATALOADER.SCAN_IMAGES")
+
+
+def drop_unreadable_images(dataset_dicts, what, max_fraction, scan="always", cache_dir=None):
+    """(readable dicts, number dropped); one warning per dropped file; call in every process.
+
+    ``scan``: DATALOADER.SCAN_IMAGES (always, never, auto: up to ``moco.config.SCAN_AUTO_MAX_FILES``
+    files). The scan keeps one cache per image folder (:class:`moco.data.checks.ScanCache`, in the
+    folder, else in ``cache_dir``), so a later start decodes only new or changed files. Without the
+    scan, :class:`SkipUnreadableMapper` skips and counts a file that fails at load time."""
     files = sorted({d["file_name"] for d in dataset_dicts})
-    bad = scan_images(files)
+    if not scan_wanted(scan, len(files)):
+        logger.info(
+            "%s: %d image files, not decoded at start (DATALOADER.SCAN_IMAGES %s); one that "
+            "cannot be loaded is skipped and counted",
+            what,
+            len(files),
+            scan,
+        )
+        return dataset_dicts, 0
+    by_folder = {}
+    for path in files:
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    bad = {}
+    for folder, paths in by_folder.items():  # the same order in every rank: scan_images gathers
+        cache_path = scan_cache_path(folder, cache_dir)
+        cache = ScanCache(cache_path, folder, None, len(paths), what) if cache_path else None
+        bad.update(scan_images(paths, cache=cache))
     if not bad:
         return dataset_dicts, 0
     error = bad_fraction_error(what, bad, len(files), max_fraction)
@@ -375,7 +586,9 @@ def build_checked_train_loader(cfg):
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
     what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
-    dicts, dropped = drop_unreadable_images(dicts, what, max_bad_fraction(cfg))
+    dicts, dropped = drop_unreadable_images(
+        dicts, what, max_bad_fraction(cfg), scan_mode(cfg), cfg.OUTPUT_DIR
+    )
     mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
     loader = build_resumable_train_loader(cfg, dicts, mapper)
     return loader, lambda: dropped + mapper.skipped

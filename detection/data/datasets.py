@@ -11,15 +11,23 @@
   (``evaluator_type`` "coco", boxes and polygon masks; its loader checks the boxes,
   :func:`detection.data.checks.check_boxes`).
 
-Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are never touched.
+Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) keep their paths and
+metadata; :func:`use_checked_loaders` gives them (and any name registered with Detectron2's
+``register_coco_instances`` / ``register_pascal_voc``) the same checked loaders.
 """
 
 import logging
 import os
+from functools import partial
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from detection.data.checks import register_coco_checked, register_pascal_voc_checked
+from detection.data.checks import (
+    load_coco_checked,
+    load_voc_checked,
+    register_coco_checked,
+    register_pascal_voc_checked,
+)
 from moco.data.synthetic.spec import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "default_synthetic_root",
     "evaluator_type",
     "register_synthetic",
+    "use_checked_loaders",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +105,41 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
             }
             register_coco_checked(name, metadata, paths["json_file"], paths["image_root"])
     return registered
+
+
+# the loaders Detectron2's own helpers register (its builtin COCO-instance and VOC names use them)
+_D2_LOADERS = {
+    ("detectron2.data.datasets.coco", "register_coco_instances"): "coco",
+    ("detectron2.data.datasets.pascal_voc", "register_pascal_voc"): "voc",
+}
+
+
+def use_checked_loaders(names) -> list[str]:
+    """Re-register those of ``names`` whose loader is Detectron2's ``register_coco_instances`` /
+    ``register_pascal_voc`` one (the builtin ``coco_2017_*``, ``coco_2014_*``, ``voc_*``, or a
+    user's) with the checked loaders (:func:`detection.data.checks.load_coco_checked`,
+    :func:`~detection.data.checks.load_voc_checked`), from the same paths and classes in their
+    metadata, which stays as it is. Other loaders are left alone. Returns the names replaced."""
+    replaced = []
+    for name in dict.fromkeys(names):
+        if name not in DatasetCatalog.list():
+            continue
+        loader = DatasetCatalog[name]
+        qualname = getattr(loader, "__qualname__", "")
+        kind = _D2_LOADERS.get((getattr(loader, "__module__", None), qualname.split(".")[0]))
+        if kind is None or not qualname.endswith("<lambda>"):
+            continue
+        meta = MetadataCatalog.get(name)
+        if kind == "coco":
+            checked = partial(load_coco_checked, meta.json_file, meta.image_root, name)
+        else:
+            checked = partial(load_voc_checked, meta.dirname, meta.split, list(meta.thing_classes))
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, checked)
+        replaced.append(name)
+    if replaced:
+        logger.info("annotation checks on for %s", ", ".join(replaced))
+    return replaced
 
 
 def evaluator_type(dataset_name: str) -> str:
