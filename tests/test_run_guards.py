@@ -115,6 +115,40 @@ def test_a_new_run_never_writes_over_a_finished_one_and_resume_auto_says_what_it
     )
 
 
+def test_a_failed_start_leaves_no_folder_and_the_corrected_run_is_not_refused(
+    synthetic_root, tmp_path, capsys
+):
+    from moco import checkpoint as C
+    from moco.modeling.moco import MoCo
+    from moco.modeling.resnet import resnet_encoder
+
+    # pretraining: the kNN folder has no train/ (found after the log and config.yaml are written)
+    out = tmp_path / "pre"
+    pretrain = load_tool("pretrain").main
+    assert pretrain(tiny_opts(synthetic_root, out, **{"KNN.DATA": str(tmp_path)})) == 2
+    assert "has no train/" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert pretrain(tiny_opts(synthetic_root, out)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # detection: unconverted MoCo weights (found when the trainer loads them)
+    model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
+    weights = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))
+    det = tmp_path / "det"
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(det)]
+    train_net = load_tool("train_net").main
+    assert train_net([*argv, "MODEL.WEIGHTS", weights]) == 2
+    assert "tools/convert_to_d2.py" in capsys.readouterr().err
+    assert not det.exists()
+    assert train_net(argv) == 0, capsys.readouterr().err
+    assert (det / "final_metrics.json").is_file()
+    # a folder that existed keeps what it held; only what the failed start wrote goes
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    assert train_net([*argv[:-1], str(kept), "MODEL.WEIGHTS", weights]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("mine\n")
