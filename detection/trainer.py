@@ -274,7 +274,8 @@ def run(args, prog="train_net.py"):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
     if args.machine_rank != 0:  # machine 0 holds the folder's lock
         return _launch(args, cfg)
-    with file_io.run_folder_lock(cfg.OUTPUT_DIR):
+    # a start that fails (bad weights, data) leaves no folder to refuse the corrected run
+    with file_io.locked_new_run(cfg.OUTPUT_DIR, started=(*file_io.STARTED_FILES, FINAL_METRICS)):
         if not (args.resume or args.eval_only):  # an evaluation writes no checkpoints
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):

@@ -257,6 +257,24 @@ def test_cli_prints_counts_and_refuses_bad_input(tmp_path):
     assert not (tmp_path / "x.pkl").exists()
 
 
+def test_the_cli_refuses_to_overwrite_an_output_without_force(tmp_path, capsys):
+    tv = _randomized(torchvision.models.resnet18(), seed=9)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    torch.save(_randomized(torchvision.models.resnet18(), seed=10).state_dict(), tmp_path / "b.pth")
+    main, out = load_tool("convert_to_d2").main, tmp_path / "out.pkl"
+    assert main([str(tmp_path / "tv.pth"), str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main([str(tmp_path / "b.pth"), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"convert_to_d2.py: error: OUTPUT {out} exists; give another name, or --force to "
+        "overwrite it\n"
+    )
+    assert out.read_bytes() == before
+    assert main([str(tmp_path / "b.pth"), str(out), "--force"]) == 0
+    assert out.read_bytes() != before
+
+
 def test_refusals_leave_existing_output_untouched(tmp_path):
     tv = _randomized(torchvision.models.resnet18(), seed=9)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")

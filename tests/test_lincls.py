@@ -200,6 +200,7 @@ def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
     assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
+    assert not (tmp_path / "r34").exists()  # a failed start leaves no folder behind
 
 
 def test_lincls_output_goes_under_output_named_after_the_pretraining_run():

@@ -115,6 +115,40 @@ def test_a_new_run_never_writes_over_a_finished_one_and_resume_auto_says_what_it
     )
 
 
+def test_a_failed_start_leaves_no_folder_and_the_corrected_run_is_not_refused(
+    synthetic_root, tmp_path, capsys
+):
+    from moco import checkpoint as C
+    from moco.modeling.moco import MoCo
+    from moco.modeling.resnet import resnet_encoder
+
+    # pretraining: the kNN folder has no train/ (found after the log and config.yaml are written)
+    out = tmp_path / "pre"
+    pretrain = load_tool("pretrain").main
+    assert pretrain(tiny_opts(synthetic_root, out, **{"KNN.DATA": str(tmp_path)})) == 2
+    assert "has no train/" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert pretrain(tiny_opts(synthetic_root, out)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # detection: unconverted MoCo weights (found when the trainer loads them)
+    model = MoCo(resnet_encoder("resnet18"), dim=16, K=8, mlp=False, shuffle_bn="off")
+    weights = C.save_checkpoint(C.build_checkpoint(model, None, 1, "resnet18"), str(tmp_path))
+    det = tmp_path / "det"
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(det)]
+    train_net = load_tool("train_net").main
+    assert train_net([*argv, "MODEL.WEIGHTS", weights]) == 2
+    assert "tools/convert_to_d2.py" in capsys.readouterr().err
+    assert not det.exists()
+    assert train_net(argv) == 0, capsys.readouterr().err
+    assert (det / "final_metrics.json").is_file()
+    # a folder that existed keeps what it held; only what the failed start wrote goes
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    assert train_net([*argv[:-1], str(kept), "MODEL.WEIGHTS", weights]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("mine\n")
@@ -169,7 +203,7 @@ def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(
         "pretrain.py: stopped by SIGTERM after iteration"
     )
     # to continue: the command that was run, with --resume auto
-    assert line.endswith(f"tools/pretrain.py {shlex.join(cmd[2:])} --resume auto"), line
+    assert line.endswith(f"tools/pretrain.py --resume auto {shlex.join(cmd[2:])}"), line
     path = line.split("checkpoint ", 1)[1].split(";")[0]
     assert os.path.dirname(path) == str(out) and (
         out / "last_checkpoint"
@@ -181,6 +215,38 @@ def test_sigterm_stops_pretraining_with_a_checkpoint_and_stale_tmp_is_removed(
         rows[-1]["iteration"] == ckpt["iteration"] - 1
     )  # the last step is logged, then resumed after
     assert not file_io.remove_stale_temp_files(str(out))
+    # the printed command, run exactly as printed, continues after that checkpoint
+    pointer = out / "last_checkpoint"
+    again = _run_printed(line, ENV, lambda: pointer.read_text() != os.path.basename(path))
+    later = again.split("checkpoint ", 1)[1].split(";")[0]
+    resumed = torch.load(later, map_location="cpu", weights_only=True)
+    assert resumed["iteration"] > ckpt["iteration"]
+    assert f"--resume auto: resuming from {path}" in (out / "log.txt").read_text()
+
+
+def _run_printed(line, env, progressed, signum=signal.SIGINT):
+    """Run the command a stop line printed (after ": ") exactly as printed, from the repository
+    root; once ``progressed()`` stop it with ``signum`` and return its own stop line, which must
+    print the same command."""
+    printed = line.split("): ", 1)[1]
+    proc = subprocess.Popen(
+        shlex.split(printed),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not progressed():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the resumed run made no progress"
+        time.sleep(0.1)
+    err = _stop(proc, signum)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
+    again = err.strip().splitlines()[-1]
+    assert again.endswith(printed), again
+    return again
 
 
 def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):
@@ -212,7 +278,8 @@ def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root,
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("train_net.py: stopped by SIGINT after iteration") and "--resume" in line
-    assert line.endswith(f"tools/train_net.py {shlex.join(cmd[2:])} --resume"), line  # to continue
+    # to continue: --resume before the KEY VALUE overrides (after them it would be one more)
+    assert line.endswith(f"tools/train_net.py --resume {shlex.join(cmd[2:])}"), line
     models = sorted(out.glob("model_*.pth"))
     assert models and (out / "last_checkpoint").read_text() == models[-1].name
     for m in models:  # each complete: never a 0-byte file under the final name
@@ -220,6 +287,13 @@ def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root,
     for row in (out / "metrics.json").read_text().splitlines():
         json.loads(row)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    # the printed command, run exactly as printed, resumes from the last checkpoint and trains on
+    stopped = torch.load(models[-1], map_location="cpu", weights_only=True)["iteration"]
+    newer = out / f"model_{stopped + 1:07d}.pth"
+    _run_printed(line, env, newer.exists)
+    assert f"Loading from {models[-1]}" in (out / "log.txt").read_text()
+    rows = [json.loads(r) for r in (out / "metrics.json").read_text().splitlines()]
+    assert rows[-1]["iteration"] > stopped  # it trained past the stop
 
 
 def test_a_kill_during_a_detection_save_leaves_no_partial_file(tmp_path, monkeypatch):

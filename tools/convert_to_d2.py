@@ -6,10 +6,12 @@
         MODEL.WEIGHTS moco_r50.pkl
 
 Reads official MoCo v1/v2 and this toolkit's checkpoints, MoCo v3 ResNet checkpoints and
-torchvision ResNet state dicts (weights only; see detection/convert.py).
+torchvision ResNet state dicts (weights only; see detection/convert.py). An existing OUTPUT is
+refused unless --force is given.
 """
 
 import argparse
+import os
 import pickle
 import sys
 
@@ -25,6 +27,9 @@ def parse_args(argv=None):
     parser.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
     parser.add_argument(
+        "--force", action="store_true", help="overwrite OUTPUT if it exists (default: refuse)"
+    )
+    parser.add_argument(
         "--format",
         default=None,
         metavar="FORMAT",
@@ -35,6 +40,11 @@ def parse_args(argv=None):
 
 
 def run(args):
+    if os.path.exists(args.output) and not args.force:
+        # converted weights are what a run cites (final_metrics.json names the file)
+        raise FileExistsError(
+            f"OUTPUT {args.output} exists; give another name, or --force to overwrite it"
+        )
     from detection.convert import convert_checkpoint  # after parsing: --help answers at once
 
     result = convert_checkpoint(args.input, args.output, args.format)

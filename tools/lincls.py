@@ -147,6 +147,7 @@ def run(args):
         check_new_run,
         run_lincls,
     )
+    from moco.utils import file_io
     from moco.utils.launch import launch_from_args, launch_processes, process_group_timeout
 
     spec = launch_from_args(args)
@@ -188,7 +189,10 @@ def run(args):
         scan_images=args.scan_images,
     )
     print(f"lincls.py: output folder {out}", flush=True)
-    launch_processes(run_lincls, spec, (opts,), timeout_minutes=args.dist_timeout_minutes)
+    # one run per folder; a failed start (a bad --pretrained, data) leaves none behind
+    started = (*file_io.STARTED_FILES, CHECKPOINT_FILE, RESULTS_FILE)
+    with file_io.locked_new_run(out, "--output-dir", started=started):
+        launch_processes(run_lincls, spec, (opts,), timeout_minutes=args.dist_timeout_minutes)
     files = (RESULTS_FILE,) if args.evaluate else (RESULTS_FILE, CHECKPOINT_FILE, BEST_FILE)
     print("lincls.py: wrote " + ", ".join(os.path.join(out, f) for f in files))
 

@@ -19,8 +19,8 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
     in-process. ``trainer_cls.check_launch(cfg, world_size)`` runs first, before any process starts.
 
     The first process of the run (this one on machine 0; rank 0 under torchrun) holds OUTPUT_DIR's
-    lock for the whole run (moco.utils.file_io.run_folder_lock), refuses a folder of another config
-    unless resuming, and removes temporary files a killed run left there.
+    lock for the whole run (moco.utils.file_io.locked_new_run: a failed start leaves nothing), refuses
+    a folder of another config unless resuming, and removes temporary files a killed run left there.
     """
     trainer_cls.check_launch(cfg, spec.world_size)
     start = functools.partial(
@@ -34,7 +34,7 @@ def launch_training(trainer_cls, cfg, spec, resume=None):
     first = os.environ.get("RANK", "0") == "0" if spec.from_env else spec.machine_rank == 0
     if not first:
         return start()
-    with file_io.run_folder_lock(cfg.OUTPUT_DIR):
+    with file_io.locked_new_run(cfg.OUTPUT_DIR):  # a failed start leaves no folder
         if not resume:
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume auto")
             _check_no_earlier_run(cfg.OUTPUT_DIR)

@@ -55,9 +55,12 @@ def run_cli(prog, fn, errors=(), rewrite=None):
 
 
 def resume_command(script, argv, resume=("--resume", "auto")):
-    """The command line that continues a run: this interpreter, ``script`` and ``argv`` with
-    ``resume`` (the flag and its value, if it takes one) in place of any ``--resume`` given; the
-    interpreter relative to the current folder when inside it, as a user would type it."""
+    """The command line that continues a run: this interpreter, ``script``, ``resume`` (the flag
+    and its value, if it takes one) and ``argv`` without any ``--resume`` given; the interpreter
+    relative to the current folder when inside it, as a user would type it.
+
+    ``resume`` comes first: after trailing ``KEY VALUE`` overrides (train_net's argparse
+    REMAINDER) it would be read as one more override ("Override list has odd length")."""
     args, rest = [], list(argv)
     while rest:
         a = rest.pop(0)
@@ -68,7 +71,7 @@ def resume_command(script, argv, resume=("--resume", "auto")):
     python = sys.executable
     if python.startswith(os.getcwd() + os.sep):
         python = os.path.relpath(python)
-    return shlex.join([python, script, *args, *resume])
+    return shlex.join([python, script, *resume, *args])
 
 
 def _raised_in_worker(e):

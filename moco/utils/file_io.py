@@ -16,14 +16,17 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 
-from moco.utils.run_files import CONFIG_FILE
+from moco.utils.run_files import CONFIG_FILE, METRICS_FILE
 
 _TMP_SUFFIX = ".tmp"
 # what atomic_write's mkstemp names look like: ".<target>.<8 random characters>.tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 LOCK_FILE = ".lock"
+# a run folder holding any of these holds a run that started (a checkpoint pointer, logged steps)
+STARTED_FILES = ("last_checkpoint", METRICS_FILE)
 
 
 def _fsync_dir(path):
@@ -257,3 +260,38 @@ def check_folder_config(folder, config_text, resume_hint):
         f"OUTPUT_DIR {folder} holds a run of another configuration ({saved} differs); "
         f"give another folder, or {resume_hint} to continue that run"
     )
+
+
+@contextlib.contextmanager
+def locked_new_run(folder, what="OUTPUT_DIR", started=STARTED_FILES):
+    """:func:`run_folder_lock`, and a start that fails leaves nothing behind: when the block raises
+    (an error, Ctrl-C) before ``folder`` holds any of ``started`` (non-empty: the writers open
+    metrics.json before the first step), what the block created there
+    (config.yaml, log.txt, TensorBoard events) is removed, and the folder if it was new. Otherwise
+    the next run there, with the mistake fixed, would be refused as "a run of another
+    configuration". Removed while the lock is held, so no other run's files are touched."""
+    existed = os.path.isdir(folder)
+    before = set(os.listdir(folder)) if existed else set()
+    with run_folder_lock(folder, what) as lock:
+        try:
+            yield lock
+        except BaseException:
+            if not any(_non_empty(os.path.join(folder, n)) for n in started):
+                for name in set(os.listdir(folder)) - before:
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(path)
+                if not existed:
+                    with contextlib.suppress(OSError):  # a file appeared meanwhile: keep it
+                        os.rmdir(folder)
+            raise
+
+
+def _non_empty(path):
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
