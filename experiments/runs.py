@@ -55,6 +55,23 @@ def stage_key(material, root=REPO_ROOT):
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
+def available_cores():
+    """The cores this process may run on (its CPU affinity; a container's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs, what="JOBS"):
+    """Lanes of :meth:`Stages.run_many`: ``jobs`` if >= 1, 0 ("auto") = one per available core."""
+    if jobs == 0:
+        return available_cores()
+    if jobs < 0:
+        raise ValueError(f"{what} must be >= 1, or 0 for auto (one per available core), got {jobs}")
+    return int(jobs)
+
+
 def read_marker(path):
     """The JSON of a finished-marker file, or None when it is missing or unreadable."""
     if not os.path.isfile(path):
