@@ -213,39 +213,38 @@ def plan_runs(acfg, world_size=None):
     world = world_size or acfg.NUM_PROCESSES
     skip = {str(x) for x in acfg.SKIP}
     runs = []
-    for mech in series:
-        for value in values:
-            for seed in acfg.SEEDS:
-                cfg = base.clone()
-                try:
-                    overrides = run_overrides(base, setting, value, mech, variants)
-                    merge_opts(cfg, [str(x) for x in overrides])
-                    label = cfg.MODEL.MECHANISM  # the line of the run in the table and plot
-                    if cell_name(label, value) in skip or _fmt_value(value) in skip:
-                        continue
-                    name = os.path.join(label, run_name(setting, value), f"seed{seed}")
-                    cfg.SEED = int(seed)
-                    validate_cfg(cfg, world)
-                except ValueError as e:
-                    raise ValueError(
-                        f"ablation run {mech or base.MODEL.MECHANISM} "
-                        f"{run_name(setting, value)}: {e}"
-                    ) from None
-                material = _material(cfg)
-                key = stage_key(material)
-                cfg.OUTPUT_DIR = os.path.join(acfg.OUTPUT_DIR, f"{name}-{key}")
-                cfg.freeze()
-                runs.append(
-                    {
-                        "series": label,
-                        "value": value,
-                        "seed": int(seed),
-                        "name": name,
-                        "material": material,
-                        "dir": cfg.OUTPUT_DIR,
-                        "cfg": cfg,
-                    }
-                )
+    # seed-major: every cell has its first seeds before any has its last, so the lanes' queue
+    # order makes a sweep stopped early (or still running) comparable across all values
+    for mech, seed, value in [(m, s, v) for s in acfg.SEEDS for m in series for v in values]:
+        cfg = base.clone()
+        try:
+            overrides = run_overrides(base, setting, value, mech, variants)
+            merge_opts(cfg, [str(x) for x in overrides])
+            label = cfg.MODEL.MECHANISM  # the line of the run in the table and plot
+            if cell_name(label, value) in skip or _fmt_value(value) in skip:
+                continue
+            name = os.path.join(label, run_name(setting, value), f"seed{seed}")
+            cfg.SEED = int(seed)
+            validate_cfg(cfg, world)
+        except ValueError as e:
+            raise ValueError(
+                f"ablation run {mech or base.MODEL.MECHANISM} {run_name(setting, value)}: {e}"
+            ) from None
+        material = _material(cfg)
+        key = stage_key(material)
+        cfg.OUTPUT_DIR = os.path.join(acfg.OUTPUT_DIR, f"{name}-{key}")
+        cfg.freeze()
+        runs.append(
+            {
+                "series": label,
+                "value": value,
+                "seed": int(seed),
+                "name": name,
+                "material": material,
+                "dir": cfg.OUTPUT_DIR,
+                "cfg": cfg,
+            }
+        )
     if not runs:
         raise ValueError("SKIP leaves no run of the sweep")
     return runs
