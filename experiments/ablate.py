@@ -1,41 +1,57 @@
-"""Ablations of the MoCo paper (Sec. 4.1): sweep one setting, pretrain + evaluate per value and seed.
+"""Ablations of the MoCo paper (Sec. 4.1, Fig. 3; MoCo v2 Table 1): sweep one setting,
+pretrain + evaluate per value and seed, with paired statistics.
 
 A sweep is a pretraining config (``PRETRAIN_CONFIG`` + ``OPTS``), one ``SETTING`` swept over
 ``VALUES``, optionally one line per mechanism (``SERIES``: the paper's Fig. 3 compares moco,
-end_to_end and memory_bank over K), and ``SEEDS``. Each (series, value, seed) run pretrains in its
-own folder ``OUTPUT_DIR/<mechanism>/<setting>=<value>/seed<seed>`` with the engine (resumed from its
-last checkpoint if interrupted, skipped when its ``pretrain_summary.json`` says it finished) and is
-scored by the kNN monitor's last top-1 (and, with ``LINEAR.EPOCHS`` > 0, linear classification on
-the frozen encoder, moco.evaluation.lincls).
+end_to_end and memory_bank over K), and ``SEEDS``. Settings: ``m`` (MODEL.M), ``K``, ``T``
+(MODEL.T), ``mechanism`` (MODEL.MECHANISM) and ``variant``: a named list of config overrides
+(``VARIANTS``: ``[name, KEY, VALUE, ...]`` each; the v1 -> v2 ladder), VALUES then naming the
+variants run (all, in order, when empty). K is the dictionary size, so for ``end_to_end`` it is
+the global batch (SOLVER.IMS_PER_BATCH = K with the learning rate scaled linearly from the
+config's batch); for moco the queue, for memory_bank the negatives drawn per step. ``SKIP``
+leaves out cells (``series:value`` or ``value``) that cannot run, e.g. end-to-end at a K its
+memory cannot hold.
 
-Settings: ``m`` (MODEL.M), ``K``, ``T`` (MODEL.T), ``mechanism`` (MODEL.MECHANISM). K is the
-dictionary size, so for ``end_to_end`` it is the global batch (SOLVER.IMS_PER_BATCH = K with the
-learning rate scaled linearly from the config's batch); for moco the queue, for memory_bank the
-negatives drawn per step.
+Runs are the run-folder machinery's stages (experiments.runs.Stages): each (series, value, seed)
+pretrains in ``OUTPUT_DIR/<mechanism>/<setting>=<value>/seed<seed>-<key>`` (key: a hash of its
+pretraining config, so a changed config gets a new folder), is reused when finished, resumes
+from its last checkpoint when interrupted, and runs in one of ``JOBS`` lanes (worker processes,
+one thread each; 0 = auto, one lane per available core; 1 = in this process). With
+``LINEAR.EPOCHS`` > 0 a linear classifier (moco.evaluation.lincls) is trained on each run's frozen
+encoder, as a stage that joins the queue when its pretraining finishes.
 
-A run *fails* (the paper's "fail" for m = 0) when training raises (e.g. a NaN/inf loss), a logged
-loss is not finite, the loss does not decrease (mean of the last quarter of the logged iterations
-not at least ``FAIL.MIN_LOSS_DROP`` (relative) below the second quarter's, the first quarter being
-the warm-up while a queue fills), or the final kNN top-1 is within ``FAIL.CHANCE_MARGIN`` points of
-chance. Failed runs are labeled, not raised; the table gives mean ± std over the seeds that did
-not fail, "fail" when all failed.
+Every record carries the final kNN top-1 (backbone), the untrained encoder's (KNN.AT_START), the
+loss curve's ends and, with a momentum encoder, the key encoder's drift per epoch
+(moco.engine.hooks.KeyEncoderDrift).
+
+A run *fails* in the paper's sense, a loss that does not train (the rule, fixed before the
+sweeps ran, is in docs/RESULTS.md): training raises (e.g. a NaN/inf loss), a logged loss is not
+finite, the loss does not decrease (mean of the last quarter of the logged iterations not at
+least ``FAIL.MIN_LOSS_DROP`` (relative) below the second quarter's, the first quarter being the
+warm-up while a queue fills), or the final kNN top-1 is within ``FAIL.CHANCE_MARGIN`` points of
+chance. The reason is stated in each record. A run whose final kNN is below its untrained kNN is
+flagged ``below_untrained`` (the loss trained, the features got worse) but not called failed.
+
+Statistics (scipy): each cell (series, value) gives mean ± sd and a 95% t interval over its ok
+runs; each adjacent pair of values within a series (``PAIR_ADJACENT``) and each ``COMPARE`` pair
+``[a, b]`` gives a - b paired by seed over the seeds where both runs are ok, with its 95% t
+interval and a two-sided paired t-test p.
 
 Outputs in OUTPUT_DIR: ``ablation.md``, ``ablation.csv``, ``ablation.json`` and ``ablation.png``.
 """
 
-import json
+import functools
 import logging
 import math
 import os
 import statistics
-import time
 import traceback
 
 from fvcore.common.config import CfgNode as CN
 
 from experiments import report
-from experiments.report import Stat
-from experiments.runs import check_same_config, fresh_loggers, read_marker
+from experiments.report.paired import paired_difference
+from experiments.runs import Stages, read_marker, resolve_jobs, stage_key
 from moco.config import load_cfg
 from moco.engine.launch import launch_training
 from moco.engine.trainer import PretrainTrainer, validate_cfg
@@ -43,25 +59,39 @@ from moco.modeling.build import mechanism_names
 from moco.utils import file_io
 from moco.utils.config_loading import load_config, merge_opts
 from moco.utils.launch import LaunchSpec
-from moco.utils.run_files import PRETRAIN_SUMMARY, read_metrics
+from moco.utils.run_files import PRETRAIN_SUMMARY, STAGE_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = {"m": "MODEL.M", "K": "MODEL.K", "T": "MODEL.T", "mechanism": "MODEL.MECHANISM"}
-_PARSE = {"m": float, "K": int, "T": float, "mechanism": str}
+SETTINGS = {
+    "m": "MODEL.M",
+    "K": "MODEL.K",
+    "T": "MODEL.T",
+    "mechanism": "MODEL.MECHANISM",
+    "variant": None,  # VARIANTS' overrides
+}
+_PARSE = {"m": float, "K": int, "T": float, "mechanism": str, "variant": str}
 REPORT_NAME = "ablation"
+METRICS = ("knn_top1", "lincls_top1")
 
 
 def get_ablation_cfg():
     """Defaults of an ablation sweep (presets: configs/ablation/*.yaml)."""
     c = CN()
-    c.PRETRAIN_CONFIG = "configs/pretrain/moco_v2_R18_cpu.yaml"
+    c.PRETRAIN_CONFIG = "configs/pretrain/moco_v2_R18w16_embedded.yaml"
     c.OPTS = []  # KEY VALUE overrides of every run's pretraining config
     c.SETTING = "m"  # one of SETTINGS
     c.VALUES = []
+    c.VARIANTS = []  # SETTING variant: [[name, KEY, VALUE, ...], ...]
     c.SERIES = []  # mechanisms, one line each; [] = the pretraining config's mechanism
+    c.SKIP = []  # cells not run: "series:value" or "value"
     c.SEEDS = [0, 1, 2]
+    # lanes (worker processes, one thread each) running the runs side by side; 0 = auto: one
+    # per available core; 1 = one run after the other in this process
+    c.JOBS = 0
     c.NUM_PROCESSES = 1  # per run (Detectron2 launch; CPU processes without CUDA)
+    c.PAIR_ADJACENT = True  # paired difference of each value and the one before it, per series
+    c.COMPARE = []  # more paired differences: [[a, b], ...], cells named "series:value" or "value"
     c.LINEAR = CN()
     c.LINEAR.EPOCHS = 0  # 0: kNN only
     c.LINEAR.LR = 30.0
@@ -75,18 +105,45 @@ def get_ablation_cfg():
 
 
 def load_ablation_cfg(preset=None, opts=None):
-    return load_config(get_ablation_cfg, preset, opts)
+    return load_config(
+        get_ablation_cfg, preset, opts, what="--preset", keys="experiments/ablate.py"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # runs
 
 
-def parse_values(setting, values):
+def variant_table(acfg):
+    """{name: [KEY, VALUE, ...]} of VARIANTS, in order; one-line errors for a malformed entry."""
+    table = {}
+    for v in acfg.VARIANTS:
+        if not isinstance(v, (list, tuple)) or not v or not isinstance(v[0], str):
+            raise ValueError(f"VARIANTS: each entry is [name, KEY, VALUE, ...], got {v!r}")
+        name, opts = v[0], [str(x) for x in v[1:]]
+        if len(opts) % 2:
+            raise ValueError(f"VARIANTS {name!r}: overrides must be KEY VALUE pairs, got {opts}")
+        if name in table:
+            raise ValueError(f"VARIANTS: {name!r} is named twice")
+        table[name] = opts
+    return table
+
+
+def parse_values(setting, values, variants=None):
     if setting not in SETTINGS:
         raise ValueError(
             f"unknown ablation setting {setting!r}; choose one of: {', '.join(SETTINGS)}"
         )
+    if setting == "variant":
+        if not variants:
+            raise ValueError("SETTING variant needs VARIANTS: [[name, KEY, VALUE, ...], ...]")
+        values = list(values) or list(variants)
+        unknown = [v for v in values if str(v) not in variants]
+        if unknown:
+            raise ValueError(
+                f"VALUES (--values) {unknown} are not VARIANTS; known: {', '.join(variants)}"
+            )
+        return [str(v) for v in values]
     if not values:
         raise ValueError(f"no values to sweep for {setting} (VALUES / --values)")
     try:
@@ -104,13 +161,20 @@ def run_name(setting, value):
     return f"{setting}={value:g}" if isinstance(value, float) else f"{setting}={value}"
 
 
-def run_overrides(base, setting, value, mechanism):
+def cell_name(series, value):
+    """A cell's name in SKIP and COMPARE: ``series:value``."""
+    return f"{series}:{_fmt_value(value)}"
+
+
+def run_overrides(base, setting, value, mechanism, variants=None):
     """KEY VALUE overrides of one run on top of ``base`` (the sweep's pretraining config)."""
     opts = []
     if mechanism:
         opts += ["MODEL.MECHANISM", mechanism]
     mech = mechanism or (value if setting == "mechanism" else base.MODEL.MECHANISM)
-    if setting == "K" and mech == "end_to_end":  # the dictionary is the batch
+    if setting == "variant":
+        opts += list(variants[value])
+    elif setting == "K" and mech == "end_to_end":  # the dictionary is the batch
         lr = base.SOLVER.BASE_LR * value / base.SOLVER.IMS_PER_BATCH  # linear scaling
         opts += ["SOLVER.IMS_PER_BATCH", value, "SOLVER.BASE_LR", lr]
     else:
@@ -118,13 +182,23 @@ def run_overrides(base, setting, value, mechanism):
     return opts
 
 
+def _material(cfg):
+    """What decides a pretraining run's result: its config, less the folder it is written to."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    return {"pretrain": cfg.dump()}
+
+
 def plan_runs(acfg, world_size=None):
-    """Every run of the sweep: dicts with series, value, seed, dir and its frozen pretrain cfg.
+    """Every run of the sweep: dicts with series, value, seed, name (its stage name under
+    OUTPUT_DIR), material (its stage key's), dir and its frozen pretrain cfg.
 
     Raises a one-line ValueError for a value that cannot train, before any run starts.
     """
     setting = acfg.SETTING
-    values = parse_values(setting, list(acfg.VALUES))
+    variants = variant_table(acfg) if setting == "variant" else None
+    values = parse_values(setting, list(acfg.VALUES), variants)
     series = list(acfg.SERIES) or [None]
     for s in series:
         if s is not None and s not in mechanism_names():
@@ -137,29 +211,42 @@ def plan_runs(acfg, world_size=None):
         raise ValueError("SEEDS (--seeds) is empty: give at least one seed")
     base = load_cfg(acfg.PRETRAIN_CONFIG, list(acfg.OPTS))
     world = world_size or acfg.NUM_PROCESSES
+    skip = {str(x) for x in acfg.SKIP}
     runs = []
-    for mech in series:
-        for value in values:
-            for seed in acfg.SEEDS:
-                cfg = base.clone()
-                try:
-                    merge_opts(cfg, [str(x) for x in run_overrides(base, setting, value, mech)])
-                    label = cfg.MODEL.MECHANISM  # the line of the run in the table and plot
-                    out = os.path.join(
-                        acfg.OUTPUT_DIR, label, run_name(setting, value), f"seed{seed}"
-                    )
-                    cfg.SEED, cfg.OUTPUT_DIR = int(seed), out
-                    validate_cfg(cfg, world)
-                except ValueError as e:
-                    raise ValueError(
-                        f"ablation run {mech or base.MODEL.MECHANISM} "
-                        f"{run_name(setting, value)}: {e}"
-                    ) from None
-                cfg.freeze()
-                check_same_config(cfg, out)
-                runs.append(
-                    {"series": label, "value": value, "seed": int(seed), "dir": out, "cfg": cfg}
-                )
+    # seed-major: every cell has its first seeds before any has its last, so the lanes' queue
+    # order makes a sweep stopped early (or still running) comparable across all values
+    for mech, seed, value in [(m, s, v) for s in acfg.SEEDS for m in series for v in values]:
+        cfg = base.clone()
+        try:
+            overrides = run_overrides(base, setting, value, mech, variants)
+            merge_opts(cfg, [str(x) for x in overrides])
+            label = cfg.MODEL.MECHANISM  # the line of the run in the table and plot
+            if cell_name(label, value) in skip or _fmt_value(value) in skip:
+                continue
+            name = os.path.join(label, run_name(setting, value), f"seed{seed}")
+            cfg.SEED = int(seed)
+            validate_cfg(cfg, world)
+        except ValueError as e:
+            raise ValueError(
+                f"ablation run {mech or base.MODEL.MECHANISM} {run_name(setting, value)}: {e}"
+            ) from None
+        material = _material(cfg)
+        key = stage_key(material)
+        cfg.OUTPUT_DIR = os.path.join(acfg.OUTPUT_DIR, f"{name}-{key}")
+        cfg.freeze()
+        runs.append(
+            {
+                "series": label,
+                "value": value,
+                "seed": int(seed),
+                "name": name,
+                "material": material,
+                "dir": cfg.OUTPUT_DIR,
+                "cfg": cfg,
+            }
+        )
+    if not runs:
+        raise ValueError("SKIP leaves no run of the sweep")
     return runs
 
 
@@ -179,109 +266,174 @@ def detect_failure(losses, knn_top1=None, chance=None, min_loss_drop=0.01, chanc
     return None
 
 
-def finished_summary(run):
-    """The run's pretrain_summary.json if it finished the configured schedule, else None."""
-    summary = read_marker(os.path.join(run["dir"], PRETRAIN_SUMMARY))
-    if summary is None:
-        return None
-    cfg = run["cfg"]
-    if (
-        summary.get("epochs") != cfg.SOLVER.EPOCHS
-        or summary.get("mechanism") != cfg.MODEL.MECHANISM
-    ):
-        return None
-    return summary
+def pretrain_run(cfg, num_processes, out, resume):
+    """Stage function: pretrain one run in ``out`` (resumed from its last checkpoint) and return
+    what its record needs. An exception in training (e.g. a NaN loss) is a result, not a crash:
+    it comes back as ``error`` (and the run is tried again by the next call of the sweep)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = out
+    cfg.freeze()
+    error = None
+    try:
+        launch_training(
+            PretrainTrainer, cfg, LaunchSpec(procs_per_machine=num_processes), resume="auto"
+        )
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a diverging run is a result of the sweep
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        error = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
+        logger.warning("run %s failed:\n%s", out, traceback.format_exc())
+    summary = None if error else read_marker(os.path.join(out, PRETRAIN_SUMMARY))
+    if summary is None and error is None:
+        error = f"no {PRETRAIN_SUMMARY} after training"
+    summary = summary or {}
+    losses = [r["total_loss"] for r in read_metrics(out) if "total_loss" in r]
+    knn = summary.get("knn") or []
+    return {
+        "error": error,
+        "losses": losses,
+        "knn": [{"epoch": e["epoch"], "top1": e["top1"]} for e in knn],
+        "knn_top1": knn[-1]["top1"] if knn else None,
+        # KNN.AT_START's pass (epoch 0) of this process; a resumed run has it from before
+        "knn_untrained": next((e["top1"] for e in knn if e["epoch"] == 0), None),
+        "knn_chance": summary.get("knn_chance"),
+        "iterations": summary.get("max_iter"),
+        "train_step_seconds": summary.get("train_step_seconds"),
+        "key_encoder_drift": summary.get("key_encoder_drift") or [],
+        "last_checkpoint": summary.get("last_checkpoint"),
+    }
 
 
-def _linear_eval(run, acfg, checkpoint):
-    from moco.evaluation.lincls import RESULTS_FILE, LinclsOptions, run_lincls
+def linear_run(cfg, linear, seed, checkpoint, out, resume):
+    """Stage function: linear classification on the frozen encoder of ``checkpoint``."""
+    from moco.evaluation.lincls import LinclsOptions, run_lincls
 
-    cfg, out = run["cfg"], os.path.join(run["dir"], "lincls")
-    results_path = os.path.join(out, RESULTS_FILE)
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            done = json.load(f)
-        if len(done.get("history", [])) >= acfg.LINEAR.EPOCHS:
-            return done["top1"]
-    epochs = acfg.LINEAR.EPOCHS
-    schedule = list(acfg.LINEAR.SCHEDULE) or [int(epochs * 0.6), int(epochs * 0.8)]
+    epochs = int(linear["EPOCHS"])
+    schedule = list(linear["SCHEDULE"]) or [int(epochs * 0.6), int(epochs * 0.8)]
     opts = LinclsOptions(
         data=cfg.KNN.DATA or cfg.DATA.ROOT,
         arch=cfg.MODEL.ARCH,
         workers=cfg.DATALOADER.NUM_WORKERS,
         epochs=epochs,
-        batch_size=acfg.LINEAR.BATCH_SIZE,
-        lr=acfg.LINEAR.LR,
+        batch_size=int(linear["BATCH_SIZE"]),
+        lr=float(linear["LR"]),
         schedule=schedule,
         pretrained=checkpoint,
-        seed=run["seed"],
+        seed=seed,
         crop_size=cfg.INPUT.CROP_SIZE,
         output_dir=out,
         device=cfg.MODEL.DEVICE,
         print_freq=0,
     )
-    return run_lincls(opts)["top1"]
+    return {"lincls_top1": run_lincls(opts)["top1"]}
 
 
-def execute_run(run, acfg, spec):
-    """Pretrain (unless finished) and score one run; returns its record (status ok / fail)."""
+def make_record(run, outputs, acfg, reused=False, seconds=None):
+    """The run's record: values, metrics, untrained kNN, drift, status and the reason of a fail."""
+    outputs = outputs or {}
+    losses = outputs.get("losses") or []
     record = {k: run[k] for k in ("series", "value", "seed", "dir")}
-    start = time.perf_counter()
-    summary = finished_summary(run)
-    record["reused"] = summary is not None
-    error = None
-    if summary is None:
-        try:
-            with fresh_loggers():
-                launch_training(PretrainTrainer, run["cfg"], spec, resume="auto")
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a diverging run is a result of the sweep, not a crash
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            error = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
-            logger.warning("run %s failed:\n%s", run["dir"], traceback.format_exc())
-        summary = None if error else finished_summary(run)
-        if summary is None and error is None:
-            error = f"no {PRETRAIN_SUMMARY} after training"
-    losses = [r["total_loss"] for r in read_metrics(run["dir"]) if "total_loss" in r]
-    knn = (summary or {}).get("knn") or []
     record.update(
-        knn_top1=knn[-1]["top1"] if knn else None,
-        knn_chance=(summary or {}).get("knn_chance"),
+        reused=reused,
+        knn_top1=outputs.get("knn_top1"),
+        knn_untrained=outputs.get("knn_untrained"),
+        knn_chance=outputs.get("knn_chance"),
         loss_first=losses[0] if losses else None,
         loss_last=losses[-1] if losses else None,
-        iterations=(summary or {}).get("max_iter"),
+        iterations=outputs.get("iterations"),
+        key_encoder_drift=outputs.get("key_encoder_drift") or [],
         lincls_top1=None,
+        seconds=seconds,
     )
-    reason = error or detect_failure(
+    reason = outputs.get("error") or detect_failure(
         losses,
         record["knn_top1"],
         record["knn_chance"],
         acfg.FAIL.MIN_LOSS_DROP,
         acfg.FAIL.CHANCE_MARGIN,
     )
-    if reason is None and acfg.LINEAR.EPOCHS > 0:
-        with fresh_loggers():
-            record["lincls_top1"] = _linear_eval(run, acfg, summary["last_checkpoint"])
+    knn, untrained = record["knn_top1"], record["knn_untrained"]
     record.update(
-        status="fail" if reason else "ok", reason=reason, seconds=time.perf_counter() - start
+        status="fail" if reason else "ok",
+        reason=reason,
+        knn_gain=(knn - untrained) if knn is not None and untrained is not None else None,
+        below_untrained=bool(knn is not None and untrained is not None and knn < untrained),
     )
     return record
+
+
+def run_ablation(acfg, jobs=None):
+    """Plan, run (or reuse) every run over ``jobs`` lanes (default JOBS), write the report;
+    returns (rows, records)."""
+    runs = plan_runs(acfg)
+    lanes = resolve_jobs(acfg.JOBS if jobs is None else jobs, "JOBS (--jobs)")
+    linear = acfg.LINEAR.EPOCHS > 0
+    for run in runs:  # a run that raised is tried again (it resumes from its last checkpoint)
+        marker = os.path.join(run["dir"], STAGE_FILE)
+        done = read_marker(marker)
+        if done is not None and (done.get("outputs") or {}).get("error"):
+            os.remove(marker)
+    stages = Stages(acfg.OUTPUT_DIR, total=len(runs) * (2 if linear else 1))
+    procs = int(acfg.NUM_PROCESSES)
+    initial = [
+        (run["name"], run["material"], functools.partial(pretrain_run, run["cfg"], procs))
+        for run in runs
+    ]
+    kinds = {}  # stage index -> (run index, "lincls") for the linear stages
+
+    def then(i, outputs):
+        if not linear or i >= len(runs) or outputs.get("error") or not outputs["last_checkpoint"]:
+            return []
+        run = runs[i]
+        material = {
+            "checkpoint": outputs["last_checkpoint"],
+            "linear": {k: v for k, v in acfg.LINEAR.items()},
+        }
+        kinds[len(runs) + len(kinds)] = i
+        fn = functools.partial(
+            linear_run, run["cfg"], dict(acfg.LINEAR), run["seed"], outputs["last_checkpoint"]
+        )
+        return [(os.path.join(run["name"], "lincls"), material, fn)]
+
+    outputs = stages.run_many(initial, jobs=lanes, threads=1 if lanes > 1 else None, then=then)
+    by_stage = {r["name"]: r for r in stages.records}
+    records = []
+    for i, run in enumerate(runs):
+        rec = by_stage.get(run["name"], {})
+        records.append(
+            make_record(run, outputs[i], acfg, bool(rec.get("reused")), rec.get("seconds"))
+        )
+    for j, i in kinds.items():
+        records[i]["lincls_top1"] = outputs[j]["lincls_top1"]
+    rows = write_report(records, acfg)
+    return rows, records
 
 
 # ------------------------------------------------------------------------------------------------
 # table and plot
 
 
-def _mean_std(xs):
+def cell_stats(xs):
+    """(mean, sd, (lo, hi)) of ``xs``: sample sd, 95% t interval (scipy); Nones for none."""
+    from scipy import stats as st
+
     if not xs:
-        return None, None
-    stat = Stat.of(xs)
-    return stat.mean, (stat.std if stat.n > 1 else 0.0)
+        return None, None, None
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return mean, 0.0, None
+    sd = statistics.stdev(xs)
+    if sd == 0:
+        return mean, 0.0, (mean, mean)
+    lo, hi = st.t.interval(0.95, len(xs) - 1, loc=mean, scale=st.sem(xs))
+    return mean, sd, (float(lo), float(hi))
 
 
-def aggregate(records, metrics=("knn_top1", "lincls_top1")):
-    """One row per (series, value), in sweep order: mean/std of each metric over the ok runs."""
+def aggregate(records, metrics=METRICS):
+    """One row per (series, value), in sweep order: mean / sd / 95% CI of each metric over the
+    ok runs, the untrained kNN's mean over all runs, and the counts of fails and collapses."""
     rows, index = [], {}
     for r in records:
         key = (r["series"], r["value"])
@@ -294,15 +446,83 @@ def aggregate(records, metrics=("knn_top1", "lincls_top1")):
         row["runs"].append(r)
         if r["status"] == "fail":
             row["failed"] += 1
-            row["reasons"].append(r["reason"])
+            row["reasons"].append(f"seed {r['seed']}: {r['reason']}")
     for row in rows:
         ok = [r for r in row["runs"] if r["status"] == "ok"]
         row["seeds"] = len(row["runs"])
+        row["below_untrained"] = sum(bool(r.get("below_untrained")) for r in row["runs"])
         for m in metrics:
             vals = [r[m] for r in ok if r.get(m) is not None]
-            row[m], row[m + "_std"] = _mean_std(vals)
+            row[m], row[m + "_std"], row[m + "_ci95"] = cell_stats(vals)
+        untrained = [r["knn_untrained"] for r in row["runs"] if r.get("knn_untrained") is not None]
+        row["knn_untrained"] = statistics.fmean(untrained) if untrained else None
         del row["runs"]
     return rows
+
+
+def _cell_index(records):
+    cells = {}
+    for r in records:
+        cells.setdefault((r["series"], r["value"]), []).append(r)
+    return cells
+
+
+def _find_cell(cells, name):
+    """The (series, value) a COMPARE name means: ``series:value``, or ``value`` with one series."""
+    matches = [c for c in cells if name in (cell_name(*c), _fmt_value(c[1]))]
+    if len(matches) != 1:
+        known = ", ".join(cell_name(*c) for c in cells)
+        why = "names several cells" if matches else "is no cell of this sweep"
+        raise ValueError(f"COMPARE: {name!r} {why}; cells: {known}")
+    return matches[0]
+
+
+def pair_list(records, acfg):
+    """The (a, b) cells compared: each value minus the one before it within a series
+    (PAIR_ADJACENT), then COMPARE's pairs."""
+    cells = _cell_index(records)
+    pairs = []
+    if acfg.PAIR_ADJACENT:
+        for series in dict.fromkeys(c[0] for c in cells):
+            mine = [c for c in cells if c[0] == series]
+            pairs += [(b, a) for a, b in zip(mine, mine[1:])]
+    for entry in acfg.COMPARE:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"COMPARE: each entry is [a, b] (a minus b), got {entry!r}")
+        pair = (_find_cell(cells, str(entry[0])), _find_cell(cells, str(entry[1])))
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def paired_rows(records, acfg, metrics=METRICS):
+    """Each pair of :func:`pair_list` and metric: a - b paired by seed over the seeds where both
+    runs are ok; mean, 95% t interval and the two-sided paired t-test's p (scipy)."""
+    cells = _cell_index(records)
+    out = []
+    for a, b in pair_list(records, acfg):
+        for m in metrics:
+            va = {r["seed"]: r[m] for r in cells[a] if r["status"] == "ok" and r.get(m) is not None}
+            vb = {r["seed"]: r[m] for r in cells[b] if r["status"] == "ok" and r.get(m) is not None}
+            if m != "knn_top1" and not (va or vb):
+                continue  # a metric not measured in this sweep
+            seeds = [s for s in va if s in vb]
+            n, mean, ci, p = paired_difference(
+                [va[s] for s in seeds], [vb[s] for s in seeds], alternative="two-sided"
+            )
+            out.append(
+                {
+                    "a": cell_name(*a),
+                    "b": cell_name(*b),
+                    "metric": m,
+                    "seeds": seeds,
+                    "n_pairs": n,
+                    "mean_diff": mean,
+                    "ci95": list(ci) if ci else None,
+                    "p_value": p,
+                }
+            )
+    return out
 
 
 def format_cell(row, metric):
@@ -315,6 +535,10 @@ def format_cell(row, metric):
     return cell + (f" ({row['failed']}/{row['seeds']} fail)" if row["failed"] else "")
 
 
+def format_ci(ci):
+    return f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "-"
+
+
 def _columns(rows):
     cols = [("kNN top-1", "knn_top1")]
     if any(r["lincls_top1"] is not None for r in rows):
@@ -324,13 +548,35 @@ def _columns(rows):
 
 def markdown_table(rows, setting):
     cols = _columns(rows)
-    head = ["mechanism", setting] + [c[0] for c in cols] + ["seeds"]
-    cells = [
-        [r["series"], _fmt_value(r["value"])]
-        + [format_cell(r, c[1]) for c in cols]
-        + [str(r["seeds"])]
-        for r in rows
-    ]
+    head = ["mechanism", setting]
+    for name, _ in cols:
+        head += [name, "95% CI"]
+    head += ["untrained kNN", "seeds", "below untrained"]
+    cells = []
+    for r in rows:
+        line = [r["series"], _fmt_value(r["value"])]
+        for _, m in cols:
+            line += [format_cell(r, m), format_ci(r[m + "_ci95"])]
+        untrained = r["knn_untrained"]
+        line += [
+            "-" if untrained is None else f"{untrained:.1f}",
+            str(r["seeds"]),
+            f"{r['below_untrained']}/{r['seeds']}",
+        ]
+        cells.append(line)
+    return report.markdown_table(head, cells) + "\n"
+
+
+def markdown_pairs(pairs):
+    """The paired differences as a Markdown table."""
+    names = {"knn_top1": "kNN top-1", "lincls_top1": "linear top-1"}
+    cells = []
+    for p in pairs:
+        diff = "-" if p["mean_diff"] is None else f"{p['mean_diff']:+.1f}"
+        ci = f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]" if p["ci95"] else "-"
+        pv = "-" if p["p_value"] is None else f"{p['p_value']:.3g}"
+        cells.append([f"{p['a']} - {p['b']}", names[p["metric"]], str(p["n_pairs"]), diff, ci, pv])
+    head = ["difference (paired by seed)", "metric", "pairs", "mean", "95% CI", "p (two-sided)"]
     return report.markdown_table(head, cells) + "\n"
 
 
@@ -340,10 +586,14 @@ def csv_table(rows, setting):
         setting,
         "knn_top1_mean",
         "knn_top1_std",
+        "knn_top1_ci95_lo",
+        "knn_top1_ci95_hi",
+        "knn_untrained_mean",
         "lincls_top1_mean",
         "lincls_top1_std",
         "seeds",
         "failed",
+        "below_untrained",
         "label",
     ]
     cells = [
@@ -352,10 +602,13 @@ def csv_table(rows, setting):
             r["value"],
             r["knn_top1"],
             r["knn_top1_std"],
+            *(r["knn_top1_ci95"] or (None, None)),
+            r["knn_untrained"],
             r["lincls_top1"],
             r["lincls_top1_std"],
             r["seeds"],
             r["failed"],
+            r["below_untrained"],
             "fail" if r["failed"] == r["seeds"] else "ok",
         ]
         for r in rows
@@ -416,6 +669,7 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
             "K": "K (dictionary size)",
             "T": "temperature T",
             "mechanism": "mechanism",
+            "variant": "variant",
         }[setting]
     )
     ax.set_ylabel({"knn_top1": "kNN top-1 (%)", "lincls_top1": "linear top-1 (%)"}[metric])
@@ -431,33 +685,18 @@ def write_report(records, acfg, output_dir=None):
     out = output_dir or acfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     rows = aggregate(records)
+    pairs = paired_rows(records, acfg)
     setting = acfg.SETTING
     base = os.path.join(out, REPORT_NAME)
-    file_io.atomic_write_text(base + ".md", markdown_table(rows, setting))
+    text = markdown_table(rows, setting)
+    if pairs:
+        text += "\n" + markdown_pairs(pairs)
+    file_io.atomic_write_text(base + ".md", text)
     file_io.atomic_write_text(base + ".csv", csv_table(rows, setting))
     file_io.atomic_write_json(
-        base + ".json", {"setting": setting, "config": acfg.dump(), "rows": rows, "runs": records}
+        base + ".json",
+        {"setting": setting, "config": acfg.dump(), "rows": rows, "pairs": pairs, "runs": records},
     )
     metric = "lincls_top1" if any(r["lincls_top1"] is not None for r in rows) else "knn_top1"
     plot(rows, setting, base + ".png", metric=metric, title=f"{setting} sweep")
     return rows
-
-
-def run_ablation(acfg):
-    """Plan, run (or reuse) every run, write the report; returns (rows, records)."""
-    spec = LaunchSpec(procs_per_machine=int(acfg.NUM_PROCESSES))
-    runs = plan_runs(acfg)
-    records = []
-    for i, run in enumerate(runs):
-        logger.info("ablation run %d/%d: %s", i + 1, len(runs), run["dir"])
-        records.append(execute_run(run, acfg, spec))
-        rec = records[-1]
-        logger.info(
-            "  %s%s, kNN top-1 %s%s",
-            rec["status"],
-            " (reused)" if rec["reused"] else "",
-            rec["knn_top1"],
-            f": {rec['reason']}" if rec["reason"] else "",
-        )
-    rows = write_report(records, acfg)
-    return rows, records

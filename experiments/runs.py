@@ -85,6 +85,17 @@ def listing_fingerprint(folder):
     return {"files": len(entries), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
+def resolve_jobs(jobs, what="JOBS"):
+    """Lanes of :meth:`Stages.run_many`: ``jobs`` if >= 1, 0 ("auto") = one per available core."""
+    if jobs == 0:
+        from moco.utils.launch import available_cores  # torch: not at import (tools' --help)
+
+        return available_cores()
+    if jobs < 0:
+        raise ValueError(f"{what} must be >= 1, or 0 for auto (one per available core), got {jobs}")
+    return int(jobs)
+
+
 def read_marker(path):
     """The JSON of a finished-marker file, or None when it is missing or unreadable."""
     if not os.path.isfile(path):
@@ -223,9 +234,7 @@ class Stages:
             why = f"its outputs are {json.dumps(record.get('outputs'))[:40]}, not a record"
         else:
             return record
-        raise ValueError(
-            f"{path}: {why}; remove {os.path.dirname(path)} to run stage {name} again"
-        )
+        raise ValueError(f"{path}: {why}; remove {os.path.dirname(path)} to run stage {name} again")
 
     def _finish(self, head, name, key, material, out, outputs, seconds):
         record = {

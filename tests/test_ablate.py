@@ -1,5 +1,7 @@
-"""experiments.ablate / tools/ablate.py: fail detector, table / CSV / JSON / plot, a real tiny sweep with a
-NaN run labeled fail, reuse of finished runs, one-line errors."""
+"""experiments.ablate / tools/ablate.py: fail detector, table / CSV / JSON / plot with 95% CIs,
+paired differences by seed (scipy), named variants, a real tiny sweep with a NaN run labeled fail
+and the key encoder's drift, lanes (worker processes) giving the in-process results, reuse of
+finished runs, one-line errors."""
 
 import json
 import os
@@ -14,10 +16,12 @@ from experiments.ablate import (
     detect_failure,
     load_ablation_cfg,
     markdown_table,
+    paired_rows,
     plan_runs,
     run_ablation,
     write_report,
 )
+from experiments.report import paired_difference
 
 TOOL = os.path.join(REPO, "tools", "ablate.py")
 
@@ -49,6 +53,8 @@ def _records():
                     "status": "ok" if acc is not None else "fail",
                     "reason": None if acc is not None else "loss not decreasing (1 -> 1)",
                     "knn_top1": acc,
+                    "knn_untrained": 40.0 + seed,
+                    "below_untrained": False,
                     "lincls_top1": None,
                 }
             )
@@ -63,18 +69,62 @@ def test_table_csv_json_and_plot(tmp_path):
     assert rows[1]["knn_top1"] == pytest.approx(52.0) and rows[1]["knn_top1_std"] == pytest.approx(
         2.828, abs=1e-3
     )
+    # 95% t interval of [50, 54]: 52 +- t(0.975, 1) * 2 = 52 +- 25.41
+    assert rows[1]["knn_top1_ci95"] == pytest.approx([52 - 25.412, 52 + 25.412], abs=1e-2)
+    assert rows[1]["knn_untrained"] == pytest.approx(40.5)
     md = (tmp_path / "ablation.md").read_text().splitlines()
-    assert md[0] == "| mechanism | m | kNN top-1 | seeds |"
-    assert md[2] == "| moco | 0 | fail | 2 |"
-    assert md[3] == "| moco | 0.9 | 52.0 ± 2.8 | 2 |"
-    assert md[4] == "| moco | 0.99 | 60.0 ± 0.0 (1/2 fail) | 2 |"
+    assert md[0] == (
+        "| mechanism | m | kNN top-1 | 95% CI | untrained kNN | seeds | below untrained |"
+    )
+    assert md[2] == "| moco | 0 | fail | - | 40.5 | 2 | 0/2 |"
+    assert md[3] == "| moco | 0.9 | 52.0 ± 2.8 | [26.6, 77.4] | 40.5 | 2 | 0/2 |"
+    assert md[4] == "| moco | 0.99 | 60.0 ± 0.0 (1/2 fail) | - | 40.5 | 2 | 0/2 |"
+    # adjacent pairs, by seed over the seeds where both runs are ok: 0.9 - 0 has none,
+    # 0.99 - 0.9 has seed 0 only (+10, no interval)
+    assert "| moco:0.9 - moco:0 | kNN top-1 | 0 | - | - | - |" in md
+    assert "| moco:0.99 - moco:0.9 | kNN top-1 | 1 | +10.0 | - | - |" in md
     csv_lines = (tmp_path / "ablation.csv").read_text().splitlines()
-    assert csv_lines[1].startswith("moco,0.0,,,") and csv_lines[1].endswith(",2,2,fail")
+    assert csv_lines[1].startswith("moco,0.0,,,") and csv_lines[1].endswith(",2,2,0,fail")
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert data["setting"] == "m" and len(data["runs"]) == 6
-    assert data["rows"][0]["reasons"] == ["loss not decreasing (1 -> 1)"] * 2
+    assert data["rows"][0]["reasons"] == [f"seed {s}: loss not decreasing (1 -> 1)" for s in (0, 1)]
+    assert [(p["a"], p["b"], p["n_pairs"]) for p in data["pairs"]] == [
+        ("moco:0.9", "moco:0", 0),
+        ("moco:0.99", "moco:0.9", 1),
+    ]
     png = (tmp_path / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_paired_differences_by_seed_match_scipy():
+    from scipy import stats
+
+    def rec(value, seed, acc):
+        return {"series": "moco", "value": value, "seed": seed, "status": "ok", "knn_top1": acc}
+
+    a = [61.0, 64.5, 59.0, 66.0]
+    b = [60.0, 61.0, 58.5, 62.0]
+    # seed order differs between the cells: pairing is by seed, not by position
+    recs = [rec(0.99, s, b[s]) for s in (3, 1, 0, 2)] + [rec(0.999, s, a[s]) for s in range(4)]
+    recs.append(rec(0.999, 7, 99.0))  # a seed the other cell lacks: not paired
+    acfg = load_ablation_cfg()
+    (pair,) = paired_rows(recs, acfg, metrics=("knn_top1",))
+    diffs = [x - y for x, y in zip(a, b)]
+    lo, hi = stats.t.interval(0.95, 3, loc=sum(diffs) / 4, scale=stats.sem(diffs))
+    assert pair["a"] == "moco:0.999" and pair["b"] == "moco:0.99" and pair["n_pairs"] == 4
+    assert pair["mean_diff"] == pytest.approx(sum(diffs) / 4)
+    assert pair["ci95"] == pytest.approx([lo, hi])
+    assert pair["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    n, mean, ci, p = paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0], "two-sided")
+    assert (n, mean) == (3, 3.0) and ci == pytest.approx([3 - 2.4841, 3 + 2.4841], abs=1e-4)
+    # COMPARE names cells; an unknown or ambiguous name is one line listing the cells
+    acfg.PAIR_ADJACENT = False
+    acfg.COMPARE = [["0.99", "0.999"]]
+    (pair,) = paired_rows(recs, acfg, metrics=("knn_top1",))
+    assert pair["mean_diff"] == pytest.approx(-sum(diffs) / 4)
+    acfg.COMPARE = [["moco:0.5", "0.99"]]
+    with pytest.raises(ValueError, match=r"COMPARE: 'moco:0.5' is no cell of this sweep; cells: "):
+        paired_rows(recs, acfg)
 
 
 def test_k_sweep_table_has_one_line_per_mechanism(tmp_path):
@@ -87,6 +137,7 @@ def test_k_sweep_table_has_one_line_per_mechanism(tmp_path):
             "status": "ok",
             "reason": None,
             "knn_top1": 30.0 + k / 64,
+            "knn_untrained": 20.0,
             "lincls_top1": 20.0,
         }
         for s in ("end_to_end", "memory_bank", "moco")
@@ -106,13 +157,19 @@ def test_k_sweep_table_has_one_line_per_mechanism(tmp_path):
 
 def _tiny_acfg(synthetic_root, out, **kw):
     data = os.path.join(synthetic_root, "imagefolder")
-    acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "momentum_cpu.yaml"))
+    acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "momentum.yaml"))
     acfg.PRETRAIN_CONFIG = os.path.join(REPO, "configs", "pretrain", "moco_v1_R18_cpu.yaml")
     acfg.OPTS = list(acfg.OPTS) + [
         "DATA.ROOT",
         data,
         "KNN.DATA",
         data,
+        "KNN.AT_START",
+        "True",
+        "KNN.PERIOD",
+        "1",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "5",
         "SOLVER.IMS_PER_BATCH",
         "8",
         "MODEL.K",
@@ -133,6 +190,7 @@ def _tiny_acfg(synthetic_root, out, **kw):
         "1",
     ]
     acfg.SEEDS = [0]
+    acfg.JOBS = 1
     acfg.FAIL.CHANCE_MARGIN = -100.0  # 3 iterations cannot beat chance; judge only NaN here
     acfg.OUTPUT_DIR = str(out)
     for k, v in kw.items():
@@ -140,25 +198,57 @@ def _tiny_acfg(synthetic_root, out, **kw):
     return acfg
 
 
-def test_tiny_sweep_labels_a_nan_run_fail_and_reuses_finished_runs(
+# T = 1e-45 is a float32 denormal: the logits overflow to inf and the loss is NaN at step 0
+VARIANTS = [["m0.9", "MODEL.M", 0.9], ["m0.9999", "MODEL.M", "0.9999"], ["nan", "MODEL.T", 1e-45]]
+
+
+def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
     synthetic_root, tmp_path, one_thread
 ):
-    # T = 1e-45 is a float32 denormal: the logits overflow to inf and the loss is NaN at step 0
-    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="T", VALUES=[0.2, 1e-45])
+    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="variant", VARIANTS=VARIANTS, VALUES=[])
     rows, records = run_ablation(acfg)
-    ok, nan = records
-    assert ok["status"] == "ok" and ok["knn_top1"] is not None and ok["iterations"] == 3
+    fast, slow, nan = records
+    for ok in (fast, slow):
+        assert ok["status"] == "ok" and ok["knn_top1"] is not None and ok["iterations"] == 3
+        assert ok["knn_untrained"] is not None  # KNN.AT_START's pass, beside the final one
+        assert ok["knn_gain"] == pytest.approx(ok["knn_top1"] - ok["knn_untrained"])
+        start, end = ok["key_encoder_drift"]
+        assert (start["epoch"], end["epoch"]) == (0, 1)
+        # the key encoder starts as a copy of the query encoder
+        assert start["key_drift_start"] == 0.0 and start["key_gap_query"] == 0.0
+        assert end["key_drift_start"] > 0 and end["key_gap_query"] > 0
+    # m = 0.9999 moves its key encoder ~1000x less than m = 0.9 in 3 steps (1 - m^3)
+    drift = [r["key_encoder_drift"][-1]["key_drift_start"] for r in (fast, slow)]
+    assert drift[1] < drift[0] / 100, drift
     assert nan["status"] == "fail" and "nan" in nan["reason"].lower(), nan["reason"]
-    assert os.path.isfile(os.path.join(ok["dir"], "pretrain_summary.json"))
-    assert ok["dir"].endswith(os.path.join("moco", "T=0.2", "seed0"))
+    assert os.path.isfile(os.path.join(fast["dir"], "pretrain_summary.json"))
+    assert os.path.basename(os.path.dirname(fast["dir"])) == "variant=m0.9"
+    assert os.path.basename(fast["dir"]).startswith("seed0-")  # keyed by its config
     md = (tmp_path / "ablation.md").read_text()
-    assert "| moco | 1e-45 | fail | 1 |" in md
+    assert "| moco | nan | fail | - |" in md
+    assert "| moco:m0.9999 - moco:m0.9 | kNN top-1 | 1 |" in md
     for name in ("ablation.csv", "ablation.json", "ablation.png"):
         assert (tmp_path / name).is_file()
-    # a second call reuses the finished run and retries the failed one
+    # a second call reuses the finished runs and retries the one that raised
     _, again = run_ablation(acfg)
-    assert again[0]["reused"] and again[0]["knn_top1"] == ok["knn_top1"]
-    assert not again[1]["reused"] and again[1]["status"] == "fail"
+    assert again[0]["reused"] and again[0]["knn_top1"] == fast["knn_top1"]
+    assert again[1]["key_encoder_drift"] == slow["key_encoder_drift"]
+    assert not again[2]["reused"] and again[2]["status"] == "fail"
+
+
+def test_lanes_run_in_worker_processes_with_the_same_results(synthetic_root, tmp_path, one_thread):
+    one = _tiny_acfg(synthetic_root, tmp_path / "one", SETTING="m", VALUES=[0.9, 0.99], SEEDS=[0])
+    _, in_process = run_ablation(one)
+    two = _tiny_acfg(
+        synthetic_root, tmp_path / "two", SETTING="m", VALUES=[0.9, 0.99], SEEDS=[0], JOBS=2
+    )
+    _, lanes = run_ablation(two)
+    for a, b in zip(in_process, lanes):
+        assert not b["reused"] and b["status"] == "ok"
+        # one thread each, same seed: the lane's run is the in-process run, bit for bit
+        assert (a["knn_top1"], a["loss_last"]) == (b["knn_top1"], b["loss_last"])
+        assert "kNN top-1" in open(os.path.join(b["dir"], "console.log")).read()
+        assert not os.path.exists(os.path.join(a["dir"], "console.log"))
 
 
 def test_end_to_end_k_is_the_batch_with_linear_lr_scaling(synthetic_root, tmp_path):
@@ -174,6 +264,29 @@ def test_end_to_end_k_is_the_batch_with_linear_lr_scaling(synthetic_root, tmp_pa
     assert e2e["cfg"].SOLVER.IMS_PER_BATCH == 16 and e2e["cfg"].MODEL.MECHANISM == "end_to_end"
     assert e2e["cfg"].SOLVER.BASE_LR == pytest.approx(moco["cfg"].SOLVER.BASE_LR * 2)
     assert moco["cfg"].SOLVER.IMS_PER_BATCH == 8 and moco["cfg"].MODEL.K == 16
+    acfg.SKIP = ["end_to_end:16"]
+    (only,) = plan_runs(acfg)
+    assert only["series"] == "moco"
+
+
+def test_variants_are_named_override_lists(synthetic_root, tmp_path):
+    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="variant", VARIANTS=VARIANTS, VALUES=[])
+    runs = plan_runs(acfg)
+    assert [r["value"] for r in runs] == ["m0.9", "m0.9999", "nan"]  # all, in order
+    assert [r["cfg"].MODEL.M for r in runs[:2]] == [0.9, 0.9999]
+    assert runs[2]["cfg"].MODEL.T == pytest.approx(1e-45)
+    acfg.VALUES = ["m0.9999"]
+    (run,) = plan_runs(acfg)
+    assert run["cfg"].MODEL.M == 0.9999
+    acfg.VALUES = ["v3"]
+    with pytest.raises(ValueError, match=r"VALUES \(--values\) \['v3'\] are not VARIANTS"):
+        plan_runs(acfg)
+    acfg.VALUES, acfg.VARIANTS = [], [["odd", "MODEL.M"]]
+    with pytest.raises(ValueError, match="VARIANTS 'odd': overrides must be KEY VALUE pairs"):
+        plan_runs(acfg)
+    acfg.VARIANTS = [["bad", "MODEL.NOPE", 1]]
+    with pytest.raises(ValueError, match="ablation run moco variant=bad: .*MODEL.NOPE"):
+        plan_runs(acfg)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +297,8 @@ def test_end_to_end_k_is_the_batch_with_linear_lr_scaling(synthetic_root, tmp_pa
             ["--setting", "K", "--values", "64", "--series", "simclr"],
             "SERIES (--series) names mechanisms",
         ),
-        (["--preset", "nope.yaml"], "config file nope.yaml does not exist"),
+        (["--preset", "nope.yaml"], "--preset nope.yaml does not exist"),
+        (["--jobs", "two"], "--jobs must be auto or a number >= 1, got 'two'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
@@ -204,13 +318,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     )
 
 
-def test_a_folder_of_another_configuration_is_not_reused(synthetic_root, tmp_path):
+def test_a_changed_configuration_gets_a_new_folder(synthetic_root, tmp_path):
     acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="m", VALUES=[0.9])
     (run,) = plan_runs(acfg)
-    os.makedirs(run["dir"])
-    with open(os.path.join(run["dir"], "config.yaml"), "w") as f:
-        f.write(run["cfg"].dump())
-    assert len(plan_runs(acfg)) == 1  # the same configuration: reused / resumed
+    assert plan_runs(acfg)[0]["dir"] == run["dir"]  # the same configuration: the same folder
     acfg.OPTS = list(acfg.OPTS) + ["SOLVER.BASE_LR", "0.5"]
-    with pytest.raises(ValueError, match="holds a run of another configuration"):
-        plan_runs(acfg)
+    (other,) = plan_runs(acfg)
+    assert other["dir"] != run["dir"]
+    assert os.path.dirname(other["dir"]) == os.path.dirname(run["dir"])  # moco/m=0.9/

@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Ablation sweeps of the MoCo paper: one setting (m, K, T or the mechanism) over given values,
-pretraining + kNN (optionally linear) evaluation per value and seed; table (Markdown, CSV, JSON)
-and plot in OUTPUT_DIR. Finished runs are reused, interrupted ones resume.
+"""Ablation sweeps of the MoCo paper: one setting (m, K, T, the mechanism or named variants)
+over given values, pretraining + kNN (optionally linear) evaluation per value and seed, over
+parallel lanes; table with 95% CIs, paired differences by seed (Markdown, CSV, JSON) and plot in
+OUTPUT_DIR. Finished runs are reused, interrupted ones resume.
 
-  # the paper's momentum ablation at CPU scale (preset), 2 seeds
-  python tools/ablate.py --preset configs/ablation/momentum_cpu.yaml
-  # the mechanisms over K (paper Fig. 3) at CPU scale
-  python tools/ablate.py --preset configs/ablation/mechanisms_K_cpu.yaml
+  # the paper's momentum ablation on the embedded recipe: 5 m x 3 seeds
+  python tools/ablate.py --preset configs/ablation/momentum.yaml
+  # the mechanisms over K (paper Fig. 3); the MoCo v2 ladder (v2 paper, Table 1)
+  python tools/ablate.py --preset configs/ablation/mechanisms_K.yaml
+  python tools/ablate.py --preset configs/ablation/v1_to_v2.yaml
   # any sweep: flags override the preset, trailing KEY VALUE override every pretraining run
   python tools/ablate.py --setting T --values 0.07 0.2 0.5 --seeds 0 1 \\
-      --config-file configs/pretrain/moco_v2_R18_cpu.yaml SOLVER.EPOCHS 10
+      --config-file configs/pretrain/moco_v2_R18w16_embedded.yaml SOLVER.EPOCHS 6
 """
 
 import argparse
@@ -34,6 +36,11 @@ def build_parser():
         help="one line per mechanism (moco end_to_end memory_bank), e.g. over K",
     )
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of every value")
+    p.add_argument(
+        "--jobs",
+        metavar="N",
+        help="runs side by side, one thread each (default auto: one per available core)",
+    )
     p.add_argument(
         "--num-gpus",
         type=int,
@@ -72,6 +79,13 @@ def run(args):
         value = getattr(args, flag)
         if value is not None:
             acfg[key] = value
+    if args.jobs is not None:
+        if args.jobs == "auto":
+            acfg.JOBS = 0
+        elif not args.jobs.isdigit() or int(args.jobs) < 1:
+            raise ValueError(f"--jobs must be auto or a number >= 1, got {args.jobs!r}")
+        else:
+            acfg.JOBS = int(args.jobs)
     if args.linear_epochs is not None:
         acfg.LINEAR.EPOCHS = args.linear_epochs
     if len(args.opts) % 2:

@@ -4,7 +4,7 @@ Markdown / CSV / PNG.
 """
 
 from experiments.report.figures import plot_curves, plot_table, pyplot, save_figure
-from experiments.report.paired import Paired, compare, paired
+from experiments.report.paired import Paired, compare, paired, paired_difference
 from experiments.report.tables import (
     COCO_BOX_COLUMNS,
     COCO_MASK_COLUMNS,
@@ -43,6 +43,7 @@ __all__ = [
     "load_metrics",
     "markdown_table",
     "paired",
+    "paired_difference",
     "parse_groups",
     "plot_curves",
     "plot_table",

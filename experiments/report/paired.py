@@ -54,11 +54,32 @@ def _two_rows(table, a, b, what):
     return rows[a], rows[b]
 
 
+def paired_difference(xa, xb, alternative="greater"):
+    """``(n, mean, ci95, p)`` of ``xa[i] - xb[i]`` (trials already matched, e.g. by seed): the
+    mean difference, its two-sided 95% t interval and the paired t-test's p (scipy; ``alternative``
+    as ``scipy.stats.ttest_rel``'s: "greater" is H1 a > b). ``ci95`` and ``p`` are None for fewer
+    than 2 pairs."""
+    from scipy import stats as st
+
+    diffs = [x - y for x, y in zip(xa, xb, strict=True)]
+    if not diffs:
+        return 0, None, None, None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return 1, mean, None, None
+    sem = st.sem(diffs)
+    if sem == 0:  # identical differences: the interval is the point
+        favoured = mean > 0 if alternative == "greater" else mean < 0
+        p = 0.0 if mean != 0 and (alternative == "two-sided" or favoured) else 1.0
+        return len(diffs), mean, (mean, mean), p
+    ci = tuple(float(x) for x in st.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem))
+    p = float(st.ttest_rel(xa, xb, alternative=alternative).pvalue)
+    return len(diffs), mean, ci, p
+
+
 def paired(table, a, b, column=None):
     """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
     over the trials whose seeds both rows have. Statistics from scipy (t distribution)."""
-    from scipy import stats as st
-
     column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
     i = table.columns.index(column)
     by_seed = [dict(zip(row.seeds, row.values[i])) for row in _two_rows(table, a, b, "paired")]
@@ -67,19 +88,10 @@ def paired(table, a, b, column=None):
         raise ValueError(
             f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials"
         )
-    xa = [by_seed[0][s] for s in common]
-    xb = [by_seed[1][s] for s in common]
-    diffs = [x - y for x, y in zip(xa, xb)]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return Paired(a, b, column, len(diffs), mean, None, None)
-    sem = st.sem(diffs)
-    if sem == 0:  # identical differences: the interval is the point
-        ci, p = (mean, mean), (0.0 if mean > 0 else 1.0)
-    else:
-        ci = tuple(float(x) for x in st.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem))
-        p = float(st.ttest_rel(xa, xb, alternative="greater").pvalue)
-    return Paired(a, b, column, len(diffs), mean, ci, p)
+    n, mean, ci, p = paired_difference(
+        [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
+    )
+    return Paired(a, b, column, n, mean, ci, p)
 
 
 def compare(table, a, b, column=None):

@@ -9,16 +9,23 @@
 - kNN monitor: Detectron2's ``EvalHook`` running :func:`moco.evaluation.knn.knn_evaluate`; the results are
   the scalars ``knn_top1`` / ``knn_top5`` (backbone features) and ``knn_head_top1`` /
   ``knn_head_top5`` of the event storage (metrics.json, TensorBoard).
+- :class:`KeyEncoderDrift`: how far the momentum (key) encoder has moved from its start and how far
+  it is from the query encoder, per epoch (scalars ``key_drift_start`` / ``key_gap_query``): with
+  m = 0.9999 it moves only ``1 - m^t`` of the way in t steps, so a short run's keys stay those of
+  the random network (the momentum ablation's explanation, measured, not assumed).
 - :class:`SignalStop`: SIGTERM / SIGINT end the run at the next step boundary after a checkpoint
   (pretraining and detection alike); :class:`AtomicJSONWriter`: metrics.json written atomically.
 """
 
 import logging
+import os
 
+import torch
 from detectron2.engine import hooks
 from detectron2.engine.hooks import EvalHook, HookBase
 from detectron2.utils import comm
 
+from moco import checkpoint as ckpt_lib
 from moco.data.datasets import build_eval_loader, build_labeled_datasets, folder_checks, knn_bank
 from moco.evaluation.knn import knn_evaluate
 from moco.utils.hooks import SignalStop, build_writers
@@ -55,6 +62,68 @@ class KNNMonitor(EvalHook):
     def before_train(self):
         if self._at_start and self.trainer.iter == 0:
             self._do_eval()
+
+
+KEY_ENCODER_INIT = "key_encoder_init.pth"  # the key encoder's parameters before the first step
+
+
+def _flat(params):
+    return torch.cat([p.detach().float().reshape(-1).cpu() for p in params])
+
+
+class KeyEncoderDrift(HookBase):
+    """Per epoch (and before the first step): the key encoder's relative distance from its start,
+    ``|k - k0| / |k0|``, and from the query encoder, ``|k - q| / |q|`` (parameters, not buffers).
+
+    Appended to ``trainer.drift_history`` (the run summary's ``key_encoder_drift``) and put in the
+    event storage (metrics.json). ``k0`` is saved once in OUTPUT_DIR/:data:`KEY_ENCODER_INIT` so a
+    resumed run measures from the same start.
+    """
+
+    def __init__(self, model, iters_per_epoch, output_dir):
+        self.model, self.iters_per_epoch = model, int(iters_per_epoch)
+        self.path = os.path.join(output_dir, KEY_ENCODER_INIT)
+        self.start = None
+
+    def before_train(self):
+        if self.trainer.iter == 0:
+            self.start = _flat(self.model.encoder_k.parameters())
+            if comm.is_main_process():
+                from moco.utils.file_io import atomic_save
+
+                atomic_save({"params": self.start}, self.path)
+            self._measure(0)
+        elif os.path.isfile(self.path):
+            self.start = ckpt_lib.load_checkpoint(self.path)["params"]
+        else:
+            logger.warning(
+                "%s missing: the key encoder's drift from its start is not measured", self.path
+            )
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if done % self.iters_per_epoch == 0:
+            self._measure(done)
+
+    def _measure(self, done):
+        k = _flat(self.model.encoder_k.parameters())
+        q = _flat(self.model.encoder_q.parameters())
+        entry = {
+            "epoch": done // self.iters_per_epoch,
+            "iteration": done,
+            "key_gap_query": float((k - q).norm() / q.norm().clamp_min(1e-12)),
+            "key_drift_start": None,
+        }
+        if self.start is not None and self.start.shape == k.shape:
+            entry["key_drift_start"] = float(
+                (k - self.start).norm() / self.start.norm().clamp_min(1e-12)
+            )
+        self.trainer.drift_history.append(entry)
+        if comm.is_main_process():
+            self.trainer.storage.put_scalars(
+                **{n: v for n, v in entry.items() if n.startswith("key_") and v is not None},
+                smoothing_hint=False,
+            )
 
 
 def build_knn_hook(trainer, cfg):
@@ -121,6 +190,9 @@ def build_epoch_hooks(trainer, cfg):
     knn = build_knn_hook(trainer, cfg)
     if knn is not None:
         ret.append(knn)
+    model = getattr(trainer, "moco", None)
+    if hasattr(model, "encoder_k") and hasattr(model, "encoder_q"):  # a momentum key encoder
+        ret.append(KeyEncoderDrift(model, trainer.iters_per_epoch, cfg.OUTPUT_DIR))
     ret.append(EpochCheckpointer(trainer.iters_per_epoch, cfg.SOLVER.CHECKPOINT_PERIOD))
     if comm.is_main_process():  # writers last: they see this step's kNN / lr scalars
         ret.append(

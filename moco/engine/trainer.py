@@ -165,6 +165,7 @@ class PretrainTrainer(SimpleTrainer):
         self.start_iter = self.iter = self.completed_iters = start_iter
         self.max_iter = max_iter
         self.knn_history, self.knn_num_classes = [], None
+        self.drift_history = []  # moco.engine.hooks.KeyEncoderDrift's, with a key encoder
         self.last_checkpoint = resume_path
         self._step_seconds = 0.0
         self.register_hooks(self.build_hooks())
@@ -346,6 +347,7 @@ class PretrainTrainer(SimpleTrainer):
             ),
             "knn": self.knn_history,
             "knn_chance": 100.0 / self.knn_num_classes if self.knn_num_classes else None,
+            "key_encoder_drift": self.drift_history,
             "last_checkpoint": self.last_checkpoint,
             "queue_sha256_per_rank": digests,
         }
