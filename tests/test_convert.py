@@ -417,7 +417,8 @@ def test_non_finite_backbone_weights_are_refused_at_conversion(tmp_path, fmt, va
     sd = ckpt if fmt == "torchvision" else ckpt["state_dict"]
     sd[prefix + "layer3.1.bn2.running_var"][5] = value  # one value in one buffer
     torch.save(ckpt, src)
-    code = load_tool("convert_to_d2").main([str(src), str(out)])
+    # --force: the refusal must come from the weights, not from the existing output
+    code = load_tool("convert_to_d2").main([str(src), str(out), "--force"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "ckpt.pth.tar: 1 backbone tensor holds NaN or inf" in err
