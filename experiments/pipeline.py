@@ -37,10 +37,10 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
-from experiments.runs import Stages, file_sha256, listing_fingerprint
+from experiments.runs import Stages, listing_fingerprint
 from moco.config import load_cfg
 from moco.utils.config_loading import load_config
-from moco.utils.file_io import atomic_write_json, check_output_dir
+from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -454,6 +454,7 @@ def run_pipeline(cfg):
         title=title,
         notes=verdicts,
         published=True,
+        base=run_dir,
         curves={
             f"pretrain_{name}": os.path.dirname(out["checkpoint"])
             for name, out in pretrained.items()
