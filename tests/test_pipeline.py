@@ -326,6 +326,11 @@ def test_a_user_detection_set_is_keyed_by_its_annotation_files(tmp_path):
     assert len(first[name]) == 64
     xml.write_text("<annotation><object><name>ring</name></object></annotation>\n")
     assert detection_data_identity(dcfg) != first
+    # the embedded set's names are its spec when the pipeline generated it; other names not
+    mixed = CfgNode({"DATASETS": {"TRAIN": ["synthetic_voc_trainval"], "TEST": [name]}})
+    both = detection_data_identity(mixed, embedded={"spec": {"seed": 1}})
+    assert both["synthetic_voc_trainval"] == {"spec": {"seed": 1}}
+    assert both[name] == detection_data_identity(dcfg)[name]
 
 
 @pytest.mark.parametrize("case", ["[]", "{}", '{"outputs": null}', "stage folder", "run dir"])

@@ -72,7 +72,8 @@ def _weights(data, base):
 
 
 def _cell(text):
-    return str(text).replace("|", "\\|")
+    """A Markdown table cell: a recorded value may hold ``|`` or a line break."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def what_was_run(table, base=None):
