@@ -37,10 +37,10 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
-from experiments.runs import Stages, file_sha256, listing_fingerprint
+from experiments.runs import Stages, listing_fingerprint
 from moco.config import load_cfg
 from moco.utils.config_loading import load_config
-from moco.utils.file_io import atomic_write_json, check_output_dir
+from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -187,13 +187,19 @@ def _annotation_files(name):
     return [listing] + [os.path.join(dirname, "Annotations", f"{i}.xml") for i in ids]
 
 
-def detection_data_identity(dcfg):
-    """What a detection config's user datasets are, for the stage keys: each train and test
-    dataset's annotation files by content (sha256 over relative names and contents)."""
+def detection_data_identity(dcfg, embedded=None):
+    """What a detection config's datasets are, for the stage keys: the embedded set's names
+    (synthetic_*) are ``embedded`` (its :func:`data_identity`) when this run generated it; any
+    other dataset is its annotation files by content (sha256 over file names and contents)."""
     import hashlib
+
+    from detection.data.datasets import SYNTHETIC_DATASETS
 
     identity = {}
     for name in list(dcfg.DATASETS.TRAIN) + list(dcfg.DATASETS.TEST):
+        if embedded is not None and name in SYNTHETIC_DATASETS:
+            identity[name] = embedded
+            continue
         files = _annotation_files(name)
         digest = hashlib.sha256()
         for path in files:
@@ -312,21 +318,22 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
 
 
 def _detect_stage(cfg, init, weights, seed, synthetic_root, data):
-    """``data``: :func:`data_identity`, and for user data the detection sets' identities
-    (``{config file: detection_data_identity}``, filled here on first use)."""
+    """``data``: {"pretraining": :func:`data_identity`, "detection": {config file:
+    :func:`detection_data_identity`}} (filled here on first use)."""
     from detection.config import load_cfg as load_detection_cfg
 
     opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
     config = _detection_config(cfg, init)
     # the resolved config: a changed _BASE_ changes the key too
     dcfg = load_detection_cfg(config, opts, cfg.DETECTION.NUM_PROCESSES)
-    if not synthetic_root and config not in data["detection"]:
-        data["detection"][config] = detection_data_identity(dcfg)
+    if config not in data["detection"]:  # the same datasets for every init and trial
+        embedded = data["pretraining"] if synthetic_root else None
+        data["detection"][config] = detection_data_identity(dcfg, embedded)
     material = {
         "config": os.path.abspath(config),
         "resolved": dcfg.dump(),
         "opts": opts,
-        "data": data["pretraining"] if synthetic_root else data["detection"][config],
+        "data": data["detection"][config],
         "weights_sha256": file_sha256(weights) if weights else None,
     }
     work = functools.partial(
@@ -454,6 +461,7 @@ def run_pipeline(cfg):
         title=title,
         notes=verdicts,
         published=True,
+        base=run_dir,
         curves={
             f"pretrain_{name}": os.path.dirname(out["checkpoint"])
             for name, out in pretrained.items()

@@ -55,13 +55,6 @@ def stage_key(material, root=REPO_ROOT):
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def file_sha256(path):
-    """A file's content hash (hex): stage keys and reports name weights by what they hold, since
-    a file rewritten in place keeps its path (and often its size)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def listing_fingerprint(folder):
     """sha256 of the files under ``folder`` by relative path and size: a user image folder's
     identity in stage keys. Reading every image would cost as much as a start-up scan; a set

@@ -2,6 +2,7 @@
 comparisons, worker processes, reuse."""
 
 import csv
+import hashlib
 import json
 import os
 
@@ -91,7 +92,8 @@ def test_pipeline_writes_every_artefact(pipeline_run):
         rows = list(csv.DictReader(f))
     assert [r["pretraining"] for r in rows] == ["moco", "supervised", "random"]
     with open(paths["md"]) as f:
-        md_rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| ")}
+        table = f.read().split("## What was run")[0].splitlines()
+    md_rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ")}
     assert "(" not in md_rows["supervised"]  # the baseline row has no delta
     for label in ("moco", "random"):  # the others: three cells "mean (+delta)"
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
@@ -100,7 +102,23 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     assert os.path.getsize(paths["curves"]) > 1000
     with open(paths["md"]) as f:
         text = f.read()
-    assert "## What was run" in text and "- moco: 2 trial(s), seeds 0, 1; config configs/" in text
+    assert "## What was run" in text
+    what = {
+        line.split(" | ")[0][2:]: line.split(" | ")
+        for line in text.split("## What was run")[1].splitlines()
+        if line.startswith("| ")
+    }
+    moco_pkl = os.path.join(run_dir, _stage_dirs(run_dir, "convert_moco")[0], "moco.pkl")
+    with open(moco_pkl, "rb") as f:
+        moco_sha = hashlib.sha256(f.read()).hexdigest()
+    assert what["moco"][1:3] == ["2", "configs/detection/embedded_voc_R_18w16_FPN.yaml"]
+    assert what["moco"][4:7] == ["6 x 8", "cpu x 1", "0, 1"]
+    assert what["moco"][7] == f"{os.path.relpath(moco_pkl, run_dir)} ({moco_sha[:12]}) |"
+    assert what["random"][7] == "none (random init) |"
+    assert "SOLVER.MAX_ITER 6" in what["supervised"][3] and "differing" not in what["supervised"][3]
+    run = os.path.join(run_dir, _stage_dirs(run_dir, "detect_moco_s0")[0])
+    with open(os.path.join(run, "final_metrics.json")) as f:
+        assert json.load(f)["weights_sha256"] == moco_sha
     verdict_lines = [line for line in text.splitlines() if line.startswith("- moco vs ")]
     assert [line.split(":")[0] for line in verdict_lines] == [
         "- moco vs random",
@@ -308,6 +326,11 @@ def test_a_user_detection_set_is_keyed_by_its_annotation_files(tmp_path):
     assert len(first[name]) == 64
     xml.write_text("<annotation><object><name>ring</name></object></annotation>\n")
     assert detection_data_identity(dcfg) != first
+    # the embedded set's names are its spec when the pipeline generated it; other names not
+    mixed = CfgNode({"DATASETS": {"TRAIN": ["synthetic_voc_trainval"], "TEST": [name]}})
+    both = detection_data_identity(mixed, embedded={"spec": {"seed": 1}})
+    assert both["synthetic_voc_trainval"] == {"spec": {"seed": 1}}
+    assert both[name] == detection_data_identity(dcfg)[name]
 
 
 @pytest.mark.parametrize("case", ["[]", "{}", '{"outputs": null}', "stage folder", "run dir"])

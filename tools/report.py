@@ -49,7 +49,12 @@ def run(args):
             for run in group
         }
         paths = write_report(
-            table, args.output_dir, title=args.title, curves=runs, curves_title="training"
+            table,
+            args.output_dir,
+            title=args.title,
+            base=os.getcwd(),
+            curves=runs,
+            curves_title="training",
         )
         print("report.py: wrote " + ", ".join(paths.values()))
 

@@ -125,29 +125,36 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _short(value, n=40):
+    """A recorded value as it reads in one error line (a hostile file may hold anything)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _check_weights_load(data, path):
     """A run that names weights must record that they filled the whole backbone: otherwise it
     trained a partly random backbone and its row would be mislabelled (issue 17, issue 27.4)."""
     weights, load = data.get("weights"), data.get("weights_load")
     if weights is not None and not isinstance(weights, str):
-        raise ValueError(f"{path}: 'weights' is {weights!r}, not a file name or ''")
+        raise ValueError(f"{path}: 'weights' is {_short(weights)}, not a file name or ''")
     if load is None and not weights:
         return  # random init (and nothing was loaded)
     if not isinstance(load, dict):
         raise ValueError(
-            f"{path}: 'weights_load' is {'missing' if load is None else repr(load)[:60]}, not "
+            f"{path}: 'weights_load' is {'missing' if load is None else _short(load)}, not "
             "the record of how the weights loaded; the run cannot show that its backbone loaded"
         )
     matched, total = load.get("matched"), load.get("backbone_tensors")
     if not (_is_int(matched) and _is_int(total) and 0 <= matched <= total and total > 0):
         raise ValueError(
-            f"{path}: 'weights_load' has matched {matched!r} of backbone_tensors {total!r}; "
+            f"{path}: 'weights_load' has matched {_short(matched)} of backbone_tensors "
+            f"{_short(total)}; "
             "expected whole numbers with 0 <= matched <= backbone_tensors > 0"
         )
     if matched != total and load.get("allow_partial") is not True:
         raise ValueError(
             f"{path}: its weights did not load ({matched} of {total} backbone tensors from "
-            f"{load.get('file')})"
+            f"{_short(load.get('file'), 80)})"
         )
 
 
@@ -174,7 +181,9 @@ def load_metrics(run_dir):
         raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
     seed = data.get("seed")
     if seed is not None and not _is_int(seed):
-        raise ValueError(f"{path}: 'seed' is {seed!r}, not a whole number (trials pair by seed)")
+        raise ValueError(
+            f"{path}: 'seed' is {_short(seed)}, not a whole number (trials pair by seed)"
+        )
     _check_weights_load(data, path)
     return data
 

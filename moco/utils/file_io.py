@@ -13,6 +13,7 @@ for the run; the kernel drops it when the holder dies, so a killed run never lea
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -127,6 +128,13 @@ class _KeepWriteError:
 
     def flush(self):
         return self.f.flush()
+
+
+def file_sha256(path):
+    """A file's content hash (hex): stage keys, runs and reports name weights by what they hold,
+    since a file rewritten in place keeps its path (and often its size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_save(obj, path):
