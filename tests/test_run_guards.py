@@ -149,6 +149,29 @@ def test_a_failed_start_leaves_no_folder_and_the_corrected_run_is_not_refused(
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
+def test_train_net_refuses_a_finished_folder_unless_resuming(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "det"
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)]
+    train_net = load_tool("train_net").main
+    assert train_net(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert train_net(argv) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"train_net.py: error: OUTPUT_DIR {out} holds a run (last checkpoint "
+        f"{out / 'model_final.pth'}); continue it with --resume, or give another OUTPUT_DIR"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+    def trained():
+        rows = (json.loads(r) for r in (out / "metrics.json").read_text().splitlines())
+        return [r for r in rows if "total_loss" in r]
+
+    steps = trained()
+    assert train_net(["--resume", *argv]) == 0  # nothing left to train: it evaluates again
+    assert trained() == steps
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("mine\n")
