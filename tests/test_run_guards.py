@@ -272,6 +272,70 @@ def _run_printed(line, env, progressed, signum=signal.SIGINT):
     return again
 
 
+# pretrain.py with a Ctrl-C (SIGINT to the process group: data-loading workers too) once the
+# first kNN evaluation after a training step (the third extraction: the first two are the
+# untrained encoder's, KNN.AT_START) has read a batch of its loader
+_CTRL_C_IN_KNN = r"""
+import os, signal, sys
+import moco.evaluation.knn as knn
+
+extract, calls = knn.extract_features, []
+
+def ctrl_c_during_extraction(encoder, loader, *args, **kwargs):
+    calls.append(1)
+    def batches():
+        for i, batch in enumerate(loader):
+            if len(calls) == 3 and i == 0:
+                os.killpg(0, signal.SIGINT)
+            yield batch
+    return extract(encoder, batches(), *args, **kwargs)
+
+knn.extract_features = ctrl_c_during_extraction
+sys.path.insert(0, "tools")
+import pretrain
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
+    synthetic_root, tmp_path
+):
+    out = tmp_path / "run"
+    opts = tiny_opts(
+        synthetic_root,
+        out,
+        **{
+            "KNN.DATA": os.path.join(synthetic_root, "imagefolder"),
+            "KNN.BATCH_SIZE": 4,  # several batches: the loader is read again after the signal
+            # its workers start before the training loop's signal handler is set (Python's
+            # default then: a KeyboardInterrupt ends the worker)
+            "KNN.AT_START": True,
+            "DATALOADER.NUM_WORKERS": 1,  # the kNN loader's worker gets the Ctrl-C too
+            "INPUT.BATCH_AUGMENT": True,  # training reads decoded images in this process
+            "DATA.CACHE_DECODED": True,
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_KNN, *opts],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group: the Ctrl-C reaches no one else
+    )
+    err = proc.stderr
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("pretrain.py: stopped by SIGINT after iteration 3; checkpoint "), line
+    path = line.split("checkpoint ", 1)[1].split(";")[0]
+    assert (out / "last_checkpoint").read_text() == os.path.basename(path)
+    assert torch.load(path, map_location="cpu", weights_only=True)["iteration"] == 3
+    assert "kNN top-1" in (out / "log.txt").read_text()  # the evaluation finished first
+
+
 def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):
     out = tmp_path / "det"
     cmd = [

@@ -14,6 +14,7 @@
 """
 
 import logging
+import signal
 
 from detectron2.engine import hooks
 from detectron2.engine.hooks import EvalHook, HookBase
@@ -57,6 +58,26 @@ class KNNMonitor(EvalHook):
             self._do_eval()
 
 
+class _WorkersWithoutSigint:
+    """``loader``, whose worker processes start with SIGINT blocked (the mask is inherited): a
+    Ctrl-C, sent to the whole process group, then reaches only the training process, whose
+    SignalStop ends the run after the step with a checkpoint. A worker that took it would exit
+    and the evaluation end in "DataLoader worker exited unexpectedly". A signal that comes while
+    blocked here is delivered when the mask is restored."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        if not self.loader.num_workers:
+            return iter(self.loader)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return iter(self.loader)  # persistent workers start on the first call only
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def build_knn_hook(trainer, cfg):
     """kNN monitor every KNN.PERIOD epochs and after the last (and at start with KNN.AT_START).
 
@@ -72,8 +93,10 @@ def build_knn_hook(trainer, cfg):
     train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
     pin = trainer.device.type == "cuda"
     workers = cfg.DATALOADER.NUM_WORKERS
-    train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
-    val_loader = build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    train_loader = _WorkersWithoutSigint(
+        build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    )
+    val_loader = _WorkersWithoutSigint(build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin))
     trainer.knn_num_classes = num_classes
 
     def evaluate():
