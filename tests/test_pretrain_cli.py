@@ -223,6 +223,8 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
             ["SOLVER.BASE_LRR", "0.1"],
             "Non-existent key: SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?",
         ),
+        # a short name of a longer key (Detectron2 users type SOLVER.LR)
+        (["SOLVER.LR", "0.1"], "Non-existent key: SOLVER.LR; did you mean SOLVER.BASE_LR?"),
         (["-a", "vgg16"], "unknown ResNet arch 'vgg16'"),
     ],
 )
