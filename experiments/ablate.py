@@ -194,6 +194,7 @@ def finished_summary(run):
 
 
 def _linear_eval(run, acfg, checkpoint):
+    from moco.data.datasets import knn_data
     from moco.evaluation.lincls import RESULTS_FILE, LinclsOptions, run_lincls
 
     cfg, out = run["cfg"], os.path.join(run["dir"], "lincls")
@@ -206,7 +207,7 @@ def _linear_eval(run, acfg, checkpoint):
     epochs = acfg.LINEAR.EPOCHS
     schedule = list(acfg.LINEAR.SCHEDULE) or [int(epochs * 0.6), int(epochs * 0.8)]
     opts = LinclsOptions(
-        data=cfg.KNN.DATA or cfg.DATA.ROOT,
+        data=knn_data(cfg) or cfg.DATA.ROOT,
         arch=cfg.MODEL.ARCH,
         workers=cfg.DATALOADER.NUM_WORKERS,
         epochs=epochs,

@@ -20,7 +20,13 @@ from detectron2.engine import hooks
 from detectron2.engine.hooks import EvalHook, HookBase
 from detectron2.utils import comm
 
-from moco.data.datasets import build_eval_loader, build_labeled_datasets, folder_checks, knn_bank
+from moco.data.datasets import (
+    build_eval_loader,
+    build_labeled_datasets,
+    folder_checks,
+    knn_bank,
+    knn_data,
+)
 from moco.evaluation.knn import knn_evaluate
 from moco.utils.hooks import SignalStop, build_writers
 
@@ -84,10 +90,20 @@ def build_knn_hook(trainer, cfg):
     ``trainer`` provides ``encoder`` (the network scored), ``device``, ``iters_per_epoch``,
     ``completed_iters`` and ``knn_history`` (list the results are appended to). None when off.
     """
-    if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
+    data = knn_data(cfg)
+    if cfg.KNN.DATA == "auto":  # say which way it went: the folder decided, not a setting
+        if data:
+            logger.info("kNN monitor on %s's train/ and val/ (KNN.DATA auto = DATA.ROOT)", data)
+        else:
+            logger.info(
+                "kNN monitor off: KNN.DATA is auto and DATA.ROOT %s has no val/ folder (set "
+                "KNN.DATA to a folder with train/<class>/ and val/<class>/ to turn it on)",
+                cfg.DATA.ROOT,
+            )
+    if not data or cfg.KNN.PERIOD <= 0:
         return None
     train_set, val_set = build_labeled_datasets(
-        cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+        data, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
     )
     num_classes = len(train_set.classes)
     train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
