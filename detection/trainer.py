@@ -282,6 +282,7 @@ def run(args, prog="train_net.py"):
     with file_io.locked_new_run(cfg.OUTPUT_DIR, started=(*file_io.STARTED_FILES, FINAL_METRICS)):
         if not (args.resume or args.eval_only):  # an evaluation writes no checkpoints
             file_io.check_folder_config(cfg.OUTPUT_DIR, cfg.dump(), "pass --resume")
+            _check_no_earlier_run(cfg.OUTPUT_DIR)
         for name in file_io.remove_stale_temp_files(cfg.OUTPUT_DIR):
             logger.warning("removed %s: a partial write of an earlier, killed run", name)
         result = _launch(args, cfg)
@@ -290,6 +291,23 @@ def run(args, prog="train_net.py"):
         f"curves: tensorboard --logdir {cfg.OUTPUT_DIR}"
     )
     return result
+
+
+def _check_no_earlier_run(folder):
+    """A fresh start never trains again over a finished or interrupted run of the same config
+    (Detectron2 would retrain and append to its metrics.json)."""
+    pointer = os.path.join(folder, "last_checkpoint")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            found = f"last checkpoint {os.path.join(folder, f.read().strip())}"
+    elif os.path.isfile(os.path.join(folder, FINAL_METRICS)):
+        found = os.path.join(folder, FINAL_METRICS)
+    else:
+        return
+    raise ValueError(
+        f"OUTPUT_DIR {folder} holds a run ({found}); continue it with --resume, or give "
+        "another OUTPUT_DIR"
+    )
 
 
 def _launch(args, cfg):

@@ -308,12 +308,13 @@ def pretrain_run(cfg, num_processes, out, resume):
 
 def linear_run(cfg, linear, seed, checkpoint, out, resume):
     """Stage function: linear classification on the frozen encoder of ``checkpoint``."""
+    from moco.data.datasets import knn_data
     from moco.evaluation.lincls import LinclsOptions, run_lincls
 
     epochs = int(linear["EPOCHS"])
     schedule = list(linear["SCHEDULE"]) or [int(epochs * 0.6), int(epochs * 0.8)]
     opts = LinclsOptions(
-        data=cfg.KNN.DATA or cfg.DATA.ROOT,
+        data=knn_data(cfg) or cfg.DATA.ROOT,
         arch=cfg.MODEL.ARCH,
         workers=cfg.DATALOADER.NUM_WORKERS,
         epochs=epochs,

@@ -97,8 +97,17 @@ def load_pipeline_cfg(preset=None, opts=()):
     """The pipeline config of ``preset`` (a path, or a file name under configs/pipeline/) and
     ``opts`` (KEY VALUE)."""
     presets = os.path.dirname(DEFAULT_PRESET)
-    if preset and not os.path.exists(preset) and os.path.isfile(os.path.join(presets, preset)):
-        preset = os.path.join(presets, preset)  # --preset ci.yaml, as the help names them
+    if preset and not os.path.exists(preset):
+        for name in (preset, preset + ".yaml"):  # --preset ci.yaml (as the help names them), ci
+            if os.path.isfile(os.path.join(presets, name)):
+                preset = os.path.join(presets, name)
+                break
+        else:
+            names = sorted(n for n in os.listdir(presets) if n.endswith(".yaml"))
+            raise FileNotFoundError(
+                f"--preset {preset} does not exist; the presets are {', '.join(names)} "
+                f"(in configs/pipeline/), or give a YAML file's path"
+            )
     cfg = load_config(
         get_pipeline_cfg,
         preset,

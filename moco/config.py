@@ -207,7 +207,9 @@ _C.SOLVER.FUSED_SGD = True  # torch's fused SGD kernel where the device has it (
 _C.KNN = CN()
 
 
-_C.KNN.DATA = ""  # folder with train/ and val/ (labeled); "" = no kNN monitor
+# folder with train/ and val/ (labeled); "" = no kNN monitor; "auto" = DATA.ROOT when it has a
+# val/ folder, else off (moco.data.datasets.knn_data; the log says which)
+_C.KNN.DATA = ""
 
 
 _C.KNN.K = 200  # InstDisc weighted kNN

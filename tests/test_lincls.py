@@ -180,6 +180,16 @@ def test_lincls_cli_main_lincls_flags(synthetic_root, moco_checkpoint, tmp_path)
         f"{tmp_path / 'checkpoint.pth.tar'}, "
         f"{tmp_path / 'model_best.pth.tar'}"
     )
+    # as every run: metrics.json (each logged step's loss and lr, each epoch's val scores) and
+    # TensorBoard events
+    rows = [json.loads(r) for r in (tmp_path / "metrics.json").read_text().splitlines()]
+    # 30 images in batches of 10: steps 0-2, the last logged (-p 10 or the epoch's end), then
+    # the epoch's val scores at the next iteration
+    assert [r["iteration"] for r in rows] == [2, 3]
+    assert {"loss", "lr", "time"} <= set(rows[0]) and rows[0]["lr"] == 0.5
+    first = res["history"][0]
+    assert rows[1]["val_top1"] == first["top1"] and rows[1]["val_loss"] == first["val_loss"]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
     before = (tmp_path / "checkpoint.pth.tar").read_bytes()
 
     for args, message in (

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import REPO, load_tool
 
 from detection.checkpoint import safe_load_pickle
 from experiments.pipeline import load_pipeline_cfg, run_pipeline, synthetic_spec
@@ -226,9 +227,18 @@ def test_a_preset_may_be_named_by_its_file_name():
     )
 
 
-def test_bad_pipeline_settings_fail_clearly():
+def test_bad_pipeline_settings_fail_clearly(capsys):
     with pytest.raises(FileNotFoundError, match="--preset nope.yaml"):
         load_pipeline_cfg("nope.yaml")
+    assert load_pipeline_cfg("ci").dump() == load_pipeline_cfg("ci.yaml").dump()
+    # a preset that does not exist: the line lists those that do
+    assert load_tool("pipeline").main(["--preset", "paper_coco"]) == 2
+    presets = sorted(os.listdir(os.path.join(REPO, "configs", "pipeline")))
+    assert "paper_voc.yaml" in presets
+    assert capsys.readouterr().err == (
+        f"pipeline.py: error: --preset paper_coco does not exist; the presets are "
+        f"{', '.join(presets)} (in configs/pipeline/), or give a YAML file's path\n"
+    )
     with pytest.raises(ValueError, match="DETECTION.TRIALS"):
         load_pipeline_cfg(None, ["DETECTION.TRIALS", "0"])
     with pytest.raises(ValueError, match="JOBS must be >= 1"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +31,36 @@ def _run(args, timeout=300, env=None):
         env=env,
         cwd=REPO,
     )
+
+
+def test_the_knn_monitor_follows_the_data_folder(synthetic_root, tmp_path):
+    """The CPU config on one's own folder: kNN on its val/ when it has one, else off, as the log
+    says (it used to fail: "KNN.DATA ... has no train/ folder", the demo data's path)."""
+    src = os.path.join(synthetic_root, "imagefolder")
+    classes = sorted(os.listdir(os.path.join(src, "train")))[:4]
+    tiny = ["SOLVER.IMS_PER_BATCH", "8", "MODEL.K", "8", "MODEL.SPLIT_BN_GROUPS", "2"]
+    tiny += ["MODEL.DIM", "16", "INPUT.CROP_SIZE"]
+    tiny += ["32", "KNN.BATCH_SIZE", "8", "DATALOADER.NUM_WORKERS", "0", "--epochs", "1"]
+    for splits in (("train",), ("train", "val")):
+        mine = tmp_path / "_".join(splits)
+        for split in splits:
+            for c in classes:
+                shutil.copytree(os.path.join(src, split, c), mine / split / c)
+        out = tmp_path / f"out_{len(splits)}"
+        config = os.path.join(REPO, "configs", "pretrain", "moco_v2_R18_cpu.yaml")
+        r = _run(["--config-file", config, *tiny, "--output-dir", str(out), str(mine)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        log = (out / "log.txt").read_text()
+        with open(out / "pretrain_summary.json") as f:
+            knn = json.load(f)["knn"]
+        if splits == ("train",):
+            assert knn == [] and (
+                f"kNN monitor off: KNN.DATA is auto and DATA.ROOT {mine} has no val/ folder" in log
+            )
+        else:
+            assert [h["epoch"] for h in knn] == [0, 1]  # KNN.AT_START, then the epoch
+            assert f"kNN monitor on {mine}'s train/ and val/ (KNN.DATA auto = DATA.ROOT)" in log
+            assert "chance 25.00%; 12 train / 12 val" in log  # the folder's 4 classes
 
 
 def test_official_flags_map_to_config_with_official_semantics():
@@ -223,6 +254,8 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
             ["SOLVER.BASE_LRR", "0.1"],
             "Non-existent key: SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?",
         ),
+        # a short name of a longer key (Detectron2 users type SOLVER.LR)
+        (["SOLVER.LR", "0.1"], "Non-existent key: SOLVER.LR; did you mean SOLVER.BASE_LR?"),
         (["-a", "vgg16"], "unknown ResNet arch 'vgg16'"),
     ],
 )

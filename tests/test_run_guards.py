@@ -149,6 +149,29 @@ def test_a_failed_start_leaves_no_folder_and_the_corrected_run_is_not_refused(
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
+def test_train_net_refuses_a_finished_folder_unless_resuming(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "det"
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)]
+    train_net = load_tool("train_net").main
+    assert train_net(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert train_net(argv) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"train_net.py: error: OUTPUT_DIR {out} holds a run (last checkpoint "
+        f"{out / 'model_final.pth'}); continue it with --resume, or give another OUTPUT_DIR"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+    def trained():
+        rows = (json.loads(r) for r in (out / "metrics.json").read_text().splitlines())
+        return [r for r in rows if "total_loss" in r]
+
+    steps = trained()
+    assert train_net(["--resume", *argv]) == 0  # nothing left to train: it evaluates again
+    assert trained() == steps
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("mine\n")
@@ -247,6 +270,70 @@ def _run_printed(line, env, progressed, signum=signal.SIGINT):
     again = err.strip().splitlines()[-1]
     assert again.endswith(printed), again
     return again
+
+
+# pretrain.py with a Ctrl-C (SIGINT to the process group: data-loading workers too) once the
+# first kNN evaluation after a training step (the third extraction: the first two are the
+# untrained encoder's, KNN.AT_START) has read a batch of its loader
+_CTRL_C_IN_KNN = r"""
+import os, signal, sys
+import moco.evaluation.knn as knn
+
+extract, calls = knn.extract_features, []
+
+def ctrl_c_during_extraction(encoder, loader, *args, **kwargs):
+    calls.append(1)
+    def batches():
+        for i, batch in enumerate(loader):
+            if len(calls) == 3 and i == 0:
+                os.killpg(0, signal.SIGINT)
+            yield batch
+    return extract(encoder, batches(), *args, **kwargs)
+
+knn.extract_features = ctrl_c_during_extraction
+sys.path.insert(0, "tools")
+import pretrain
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
+    synthetic_root, tmp_path
+):
+    out = tmp_path / "run"
+    opts = tiny_opts(
+        synthetic_root,
+        out,
+        **{
+            "KNN.DATA": os.path.join(synthetic_root, "imagefolder"),
+            "KNN.BATCH_SIZE": 4,  # several batches: the loader is read again after the signal
+            # its workers start before the training loop's signal handler is set (Python's
+            # default then: a KeyboardInterrupt ends the worker)
+            "KNN.AT_START": True,
+            "DATALOADER.NUM_WORKERS": 1,  # the kNN loader's worker gets the Ctrl-C too
+            "INPUT.BATCH_AUGMENT": True,  # training reads decoded images in this process
+            "DATA.CACHE_DECODED": True,
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_KNN, *opts],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group: the Ctrl-C reaches no one else
+    )
+    err = proc.stderr
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("pretrain.py: stopped by SIGINT after iteration 3; checkpoint "), line
+    path = line.split("checkpoint ", 1)[1].split(";")[0]
+    assert (out / "last_checkpoint").read_text() == os.path.basename(path)
+    assert torch.load(path, map_location="cpu", weights_only=True)["iteration"] == 3
+    assert "kNN top-1" in (out / "log.txt").read_text()  # the evaluation finished first
 
 
 def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):

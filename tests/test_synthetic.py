@@ -322,3 +322,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     r = _cli("--root", str(tmp_path / "y"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not written by the synthetic generator" in r.stderr
+    readme = tmp_path / "README.md"
+    readme.write_text("mine\n")
+    r = _cli("--root", str(readme))
+    assert r.returncode == 2 and r.stderr == (
+        f"make_data.py: error: --root {readme} is a file, not a folder; give a folder path\n"
+    )
+    assert readme.read_text() == "mine\n"

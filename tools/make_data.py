@@ -15,6 +15,7 @@ import time
 from moco.data.synthetic.spec import CLASS_NAMES, SyntheticSpec, default_synthetic_root
 from moco.data.synthetic.writers import ensure_generated
 from moco.utils.cli import run_cli
+from moco.utils.file_io import check_output_dir
 
 _DEFAULT = SyntheticSpec()
 # flag -> SyntheticSpec field
@@ -68,6 +69,7 @@ def _flag_names(msg):
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or default_synthetic_root()
+    check_output_dir(root, "--root")  # a file there would end in a bare "[Errno 17] File exists"
     spec = SyntheticSpec(**{field: getattr(args, field) for field in _SPEC_FLAGS.values()})
     start = time.perf_counter()
     manifest = ensure_generated(root, spec, workers=max(1, args.workers), force=args.force)

@@ -31,9 +31,20 @@ def resolve_data_path(path):
     return os.path.expanduser(path)
 
 
+def knn_data(cfg):
+    """The kNN monitor's labeled folder: KNN.DATA; with KNN.DATA "auto", DATA.ROOT when it has a
+    val/ folder (its train/ the bank, val/ the queries), else "" (no monitor). A config that
+    follows the data thus runs on one's own folder with no second setting."""
+    if cfg.KNN.DATA != "auto":
+        return cfg.KNN.DATA
+    has_val = os.path.isdir(os.path.join(resolve_data_path(cfg.DATA.ROOT), "val"))
+    return cfg.DATA.ROOT if has_val else ""
+
+
 def validate_data(cfg):
     """DATA.SCAN_IMAGES is a mode, DATA.CACHE_DECODED has INPUT.BATCH_AUGMENT, DATA.ROOT has
-    train/, and KNN.DATA (when the monitor runs) train/ and val/: one-line error."""
+    train/, and the kNN folder (:func:`knn_data`, when the monitor runs) train/ and val/: one-line
+    error."""
     check_scan_mode(cfg.DATA.SCAN_IMAGES)
     if cfg.DATA.CACHE_DECODED and not cfg.INPUT.BATCH_AUGMENT:
         raise ValueError(
@@ -48,11 +59,13 @@ def validate_data(cfg):
             f"DATA.ROOT (DATA) = {cfg.DATA.ROOT}: {train_dir} is not a folder "
             "(expected train/<class>/<image>)"
         )
-    if cfg.KNN.DATA and cfg.KNN.PERIOD > 0:
+    knn = knn_data(cfg)
+    if knn and cfg.KNN.PERIOD > 0:
         for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(resolve_data_path(cfg.KNN.DATA), split)):
+            if not os.path.isdir(os.path.join(resolve_data_path(knn), split)):
                 raise FileNotFoundError(
-                    f"KNN.DATA (--knn-data) = {cfg.KNN.DATA} has no {split}/ folder"
+                    f"KNN.DATA (--knn-data) = {knn} has no {split}/ folder; KNN.DATA auto "
+                    'follows DATA.ROOT (its val/ if it has one), "" turns the monitor off'
                 )
 
 

@@ -19,6 +19,7 @@
 
 import logging
 import os
+import signal
 
 import torch
 from detectron2.engine import hooks
@@ -26,7 +27,13 @@ from detectron2.engine.hooks import EvalHook, HookBase
 from detectron2.utils import comm
 
 from moco import checkpoint as ckpt_lib
-from moco.data.datasets import build_eval_loader, build_labeled_datasets, folder_checks, knn_bank
+from moco.data.datasets import (
+    build_eval_loader,
+    build_labeled_datasets,
+    folder_checks,
+    knn_bank,
+    knn_data,
+)
 from moco.evaluation.knn import knn_evaluate
 from moco.utils.hooks import SignalStop, build_writers
 
@@ -126,23 +133,55 @@ class KeyEncoderDrift(HookBase):
             )
 
 
+class _WorkersWithoutSigint:
+    """``loader``, whose worker processes start with SIGINT blocked (the mask is inherited): a
+    Ctrl-C, sent to the whole process group, then reaches only the training process, whose
+    SignalStop ends the run after the step with a checkpoint. A worker that took it would exit
+    and the evaluation end in "DataLoader worker exited unexpectedly". A signal that comes while
+    blocked here is delivered when the mask is restored."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        if not self.loader.num_workers:
+            return iter(self.loader)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return iter(self.loader)  # persistent workers start on the first call only
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def build_knn_hook(trainer, cfg):
     """kNN monitor every KNN.PERIOD epochs and after the last (and at start with KNN.AT_START).
 
     ``trainer`` provides ``encoder`` (the network scored), ``device``, ``iters_per_epoch``,
     ``completed_iters`` and ``knn_history`` (list the results are appended to). None when off.
     """
-    if not cfg.KNN.DATA or cfg.KNN.PERIOD <= 0:
+    data = knn_data(cfg)
+    if cfg.KNN.DATA == "auto":  # say which way it went: the folder decided, not a setting
+        if data:
+            logger.info("kNN monitor on %s's train/ and val/ (KNN.DATA auto = DATA.ROOT)", data)
+        else:
+            logger.info(
+                "kNN monitor off: KNN.DATA is auto and DATA.ROOT %s has no val/ folder (set "
+                "KNN.DATA to a folder with train/<class>/ and val/<class>/ to turn it on)",
+                cfg.DATA.ROOT,
+            )
+    if not data or cfg.KNN.PERIOD <= 0:
         return None
     train_set, val_set = build_labeled_datasets(
-        cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+        data, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
     )
     num_classes = len(train_set.classes)
     train_set = knn_bank(train_set, cfg.KNN.BANK_SIZE)
     pin = trainer.device.type == "cuda"
     workers = cfg.DATALOADER.NUM_WORKERS
-    train_loader = build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
-    val_loader = build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    train_loader = _WorkersWithoutSigint(
+        build_eval_loader(train_set, cfg.KNN.BATCH_SIZE, workers, pin)
+    )
+    val_loader = _WorkersWithoutSigint(build_eval_loader(val_set, cfg.KNN.BATCH_SIZE, workers, pin))
     trainer.knn_num_classes = num_classes
 
     def evaluate():

@@ -23,6 +23,7 @@ from moco.data.datasets import (
     build_labeled_datasets,
     folder_checks,
     image_folder,
+    knn_data,
 )
 from moco.engine.trainer import PretrainTrainer
 from moco.evaluation.lincls import validate
@@ -100,10 +101,10 @@ class SupervisedTrainer(PretrainTrainer):
         """Top-1 accuracy (%) of the classifier on KNN.DATA's val/ (None without KNN.DATA):
         the learnability gate of the embedded study."""
         cfg = self.cfg
-        if not cfg.KNN.DATA:
+        if not knn_data(cfg):
             return None
         _, val = build_labeled_datasets(
-            cfg.KNN.DATA, cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
+            knn_data(cfg), cfg.INPUT.CROP_SIZE, "KNN.DATA (--knn-data)", **folder_checks(cfg)
         )
         loader = build_eval_loader(val, cfg.KNN.BATCH_SIZE, cfg.DATALOADER.NUM_WORKERS)
         was_training = self.net.training

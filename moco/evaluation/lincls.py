@@ -9,9 +9,12 @@ first epoch the backbone is compared with the pretrained weights tensor by tenso
 ``pretrained`` may be a checkpoint of this toolkit or of facebookresearch/moco
 (``module.encoder_q.*``), of MoCo v3 (``module.base_encoder.*``) or a plain torchvision ResNet
 state_dict; files are loaded with ``weights_only=True``. Results (top-1/top-5 of every epoch) go
-to ``lincls_results.json``; checkpoints ``checkpoint.pth.tar`` / ``model_best.pth.tar`` as official.
+to ``lincls_results.json``; checkpoints ``checkpoint.pth.tar`` / ``model_best.pth.tar`` as official;
+each logged step's loss and lr and each epoch's ``val_top1`` / ``val_top5`` / ``val_loss`` to
+metrics.json and TensorBoard events (Detectron2's writers, as every run of the toolkit).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +39,7 @@ from moco.fast import to_device
 from moco.modeling.resnet import resnet_encoder
 from moco.solver import epoch_lr_factors
 from moco.utils import file_io
+from moco.utils.hooks import build_writers
 from moco.utils.launch import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -300,17 +304,27 @@ def run_lincls(opts: LinclsOptions):
     )
     factors = epoch_lr_factors(opts.epochs, tuple(opts.schedule), 0.1, cos=False)
     iters = len(train_loader)
-    # Detectron2's event storage and console printer, as the trainers: ETA, median loss, lr
-    printer = CommonMetricPrinter(opts.epochs * iters) if comm.is_main_process() else None
-    with EventStorage(start_epoch * iters) as storage:
+    # Detectron2's event storage and writers, as the trainers: console (ETA, median loss, lr),
+    # metrics.json and TensorBoard events (rank 0)
+    writers = build_writers(opts.output_dir, opts.epochs * iters) if comm.is_main_process() else []
+    with EventStorage(start_epoch * iters) as storage, contextlib.ExitStack() as closing:
+        for w in writers:
+            closing.callback(w.close)
         for epoch in range(start_epoch, opts.epochs):
             sampler.set_epoch(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * factors[epoch]
             train_loss = _train_epoch(
-                ddp, train_loader, optimizer, device, storage, printer, opts.print_freq
+                ddp, train_loader, optimizer, device, storage, writers, opts.print_freq
             )
             top1, top5, val_loss = validate(ddp, val_loader, device)
+            # at the iteration after the epoch's steps (the writers skip those already written)
+            storage.put_scalars(
+                val_top1=top1, val_top5=top5, val_loss=val_loss, smoothing_hint=False
+            )
+            for w in writers:
+                if not isinstance(w, CommonMetricPrinter):
+                    w.write()
             is_best = top1 >= best_acc1
             best_acc1 = max(best_acc1, top1)
             # epochs count from 1 on the console and in the JSON (the number finished)
@@ -352,9 +366,9 @@ def run_lincls(opts: LinclsOptions):
     return results
 
 
-def _train_epoch(model, loader, optimizer, device, storage, printer, print_freq):
+def _train_epoch(model, loader, optimizer, device, storage, writers, print_freq):
     """One epoch; each step's loss, lr and time go to ``storage``, every ``print_freq`` steps to
-    the console through ``printer`` (rank 0's CommonMetricPrinter; None elsewhere)."""
+    ``writers`` (rank 0's console, metrics.json and TensorBoard; none elsewhere)."""
     model.eval()  # BN in eval mode: only the linear classifier is trained (official)
     total, n = 0.0, 0
     start = time.perf_counter()
@@ -374,7 +388,8 @@ def _train_epoch(model, loader, optimizer, device, storage, printer, print_freq)
         )
         start = now
         due = print_freq > 0 and ((i + 1) % print_freq == 0 or i + 1 == len(loader))
-        if printer is not None and due:
-            printer.write()
+        if due:
+            for w in writers:
+                w.write()
         storage.step()
     return total / max(n, 1)

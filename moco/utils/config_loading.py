@@ -105,7 +105,18 @@ def key_hint(cfg, exc, keys=None):
     answered with its fix; else where the keys are defined (``keys``), if given."""
     match = re.search(r"Non-existent (?:config )?key: (\S+)", _reason(exc))
     wrong = match.group(1).upper() if match else ""
-    close = difflib.get_close_matches(wrong, list(all_keys(cfg)), n=3, cutoff=0.8) if wrong else []
+    known = list(all_keys(cfg))
+    close = difflib.get_close_matches(wrong, known, n=3, cutoff=0.8) if wrong else []
+    if not close and wrong:
+        # a short name of a longer key is no typo to difflib (SOLVER.LR vs SOLVER.BASE_LR):
+        # keys of the same section that share a word of the name
+        section, _, leaf = wrong.rpartition(".")
+        words = set(leaf.split("_"))
+        close = [
+            k
+            for k in known
+            if k.rpartition(".")[0] == section and words & set(k.rpartition(".")[2].split("_"))
+        ][:3]
     if close:
         return f"; did you mean {' or '.join(close)}?"
     return f" (keys: {keys})" if keys else ""
