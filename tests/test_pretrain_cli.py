@@ -37,7 +37,8 @@ def test_the_knn_monitor_follows_the_data_folder(synthetic_root, tmp_path):
     """The CPU config on one's own folder: kNN on its val/ when it has one, else off, as the log
     says (it used to fail: "KNN.DATA ... has no train/ folder", the demo data's path)."""
     src = os.path.join(synthetic_root, "imagefolder")
-    classes = sorted(os.listdir(os.path.join(src, "train")))[:4]
+    train = os.path.join(src, "train")  # class folders only: the scan cache may sit beside them
+    classes = sorted(c for c in os.listdir(train) if os.path.isdir(os.path.join(train, c)))[:4]
     tiny = ["SOLVER.IMS_PER_BATCH", "8", "MODEL.K", "8", "MODEL.SPLIT_BN_GROUPS", "2"]
     tiny += ["MODEL.DIM", "16", "INPUT.CROP_SIZE"]
     tiny += ["32", "KNN.BATCH_SIZE", "8", "DATALOADER.NUM_WORKERS", "0", "--epochs", "1"]
