@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from test_reliability import _det_cfg
+from test_reliability import _det_cfg, tiny_cfg
 
 from moco.utils.cli import Interrupted
 from moco.utils.hooks import SignalStop, stop_requested
@@ -104,10 +104,12 @@ def test_sigterm_during_the_final_evaluation_stops_the_run(
     stops at once with the checkpoint of the last step complete, and nothing reports success."""
     from detection.trainer import DetectionTrainer
 
-    evaluated = []
+    calls, evaluated = [], []
 
     def test(cls, cfg, model, evaluators=None):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
+        calls.append(True)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
         evaluated.append(True)
         return {"bbox": {"AP": 1.0}}
 
@@ -126,3 +128,41 @@ def test_sigterm_during_the_final_evaluation_stops_the_run(
     assert evaluated == [] and getattr(trainer, "_last_eval_results", None) is None
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # --resume: nothing left to train, the evaluation runs
+    cfg = _det_cfg(out, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "('synthetic_voc_test',)")
+    again = DetectionTrainer(cfg)
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 2
+    again.train()
+    assert evaluated == [True] and again._last_eval_results == {"bbox": {"AP": 1.0}}
+
+
+def test_sigterm_during_pretrainings_final_knn_stops_and_resume_measures_it(
+    synthetic_root, tmp_path, one_thread, monkeypatch
+):
+    """The same for pretraining's final kNN measurement (KNNMonitor.after_train): the stop is
+    honoured, no summary is written, and --resume auto, with nothing left to train, measures it."""
+    import moco.engine.hooks as engine_hooks
+    from moco.engine.trainer import PretrainTrainer
+
+    measure, calls = engine_hooks.knn_evaluate, []
+
+    def knn_evaluate(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(engine_hooks, "knn_evaluate", knn_evaluate)
+    out = tmp_path / "pre"
+    knn = os.path.join(synthetic_root, "imagefolder")
+    cfg = tiny_cfg(synthetic_root, out, **{"SOLVER.EPOCHS": 1, "KNN.DATA": knn})
+    cfg.freeze()
+    with pytest.raises(Interrupted, match="during the final evaluation"):
+        PretrainTrainer(cfg).train()
+    assert (out / "checkpoint_0000.pth.tar").is_file() and not (
+        out / "pretrain_summary.json"
+    ).exists()
+    summary = PretrainTrainer(cfg, resume="auto").train()
+    assert len(calls) == 2 and [r["epoch"] for r in summary["knn"]] == [1]
+    assert (out / "pretrain_summary.json").is_file()
