@@ -4,6 +4,7 @@ run's final evaluation stops the run instead of being swallowed."""
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,6 +81,7 @@ def test_sigterm_during_the_replay_to_the_position_stops_it():
     loader = ResumableTrainLoader(dicts, lambda d: d["i"], TrainingSampler(10, seed=3), 3, True, 0)
     loader.load_state_dict({"seed": 3, "batches": 10**6})  # long to replay (about 20 s)
     hook = SignalStop(lambda: None, "rerun")
+    hook.trainer = SimpleNamespace(iter=2, max_iter=10)  # resuming at iteration 2 of 10
     hook.before_train()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # the handler records it: no step has run yet
@@ -108,7 +110,7 @@ def test_sigterm_during_the_final_evaluation_stops_the_run(
 
     def test(cls, cfg, model, evaluators=None):
         calls.append(True)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
         evaluated.append(True)
         return {"bbox": {"AP": 1.0}}
@@ -128,12 +130,17 @@ def test_sigterm_during_the_final_evaluation_stops_the_run(
     assert evaluated == [] and getattr(trainer, "_last_eval_results", None) is None
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    # --resume: nothing left to train, the evaluation runs
+    # --resume: nothing left to train, the evaluation runs; a stop there is honoured as well
     cfg = _det_cfg(out, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "('synthetic_voc_test',)")
-    again = DetectionTrainer(cfg)
-    again.resume_or_load(resume=True)
-    assert again.start_iter == 2
-    again.train()
+    for stopped in (True, False):
+        again = DetectionTrainer(cfg)
+        again.resume_or_load(resume=True)
+        assert again.start_iter == 2
+        if stopped:
+            with pytest.raises(Interrupted, match="during the final evaluation"):
+                again.train()
+            continue
+        again.train()
     assert evaluated == [True] and again._last_eval_results == {"bbox": {"AP": 1.0}}
 
 

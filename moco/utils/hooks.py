@@ -69,7 +69,9 @@ class SignalStop(HookBase):
         )
 
     def before_train(self):
-        self._received, self._trained, _stop["signal"] = None, False, None
+        # a resume with nothing left to train goes straight to the final evaluation
+        self._trained = self.trainer.iter >= self.trainer.max_iter
+        self._received, _stop["signal"] = None, None
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
