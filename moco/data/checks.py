@@ -199,9 +199,10 @@ class ScanCache:
 
     The file is untrusted. It is opened only when it is a regular file (a FIFO would block the
     start, ``/dev/zero`` never ends), its size is read after opening and at most that much is
-    read, each line is parsed as JSON on its own (never unpickled) and every type is checked, and
-    only entries of the folder's files (``paths``) are kept: memory is bounded by the folder, not
-    by the file. One that does not parse as this class writes it (or is too large for the folder)
+    read, the header is parsed as JSON (nothing is ever unpickled) and every other line must be
+    the entry the writer writes, a JSON string, two integers and a string or null (one regular
+    expression; string escapes decoded by the json module), and only entries of the folder's files
+    (``paths``) are kept: memory is bounded by the folder, not by the file. One that does not parse as this class writes it (or is too large for the folder)
     is ignored with one warning, one made with another pixel limit with an info line: the files
     are then scanned again. Images it calls good are still checked against the pixel limit when
     loaded (:class:`PixelLimitLoader`). :meth:`save` rewrites it atomically; a failed write is a
