@@ -63,7 +63,8 @@ def _cache(train):
 def _write_cache(train, entries, max_pixels=89478485):
     """A well-formed cache of ``entries`` ({key: [size, mtime_ns, reason]})."""
     header = {"format": "moco-det image scan", "version": 2, "max_pixels": max_pixels}
-    lines = [json.dumps(header)] + [json.dumps([k, *e]) for k, e in entries.items()]
+    compact = {"separators": (",", ":")}  # as ScanCache.save writes: its reader takes only that
+    lines = [json.dumps(header)] + [json.dumps([k, *e], **compact) for k, e in entries.items()]
     with open(os.path.join(train, dc.SCAN_CACHE_NAME), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -110,7 +111,8 @@ _HEADER = {"format": "moco-det image scan", "version": 2, "max_pixels": 89478485
 
 
 def _lines(*items, header=_HEADER):
-    return "\n".join(json.dumps(x) for x in (header, *items)).encode() + b"\n"
+    lines = [json.dumps(header)] + [json.dumps(x, separators=(",", ":")) for x in items]
+    return "\n".join(lines).encode() + b"\n"
 
 
 @pytest.mark.parametrize(
@@ -119,7 +121,7 @@ def _lines(*items, header=_HEADER):
         "pickle",
         b"\x80\x04 not json",
         _lines()[:30],  # cut short
-        _lines()[:-1] + b"\n" + b"[" * 5_000 + b"]" * 5_000,  # nesting: a RecursionError
+        _lines()[:-1] + b"\n" + b"[" * 5_000 + b"]" * 5_000,  # nesting
         b"[" * 100_000 + b"]" * 100_000,  # a line longer than any entry
         json.dumps(["a list"]).encode(),
         _lines(["disk/disk_0000.jpg", "1174", 5, None]),
@@ -128,7 +130,7 @@ def _lines(*items, header=_HEADER):
         _lines({}),
         json.dumps({**_HEADER, "version": 1, "files": {}}).encode(),  # an earlier version's
         _lines(header={**_HEADER, "max_pixels": "many"}),
-        _lines(*(["x", 1, 1, None] for _ in range(2 * FILES + 1000))),  # more lines than files
+        _lines(*(["x", 1, 1, None] for _ in range(2 * FILES + 1001))),  # more lines than files
         b" " * (4096 * FILES + 65537),  # larger than a cache of the folder can be: not parsed
         b"",
     ],
@@ -423,3 +425,36 @@ def test_reasons_from_the_cache_are_escaped_before_they_are_logged(folder, caplo
     with pytest.raises(ValueError) as e:  # the too-many-bad error quotes a reason too
         _folder(train, max_bad_fraction=0.0)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "fine\\n2026" in str(e.value)
+
+
+def test_names_that_need_json_escapes_are_cached_and_reused(folder, decodes):
+    """The reader takes the lines the writer writes: quotes, backslashes and non-ASCII in a path."""
+    train, _ = folder
+    src = sorted(os.listdir(os.path.join(train, "disk")))[0]
+    odd = os.path.join(train, "disk", 'zz "q" \\ \u00fc\u6f22.jpg')
+    shutil.copyfile(os.path.join(train, "disk", src), odd)
+    first = _folder(train)
+    assert odd in [p for p, _ in first.samples] and len(decodes) == FILES + 1
+    assert _cache(train)["files"][os.path.relpath(odd, train)][2] is None
+    decodes.clear()
+    assert _folder(train).samples == first.samples and decodes == []
+
+
+def test_the_pixel_check_at_load_gives_the_loaders_image_and_refuses_a_large_one(folder, tmp_path):
+    """Every load reads the header once and hands the open image on (the default RGB loader and
+    the fast path's JpegDraftLoader): the same pixels as the loader alone, or a ValueError."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets.folder import pil_loader
+
+    from moco.data.augment import JpegDraftLoader
+
+    train, _ = folder
+    small = os.path.join(train, "disk", sorted(os.listdir(os.path.join(train, "disk")))[0])
+    big = str(tmp_path / "big.jpg")
+    Image.new("RGB", (80, 80), (200, 10, 10)).save(big)
+    for inner, alone in ((None, pil_loader), (JpegDraftLoader(16), JpegDraftLoader(16))):
+        checked = dc.PixelLimitLoader(inner, 5000)
+        assert np.array_equal(np.asarray(checked(small)), np.asarray(alone(small)))
+        with pytest.raises(ValueError, match=r"80x80 = 6400 pixels > DATA.MAX_IMAGE_PIXELS 5000"):
+            checked(big)

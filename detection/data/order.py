@@ -27,9 +27,9 @@ draws carries into training, and no per-rank RNG state has to reach rank 0's che
 """
 
 import contextlib
-import itertools
 import logging
 import random
+import signal
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from detectron2.utils.env import seed_all_rng
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from moco.checkpoint import check_count
+from moco.utils.cli import Interrupted
+from moco.utils.hooks import stop_requested
 
 __all__ = ["DataOrder", "ResumableTrainLoader", "build_resumable_train_loader", "derived_seed"]
 
@@ -121,8 +123,8 @@ class ResumableTrainLoader:
             batches = GroupedBatchSampler(self.sampler, self.group_ids, self.batch_size)
         else:
             batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
-        skipped = itertools.islice(batches, self.start, None)  # replays the stream up to start
-        for b, batch in enumerate(skipped, self.start):
+        batches = _replay(iter(batches), self.start)  # the stream up to start, no image read
+        for b, batch in enumerate(batches, self.start):
             yield [(b, slot, index) for slot, index in enumerate(batch)]
 
     def __iter__(self):
@@ -143,12 +145,20 @@ class ResumableTrainLoader:
     def state_dict(self):
         return {"seed": self.seed, "batches": self.consumed}
 
-    def load_state_dict(self, state, source="checkpoint"):
+    def load_state_dict(self, state, source="checkpoint", iteration=None):
+        """Continue at ``state`` (:meth:`state_dict` of the run that saved ``source``, at its
+        ``iteration``: one batch per step, so at most ``iteration + 1`` were consumed)."""
         state = state if isinstance(state, dict) else {}
         seed = state.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
             raise ValueError(f"{source}: data order seed {seed!r} is not a 64-bit integer")
         batches = check_count(state.get("batches"), source, "data order batches")
+        if iteration is not None and batches > iteration + 1:
+            # a replay of 2^61 batches ran for ever (55,000 a second)
+            raise ValueError(
+                f"{source}: data order batches {batches} is more than the {iteration + 1} steps "
+                f"to its iteration {iteration} consumed; the file is damaged or was edited"
+            )
         if seed != self.seed:  # SEED < 0: this run drew another; the saved one continues the order
             self.sampler._seed = seed
             self.dataset.seed = self.seed = seed
@@ -208,4 +218,24 @@ class DataOrder(HookBase):
 
     def load_state_dict(self, state):
         source = getattr(self.trainer.checkpointer, "_loading", None) or "resume checkpoint"
-        self.loader.load_state_dict(state, source)
+        # Detectron2 sets the trainer's iteration from the same checkpoint before its hooks' states
+        iteration = check_count(self.trainer.iter, source, "iteration")
+        self.loader.load_state_dict(state, source, iteration)
+
+
+def _replay(batches, count):
+    """``batches`` after its first ``count`` (drawn, not mapped). A SIGTERM / SIGINT that a
+    SignalStop hook recorded meanwhile ends the replay (moco.utils.hooks.stop_requested): no step
+    boundary comes until it is over."""
+    for done in range(count):
+        if done % 1024 == 0:
+            signum = stop_requested()
+            if signum:
+                raise Interrupted(
+                    f"stopped by {signal.Signals(signum).name} while replaying the data order "
+                    f"to the checkpoint's position ({done} of {count} batches); nothing was "
+                    "trained since the checkpoint: rerun the same command with --resume",
+                    signum,
+                )
+        next(batches)  # Detectron2's training samplers are endless
+    return batches

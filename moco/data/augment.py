@@ -218,12 +218,16 @@ class JpegDraftLoader:
 
     def __call__(self, path):
         with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.format == "JPEG":
-                d = self.reduction(*img.size)
-                if d > 1:
-                    img.draft("RGB", (img.size[0] // d, img.size[1] // d))
-            return img.convert("RGB")
+            return self.from_image(Image.open(f))
+
+    def from_image(self, img):
+        """The RGB image of ``img``, opened (header read) and not yet decoded: a caller that read
+        the header already (moco.data.checks.PixelLimitLoader) decodes it without a second open."""
+        if img.format == "JPEG":
+            d = self.reduction(*img.size)
+            if d > 1:
+                img.draft("RGB", (img.size[0] // d, img.size[1] // d))
+        return img.convert("RGB")
 
     def __repr__(self):
         return f"{type(self).__name__}(crop_size={self.crop_size})"

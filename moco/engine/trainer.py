@@ -302,12 +302,12 @@ class PretrainTrainer(SimpleTrainer):
         )
         if self.start_iter >= self.max_iter:
             logger.info(
-                "checkpoint is at iteration %d >= %d: nothing to train",
+                "checkpoint is at iteration %d >= %d: nothing to train; the end-of-training "
+                "hooks run (the final kNN measurement a stop may have cut short)",
                 self.start_iter,
                 self.max_iter,
             )
-        else:
-            super().train(self.start_iter, self.max_iter)
+        super().train(self.start_iter, self.max_iter)
         summary = self.build_summary()
         if comm.is_main_process():
             self.write_outputs(summary)

@@ -33,6 +33,7 @@ _EXPORTS = {
     "merge_opts": "config_loading",
     "key_hint": "config_loading",
     "SignalStop": "hooks",
+    "stop_requested": "hooks",
     "AtomicJSONWriter": "hooks",
     "build_writers": "hooks",
 }
