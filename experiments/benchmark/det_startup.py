@@ -161,17 +161,18 @@ class DetStartupRunner:
 
 
 def detstartup_child(spec):
-    """A row's process: Detectron2's ``build_detection_train_loader`` on its own config (``scan``
-    None), or the toolkit's start as train_net.py makes it (load_cfg, prepare_datasets, the checked
-    loader); takes the first batch and says so on stdout."""
-    if spec["scan"] is None:
+    """A row's process: Detectron2's ``DefaultTrainer.build_train_loader`` on its own config
+    (``scan`` None: its train_net.py's imports and loader), or the toolkit's start as its
+    train_net.py makes it (load_cfg, prepare_datasets, the checked loader); takes the first batch
+    and says so on stdout."""
+    if spec["scan"] is None:  # what Detectron2's tools/train_net.py runs up to its loader
         from detectron2.config import get_cfg
-        from detectron2.data import build_detection_train_loader
+        from detectron2.engine import DefaultTrainer
 
         cfg = get_cfg()
         cfg.merge_from_file(spec["config"])
         cfg.merge_from_list(spec["opts"])
-        loader = build_detection_train_loader(cfg)
+        loader = DefaultTrainer.build_train_loader(cfg)
     else:
         from detection.config import load_cfg
         from detection.trainer import DetectionTrainer, prepare_datasets

@@ -30,6 +30,11 @@ the ratio to the group's baseline. Groups:
   first, then reused), ``never`` and ``auto``. The cold row removes the folder's scan cache. CPU
   time is the process tree's. The 100,000-file run of docs/RESULTS.md: ``--rows startup --data DIR
   --data-per-class 10000``.
+* ``detstartup`` -- the same for detection (:mod:`experiments.benchmark.det_startup`): plain
+  Detectron2's ``DefaultTrainer.build_train_loader`` on its builtin ``coco_2017_train`` (the
+  baseline) against the toolkit's start (annotation checks, ``DATALOADER.SCAN_IMAGES`` always cold
+  / warm, never, auto), on a generated COCO layout. The 100,000-image run of docs/RESULTS.md:
+  ``--rows detstartup --data DIR --det-images 100000``.
 
 ``time_detectron2_iteration`` times Detectron2 fine-tuning iterations of a config (the paper's
 VOC R50-C4) on synthetic inputs at the config's input sizes.
@@ -52,6 +57,7 @@ from torch import nn
 
 # the settings live in a torch-free module, so tools/benchmark.py --help answers at once
 from experiments.benchmark.config import BASELINE, BASELINES, GROUPS, resolve_image_folder
+from experiments.benchmark.det_startup import DetStartupRunner, detstartup_rows
 from experiments.benchmark.official import OfficialMoCo, official_train_step
 from experiments.benchmark.undo_log import UndoLogMoCo
 from moco import config as moco_config
@@ -582,6 +588,12 @@ def build_rows(cfg, device):
             add(
                 Row("startup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
                 _StartupRunner(folder, scan, cfg, cold),
+            )
+    if "detstartup" in cfg.groups:
+        for name, scan, cold, desc in detstartup_rows(cfg.data):
+            add(
+                Row("detstartup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
+                DetStartupRunner(cfg.data, scan, cfg.workers, cfg.det_ims_per_batch, cold),
             )
     return rows, runners, path
 
