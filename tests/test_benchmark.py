@@ -245,7 +245,9 @@ def test_startup_rows_time_fresh_processes_against_imagefolder(synthetic_root, t
     assert sum(line.startswith("startup") for line in captured.out.splitlines()) == 5
 
 
-def test_detstartup_rows_time_plain_detectron2_against_the_toolkit(synthetic_root, tmp_path):
+def test_detstartup_rows_time_plain_detectron2_against_the_toolkit(
+    synthetic_root, tmp_path, capsys
+):
     import shutil
 
     from moco.data.checks import SCAN_CACHE_NAME
@@ -256,6 +258,8 @@ def test_detstartup_rows_time_plain_detectron2_against_the_toolkit(synthetic_roo
     argv = ["--rows", "detstartup", "--data", str(data), "--reps", "1", "--warmup", "0"]
     argv += ["--workers", "0", "--device", "cpu", "--output", str(out)]
     assert cli.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("detstartup scan ") for line in table) == 4  # a column apart
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == [
         "detectron2",

@@ -11,9 +11,14 @@
 * :func:`check_coco_json` reads a COCO annotation file before pycocotools does and checks what
   Detectron2's ``load_coco_json`` relies on: valid JSON, the top-level lists ``images``,
   ``annotations`` and ``categories``, the fields of each entry, unique ids, every annotation's
-  ``image_id`` and ``category_id`` declared, a 4-number ``bbox``, and every image file on disk. A
-  bad file is a one-line ValueError naming it and the offending id or key, instead of a
-  pycocotools ``KeyError`` / ``AssertionError`` traceback (or an orphan annotation silently lost).
+  ``image_id`` and ``category_id`` declared, a 4-number ``bbox``, segmentations (polygons of
+  finite numbers near the image, RLE of the image's size), ``iscrowd`` 0 or 1, bounded category
+  ids and annotation counts, and every image file on disk. A bad file is a one-line ValueError
+  naming it and the offending id or key, instead of a pycocotools ``KeyError`` /
+  ``AssertionError`` traceback, an orphan annotation silently lost, or a NaN polygon that runs
+  the process out of memory. Checks run in bulk (a COCO-scale file has ~10^6 entries), one entry
+  at a time only to name a fault. :func:`load_coco_checked` then hands the parsed file to
+  Detectron2's ``load_coco_json`` (one parse), with the garbage collector paused.
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
   with positive width and height (as torchvision's detectors require); a box slightly outside its
   image is clipped to it and counted, one far outside (beyond one image size) is refused.

@@ -678,19 +678,20 @@ def _fmt(value, spec):
 def format_table(report):
     """The rows as a fixed-width text table."""
     lines = []
+    g = max([9] + [len(r["group"]) + 1 for r in report["rows"]])  # "detstartup" is 10 wide
     header = (
-        f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
+        f"{'group':{g}s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
         f"{'img/s':>9s}{'x baseline':>11s}  detail"
     )
     lines.append(header)
     lines.append("-" * len(header))
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['group']:9s}{r['name']:20s}{'':60s}  {r['status']}")
+            lines.append(f"{r['group']:{g}s}{r['name']:20s}{'':60s}  {r['status']}")
             continue
         spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
         lines.append(
-            f"{r['group']:9s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
+            f"{r['group']:{g}s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
             f"{_fmt(r.get('median_cpu_ms'), '.1f'):>10s}"
             f"{_fmt(r['images_per_s'], '.1f'):>9s}{_fmt(r['ratio_vs_baseline'], '.2f'):>11s}"
             f"  {r['detail']}"
