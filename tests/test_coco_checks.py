@@ -378,3 +378,18 @@ def test_the_training_set_is_frozen_out_of_the_collector_after_earlier_garbage_i
         assert gc.get_freeze_count() >= before + 1000 and gc.isenabled() and len(kept) == 1000
     finally:
         gc.unfreeze()
+
+
+def test_a_bad_annotation_bound_is_one_line_at_start(synthetic_datasets, tmp_path, capsys):
+    from conftest import load_tool
+    from test_train_net import COCO_CFG, TINY
+
+    out = tmp_path / "out"
+    argv = ["--config-file", COCO_CFG, *TINY, "OUTPUT_DIR", str(out)]
+    assert load_tool("train_net").main([*argv, "DATALOADER.MAX_ANNOTATIONS_PER_IMAGE", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "train_net.py: error: DATALOADER.MAX_ANNOTATIONS_PER_IMAGE must be a positive integer, "
+        "got 0"
+    )
+    assert not out.exists()
