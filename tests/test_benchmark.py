@@ -245,6 +245,44 @@ def test_startup_rows_time_fresh_processes_against_imagefolder(synthetic_root, t
     assert sum(line.startswith("startup") for line in captured.out.splitlines()) == 5
 
 
+def test_detstartup_rows_time_plain_detectron2_against_the_toolkit(
+    synthetic_root, tmp_path, capsys
+):
+    import shutil
+
+    from moco.data.checks import SCAN_CACHE_NAME
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    out = tmp_path / "detstartup.json"
+    argv = ["--rows", "detstartup", "--data", str(data), "--reps", "1", "--warmup", "0"]
+    argv += ["--workers", "0", "--device", "cpu", "--output", str(out)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("detstartup scan ") for line in table) == 4  # a column apart
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == [
+        "detectron2",
+        "scan always cold",
+        "scan always warm",
+        "scan never",
+        "scan auto",
+    ]
+    base = rows["detectron2"]
+    for r in rows.values():
+        assert r["group"] == "detstartup" and r["status"] == "ok" and r["median_cpu_ms"] > 0
+        assert r["ratio_vs_baseline"] == pytest.approx(base["median_ms"] / r["median_ms"])
+    assert "plain Detectron2 on coco_2017_train, 12 images" in base["detail"]
+    assert "auto): full scan (12 files, threshold 50000)" in rows["scan auto"]["detail"]
+    # Detectron2's builtin COCO layout over the set: its 80 categories, the images linked
+    layout = data / "detectron2" / "coco"
+    coco = json.loads((layout / "annotations" / "instances_train2017.json").read_text())
+    assert len(coco["categories"]) == 80 and len(coco["images"]) == 12
+    assert {a["category_id"] for a in coco["annotations"]} <= set(range(1, 11))
+    assert (layout / "train2017" / coco["images"][0]["file_name"]).is_file()
+    assert (data / "VOC2007" / "JPEGImages" / SCAN_CACHE_NAME).is_file()  # the warm row's
+
+
 def test_loader_schedule_skips_the_start_up_burst_and_times_whole_worker_rounds():
     assert loader_schedule(2, 3) == (4, 4)
     assert loader_schedule(0, 3) == (2, 3)  # in-process loading: one "worker"
@@ -288,6 +326,8 @@ def test_format_table_shows_failed_rows_and_numbers():
         (["--det-opts", "MODEL.X"], "--det-opts must be KEY VALUE pairs"),
         (["--rows", "none"], "--rows none and no --detection-config: nothing to measure"),
         (["--rows", "startup", "--data-per-class", "10"], "--data-per-class needs --data"),
+        (["--rows", "detstartup", "--det-images", "10"], "--det-images needs --data"),
+        (["--rows", "detstartup", "--det-ims-per-batch", "0"], "--det-ims-per-batch must be >= 1"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):

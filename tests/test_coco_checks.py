@@ -328,3 +328,68 @@ def test_detectron2_builtin_names_get_the_toolkits_checks(tmp_path, monkeypatch)
         for name, loader in originals.items():
             DatasetCatalog.remove(name)
             DatasetCatalog.register(name, loader)
+
+
+def test_the_garbage_collector_is_paused_for_the_load_and_restored(tmp_path, monkeypatch):
+    import gc
+
+    from detection.data import checks
+
+    path, images = _coco(tmp_path, [_ann(1)])
+    seen = []
+    real_check = checks.check_coco_json
+
+    def check(*args):
+        seen.append(gc.isenabled())
+        return real_check(*args)
+
+    monkeypatch.setattr(checks, "check_coco_json", check)
+    assert gc.isenabled()
+    assert len(checks.load_coco_checked(path, images, "test_gc_paused")) == 1
+    assert seen == [False] and gc.isenabled()
+    monkeypatch.setattr(checks, "check_coco_json", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        checks.load_coco_checked(path, images, "test_gc_paused")
+    assert gc.isenabled()  # restored on an error too
+    from detectron2.data import MetadataCatalog
+
+    MetadataCatalog.remove("test_gc_paused")
+
+
+def test_the_training_set_is_frozen_out_of_the_collector_after_earlier_garbage_is_collected():
+    import gc
+    import weakref
+
+    from detection.data.checks import _gc_paused
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle
+    gone = weakref.ref(cycle)
+    del cycle  # garbage only the cyclic collector frees
+    before = gc.get_freeze_count()
+    try:
+        with _gc_paused(freeze=True):
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]
+        assert gone() is None  # collected, not frozen
+        assert gc.get_freeze_count() >= before + 1000 and gc.isenabled() and len(kept) == 1000
+    finally:
+        gc.unfreeze()
+
+
+def test_a_bad_annotation_bound_is_one_line_at_start(synthetic_datasets, tmp_path, capsys):
+    from conftest import load_tool
+    from test_train_net import COCO_CFG, TINY
+
+    out = tmp_path / "out"
+    argv = ["--config-file", COCO_CFG, *TINY, "OUTPUT_DIR", str(out)]
+    assert load_tool("train_net").main([*argv, "DATALOADER.MAX_ANNOTATIONS_PER_IMAGE", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "train_net.py: error: DATALOADER.MAX_ANNOTATIONS_PER_IMAGE must be a positive integer, "
+        "got 0"
+    )
+    assert not out.exists()

@@ -280,3 +280,44 @@ def test_images_above_the_pixel_limit_are_skipped_and_counted(image_folder_copy,
     assert (
         len(image_folder(str(image_folder_copy), "train", None, "DATA.ROOT").samples) == 31
     )  # default
+
+
+def test_boxes_checked_at_once_match_the_box_by_box_pass():
+    """check_boxes' numpy pass keeps, clips and counts exactly as the box-by-box one."""
+    import copy
+
+    import numpy as np
+
+    from detection.data.checks import _check_boxes_one_by_one, check_boxes
+
+    rng = np.random.default_rng(0)
+    dicts = []
+    for k in range(60):
+        anns = []
+        for _ in range(3):
+            x, y = rng.uniform(-20, 110, 2).round(1)
+            if rng.random() < 0.5:  # COCO's width and height, or corners
+                box, mode = [x, y, *rng.uniform(1, 40, 2).round(1)], BoxMode.XYWH_ABS
+            else:
+                box, mode = [x, y, x + rng.uniform(1, 40), y + rng.uniform(1, 40)], BoxMode.XYXY_ABS
+            anns.append({"bbox": [float(v) for v in box], "bbox_mode": mode, "category_id": 0})
+        dicts.append({"file_name": f"{k}.jpg", "width": 100, "height": 80, "annotations": anns})
+    dicts = [d for d in dicts if all(_fits(a, d) for a in d["annotations"])]
+    slow = copy.deepcopy(dicts)
+    clipped = check_boxes(dicts, lambda d: d["file_name"])
+    assert clipped == _check_boxes_one_by_one(slow, lambda d: d["file_name"]) and clipped > 10
+    for a, b in zip(dicts, slow):
+        for x, y in zip(a["annotations"], b["annotations"]):
+            assert x["bbox_mode"] == y["bbox_mode"]
+            assert np.allclose(x["bbox"], y["bbox"], atol=1e-4)  # the box-by-box pass is float32
+
+
+def _fits(ann, d):
+    """Whether a box is one check_boxes keeps (clipped or not), by the box-by-box pass."""
+    from detection.data.checks import _check_boxes_one_by_one
+
+    try:
+        _check_boxes_one_by_one([{**d, "annotations": [dict(ann)]}], lambda d: "")
+    except ValueError:
+        return False
+    return True

@@ -5,6 +5,8 @@
         --reps 5 --output output/benchmark/r50.json
     # start-up to the first batch, ImageFolder vs the scan modes, on 100,000 generated files
     python tools/benchmark.py --rows startup --data /tmp/startup100k --data-per-class 10000
+    # detection start-up to the first batch, plain Detectron2 vs the toolkit, on 100,000 images
+    python tools/benchmark.py --rows detstartup --data /tmp/det100k --det-images 100000
 
 Rows, groups and method: see experiments/benchmark/runner.py. Prints a table (median ms per step / update /
 batch / start, min-max over repetitions, images/s, speed relative to the official row, for start-up
@@ -77,6 +79,14 @@ def parse_args(argv=None):
         help="generate (or reuse) the embedded set at --data with N training images per "
         "class (10 classes; 10000 = the 100,000-file start-up run)",
     )
+    p.add_argument(
+        "--det-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate (or reuse) the embedded set at --data with N detection images of 48 px "
+        "(the detstartup rows' COCO layout; 100000 = the COCO-scale run)",
+    )
     p.add_argument("--data-batches", type=int, default=_D.data_batches)
     p.add_argument(
         "--rows",
@@ -97,7 +107,8 @@ def parse_args(argv=None):
         "--det-ims-per-batch",
         type=int,
         default=2,
-        help="images per iteration (default: %(default)s = the paper's 16 / 8 GPUs)",
+        help="images per iteration, also of the detstartup rows (default: %(default)s = the "
+        "paper's 16 / 8 GPUs)",
     )
     p.add_argument("--det-iters", type=int, default=5, help="default: %(default)s")
     p.add_argument(
@@ -133,7 +144,16 @@ def _config(args):
             ),
             workers=os.cpu_count() or 1,
         )
-    generate = data is None and any(g in ("data", "e2e", "startup") for g in groups)
+    if args.det_images is not None:
+        if not data or args.data_per_class is not None or args.det_images < 2:
+            raise ValueError(
+                "--det-images needs --data (the folder to generate the set in), N >= 2, and "
+                "no --data-per-class"
+            )
+        from experiments.benchmark.det_startup import detstartup_spec
+
+        ensure_generated(data, detstartup_spec(args.det_images), workers=os.cpu_count() or 1)
+    generate = data is None and any(g in ("data", "e2e", "startup", "detstartup") for g in groups)
     cfg = BenchConfig(
         arch=args.arch,
         image_size=args.image_size,
@@ -152,6 +172,7 @@ def _config(args):
         compile=args.compile,
         data=default_synthetic_root() if generate else data or "",
         data_batches=args.data_batches,
+        det_ims_per_batch=args.det_ims_per_batch,
         groups=groups,
     )
     # bad flags fail before anything is written: generating the default set first had replaced

@@ -4,9 +4,10 @@ line can show its defaults without loading it."""
 import dataclasses
 import os
 
-GROUPS = ("model", "momentum", "data", "e2e", "startup")
+GROUPS = ("model", "momentum", "data", "e2e", "startup", "detstartup")
 BASELINE = "official"
-BASELINES = {"startup": "imagefolder"}  # groups whose baseline row is not the official algorithm
+# groups whose baseline row is not the official algorithm
+BASELINES = {"startup": "imagefolder", "detstartup": "detectron2"}
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class BenchConfig:
     data: str = ""  # image folder (train/<class>/) or a synthetic root (imagefolder/train/...)
     data_batches: int = 3  # timed batches per repetition, rounded up to whole rounds of workers
     momentum_updates: int = 5  # timed updates per repetition (momentum rows)
+    det_ims_per_batch: int = 2  # detstartup rows' SOLVER.IMS_PER_BATCH (the paper's 16 / 8 GPUs)
     groups: tuple = ("model", "momentum", "data")
     seed: int = 0
 
@@ -46,6 +48,7 @@ class BenchConfig:
             "momentum_updates",
             "split_bn_groups",
             "K",
+            "det_ims_per_batch",
         ):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
@@ -78,6 +81,13 @@ class BenchConfig:
         fastlib.resolve_channels_last(self.channels_last, "cpu")
         if check_data and any(g in self.groups for g in ("data", "e2e", "startup")):
             resolve_image_folder(self.data)
+        if check_data and "detstartup" in self.groups:
+            coco = os.path.join(self.data, "coco", "annotations", "instances_trainval.json")
+            if not os.path.isfile(coco):
+                raise FileNotFoundError(
+                    f"--data {self.data}: no {coco} for the detstartup rows; generate the set "
+                    "with --det-images N (100000: the COCO-scale run)"
+                )
 
     @property
     def mlp(self):

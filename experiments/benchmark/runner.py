@@ -30,6 +30,11 @@ the ratio to the group's baseline. Groups:
   first, then reused), ``never`` and ``auto``. The cold row removes the folder's scan cache. CPU
   time is the process tree's. The 100,000-file run of docs/RESULTS.md: ``--rows startup --data DIR
   --data-per-class 10000``.
+* ``detstartup`` -- the same for detection (:mod:`experiments.benchmark.det_startup`): plain
+  Detectron2's ``DefaultTrainer.build_train_loader`` on its builtin ``coco_2017_train`` (the
+  baseline) against the toolkit's start (annotation checks, ``DATALOADER.SCAN_IMAGES`` always cold
+  / warm, never, auto), on a generated COCO layout. The 100,000-image run of docs/RESULTS.md:
+  ``--rows detstartup --data DIR --det-images 100000``.
 
 ``time_detectron2_iteration`` times Detectron2 fine-tuning iterations of a config (the paper's
 VOC R50-C4) on synthetic inputs at the config's input sizes.
@@ -52,6 +57,7 @@ from torch import nn
 
 # the settings live in a torch-free module, so tools/benchmark.py --help answers at once
 from experiments.benchmark.config import BASELINE, BASELINES, GROUPS, resolve_image_folder
+from experiments.benchmark.det_startup import DetStartupRunner, detstartup_rows
 from experiments.benchmark.official import OfficialMoCo, official_train_step
 from experiments.benchmark.undo_log import UndoLogMoCo
 from moco import config as moco_config
@@ -583,6 +589,12 @@ def build_rows(cfg, device):
                 Row("startup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
                 _StartupRunner(folder, scan, cfg, cold),
             )
+    if "detstartup" in cfg.groups:
+        for name, scan, cold, desc in detstartup_rows(cfg.data):
+            add(
+                Row("detstartup", name, "start", 0, f"{desc}, {cfg.workers} workers"),
+                DetStartupRunner(cfg.data, scan, cfg.workers, cfg.det_ims_per_batch, cold),
+            )
     return rows, runners, path
 
 
@@ -666,19 +678,20 @@ def _fmt(value, spec):
 def format_table(report):
     """The rows as a fixed-width text table."""
     lines = []
+    g = max([9] + [len(r["group"]) + 1 for r in report["rows"]])  # "detstartup" is 10 wide
     header = (
-        f"{'group':9s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
+        f"{'group':{g}s}{'row':20s}{'median ms':>11s}{'min-max ms':>19s}{'cpu ms':>10s}"
         f"{'img/s':>9s}{'x baseline':>11s}  detail"
     )
     lines.append(header)
     lines.append("-" * len(header))
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['group']:9s}{r['name']:20s}{'':60s}  {r['status']}")
+            lines.append(f"{r['group']:{g}s}{r['name']:20s}{'':60s}  {r['status']}")
             continue
         spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
         lines.append(
-            f"{r['group']:9s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
+            f"{r['group']:{g}s}{r['name']:20s}{_fmt(r['median_ms'], '.1f'):>11s}{spread:>19s}"
             f"{_fmt(r.get('median_cpu_ms'), '.1f'):>10s}"
             f"{_fmt(r['images_per_s'], '.1f'):>9s}{_fmt(r['ratio_vs_baseline'], '.2f'):>11s}"
             f"  {r['detail']}"
