@@ -151,7 +151,12 @@ def test_cli(voc_runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"report.py: output folder {out}\n")
     assert all(row in printed for row in EXPECTED_VOC_ROWS)
-    assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]  # no curves:
+    assert sorted(os.listdir(out)) == [  # no curves:
+        "transfer.csv",
+        "transfer.md",
+        "transfer.pdf",
+        "transfer.png",
+    ]
     # these runs recorded no metrics.json
     assert main([f"a={tmp_path}/none_*"]) == 2
     err = capsys.readouterr().err
