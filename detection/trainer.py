@@ -236,6 +236,10 @@ def main(args):
     # which file filled how many backbone tensors (None: random init); tools/report.py checks it
     extra["weights_load"] = checkpointer.weights_load
     if comm.is_main_process():
+        # what the initial weights were, not only where: the report shows it (a file rewritten in
+        # place keeps its name)
+        weights = cfg.MODEL.WEIGHTS
+        extra["weights_sha256"] = file_io.file_sha256(weights) if os.path.isfile(weights) else None
         write_final_metrics(cfg, args, results, **extra)
     return results
 

@@ -20,9 +20,12 @@ Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
 
 ``JOBS`` > 1 runs independent stages side by side, each in its own process (``Stages.run_many``).
 
-A stage's key hashes everything that decides its result (its resolved config and its inputs), so a
-finished stage (``stage.json`` written last) is reused on rerun, a changed one gets a new folder, and
-an interrupted one resumes from its last checkpoint in the same folder.
+A stage's key hashes everything that decides its result: its resolved config, what its data is (not
+where: the embedded set's generator version, spec and seed; a user image folder's listing; a user
+detection set's annotation files by content) and its input weights by content (sha256). So a
+finished stage (``stage.json`` written last) is reused on rerun, a stage whose inputs changed in
+place (``DATA.SEED 1`` under the same ``DATA.ROOT``, weights rewritten) gets a new folder, and an
+interrupted one resumes from its last checkpoint in the same folder.
 """
 
 import argparse
@@ -34,10 +37,10 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
-from experiments.runs import Stages
+from experiments.runs import Stages, listing_fingerprint
 from moco.config import load_cfg
 from moco.utils.config_loading import load_config
-from moco.utils.file_io import atomic_write_json
+from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -161,6 +164,63 @@ def synthetic_spec(cfg):
     return SyntheticSpec(seed=cfg.DATA.SEED, **values)
 
 
+def data_identity(cfg, image_folder):
+    """What the data is, for the stage keys: ``DATA.ROOT`` says where it is, and a set regenerated
+    there with another seed or spec is another set. The embedded set: its generator version and
+    spec (seed included); a user image folder: its listing (:func:`listing_fingerprint`)."""
+    if cfg.DATA.SYNTHETIC:
+        from moco.data.synthetic.spec import GENERATOR_VERSION
+
+        return {"generator_version": GENERATOR_VERSION, "spec": synthetic_spec(cfg).to_dict()}
+    return {"image_folder": listing_fingerprint(image_folder)}
+
+
+def _annotation_files(name):
+    """The annotation files of a registered detection dataset, from its metadata: a COCO
+    ``json_file``; a VOC split's listing and the XML files it names. [] when it names none."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    json_file = getattr(meta, "json_file", None)
+    if json_file:
+        return [json_file]
+    dirname, split = getattr(meta, "dirname", None), getattr(meta, "split", None)
+    if not (dirname and split):
+        return []
+    listing = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    try:
+        with open(listing) as f:
+            ids = f.read().split()
+    except OSError:
+        return [listing]  # missing: the fine-tune names it; here it only marks the key
+    return [listing] + [os.path.join(dirname, "Annotations", f"{i}.xml") for i in ids]
+
+
+def detection_data_identity(dcfg, embedded=None):
+    """What a detection config's datasets are, for the stage keys: the embedded set's names
+    (synthetic_*) are ``embedded`` (its :func:`data_identity`) when this run generated it; any
+    other dataset is its annotation files by content (sha256 over file names and contents)."""
+    import hashlib
+
+    from detection.data.datasets import SYNTHETIC_DATASETS
+
+    identity = {}
+    for name in list(dcfg.DATASETS.TRAIN) + list(dcfg.DATASETS.TEST):
+        if embedded is not None and name in SYNTHETIC_DATASETS:
+            identity[name] = embedded
+            continue
+        files = _annotation_files(name)
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(os.path.basename(path).encode() + b"\0")
+            try:
+                digest.update(bytes.fromhex(file_sha256(path)))
+            except OSError:
+                digest.update(b"missing")
+        identity[name] = digest.hexdigest() if files else "no annotation files in its metadata"
+    return identity
+
+
 def _method_opts(cfg, method):
     """The pretraining overrides of ``method`` on top of PRETRAIN's (none for MoCo, the default)."""
     if method == "moco":
@@ -227,14 +287,14 @@ def _pretrain_work(pcfg, supervised, nproc, out, resume):
     return outputs
 
 
-def _pretrain_stage(cfg, image_folder, method):
-    """``method``: one of METHODS, or "supervised"."""
+def _pretrain_stage(cfg, image_folder, method, data):
+    """``method``: one of METHODS, or "supervised"; ``data``: :func:`data_identity`."""
     supervised = method == "supervised"
     pcfg = _pretrain_cfg(
         cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else _method_opts(cfg, method)
     )
     work = functools.partial(_pretrain_work, pcfg, supervised, cfg.PRETRAIN.NUM_PROCESSES)
-    return f"pretrain_{method}", {"config": pcfg.dump()}, work
+    return f"pretrain_{method}", {"config": pcfg.dump(), "data": data}, work
 
 
 def _convert_work(label, checkpoint, out, resume):
@@ -247,7 +307,7 @@ def _convert_work(label, checkpoint, out, resume):
 
 
 def _convert_stage(label, checkpoint):
-    material = {"checkpoint": checkpoint, "size": os.path.getsize(checkpoint)}
+    material = {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint)}
     return f"convert_{label}", material, functools.partial(_convert_work, label, checkpoint)
 
 
@@ -266,21 +326,57 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
     return {"run_dir": out, "metrics": metrics["metrics"]}
 
 
-def _detect_stage(cfg, init, weights, seed, synthetic_root):
+def _detect_stage(cfg, init, weights, seed, synthetic_root, data):
+    """``data``: {"pretraining": :func:`data_identity`, "detection": {config file:
+    :func:`detection_data_identity`}} (filled here on first use)."""
+    from detection.config import load_cfg as load_detection_cfg
+
     opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
     config = _detection_config(cfg, init)
-    with open(config) as f:
-        config_text = f.read()
+    # the resolved config: a changed _BASE_ changes the key too
+    dcfg = load_detection_cfg(config, opts, cfg.DETECTION.NUM_PROCESSES)
+    if config not in data["detection"]:  # the same datasets for every init and trial
+        embedded = data["pretraining"] if synthetic_root else None
+        data["detection"][config] = detection_data_identity(dcfg, embedded)
     material = {
         "config": os.path.abspath(config),
-        "config_text": config_text,
+        "resolved": dcfg.dump(),
         "opts": opts,
-        "data": synthetic_root,
+        "data": data["detection"][config],
+        "weights_sha256": file_sha256(weights) if weights else None,
     }
     work = functools.partial(
         _detect_work, config, cfg.DETECTION.NUM_PROCESSES, opts, synthetic_root
     )
     return f"detect_{init}_s{seed}", material, work
+
+
+def _tail(path, parts=2):
+    """The last ``parts`` components of a path: a copied repository keeps them."""
+    return os.path.normpath(path).split(os.sep)[-parts:] if path else []
+
+
+def _trial_run(folder, outputs, seed, weights):
+    """A detection stage's run folder, checked against the stage: its record names its own
+    folder, and its final_metrics.json this trial's seed and weights. A record or result copied
+    from another stage would otherwise add another init's trial to this row (issue 27.3)."""
+    from experiments.report import load_metrics
+
+    record = os.path.join(folder, "stage.json")
+    run = outputs.get("run_dir")
+    if not isinstance(run, str) or os.path.realpath(run) != os.path.realpath(folder):
+        raise ValueError(
+            f"{record}: its run_dir {run!r} is not its own folder; remove {folder} to run the "
+            "stage again"
+        )
+    data = load_metrics(run)
+    if data.get("seed") != seed or _tail(data.get("weights")) != _tail(weights):
+        raise ValueError(
+            f"{os.path.join(run, FINAL_METRICS)}: seed {data.get('seed')!r} and weights "
+            f"{data.get('weights')!r} are not this trial's (seed {seed}, weights {weights!r}); "
+            f"remove {folder} to run the stage again"
+        )
+    return run
 
 
 def run_pipeline(cfg):
@@ -293,13 +389,13 @@ def run_pipeline(cfg):
     from experiments.report import (
         compare,
         paired,
-        plot_curves,
         summarize,
         to_markdown,
         write_report,
     )
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
+    check_output_dir(run_dir, "RUN_DIR")
     os.makedirs(run_dir, exist_ok=True)
     methods = list(cfg.METHODS)
     trials = list(range(cfg.DETECTION.SEED, cfg.DETECTION.SEED + cfg.DETECTION.TRIALS))
@@ -319,16 +415,18 @@ def run_pipeline(cfg):
     sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None
     if sup_ckpt and not os.path.isfile(sup_ckpt):
         raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
+    # read on every run, never from the data stage's record: the set may have changed in place
+    data = {"pretraining": data_identity(cfg, folder), "detection": {}}
 
     def trials_of(init, checkpoint):
         """Convert ``checkpoint`` (here: it takes a moment) and return ``init``'s trials."""
         weights = stages.run(*_convert_stage(init, checkpoint))["weights"]
-        return [_detect_stage(cfg, init, weights, seed, synthetic_root) for seed in trials]
+        return [_detect_stage(cfg, init, weights, seed, synthetic_root, data) for seed in trials]
 
     # Each init's trials join the queue as soon as its weights exist, so neither worker waits
     # for an unrelated stage: the random trials and the supervised baseline's run beside MoCo's.
-    first = [_pretrain_stage(cfg, folder, method) for method in pretrainings]
-    first += [_detect_stage(cfg, "random", "", seed, synthetic_root) for seed in trials]
+    first = [_pretrain_stage(cfg, folder, method, data["pretraining"]) for method in pretrainings]
+    first += [_detect_stage(cfg, "random", "", seed, synthetic_root, data) for seed in trials]
     later = [] if train_supervised else trials_of("supervised", sup_ckpt)
 
     def then(i, outputs):  # a finished pretraining's trials
@@ -336,9 +434,20 @@ def run_pipeline(cfg):
 
     stages.run_many(first + later, cfg.JOBS, then=then)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
+    folders = {r["name"]: r["folder"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
+    weights = {init: outputs[f"convert_{init}"]["weights"] for init in inits if init != "random"}
     runs = {
-        init: [outputs[f"detect_{init}_s{seed}"]["run_dir"] for seed in trials] for init in inits
+        init: [
+            _trial_run(
+                folders[f"detect_{init}_s{seed}"],
+                outputs[f"detect_{init}_s{seed}"],
+                seed,
+                weights.get(init, ""),
+            )
+            for seed in trials
+        ]
+        for init in inits
     }
 
     stages.done += 1
@@ -354,17 +463,20 @@ def run_pipeline(cfg):
             else:
                 verdicts.append(compare(table, method, other))
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
-    paths = write_report(table, report_dir, title=title, notes=verdicts, published=True)
-    # the pretraining runs' loss, kNN and lr over iterations (their stage folders' metrics.json)
-    curves = plot_curves(
-        {
+    # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
+    paths = write_report(
+        table,
+        report_dir,
+        title=title,
+        notes=verdicts,
+        published=True,
+        base=run_dir,
+        curves={
             f"pretrain_{name}": os.path.dirname(out["checkpoint"])
             for name, out in pretrained.items()
         },
-        os.path.join(report_dir, "pretraining_curves.png"),
+        curves_name="pretraining_curves.png",
     )
-    if curves:
-        paths["curves"] = curves
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [

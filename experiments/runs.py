@@ -55,6 +55,29 @@ def stage_key(material, root=REPO_ROOT):
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
+def listing_fingerprint(folder):
+    """sha256 of the files under ``folder`` by relative path and size: a user image folder's
+    identity in stage keys. Reading every image would cost as much as a start-up scan; a set
+    regenerated or edited in place changes names or sizes. Relative paths: a copied folder keeps
+    its fingerprint. Hidden files (the scan cache, locks, temporary files) are not data."""
+    from moco.data.checks import walk_inside
+
+    entries = []
+    for dirpath, dirnames, filenames in walk_inside(folder, folder, set()):
+        dirnames.sort()
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # a dangling link: listed, so its repair changes the fingerprint
+                size = -1
+            entries.append((os.path.relpath(path, folder), size))
+    blob = json.dumps(sorted(entries)).encode()
+    return {"files": len(entries), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def read_marker(path):
     """The JSON of a finished-marker file, or None when it is missing or unreadable."""
     if not os.path.isfile(path):
@@ -162,13 +185,38 @@ class Stages:
         out = os.path.join(self.run_dir, f"{name}-{key}")
         self.done += 1
         head = f"[{self.done}/{self.total}] {name}"
-        record = read_marker(os.path.join(out, STAGE_FILE))
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(
+                f"{out} is a file where the folder of stage {name} belongs; move or remove it"
+            )
+        record = self._record(os.path.join(out, STAGE_FILE), name, key)
         if record is not None:
             print(f"{head}: done earlier, reusing {out}", flush=True)
             record = localize(record, self.root)
-            record["reused"] = True
+            record["reused"], record["folder"] = True, out
             self.records.append(record)
         return head, out, os.path.isdir(out), key, record
+
+    @staticmethod
+    def _record(path, name, key):
+        """The stage's finished record at ``path``, None when there is none; a record that is
+        not this stage's (another folder's ``stage.json`` copied here, a hand-edited one) would
+        put another stage's results in this one's place: one ValueError naming the file."""
+        if not os.path.lexists(path):
+            return None
+        record = read_marker(path)
+        if not isinstance(record, dict):
+            why = "not valid JSON" if record is None else f"a {type(record).__name__}, not a record"
+        elif record.get("name") != name or record.get("key") != key:
+            why = (
+                f"the record of stage {record.get('name')!r} key {record.get('key')!r}, not of "
+                f"{name!r} key {key!r}"
+            )
+        elif not isinstance(record.get("outputs"), dict):
+            why = f"its outputs are {json.dumps(record.get('outputs'))[:40]}, not a record"
+        else:
+            return record
+        raise ValueError(f"{path}: {why}; remove {os.path.dirname(path)} to run stage {name} again")
 
     def _finish(self, head, name, key, material, out, outputs, seconds):
         record = {
@@ -180,7 +228,7 @@ class Stages:
         }
         atomic_write_json(os.path.join(out, STAGE_FILE), portable(record, self.root))
         print(f"{head}: finished in {record['seconds']:.0f} s", flush=True)
-        record["reused"] = False
+        record["reused"], record["folder"] = False, out
         self.records.append(record)
         return outputs
 

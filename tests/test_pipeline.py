@@ -2,6 +2,7 @@
 comparisons, worker processes, reuse."""
 
 import csv
+import hashlib
 import json
 import os
 
@@ -92,7 +93,8 @@ def test_pipeline_writes_every_artefact(pipeline_run):
         rows = list(csv.DictReader(f))
     assert [r["pretraining"] for r in rows] == ["moco", "supervised", "random"]
     with open(paths["md"]) as f:
-        md_rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| ")}
+        table = f.read().split("## What was run")[0].splitlines()
+    md_rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ")}
     assert "(" not in md_rows["supervised"]  # the baseline row has no delta
     for label in ("moco", "random"):  # the others: three cells "mean (+delta)"
         assert md_rows[label].count("(+") + md_rows[label].count("(-") == 3, md_rows[label]
@@ -101,7 +103,23 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     assert os.path.getsize(paths["curves"]) > 1000
     with open(paths["md"]) as f:
         text = f.read()
-    assert "## What was run" in text and "- moco: 2 trial(s), seeds 0, 1; config configs/" in text
+    assert "## What was run" in text
+    what = {
+        line.split(" | ")[0][2:]: line.split(" | ")
+        for line in text.split("## What was run")[1].splitlines()
+        if line.startswith("| ")
+    }
+    moco_pkl = os.path.join(run_dir, _stage_dirs(run_dir, "convert_moco")[0], "moco.pkl")
+    with open(moco_pkl, "rb") as f:
+        moco_sha = hashlib.sha256(f.read()).hexdigest()
+    assert what["moco"][1:3] == ["2", "configs/detection/embedded_voc_R_18w16_FPN.yaml"]
+    assert what["moco"][4:7] == ["6 x 8", "cpu x 1", "0, 1"]
+    assert what["moco"][7] == f"{os.path.relpath(moco_pkl, run_dir)} ({moco_sha[:12]}) |"
+    assert what["random"][7] == "none (random init) |"
+    assert "SOLVER.MAX_ITER 6" in what["supervised"][3] and "differing" not in what["supervised"][3]
+    run = os.path.join(run_dir, _stage_dirs(run_dir, "detect_moco_s0")[0])
+    with open(os.path.join(run, "final_metrics.json")) as f:
+        assert json.load(f)["weights_sha256"] == moco_sha
     verdict_lines = [line for line in text.splitlines() if line.startswith("- moco vs ")]
     assert [line.split(":")[0] for line in verdict_lines] == [
         "- moco vs random",
@@ -138,6 +156,34 @@ def test_pipeline_rerun_reuses_finished_stages(pipeline_run, capsys):
     assert after == before
 
 
+def test_another_data_seed_in_the_same_root_reruns_the_stages_and_the_report_differs(
+    pipeline_run, capsys
+):
+    """Issue 27.1: DATA.SEED 1 regenerates the set in place under the same DATA.ROOT; keys that
+    hashed the data's path reused every stage and published seed 0's numbers under seed 1."""
+    from moco.data.synthetic.writers import read_manifest
+
+    cfg, paths = pipeline_run
+    with open(paths["md"]) as f:
+        report_before = f.read()
+    folders_before = set(os.listdir(cfg.RUN_DIR))
+    opts = ["RUN_DIR", cfg.RUN_DIR, "DATA.ROOT", cfg.DATA.ROOT, *TINY, "DATA.SEED", "1"]
+    again = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    assert "done earlier, reusing" not in capsys.readouterr().out
+    assert read_manifest(cfg.DATA.ROOT)["spec"]["seed"] == 1
+    new = set(os.listdir(cfg.RUN_DIR)) - folders_before
+    assert sorted(d.rsplit("-", 1)[0] for d in new) == sorted(
+        ["data", "pretrain_moco", "pretrain_supervised", "convert_moco", "convert_supervised"]
+        + [f"detect_{i}_s{s}" for i in ("moco", "supervised", "random") for s in (0, 1)]
+    )
+    # at this size every AP is 0.0 (6 iterations): the rows differ in the runs they name
+    with open(again["md"]) as f:
+        assert again["md"] == paths["md"] and f.read() != report_before
+    with open(os.path.join(os.path.dirname(again["md"]), "pipeline_summary.json")) as f:
+        runs = json.load(f)["runs"]
+    assert all(os.path.basename(r) in new for group in runs.values() for r in group)
+
+
 def test_stage_key_follows_the_config():
     a = load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml")
     b = load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml", ["DATA.SEED", "1"])
@@ -146,6 +192,33 @@ def test_stage_key_follows_the_config():
         dict(load_pipeline_cfg("configs/pipeline/embedded_cpu.yaml").DATA)
     )
     assert synthetic_spec(b).seed == 1
+
+
+def test_stage_keys_hold_what_the_data_and_weights_are(tmp_path):
+    """Keys cover content, not paths: a checkpoint rewritten in place with the same size, an
+    image folder edited in place, and the embedded set's seed under the same root."""
+    from experiments.pipeline import _convert_stage, data_identity
+
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    ckpt.write_bytes(b"a" * 64)
+    before = stage_key(_convert_stage("moco", str(ckpt))[1])
+    ckpt.write_bytes(b"b" * 64)
+    assert stage_key(_convert_stage("moco", str(ckpt))[1]) != before
+
+    a = load_pipeline_cfg(None, ["DATA.ROOT", str(tmp_path / "d")])
+    b = load_pipeline_cfg(None, ["DATA.ROOT", str(tmp_path / "d"), "DATA.SEED", "1"])
+    assert data_identity(a, "unused")["spec"]["seed"] == 0
+    assert data_identity(b, "unused")["spec"]["seed"] == 1
+
+    folder = tmp_path / "user" / "train" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "1.jpg").write_bytes(b"x" * 10)
+    user = load_pipeline_cfg(None, ["DATA.SYNTHETIC", "False"])
+    first = data_identity(user, str(tmp_path / "user"))
+    (tmp_path / "user" / ".moco_det_scan.json").write_text("{}")  # hidden: not data
+    assert data_identity(user, str(tmp_path / "user")) == first
+    (folder / "1.jpg").write_bytes(b"x" * 11)
+    assert data_identity(user, str(tmp_path / "user")) != first
 
 
 def test_a_preset_may_be_named_by_its_file_name():
@@ -243,3 +316,88 @@ def test_a_reused_data_stage_regenerates_a_set_overwritten_with_another_spec(pip
     run_pipeline(cfg)
     assert read_manifest(cfg.DATA.ROOT)["spec"] == wanted
     assert capsys.readouterr().out.count("done earlier, reusing") >= 11
+
+
+def test_a_user_detection_set_is_keyed_by_its_annotation_files(tmp_path):
+    from detectron2.data import MetadataCatalog
+    from fvcore.common.config import CfgNode
+
+    from experiments.pipeline import detection_data_identity
+
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n")
+    xml = tmp_path / "Annotations" / "000001.xml"
+    xml.write_text("<annotation><object><name>disk</name></object></annotation>\n")
+    name = f"i27_user_voc_{os.getpid()}"
+    MetadataCatalog.get(name).set(dirname=str(tmp_path), split="trainval")
+    dcfg = CfgNode({"DATASETS": {"TRAIN": [name], "TEST": []}})
+    first = detection_data_identity(dcfg)
+    assert len(first[name]) == 64
+    xml.write_text("<annotation><object><name>ring</name></object></annotation>\n")
+    assert detection_data_identity(dcfg) != first
+    # the embedded set's names are its spec when the pipeline generated it; other names not
+    mixed = CfgNode({"DATASETS": {"TRAIN": ["synthetic_voc_trainval"], "TEST": [name]}})
+    both = detection_data_identity(mixed, embedded={"spec": {"seed": 1}})
+    assert both["synthetic_voc_trainval"] == {"spec": {"seed": 1}}
+    assert both[name] == detection_data_identity(dcfg)[name]
+
+
+@pytest.mark.parametrize("case", ["[]", "{}", '{"outputs": null}', "stage folder", "run dir"])
+def test_a_bad_stage_record_or_a_file_for_a_folder_is_one_line_exit_2(tmp_path, capsys, case):
+    """Issue 27: stage.json `[]` was a TypeError, `{}` and `{"outputs": null}` an exit 2 naming
+    no file; a file in a stage folder's place a FileExistsError."""
+    from conftest import load_tool
+
+    run_dir = tmp_path / "run"
+    argv = ["--preset", "ci.yaml", "RUN_DIR", str(run_dir), "DATA.ROOT", str(tmp_path / "d")]
+    cfg = load_pipeline_cfg("ci.yaml", argv[2:])
+    data = run_dir / f"data-{stage_key(dict(cfg.DATA))}"
+    if case == "run dir":
+        run_dir.write_text("not a folder")
+        expected = f"RUN_DIR {run_dir} is a file"
+    elif case == "stage folder":
+        run_dir.mkdir()
+        data.write_text("not a folder")
+        expected = f"{data} is a file where the folder of stage data belongs"
+    else:
+        data.mkdir(parents=True)
+        (data / "stage.json").write_text(case)
+        expected = f"{data / 'stage.json'}: "
+    assert load_tool("pipeline").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pipeline.py: error: ") and len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert not (tmp_path / "d").exists()  # refused before any work
+
+
+def test_a_record_or_result_copied_from_another_stage_is_refused(pipeline_run):
+    """Issue 27.3: a MoCo fine-tune's stage.json copied into a random-init trial's folder gave
+    the random row a MoCo trial. Its record, its run_dir, and its final_metrics.json are checked."""
+    import shutil
+
+    cfg, _ = pipeline_run
+    paths = run_pipeline(cfg)  # all reused; RUN_DIR also holds other tests' stages (DATA.SEED 1)
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        runs = json.load(f)["runs"]
+    moco, rand = runs["moco"][1], runs["random"][1]
+    saved = {n: open(os.path.join(rand, n)).read() for n in ("stage.json", "final_metrics.json")}
+    try:
+        shutil.copy(os.path.join(moco, "stage.json"), os.path.join(rand, "stage.json"))
+        with pytest.raises(ValueError, match="the record of stage 'detect_moco_s1'"):
+            run_pipeline(cfg)
+        record = json.loads(saved["stage.json"])
+        record["outputs"]["run_dir"] = moco  # its own name and key, another stage's run
+        with open(os.path.join(rand, "stage.json"), "w") as f:
+            json.dump(record, f)
+        with pytest.raises(ValueError, match="its run_dir .* is not its own folder"):
+            run_pipeline(cfg)
+        with open(os.path.join(rand, "stage.json"), "w") as f:
+            f.write(saved["stage.json"])
+        shutil.copy(os.path.join(moco, "final_metrics.json"), rand)
+        with pytest.raises(ValueError, match="final_metrics.json: seed 1 and weights .*moco.pkl"):
+            run_pipeline(cfg)
+    finally:
+        for name, text in saved.items():
+            with open(os.path.join(rand, name), "w") as f:
+                f.write(text)

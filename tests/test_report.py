@@ -16,8 +16,10 @@ from experiments.report import (
     parse_groups,
     summarize,
     to_markdown,
+    what_was_run,
     write_report,
 )
+from moco.utils.file_io import file_sha256
 
 ROOT = REPO
 
@@ -198,11 +200,11 @@ def _captured_figures(monkeypatch):
     """The figures the report saves, kept open for inspection (files are still written)."""
     import experiments.report.figures as R
 
-    figures = []
+    figures, save = [], R.save_figure
 
     def keep(fig, path):
-        figures.append(fig)
-        fig.savefig(path)
+        figures.append(fig)  # its axes stay readable after save_figure closes it
+        save(fig, path)
 
     monkeypatch.setattr(R, "save_figure", keep)
     return figures
@@ -224,8 +226,65 @@ def test_report_records_what_was_run(voc_runs, tmp_path):
     with open(write_report(table, str(tmp_path / "report"))["md"]) as f:
         text = f.read()
     assert "## What was run" in text
-    assert "- moco_v2: 3 trial(s), seeds 0, 0, 0; config ?" in text and "10 iterations" in text
-    assert "- code: commit " in text and f"{os.cpu_count()} CPUs" in text
+    section = text.split("## What was run")[1]
+    assert "| init | trials | config | shared overrides | iterations x batch |" in section
+    # these hand-written records hold no config, batch or weights: shown as such
+    assert (
+        "| moco_v2 | 3 | ? | none | 10 x None | None x None | 0, 0, 0 | none (random init) |"
+        in (section)
+    )
+    assert "Code: commit " in section and f"{os.cpu_count()} CPUs" in section
+
+
+def test_what_was_run_is_one_row_per_init_and_shows_a_mixed_up_row(tmp_path):
+    """Issue 27.6: one row per init (config, shared overrides, iterations x batch, seeds, weights
+    and their content hash, paths relative to the run folder); a trial that differs shows."""
+    config = os.path.join(REPO, "configs", "detection", "embedded_voc_R_18w16_FPN.yaml")
+    weights = {name: tmp_path / f"convert_{name}" / f"{name}.pkl" for name in ("moco", "sup")}
+    for name, path in weights.items():
+        path.parent.mkdir()
+        path.write_bytes(name.encode() * 10)
+
+    def run(folder, seed, init, lr="0.05"):
+        folder = tmp_path / folder
+        os.makedirs(folder)
+        record = {
+            "task": "voc",
+            "metrics": {"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}},
+            "config_file": config,
+            "seed": seed,
+            "iterations": 300,
+            "ims_per_batch": 8,
+            "device": "cpu",
+            "world_size": 1,
+            "weights": str(weights[init]) if init else "",
+            "weights_sha256": file_sha256(weights[init]) if init else None,
+            "weights_load": {"matched": 5, "backbone_tensors": 5} if init else None,
+            "opts": ["SOLVER.BASE_LR", lr, "OUTPUT_DIR", str(folder), "SEED", str(seed)]
+            + (["MODEL.WEIGHTS", str(weights[init])] if init else []),
+        }
+        (folder / "final_metrics.json").write_text(json.dumps(record))
+        return str(folder)
+
+    groups = {
+        "moco": [run("m0", 0, "moco"), run("m1", 1, "moco")],
+        # a supervised trial by mistake in the random row, with another learning rate
+        "random": [run("r0", 0, None), run("r1", 1, "sup", lr="0.1")],
+    }
+    text = what_was_run(summarize(groups), base=str(tmp_path))
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    sha = file_sha256(weights["moco"])[:12]
+    assert rows["moco"] == (
+        "| moco | 2 | configs/detection/embedded_voc_R_18w16_FPN.yaml | SOLVER.BASE_LR 0.05 | "
+        f"300 x 8 | cpu x 1 | 0, 1 | convert_moco/moco.pkl ({sha}) |"
+    )
+    cells = rows["random"].split(" | ")
+    assert cells[3] == "none; differing: SOLVER.BASE_LR"
+    assert cells[7].startswith("convert_sup/sup.pkl (") and cells[7].endswith(
+        "), none (random init) |"
+    )
+    assert str(tmp_path) not in "".join(rows.values())  # paths relative to the run folder
+    assert f"Paths relative to {tmp_path}." in text
 
 
 def test_training_curves_from_metrics_json(tmp_path, monkeypatch):

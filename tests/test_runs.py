@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 
 import pytest
 
@@ -118,3 +119,42 @@ def test_a_copied_repository_reuses_its_finished_stages(tmp_path, capsys):
 def _only_dir(path):
     (name,) = os.listdir(path)
     return name
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        ("[]", "a list, not a record"),
+        ("{}", "the record of stage None key None"),
+        ("not json", "not valid JSON"),
+        (None, "the record of stage 's1'"),  # s1's stage.json copied into s0's folder
+        ("outputs null", "its outputs are null"),
+    ],
+)
+def test_a_stage_json_that_is_not_this_stages_is_one_line_naming_it(tmp_path, record, why):
+    Stages(str(tmp_path), total=2).run_many(_stages(2), jobs=1)
+    (s0,) = [d for d in os.listdir(tmp_path) if d.startswith("s0-")]
+    (s1,) = [d for d in os.listdir(tmp_path) if d.startswith("s1-")]
+    path = tmp_path / s0 / STAGE_FILE
+    if record is None:
+        path.write_text((tmp_path / s1 / STAGE_FILE).read_text())
+    elif record == "outputs null":
+        good = json.loads(path.read_text())
+        path.write_text(json.dumps({**good, "outputs": None}))
+    else:
+        path.write_text(record)
+    with pytest.raises(ValueError) as e:
+        Stages(str(tmp_path), total=2).run_many(_stages(2), jobs=1)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and why in message and "\n" not in message
+    assert f"remove {tmp_path / s0} to run stage s0 again" in message
+
+
+def test_a_file_where_a_stage_folder_belongs_is_one_line(tmp_path):
+    Stages(str(tmp_path), total=1).run_many(_stages(1), jobs=1)
+    (s0,) = os.listdir(tmp_path)
+    shutil.rmtree(tmp_path / s0)
+    (tmp_path / s0).write_text("a log, not a stage")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / s0} is a file where the folder"):
+        Stages(str(tmp_path), total=1).run_many(_stages(1), jobs=1)
+    assert (tmp_path / s0).read_text() == "a log, not a stage"

@@ -63,7 +63,7 @@ def run(args):
             raise NotADirectoryError(f"--curves {run}: no such run folder")
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)
-    paths, runs = {}, {}
+    paths, runs, table = {}, {}, None
     if args.groups:
         groups = parse_groups(args.groups)
         table = summarize(groups, baseline=args.baseline)
@@ -73,15 +73,22 @@ def run(args):
             for label, group in groups.items()
             for run in group
         }
-        if args.output_dir:
-            paths = write_report(table, args.output_dir, title=args.title)
-            paths["pdf"] = os.path.splitext(paths["png"])[0] + ".pdf"
     if args.curves:  # the label of each: its folder, as given
         runs = {os.path.normpath(run): run for run in args.curves}
-    if args.output_dir:
+    if args.output_dir and table is not None:
+        paths = write_report(
+            table,
+            args.output_dir,
+            title=args.title,
+            base=os.getcwd(),
+            curves=runs,
+            curves_title="training",
+        )
+    elif args.output_dir:
         curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
         if curves:
-            paths.update(curves=curves, curves_pdf=os.path.splitext(curves)[0] + ".pdf")
+            paths = {"curves": curves, "curves_pdf": os.path.splitext(curves)[0] + ".pdf"}
+    if args.output_dir:
         print("report.py: wrote " + ", ".join(paths.values()))
 
 

@@ -7,11 +7,16 @@ print resolution with a vector PDF beside it.
 - :func:`plot_curves`: training curves from the runs' metrics.json, one loss panel per objective
   (InfoNCE and a classifier's cross-entropy differ in scale), the kNN top-1 of every evaluation a
   run made (its pretrain_summary.json, else metrics.json) and the learning rate.
+
+Files are written atomically; :func:`figure_bytes` renders a figure for a report written as one
+set of files (moco.utils.file_io.atomic_write_files).
 """
 
+import io
 import math
 import os
 
+from moco.utils.file_io import atomic_write
 from moco.utils.run_files import (
     CONFIG_FILE,
     FINAL_METRICS,
@@ -39,12 +44,38 @@ def pdf_path(path):
     return os.path.splitext(path)[0] + ".pdf"
 
 
+class FigureFiles:
+    """Where :func:`save_figure` renders a figure that is written later with other files: its PNG
+    and its PDF, in memory."""
+
+    def __init__(self):
+        self.png, self.pdf = io.BytesIO(), io.BytesIO()
+
+
 def save_figure(fig, path):
-    """``path`` (PNG at :data:`DPI`) and the same figure as a PDF beside it."""
+    """``fig`` as a PNG at :data:`DPI` and a PDF: ``path`` a file name (both written atomically,
+    the PDF beside it), a :class:`FigureFiles` (both), or a binary file object (the PNG)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    fig.savefig(pdf_path(path))
-    pyplot().close(fig)
+    try:
+        if isinstance(path, (str, os.PathLike)):
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+            atomic_write(pdf_path(path), lambda f: fig.savefig(f, format="pdf"))
+        elif isinstance(path, FigureFiles):
+            fig.savefig(path.png, format="png", dpi=DPI)
+            fig.savefig(path.pdf, format="pdf")
+        else:
+            fig.savefig(path, format="png", dpi=DPI)
+    finally:
+        pyplot().close(fig)
+
+
+def figure_bytes(draw, *args, **kwargs):
+    """``{"png": bytes, "pdf": bytes}`` of what ``draw(*args, path, **kwargs)`` (e.g.
+    :func:`plot_table`) saves, so that they can be written with the files they belong to
+    (moco.utils.file_io.atomic_write_files)."""
+    files = FigureFiles()
+    draw(*args, files, **kwargs)
+    return {"png": files.png.getvalue(), "pdf": files.pdf.getvalue()}
 
 
 def _read_json(path):
@@ -155,25 +186,40 @@ def knn_points(folder, rows):
     return history or [(r["iteration"], r["knn_top1"]) for r in rows if "knn_top1" in r]
 
 
-def plot_curves(runs, path, title=None):
-    """Training curves of run folders ({label: folder}): a loss panel per objective, kNN top-1
-    and learning rate over iterations, each panel with its legend. Returns ``path`` (its PDF
-    beside it), or None when no run has recorded metrics (nothing is written)."""
-    series = {}  # panel -> [(label, iterations, values)]
+def _plottable(value):
+    """A finite real number (a hand-edited or foreign metrics.json row may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curve_series(runs):
+    """{panel: [(label, iterations, values)]} of run folders ({label: folder}): a loss panel per
+    objective, kNN top-1 and learning rate, finite numeric values only."""
+    series = {}
     for label, folder in runs.items():
         rows = read_metrics(folder)
-        key = next((k for k in ("total_loss", "loss") if any(k in r for r in rows)), None)
+        key = next(
+            (k for k in ("total_loss", "loss") if any(_plottable(r.get(k)) for r in rows)), None
+        )
         if key is not None:
-            points = [(r["iteration"], r[key]) for r in rows if key in r]
+            points = [(r["iteration"], r[key]) for r in rows if _plottable(r.get(key))]
             goal = objective(folder)
             panel = "loss" if goal == "loss" else f"loss: {goal}"
             series.setdefault(panel, []).append((label, *zip(*points)))
-        knn = knn_points(folder, rows)
+        knn = [(i, v) for i, v in knn_points(folder, rows) if _plottable(i) and _plottable(v)]
         if knn:
             series.setdefault("kNN top-1 (%)", []).append((label, *zip(*sorted(knn))))
-        lr = [(r["iteration"], r["lr"]) for r in rows if "lr" in r]
+        lr = [(r["iteration"], r["lr"]) for r in rows if _plottable(r.get("lr"))]
         if lr:
             series.setdefault("learning rate", []).append((label, *zip(*lr)))
+    return series
+
+
+def plot_curves(runs, path, title=None):
+    """Training curves of run folders ({label: folder}): a loss panel per objective, kNN top-1
+    and learning rate over iterations, each panel with its legend. Returns ``path`` (a file name:
+    its PDF beside it; or what :func:`save_figure` takes), or None when no run has recorded
+    metrics (nothing is written)."""
+    series = curve_series(runs)
     if not series:
         return None
     plt = pyplot()
@@ -188,6 +234,7 @@ def plot_curves(runs, path, title=None):
         ax.legend(fontsize="x-small")
     if title:
         fig.suptitle(title)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_figure(fig, path)
     return path

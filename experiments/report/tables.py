@@ -14,13 +14,16 @@ ablation tables (experiments.ablate).
 
 import csv
 import glob
+import hashlib
 import io
 import json
+import math
 import os
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from moco.utils.file_io import atomic_write_text
 from moco.utils.run_files import FINAL_METRICS
 
 # (column name, result section, key in Detectron2's results)
@@ -113,9 +116,52 @@ def parse_groups(specs):
     return groups
 
 
+def metrics_path(run_dir):
+    """The ``final_metrics.json`` of a run folder (or the file itself)."""
+    return run_dir if run_dir.endswith(".json") else os.path.join(run_dir, FINAL_METRICS)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value, n=40):
+    """A recorded value as it reads in one error line (a hostile file may hold anything)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_weights_load(data, path):
+    """A run that names weights must record that they filled the whole backbone: otherwise it
+    trained a partly random backbone and its row would be mislabelled (issue 17, issue 27.4)."""
+    weights, load = data.get("weights"), data.get("weights_load")
+    if weights is not None and not isinstance(weights, str):
+        raise ValueError(f"{path}: 'weights' is {_short(weights)}, not a file name or ''")
+    if load is None and not weights:
+        return  # random init (and nothing was loaded)
+    if not isinstance(load, dict):
+        raise ValueError(
+            f"{path}: 'weights_load' is {'missing' if load is None else _short(load)}, not "
+            "the record of how the weights loaded; the run cannot show that its backbone loaded"
+        )
+    matched, total = load.get("matched"), load.get("backbone_tensors")
+    if not (_is_int(matched) and _is_int(total) and 0 <= matched <= total and total > 0):
+        raise ValueError(
+            f"{path}: 'weights_load' has matched {_short(matched)} of backbone_tensors "
+            f"{_short(total)}; "
+            "expected whole numbers with 0 <= matched <= backbone_tensors > 0"
+        )
+    if matched != total and load.get("allow_partial") is not True:
+        raise ValueError(
+            f"{path}: its weights did not load ({matched} of {total} backbone tensors from "
+            f"{_short(load.get('file'), 80)})"
+        )
+
+
 def load_metrics(run_dir):
-    """Read ``run_dir/final_metrics.json`` (a run folder, or the file itself)."""
-    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, FINAL_METRICS)
+    """Read ``run_dir/final_metrics.json`` (a run folder, or the file itself); a file that is
+    not a finished run's record, or whose weights did not load, is one ValueError naming it."""
+    path = metrics_path(run_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path}: no such file (did the run in {run_dir} finish its evaluation?)"
@@ -123,40 +169,93 @@ def load_metrics(run_dir):
     try:
         with open(path) as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a final_metrics.json (nested too deeply)") from None
     if (
         not isinstance(data, dict)
         or data.get("task") not in ("voc", "coco")
-        or "metrics" not in data
+        or not isinstance(data.get("metrics"), dict)
     ):
         raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
-    load = data.get("weights_load")
-    if (
-        isinstance(load, dict)
-        and load.get("matched") != load.get("backbone_tensors")
-        and not load.get("allow_partial")
-    ):
-        # such a run trained a partly random backbone: its row would be mislabelled
+    seed = data.get("seed")
+    if seed is not None and not _is_int(seed):
         raise ValueError(
-            f"{path}: its weights did not load ({load.get('matched')} of "
-            f"{load.get('backbone_tensors')} backbone tensors from {load.get('file')})"
+            f"{path}: 'seed' is {_short(seed)}, not a whole number (trials pair by seed)"
         )
+    _check_weights_load(data, path)
     return data
 
 
 def _value(data, section, key, path):
+    """An AP: a real number in [0, 100]. Anything else is no score: 5000, -500, "55.5", true,
+    inf and NaN would each move a mean without a word."""
     try:
         value = data["metrics"][section][key]
     except (KeyError, TypeError):
         raise ValueError(f"{path}: no metrics.{section}.{key}") from None
     if value is None:
         raise ValueError(f"{path}: metrics.{section}.{key} is null (no score)")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(
+            f"{path}: metrics.{section}.{key} is {json.dumps(value)[:40]}, not a number"
+        )
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise ValueError(
+            f"{path}: metrics.{section}.{key} is {value!r}, outside [0, 100] (AP is a percentage)"
+        )
     return float(value)
+
+
+def _timed_content(path):
+    """sha256 of a final_metrics.json that records its run's timing (train_seconds or
+    eval_seconds, as detection.trainer writes): two such files are equal only as copies. None for
+    a file without timing (a hand-written record may equal another by chance) or none at all."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None  # missing: load_metrics names it
+    if b'"train_seconds"' not in data and b'"eval_seconds"' not in data:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_distinct_runs(groups):
+    """Each run once: the same run given twice (a repeated folder, overlapping globs, a folder in
+    two groups, a symlink to one, a copied folder: its final_metrics.json byte for byte, with the
+    run's own timings) would count as several trials. One ValueError naming it."""
+    seen, contents = {}, {}
+    for label, runs in groups.items():
+        for run in runs:
+            real = os.path.realpath(metrics_path(run))
+            content = _timed_content(real)
+            if content is not None and content in contents and real not in seen:
+                raise ValueError(
+                    f"runs {contents[content]} and {run} hold the same {FINAL_METRICS} (one run "
+                    "copied): one run is one trial; give each run folder once"
+                )
+            if content is not None:
+                contents.setdefault(content, run)
+            if real in seen:
+                first_label, first = seen[real]
+                where = (
+                    f"twice in group {label!r}"
+                    if first_label == label
+                    else f"in groups {first_label!r} and {label!r}"
+                )
+                same = "" if first == run else f" (as {first} and {run})"
+                raise ValueError(
+                    f"run {run} is given {where}{same}: one run is one trial; give each run "
+                    "folder once"
+                )
+            seen[real] = (label, run)
 
 
 def summarize(groups, baseline=None):
     """Build a :class:`Table` from {label: [run folders]}; deltas against ``baseline``'s row."""
+    check_distinct_runs(groups)
     loaded = OrderedDict(
         (label, [(run, load_metrics(run)) for run in runs]) for label, runs in groups.items()
     )
@@ -186,7 +285,8 @@ def summarize(groups, baseline=None):
     rows = []
     for label, runs in loaded.items():
         values = [
-            [_value(data, section, key, run) for run, data in runs] for _, section, key in columns
+            [_value(data, section, key, metrics_path(run)) for run, data in runs]
+            for _, section, key in columns
         ]
         seeds = [data.get("seed") for _, data in runs]
         rows.append(
@@ -281,6 +381,12 @@ def published_markdown():
 
 
 def write_csv(table, path):
+    """The table as CSV (:func:`csv_rows`) to ``path``, written atomically."""
+    atomic_write_text(path, csv_text(*csv_rows(table)))
+
+
+def csv_rows(table):
+    """(header, rows) of the table's CSV: per column mean, std and delta."""
     header = ["pretraining", "n"]
     for name in table.columns:
         header += [f"{name}_mean", f"{name}_std", f"{name}_delta"]
@@ -295,5 +401,4 @@ def write_csv(table, path):
                 "" if delta is None else f"{delta:.4f}",
             ]
         rows.append(values)
-    with open(path, "w", newline="") as f:
-        f.write(csv_text(header, rows))
+    return header, rows

@@ -1,5 +1,6 @@
-"""File I/O: atomic writes (a temporary file beside the target, fsync, ``os.replace``), and the
-run folder's lock.
+"""File I/O: atomic writes (a temporary file beside the target, fsync, ``os.replace``; a set of
+files that belong together all written before any is renamed: :func:`atomic_write_files`), and
+the run folder's lock.
 
 A reader sees either the old file or the complete new one, never a torn write; an ``OSError``
 (e.g. a full disk) names the file and says the previous one is unchanged. Used for checkpoints,
@@ -12,6 +13,7 @@ for the run; the kernel drops it when the holder dies, so a killed run never lea
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -41,8 +43,9 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write(path, write):
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
+def _write_temp(path, write):
+    """A complete, fsync'ed temporary file beside ``path`` holding what ``write(f)`` wrote; its
+    name. On failure the temporary file is removed and an OSError names ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=folder)
@@ -52,20 +55,61 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
+    except BaseException as e:
+        _remove(tmp)
+        _name_the_file(e, path)
+        raise
+    return tmp
+
+
+def _remove(tmp):
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _name_the_file(e, path):
+    if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
+        raise OSError(
+            e.errno,
+            f"could not write {path}: {e.strerror or e}; the previous file there (if any) is "
+            "unchanged",
+        ) from e
+
+
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):  # e.g. ENOSPC: say which file, and that the old one is intact
-            raise OSError(
-                e.errno,
-                f"could not write {path}: {e.strerror or e}; the previous "
-                "file there (if any) is unchanged",
-            ) from e
+        _remove(tmp)
+        _name_the_file(e, path)
         raise
-    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_files(contents):
+    """Write ``{path: bytes}`` as one set: every file is first written whole to a temporary file,
+    and only then are they renamed into place. A failure while writing (a full disk) replaces
+    none of them, so a set of files that belong together (a report's Markdown, CSV and figure)
+    is never half old, half new; the OSError names the file."""
+    temps = []
+    try:
+        for path, data in contents.items():
+            temps.append((_write_temp(path, lambda f, data=data: f.write(data)), path))
+        for tmp, path in temps:
+            try:
+                os.replace(tmp, path)
+            except BaseException as e:
+                _name_the_file(e, path)
+                raise
+    finally:
+        for tmp, _ in temps:
+            _remove(tmp)  # only those not renamed are still there
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in contents}:
+        _fsync_dir(folder)
 
 
 class _KeepWriteError:
@@ -84,6 +128,13 @@ class _KeepWriteError:
 
     def flush(self):
         return self.f.flush()
+
+
+def file_sha256(path):
+    """A file's content hash (hex): stage keys, runs and reports name weights by what they hold,
+    since a file rewritten in place keeps its path (and often its size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_save(obj, path):
