@@ -153,7 +153,12 @@ def test_cli(voc_runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"report.py: output folder {out}\n")
     assert all(row in printed for row in EXPECTED_VOC_ROWS)
-    assert sorted(os.listdir(out)) == ["transfer.csv", "transfer.md", "transfer.png"]  # no curves:
+    assert sorted(os.listdir(out)) == [  # no curves:
+        "transfer.csv",
+        "transfer.md",
+        "transfer.pdf",
+        "transfer.png",
+    ]
     # these runs recorded no metrics.json
     assert main([f"a={tmp_path}/none_*"]) == 2
     err = capsys.readouterr().err
@@ -195,11 +200,11 @@ def _captured_figures(monkeypatch):
     """The figures the report saves, kept open for inspection (files are still written)."""
     import experiments.report.figures as R
 
-    figures = []
+    figures, save = [], R.save_figure
 
     def keep(fig, path):
-        figures.append(fig)
-        fig.savefig(path)
+        figures.append(fig)  # its axes stay readable after save_figure closes it
+        save(fig, path)
 
     monkeypatch.setattr(R, "save_figure", keep)
     return figures

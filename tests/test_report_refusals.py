@@ -136,7 +136,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_report_whole(
     out = tmp_path / "report"
     assert main([f"a={one}", f"b={two}", "--output-dir", str(out)]) == 0
     before = _report_files(out)
-    assert sorted(before) == ["curves.png", "transfer.csv", "transfer.md", "transfer.png"]
+    assert sorted(before) == [
+        "curves.pdf",
+        "curves.png",
+        "transfer.csv",
+        "transfer.md",
+        "transfer.pdf",
+        "transfer.png",
+    ]
 
     written = {"bytes": 0}
     real_fdopen = os.fdopen

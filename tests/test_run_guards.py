@@ -273,8 +273,8 @@ def _run_printed(line, env, progressed, signum=signal.SIGINT):
 
 
 # pretrain.py with a Ctrl-C (SIGINT to the process group: data-loading workers too) once the
-# first kNN evaluation after a training step (the third extraction: the first two are the
-# untrained encoder's, KNN.AT_START) has read a batch of its loader
+# kNN feature extraction number argv[1] has read a batch of its loader (1 and 2: the untrained
+# encoder's, KNN.AT_START; 3: the first evaluation after a training step)
 _CTRL_C_IN_KNN = r"""
 import os, signal, sys
 import moco.evaluation.knn as knn
@@ -285,7 +285,7 @@ def ctrl_c_during_extraction(encoder, loader, *args, **kwargs):
     calls.append(1)
     def batches():
         for i, batch in enumerate(loader):
-            if len(calls) == 3 and i == 0:
+            if len(calls) == int(sys.argv[1]) and i == 0:
                 os.killpg(0, signal.SIGINT)
             yield batch
     return extract(encoder, batches(), *args, **kwargs)
@@ -293,14 +293,11 @@ def ctrl_c_during_extraction(encoder, loader, *args, **kwargs):
 knn.extract_features = ctrl_c_during_extraction
 sys.path.insert(0, "tools")
 import pretrain
-sys.exit(pretrain.main(sys.argv[1:]))
+sys.exit(pretrain.main(sys.argv[2:]))
 """
 
 
-def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
-    synthetic_root, tmp_path
-):
-    out = tmp_path / "run"
+def _ctrl_c_in_knn(synthetic_root, out, extraction):
     opts = tiny_opts(
         synthetic_root,
         out,
@@ -316,7 +313,7 @@ def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
         },
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_IN_KNN, *opts],
+        [sys.executable, "-c", _CTRL_C_IN_KNN, str(extraction), *opts],
         env=ENV,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -328,12 +325,28 @@ def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
     err = proc.stderr
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "exited unexpectedly" not in err, err[-3000:]
-    line = err.strip().splitlines()[-1]
+    return err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_during_the_knn_evaluation_stops_with_one_line_and_a_checkpoint(
+    synthetic_root, tmp_path
+):
+    out = tmp_path / "run"
+    line = _ctrl_c_in_knn(synthetic_root, out, 3)
     assert line.startswith("pretrain.py: stopped by SIGINT after iteration 3; checkpoint "), line
     path = line.split("checkpoint ", 1)[1].split(";")[0]
     assert (out / "last_checkpoint").read_text() == os.path.basename(path)
     assert torch.load(path, map_location="cpu", weights_only=True)["iteration"] == 3
     assert "kNN top-1" in (out / "log.txt").read_text()  # the evaluation finished first
+
+
+def test_ctrl_c_during_the_untrained_knn_ends_with_one_line_and_leaves_no_folder(
+    synthetic_root, tmp_path
+):
+    # before the first step (KNN.AT_START) there is nothing to keep: the start is undone
+    out = tmp_path / "run"
+    assert _ctrl_c_in_knn(synthetic_root, out, 1) == "pretrain.py: interrupted"
+    assert not out.exists()
 
 
 def test_sigint_stops_detection_with_one_line_and_complete_files(synthetic_root, tmp_path):

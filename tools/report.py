@@ -3,11 +3,14 @@
 
     python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \\
         --output-dir out/report
+    python tools/report.py --curves output/pretrain/run_a output/pretrain/run_b --output-dir out/c
 
 Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
-final_metrics.json. Prints the Markdown table; writes transfer.md (with what was run) / .csv /
-.png (AP bars with value labels and std error bars) and curves.png (loss and lr over iterations,
-from each run's metrics.json) to --output-dir.
+final_metrics.json. Prints the Markdown table; writes to --output-dir transfer.md (with what was
+run), transfer.csv, transfer.png and .pdf (AP bars: mean, sample-std whiskers, each trial's dot),
+and curves.png and .pdf: the training curves (a loss panel per objective, kNN top-1, lr over
+iterations) of the --curves runs overlaid, else of the groups' runs. (The pipeline's report
+folder holds the same figure of its pretraining runs as pretraining_curves.png.)
 """
 
 import argparse
@@ -22,32 +25,57 @@ def parse_args(argv=None):
         prog="report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "groups", nargs="+", metavar="LABEL=RUNS", help="a pretraining and its run folders"
+        "groups", nargs="*", metavar="LABEL=RUNS", help="a pretraining and its run folders"
+    )
+    parser.add_argument(
+        "--curves",
+        nargs="+",
+        metavar="RUN",
+        help="run folders (pretraining, lincls or detection) whose curves curves.png overlays",
     )
     parser.add_argument(
         "--baseline", default=None, help="label whose means the deltas are taken against"
     )
     parser.add_argument(
-        "--output-dir", default=None, help="write transfer.md, transfer.csv, transfer.png here"
+        "--output-dir",
+        default=None,
+        help="write transfer.md, .csv, .png, .pdf and curves.png, .pdf here",
     )
     parser.add_argument("--title", default=None, help="chart title")
     return parser.parse_args(argv)
 
 
 def run(args):
-    from experiments.report import parse_groups, summarize, to_markdown, write_report
+    from experiments.report import (  # after parsing: --help answers at once
+        parse_groups,
+        plot_curves,
+        summarize,
+        to_markdown,
+        write_report,
+    )
 
+    if not args.groups and not args.curves:
+        raise ValueError("give LABEL=RUNS groups, or --curves RUN ... with --output-dir")
+    if args.curves and not args.output_dir:
+        raise ValueError("--curves draws curves.png: give --output-dir")
+    for run in args.curves or ():
+        if not os.path.isdir(run):
+            raise NotADirectoryError(f"--curves {run}: no such run folder")
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)
-    groups = parse_groups(args.groups)
-    table = summarize(groups, baseline=args.baseline)
-    print(to_markdown(table), end="")
-    if args.output_dir:
+    paths, runs, table = {}, {}, None
+    if args.groups:
+        groups = parse_groups(args.groups)
+        table = summarize(groups, baseline=args.baseline)
+        print(to_markdown(table), end="")
         runs = {
             f"{label}/{os.path.basename(os.path.normpath(run))}": run
             for label, group in groups.items()
             for run in group
         }
+    if args.curves:  # the label of each: its folder, as given
+        runs = {os.path.normpath(run): run for run in args.curves}
+    if args.output_dir and table is not None:
         paths = write_report(
             table,
             args.output_dir,
@@ -56,6 +84,11 @@ def run(args):
             curves=runs,
             curves_title="training",
         )
+    elif args.output_dir:
+        curves = plot_curves(runs, os.path.join(args.output_dir, "curves.png"), "training")
+        if curves:
+            paths = {"curves": curves, "curves_pdf": os.path.splitext(curves)[0] + ".pdf"}
+    if args.output_dir:
         print("report.py: wrote " + ", ".join(paths.values()))
 
 

@@ -1,10 +1,16 @@
-"""Writing a report: ``transfer.{md,csv,png}`` and the "What was run" section (configs, overrides,
+"""Writing a report: ``transfer.{md,csv,png,pdf}`` and the "What was run" section (configs, overrides,
 iterations, seeds, weights, code commit, machine).
 """
 
 import os
 
-from experiments.report.figures import curve_series, figure_bytes, plot_curves, plot_table
+from experiments.report.figures import (
+    curve_series,
+    figure_bytes,
+    pdf_path,
+    plot_curves,
+    plot_table,
+)
 from experiments.report.tables import (
     csv_rows,
     csv_text,
@@ -145,7 +151,8 @@ def write_report(
     """Write ``name.md`` (the table, then ``notes`` lines, what was run, then with ``published``
     the published reference tables; ``base``: what its paths are shown relative to), ``name.csv`` and ``name.png`` into ``output_dir``, and with
     ``curves`` ({label: run folder}) the training curves as ``curves_name`` when any run recorded
-    them; return their paths ({"md", "csv", "png"[, "curves"]}).
+    them, each figure with its PDF; return their paths ({"md", "csv", "png", "png_pdf"[, "curves",
+    "curves_pdf"]}).
 
     Everything is rendered first and the files are written as one set
     (:func:`moco.utils.file_io.atomic_write_files`): bad input or a full disk leaves the previous
@@ -159,11 +166,15 @@ def write_report(
     contents = {
         paths["md"]: text.encode("utf-8"),
         paths["csv"]: csv_text(*csv_rows(table)).encode("utf-8"),
-        paths["png"]: figure_bytes(plot_table, table, title=title),
     }
+    # each figure as a print-resolution PNG and a PDF beside it
+    figures = {"png": figure_bytes(plot_table, table, title=title)}
     if curves and curve_series(curves):
         paths["curves"] = os.path.join(output_dir, curves_name)
-        contents[paths["curves"]] = figure_bytes(plot_curves, curves, title=curves_title)
+        figures["curves"] = figure_bytes(plot_curves, curves, title=curves_title)
+    for key, rendered in figures.items():
+        paths[f"{key}_pdf"] = pdf_path(paths[key])
+        contents[paths[key]], contents[paths[f"{key}_pdf"]] = rendered["png"], rendered["pdf"]
     check_output_dir(output_dir, "the report folder")
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_files(contents)

@@ -40,7 +40,7 @@ def run_cli(prog, fn, errors=(), rewrite=None):
         print(f"{prog}: error: {rewrite(msg) if rewrite else msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)  # a bare Ctrl-C has no text
         return getattr(e, "exit_code", 130)
     except Exception as e:
         if not _raised_in_worker(e):
