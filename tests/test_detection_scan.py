@@ -15,7 +15,9 @@ def voc_dicts(synthetic_root, tmp_path):
     from moco.data.synthetic.spec import CLASS_NAMES
 
     voc = str(tmp_path / "VOC2007")
-    shutil.copytree(os.path.join(synthetic_root, "VOC2007"), voc)
+    # without the scan cache an earlier test may have left in the shared set: a cold start here
+    no_cache = shutil.ignore_patterns(".moco_det_scan*")
+    shutil.copytree(os.path.join(synthetic_root, "VOC2007"), voc, ignore=no_cache)
     images = os.path.join(voc, "JPEGImages")
     with open(os.path.join(images, "000003.jpg"), "r+b") as f:
         f.truncate(300)
