@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments.runs import StageFailed, Stages
+from experiments.runs import StageFailed, Stages, resolve_jobs
 from moco.utils.run_files import STAGE_FILE
 
 
@@ -118,3 +118,10 @@ def test_a_copied_repository_reuses_its_finished_stages(tmp_path, capsys):
 def _only_dir(path):
     (name,) = os.listdir(path)
     return name
+
+
+def test_jobs_auto_is_one_lane_per_available_core():
+    assert resolve_jobs(0) == len(os.sched_getaffinity(0))
+    assert resolve_jobs(3) == 3
+    with pytest.raises(ValueError, match=r"JOBS must be >= 1, or 0 for auto .* got -2"):
+        resolve_jobs(-2)
