@@ -18,6 +18,7 @@ from experiments.ablate import (
     markdown_table,
     paired_rows,
     plan_runs,
+    report_finished,
     run_ablation,
     write_report,
 )
@@ -234,6 +235,18 @@ def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
     assert again[0]["reused"] and again[0]["knn_top1"] == fast["knn_top1"]
     assert again[1]["key_encoder_drift"] == slow["key_encoder_drift"]
     assert not again[2]["reused"] and again[2]["status"] == "fail"
+    # the report of a sweep still running: finished runs in the tables, the others listed
+    acfg.VARIANTS = VARIANTS + [["m0.5", "MODEL.M", "0.5"]]
+    rows, partial, not_run = report_finished(acfg)
+    assert [r["value"] for r in partial] == ["m0.9", "m0.9999", "nan"] and not_run == [
+        os.path.join("moco", "variant=m0.5", "seed0")
+    ]
+    assert partial[0]["knn_top1"] == fast["knn_top1"] and partial[2]["status"] == "fail"
+    md = (tmp_path / "ablation.md").read_text()
+    assert "Not finished, so not in the tables (1 runs): moco/variant=m0.5/seed0" in md
+    acfg.OUTPUT_DIR = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no finished run of this sweep in .*empty yet"):
+        report_finished(acfg)
 
 
 def test_lanes_run_in_worker_processes_with_the_same_results(synthetic_root, tmp_path, one_thread):
