@@ -289,19 +289,37 @@ def pretrain_run(cfg, num_processes, out, resume):
     if summary is None and error is None:
         error = f"no {PRETRAIN_SUMMARY} after training"
     summary = summary or {}
-    losses = [r["total_loss"] for r in read_metrics(out) if "total_loss" in r]
-    knn = summary.get("knn") or []
+    rows = read_metrics(out)
+    losses = [r["total_loss"] for r in rows if "total_loss" in r]
+    # The summary has this process's kNN and drift entries only; metrics.json keeps the rows
+    # from before a resume (start_iter), written at the step's index: iteration i is i + 1
+    # steps done, except KNN.AT_START's and the drift's start, put before the first step (0).
+    start = summary.get("start_iter", math.inf)
+    before = [r for r in rows if r["iteration"] < start]
+    done = {id(r): (r["iteration"] + 1 if r["iteration"] else 0) for r in before}
+    knn = {done[id(r)]: r["knn_top1"] for r in before if "knn_top1" in r}
+    knn.update({e["iteration"]: e["top1"] for e in summary.get("knn") or []})
+    drift = {done[id(r)]: r for r in before if "key_gap_query" in r}
+    drift.update({e["iteration"]: e for e in summary.get("key_encoder_drift") or []})
+    per_epoch = summary.get("iters_per_epoch") or 1
     return {
         "error": error,
         "losses": losses,
-        "knn": [{"epoch": e["epoch"], "top1": e["top1"]} for e in knn],
-        "knn_top1": knn[-1]["top1"] if knn else None,
-        # KNN.AT_START's pass (epoch 0) of this process; a resumed run has it from before
-        "knn_untrained": next((e["top1"] for e in knn if e["epoch"] == 0), None),
+        "knn": [{"epoch": i / per_epoch, "top1": knn[i]} for i in sorted(knn)],
+        "knn_top1": knn[max(knn)] if knn else None,
+        "knn_untrained": knn.get(0),  # KNN.AT_START's pass
         "knn_chance": summary.get("knn_chance"),
         "iterations": summary.get("max_iter"),
         "train_step_seconds": summary.get("train_step_seconds"),
-        "key_encoder_drift": summary.get("key_encoder_drift") or [],
+        "key_encoder_drift": [
+            {
+                "epoch": i / per_epoch,
+                "iteration": i,
+                "key_drift_start": drift[i].get("key_drift_start"),
+                "key_gap_query": drift[i]["key_gap_query"],
+            }
+            for i in sorted(drift)
+        ],
         "last_checkpoint": summary.get("last_checkpoint"),
     }
 
