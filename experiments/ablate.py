@@ -51,7 +51,7 @@ from fvcore.common.config import CfgNode as CN
 
 from experiments import report
 from experiments.report.paired import paired_difference
-from experiments.runs import Stages, read_marker, resolve_jobs, stage_key
+from experiments.runs import Stages, localize, read_marker, resolve_jobs, stage_key
 from moco.config import load_cfg
 from moco.engine.launch import launch_training
 from moco.engine.trainer import PretrainTrainer, validate_cfg
@@ -289,19 +289,37 @@ def pretrain_run(cfg, num_processes, out, resume):
     if summary is None and error is None:
         error = f"no {PRETRAIN_SUMMARY} after training"
     summary = summary or {}
-    losses = [r["total_loss"] for r in read_metrics(out) if "total_loss" in r]
-    knn = summary.get("knn") or []
+    rows = read_metrics(out)
+    losses = [r["total_loss"] for r in rows if "total_loss" in r]
+    # The summary has this process's kNN and drift entries only; metrics.json keeps the rows
+    # from before a resume (start_iter), written at the step's index: iteration i is i + 1
+    # steps done, except KNN.AT_START's and the drift's start, put before the first step (0).
+    start = summary.get("start_iter", math.inf)
+    before = [r for r in rows if r["iteration"] < start]
+    done = {id(r): (r["iteration"] + 1 if r["iteration"] else 0) for r in before}
+    knn = {done[id(r)]: r["knn_top1"] for r in before if "knn_top1" in r}
+    knn.update({e["iteration"]: e["top1"] for e in summary.get("knn") or []})
+    drift = {done[id(r)]: r for r in before if "key_gap_query" in r}
+    drift.update({e["iteration"]: e for e in summary.get("key_encoder_drift") or []})
+    per_epoch = summary.get("iters_per_epoch") or 1
     return {
         "error": error,
         "losses": losses,
-        "knn": [{"epoch": e["epoch"], "top1": e["top1"]} for e in knn],
-        "knn_top1": knn[-1]["top1"] if knn else None,
-        # KNN.AT_START's pass (epoch 0) of this process; a resumed run has it from before
-        "knn_untrained": next((e["top1"] for e in knn if e["epoch"] == 0), None),
+        "knn": [{"epoch": i / per_epoch, "top1": knn[i]} for i in sorted(knn)],
+        "knn_top1": knn[max(knn)] if knn else None,
+        "knn_untrained": knn.get(0),  # KNN.AT_START's pass
         "knn_chance": summary.get("knn_chance"),
         "iterations": summary.get("max_iter"),
         "train_step_seconds": summary.get("train_step_seconds"),
-        "key_encoder_drift": summary.get("key_encoder_drift") or [],
+        "key_encoder_drift": [
+            {
+                "epoch": i / per_epoch,
+                "iteration": i,
+                "key_drift_start": drift[i].get("key_drift_start"),
+                "key_gap_query": drift[i]["key_gap_query"],
+            }
+            for i in sorted(drift)
+        ],
         "last_checkpoint": summary.get("last_checkpoint"),
     }
 
@@ -365,6 +383,33 @@ def make_record(run, outputs, acfg, reused=False, seconds=None):
     return record
 
 
+def _linear_material(acfg, checkpoint):
+    return {"checkpoint": checkpoint, "linear": {k: v for k, v in acfg.LINEAR.items()}}
+
+
+def report_finished(acfg):
+    """Write the report of the runs finished so far (of a running or stopped sweep) and run
+    nothing; the unfinished ones are listed as not run. Returns (rows, records, not_run)."""
+    records, not_run = [], []
+    for run in plan_runs(acfg):
+        done = read_marker(os.path.join(run["dir"], STAGE_FILE))
+        if done is None:
+            not_run.append(run["name"])
+            continue
+        outputs = localize(done["outputs"])
+        records.append(make_record(run, outputs, acfg, True, done.get("seconds")))
+        if acfg.LINEAR.EPOCHS > 0 and outputs.get("last_checkpoint"):
+            material = _linear_material(acfg, outputs["last_checkpoint"])
+            folder = f"{os.path.join(run['name'], 'lincls')}-{stage_key(material)}"
+            lin = read_marker(os.path.join(acfg.OUTPUT_DIR, folder, STAGE_FILE))
+            if lin is not None:
+                records[-1]["lincls_top1"] = lin["outputs"]["lincls_top1"]
+    if not records:
+        raise ValueError(f"no finished run of this sweep in {acfg.OUTPUT_DIR} yet")
+    rows = write_report(records, acfg, not_run=not_run)
+    return rows, records, not_run
+
+
 def run_ablation(acfg, jobs=None):
     """Plan, run (or reuse) every run over ``jobs`` lanes (default JOBS), write the report;
     returns (rows, records)."""
@@ -388,10 +433,7 @@ def run_ablation(acfg, jobs=None):
         if not linear or i >= len(runs) or outputs.get("error") or not outputs["last_checkpoint"]:
             return []
         run = runs[i]
-        material = {
-            "checkpoint": outputs["last_checkpoint"],
-            "linear": {k: v for k, v in acfg.LINEAR.items()},
-        }
+        material = _linear_material(acfg, outputs["last_checkpoint"])
         kinds[len(runs) + len(kinds)] = i
         fn = functools.partial(
             linear_run, run["cfg"], dict(acfg.LINEAR), run["seed"], outputs["last_checkpoint"]
@@ -681,8 +723,9 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
     report.save_figure(fig, path)
 
 
-def write_report(records, acfg, output_dir=None):
-    """ablation.{md,csv,json,png} in OUTPUT_DIR; returns the aggregated rows."""
+def write_report(records, acfg, output_dir=None, not_run=()):
+    """ablation.{md,csv,json,png} in OUTPUT_DIR; returns the aggregated rows. ``not_run``: names
+    of the sweep's runs not finished (a partial report), listed under the tables."""
     out = output_dir or acfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     rows = aggregate(records)
@@ -692,11 +735,21 @@ def write_report(records, acfg, output_dir=None):
     text = markdown_table(rows, setting)
     if pairs:
         text += "\n" + markdown_pairs(pairs)
+    if not_run:
+        text += f"\nNot finished, so not in the tables ({len(not_run)} runs): "
+        text += ", ".join(not_run) + "\n"
     file_io.atomic_write_text(base + ".md", text)
     file_io.atomic_write_text(base + ".csv", csv_table(rows, setting))
     file_io.atomic_write_json(
         base + ".json",
-        {"setting": setting, "config": acfg.dump(), "rows": rows, "pairs": pairs, "runs": records},
+        {
+            "setting": setting,
+            "config": acfg.dump(),
+            "rows": rows,
+            "pairs": pairs,
+            "runs": records,
+            "not_run": list(not_run),
+        },
     )
     metric = "lincls_top1" if any(r["lincls_top1"] is not None for r in rows) else "knn_top1"
     plot(rows, setting, base + ".png", metric=metric, title=f"{setting} sweep")

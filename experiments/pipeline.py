@@ -37,7 +37,7 @@ import time
 
 from fvcore.common.config import CfgNode as CN
 
-from experiments.runs import Stages, listing_fingerprint
+from experiments.runs import Stages, listing_fingerprint, resolve_jobs
 from moco.config import load_cfg
 from moco.utils.config_loading import load_config
 from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
@@ -59,10 +59,11 @@ def get_pipeline_cfg():
     """Every pipeline default in one place; presets under ``configs/pipeline/`` override them."""
     c = CN()
     c.RUN_DIR = "output/pipeline"
-    # Stages run at a time, each in its own process with cores // JOBS threads (1 = in this
+    # Stages run at a time, each in its own process with cores // JOBS threads (0 = auto: one
+    # single-thread process per available core, experiments.runs.resolve_jobs; 1 = in this
     # process, one after the other). On a 2-core CPU, 2 single-thread processes beat one
     # 2-thread process (docs/RESULTS.md).
-    c.JOBS = 1
+    c.JOBS = 0
     c.DATA = CN()
     c.DATA.SYNTHETIC = True  # generate the embedded set; False: DATA.ROOT is a real image folder
     c.DATA.ROOT = ""  # "" = $DETECTRON2_DATASETS/moco_det_synthetic
@@ -117,8 +118,7 @@ def load_pipeline_cfg(preset=None, opts=()):
     )
     if cfg.DETECTION.TRIALS < 1:
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
-    if cfg.JOBS < 1:
-        raise ValueError(f"JOBS must be >= 1, got {cfg.JOBS}")
+    resolve_jobs(cfg.JOBS)  # one line for a negative JOBS
     methods = list(cfg.METHODS)
     if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
         raise ValueError(f"METHODS {methods}: expected distinct names among {', '.join(METHODS)}")
@@ -432,7 +432,7 @@ def run_pipeline(cfg):
     def then(i, outputs):  # a finished pretraining's trials
         return trials_of(pretrainings[i], outputs["checkpoint"]) if i < len(pretrainings) else []
 
-    stages.run_many(first + later, cfg.JOBS, then=then)
+    stages.run_many(first + later, resolve_jobs(cfg.JOBS), then=then)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
     folders = {r["name"]: r["folder"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}

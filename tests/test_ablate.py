@@ -18,6 +18,7 @@ from experiments.ablate import (
     markdown_table,
     paired_rows,
     plan_runs,
+    report_finished,
     run_ablation,
     write_report,
 )
@@ -234,6 +235,59 @@ def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
     assert again[0]["reused"] and again[0]["knn_top1"] == fast["knn_top1"]
     assert again[1]["key_encoder_drift"] == slow["key_encoder_drift"]
     assert not again[2]["reused"] and again[2]["status"] == "fail"
+    # the report of a sweep still running: finished runs in the tables, the others listed
+    acfg.VARIANTS = VARIANTS + [["m0.5", "MODEL.M", "0.5"]]
+    rows, partial, not_run = report_finished(acfg)
+    assert [r["value"] for r in partial] == ["m0.9", "m0.9999", "nan"] and not_run == [
+        os.path.join("moco", "variant=m0.5", "seed0")
+    ]
+    assert partial[0]["knn_top1"] == fast["knn_top1"] and partial[2]["status"] == "fail"
+    md = (tmp_path / "ablation.md").read_text()
+    assert "Not finished, so not in the tables (1 runs): moco/variant=m0.5/seed0" in md
+    acfg.OUTPUT_DIR = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no finished run of this sweep in .*empty yet"):
+        report_finished(acfg)
+
+
+def test_a_resumed_run_keeps_its_untrained_knn_and_drift_from_before_the_resume(
+    tmp_path, monkeypatch
+):
+    """The summary of a resumed run has only the entries after the resume; the record takes the
+    earlier ones from metrics.json (rows at the step's index: i is i + 1 steps done)."""
+    import experiments.ablate as ablate
+    from moco.config import get_cfg
+
+    rows = [
+        {"iteration": 0, "knn_top1": 42.0, "key_drift_start": 0.0, "key_gap_query": 0.0},
+        {"iteration": 4, "total_loss": 7.0},
+        {"iteration": 9, "total_loss": 6.5, "key_drift_start": 0.2, "key_gap_query": 0.01},
+        # the resumed process's rows (start_iter 10), also in its summary
+        {"iteration": 19, "total_loss": 6.0, "key_drift_start": 0.3, "key_gap_query": 0.02},
+        {"iteration": 20, "knn_top1": 55.0},
+    ]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "start_iter": 10,
+        "max_iter": 20,
+        "iters_per_epoch": 10,
+        "knn": [{"epoch": 2, "iteration": 20, "top1": 55.0}],
+        "knn_chance": 10.0,
+        "key_encoder_drift": [
+            {"epoch": 2, "iteration": 20, "key_drift_start": 0.3, "key_gap_query": 0.02}
+        ],
+        "last_checkpoint": str(tmp_path / "checkpoint_0002.pth.tar"),
+    }
+    (tmp_path / "pretrain_summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(ablate, "launch_training", lambda *args, **kwargs: None)
+    out = ablate.pretrain_run(get_cfg(), 1, str(tmp_path), True)
+    assert out["error"] is None and out["losses"] == [7.0, 6.5, 6.0]
+    assert out["knn_untrained"] == 42.0 and out["knn_top1"] == 55.0
+    assert [e["epoch"] for e in out["knn"]] == [0, 2]
+    assert [(e["epoch"], e["key_drift_start"]) for e in out["key_encoder_drift"]] == [
+        (0, 0.0),
+        (1, 0.2),
+        (2, 0.3),
+    ]
 
 
 def test_lanes_run_in_worker_processes_with_the_same_results(synthetic_root, tmp_path, one_thread):

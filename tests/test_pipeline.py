@@ -29,6 +29,7 @@ TINY = [
 def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     opts = ["RUN_DIR", str(tmp / "run"), "DATA.ROOT", str(tmp / "moco_det_synthetic")] + TINY
+    opts += ["JOBS", "2"]  # worker processes whatever the machine's cores (auto on 2 cores)
     cfg = load_pipeline_cfg("configs/pipeline/ci.yaml", opts)
     paths = run_pipeline(cfg)
     return cfg, paths
@@ -241,8 +242,9 @@ def test_bad_pipeline_settings_fail_clearly(capsys):
     )
     with pytest.raises(ValueError, match="DETECTION.TRIALS"):
         load_pipeline_cfg(None, ["DETECTION.TRIALS", "0"])
-    with pytest.raises(ValueError, match="JOBS must be >= 1"):
-        load_pipeline_cfg(None, ["JOBS", "0"])
+    with pytest.raises(ValueError, match=r"JOBS must be >= 1, or 0 for auto"):
+        load_pipeline_cfg(None, ["JOBS", "-1"])
+    assert load_pipeline_cfg(None).JOBS == 0  # auto by default
     with pytest.raises(ValueError, match="DATA.SPEC"):
         synthetic_spec(load_pipeline_cfg(None, ["DATA.SPEC", "['colour', 3]"]))
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from experiments.runs import StageFailed, Stages
+from experiments.runs import StageFailed, Stages, resolve_jobs
 from moco.utils.run_files import STAGE_FILE
 
 
@@ -158,3 +158,10 @@ def test_a_file_where_a_stage_folder_belongs_is_one_line(tmp_path):
     with pytest.raises(NotADirectoryError, match=f"{tmp_path / s0} is a file where the folder"):
         Stages(str(tmp_path), total=1).run_many(_stages(1), jobs=1)
     assert (tmp_path / s0).read_text() == "a log, not a stage"
+
+
+def test_jobs_auto_is_one_lane_per_available_core():
+    assert resolve_jobs(0) == len(os.sched_getaffinity(0))
+    assert resolve_jobs(3) == 3
+    with pytest.raises(ValueError, match=r"JOBS must be >= 1, or 0 for auto .* got -2"):
+        resolve_jobs(-2)

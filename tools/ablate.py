@@ -55,6 +55,11 @@ def build_parser():
     )
     p.add_argument("--output-dir", metavar="DIR", help="sweep folder (runs, table, plot)")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: the report of the runs finished so far (a running or stopped sweep)",
+    )
+    p.add_argument(
         "opts",
         nargs="*",
         metavar="KEY VALUE",
@@ -64,7 +69,8 @@ def build_parser():
 
 
 def run(args):
-    from experiments.ablate import load_ablation_cfg, run_ablation  # after parsing: a fast --help
+    # after parsing: a fast --help
+    from experiments.ablate import load_ablation_cfg, report_finished, run_ablation
 
     acfg = load_ablation_cfg(args.preset)
     for flag, key in (
@@ -91,14 +97,18 @@ def run(args):
     if len(args.opts) % 2:
         raise ValueError(f"pretraining overrides must be KEY VALUE pairs, got {args.opts}")
     acfg.OPTS = list(acfg.OPTS) + list(args.opts)
-    rows, records = run_ablation(acfg)
+    not_run = []
+    if args.report_only:
+        rows, records, not_run = report_finished(acfg)
+    else:
+        rows, records = run_ablation(acfg)
     out = acfg.OUTPUT_DIR
     with open(os.path.join(out, "ablation.md")) as f:
         print(f.read(), end="")
     failed = sum(r["status"] == "fail" for r in records)
     print(
-        f"{len(records)} runs ({failed} fail); table and plot: {os.path.join(out, 'ablation')}"
-        ".{md,csv,json,png}"
+        f"{len(records)} runs ({failed} fail{f', {len(not_run)} not finished' if not_run else ''});"
+        f" table and plot: {os.path.join(out, 'ablation')}.{{md,csv,json,png}}"
     )
 
 
