@@ -9,17 +9,14 @@ standard library: each row pays for what it imports itself (Detectron2 alone, or
 
 import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
+
+from experiments.benchmark.child import REPO, time_child_start
 
 LAYOUT = "detectron2"  # <data>/detectron2 is the rows' DETECTRON2_DATASETS
 CONFIG = os.path.join("configs", "detection", "coco_R_50_FPN_1x.yaml")  # the paper's COCO config
 # the rows' OUTPUT_DIR: where a scan cache goes when the image folder is not writable
 OUTPUT_DIR = os.path.join(tempfile.gettempdir(), "moco_det_benchmark", "detstartup")
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def detstartup_spec(images):
@@ -106,7 +103,7 @@ class DetStartupRunner:
         self.spec = json.dumps(
             {
                 "scan": scan,
-                "config": os.path.join(_REPO, CONFIG),
+                "config": os.path.join(REPO, CONFIG),
                 "opts": [
                     "DATASETS.TEST",
                     "()",
@@ -131,33 +128,13 @@ class DetStartupRunner:
     def run(self):
         if self.cold and self.cache and os.path.exists(self.cache):
             os.remove(self.cache)
-        path = os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path, "DETECTRON2_DATASETS": self.datasets}
         code = (
             "import json, sys; from experiments.benchmark.det_startup import detstartup_child; "
             "detstartup_child(json.loads(sys.argv[1]))"
         )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        with tempfile.TemporaryFile("w+") as err:  # a file: a chatty child cannot fill a pipe
-            start = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code, self.spec],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                text=True,
-            )
-            line = proc.stdout.readline()
-            wall = time.perf_counter() - start
-            proc.communicate()
-            if proc.returncode or not line.startswith("first batch"):
-                err.seek(0)
-                raise RuntimeError(
-                    f"detection start-up row failed ({proc.returncode}): {err.read()[-2000:]}"
-                )
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        return wall, cpu
+        return time_child_start(
+            code, self.spec, "detection start-up", {"DETECTRON2_DATASETS": self.datasets}
+        )
 
 
 def detstartup_child(spec):

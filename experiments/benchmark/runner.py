@@ -45,10 +45,7 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -56,6 +53,7 @@ import torch
 from torch import nn
 
 # the settings live in a torch-free module, so tools/benchmark.py --help answers at once
+from experiments.benchmark.child import time_child_start
 from experiments.benchmark.config import BASELINE, BASELINES, GROUPS, resolve_image_folder
 from experiments.benchmark.det_startup import DetStartupRunner, detstartup_rows
 from experiments.benchmark.official import OfficialMoCo, official_train_step
@@ -255,32 +253,11 @@ class _StartupRunner:
     def run(self):
         if self.cold and self.cache and os.path.exists(self.cache):
             os.remove(self.cache)
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this copy's code
-        path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path}
         code = (
             "import json, sys; from experiments.benchmark.runner import startup_child; "
             "startup_child(json.loads(sys.argv[1]))"
         )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        with tempfile.TemporaryFile("w+") as err:  # a file: a chatty child cannot fill a pipe
-            start = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code, self.spec],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                text=True,
-            )
-            line = proc.stdout.readline()
-            wall = time.perf_counter() - start
-            proc.communicate()
-            if proc.returncode or not line.startswith("first batch"):
-                err.seek(0)
-                raise RuntimeError(f"start-up row failed ({proc.returncode}): {err.read()[-2000:]}")
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        return wall, cpu
+        return time_child_start(code, self.spec, "start-up")
 
 
 def startup_child(spec):
