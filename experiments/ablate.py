@@ -51,7 +51,14 @@ from fvcore.common.config import CfgNode as CN
 
 from experiments import report
 from experiments.report.paired import paired_difference
-from experiments.runs import Stages, localize, read_marker, resolve_jobs, stage_key
+from experiments.runs import (
+    Stages,
+    listing_fingerprint,
+    localize,
+    read_marker,
+    resolve_jobs,
+    stage_key,
+)
 from moco.config import load_cfg
 from moco.engine.launch import launch_training
 from moco.engine.trainer import PretrainTrainer, validate_cfg
@@ -182,12 +189,24 @@ def run_overrides(base, setting, value, mechanism, variants=None):
     return opts
 
 
-def _material(cfg):
-    """What decides a pretraining run's result: its config, less the folder it is written to."""
+def _material(cfg, fingerprints):
+    """What decides a pretraining run's result: its config, less the folder it is written to,
+    and what its image folders hold (a set regenerated under the same path is another set).
+    ``fingerprints`` caches each folder's listing for one plan."""
+    from moco.data.datasets import resolve_data_path
+
+    folders = {}
+    for key in ("DATA.ROOT", "KNN.DATA"):
+        value = cfg.DATA.ROOT if key == "DATA.ROOT" else cfg.KNN.DATA
+        folder = resolve_data_path(value) if value and value != "auto" else None
+        if folder and os.path.isdir(folder):
+            if folder not in fingerprints:
+                fingerprints[folder] = listing_fingerprint(folder)
+            folders[key] = fingerprints[folder]
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
-    return {"pretrain": cfg.dump()}
+    return {"pretrain": cfg.dump(), "data": folders}
 
 
 def plan_runs(acfg, world_size=None):
@@ -212,7 +231,7 @@ def plan_runs(acfg, world_size=None):
     base = load_cfg(acfg.PRETRAIN_CONFIG, list(acfg.OPTS))
     world = world_size or acfg.NUM_PROCESSES
     skip = {str(x) for x in acfg.SKIP}
-    runs = []
+    runs, fingerprints = [], {}
     # seed-major: every cell has its first seeds before any has its last, so the lanes' queue
     # order makes a sweep stopped early (or still running) comparable across all values
     for mech, seed, value in [(m, s, v) for s in acfg.SEEDS for m in series for v in values]:
@@ -230,7 +249,7 @@ def plan_runs(acfg, world_size=None):
             raise ValueError(
                 f"ablation run {mech or base.MODEL.MECHANISM} {run_name(setting, value)}: {e}"
             ) from None
-        material = _material(cfg)
+        material = _material(cfg, fingerprints)
         key = stage_key(material)
         cfg.OUTPUT_DIR = os.path.join(acfg.OUTPUT_DIR, f"{name}-{key}")
         cfg.freeze()
@@ -384,7 +403,11 @@ def make_record(run, outputs, acfg, reused=False, seconds=None):
 
 
 def _linear_material(acfg, checkpoint):
-    return {"checkpoint": checkpoint, "linear": {k: v for k, v in acfg.LINEAR.items()}}
+    """A linear evaluation's key: the encoder it reads by content (sha256), and its settings."""
+    from moco.utils.file_io import file_sha256
+
+    weights = file_sha256(checkpoint) if os.path.isfile(checkpoint) else checkpoint
+    return {"checkpoint": weights, "linear": {k: v for k, v in acfg.LINEAR.items()}}
 
 
 def report_finished(acfg):

@@ -380,3 +380,20 @@ def test_a_changed_configuration_gets_a_new_folder(synthetic_root, tmp_path):
     (other,) = plan_runs(acfg)
     assert other["dir"] != run["dir"]
     assert os.path.dirname(other["dir"]) == os.path.dirname(run["dir"])  # moco/m=0.9/
+
+
+def test_data_changed_in_place_gets_a_new_folder(synthetic_root, tmp_path, monkeypatch):
+    """The run folder's key holds what the data is, not only its path: a set regenerated under
+    the same root (another seed, another file) must not reuse the old runs (issue 27's rule)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(synthetic_root, "imagefolder"), data)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    acfg = _tiny_acfg(synthetic_root, tmp_path / "out", SETTING="m", VALUES=[0.9])
+    acfg.OPTS = list(acfg.OPTS) + ["DATA.ROOT", "$DETECTRON2_DATASETS/data", "KNN.DATA", ""]
+    (run,) = plan_runs(acfg)
+    assert plan_runs(acfg)[0]["dir"] == run["dir"]
+    first = next(p for p in sorted(data.rglob("*.jpg")))
+    first.write_bytes(first.read_bytes() + b"\0" * 7)  # the same names, one file rewritten
+    assert plan_runs(acfg)[0]["dir"] != run["dir"]
