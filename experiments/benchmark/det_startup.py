@@ -70,12 +70,13 @@ def coco_layout(root):
 def detstartup_rows(root):
     """(name, scan mode or None for plain Detectron2, cold, detail) of the rows."""
     from moco import config
+    from moco.data.checks import scan_wanted
     from moco.data.synthetic.writers import read_manifest
 
     n = (read_manifest(root) or {}).get("counts", {}).get("det_trainval_images")
     if n is None:
         raise FileNotFoundError(f"--data {root}: not a generated synthetic root (no manifest)")
-    auto = "full scan" if n <= config.SCAN_AUTO_MAX_FILES else "no scan"
+    auto = "full scan" if scan_wanted("auto", n) else "no scan"
     toolkit = "toolkit (checks, DATALOADER.SCAN_IMAGES"
     return (
         ("detectron2", None, False, f"plain Detectron2 on coco_2017_train, {n} images"),
