@@ -11,6 +11,7 @@ the registered datasets should request ``synthetic_datasets``, which re-register
 another test pointed the names elsewhere.
 """
 
+import errno
 import importlib.util
 import os
 
@@ -111,3 +112,26 @@ def fresh_log_handlers():
 
     with fresh_loggers():
         yield
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once the disk's ``room`` is spent: ``room`` is a dict
+    {"bytes": N}, shared by every file open on the same full disk."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room["bytes"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room["bytes"] -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)

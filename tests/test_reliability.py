@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, folder_with_bad_files
+from conftest import REPO, FullDisk, folder_with_bad_files
 
 from moco import checkpoint as C
 from moco.config import get_cfg
@@ -216,28 +216,6 @@ def test_nan_loss_stops_before_the_optimizer_step_and_keeps_the_checkpoint(
     assert C.load_checkpoint(str(tmp_path / "checkpoint_0000.pth.tar"))["iteration"] == 3
 
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC once ``room`` bytes are written (a full disk)."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_full_disk_during_save_keeps_previous_checkpoint(
     synthetic_root, tmp_path, monkeypatch, one_thread
 ):
@@ -256,7 +234,9 @@ def test_full_disk_during_save_keeps_previous_checkpoint(
             return f
         seen["ckpt"] = _sha256(tmp_path / "checkpoint_0000.pth.tar")
         seen["tmp"] = names[fd]
-        return _FullDisk(f, room=4096)  # part of the new file reaches the disk, then it is full
+        return FullDisk(
+            f, {"bytes": 4096}
+        )  # part of the new file reaches the disk, then it is full
 
     monkeypatch.setattr(file_io.tempfile, "mkstemp", recording_mkstemp)
     monkeypatch.setattr(os, "fdopen", full_fdopen)

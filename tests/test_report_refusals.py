@@ -2,14 +2,13 @@
 weights cannot be shown to have loaded, and is written as one set (a full disk names the file and
 keeps the previous report whole). Each refusal is one line naming the file, exit 2."""
 
-import errno
 import json
 import math
 import os
 import shutil
 
 import pytest
-from conftest import load_tool
+from conftest import FullDisk, load_tool
 
 main = load_tool("report").main
 
@@ -145,31 +144,10 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_report_whole(
         "transfer.png",
     ]
 
-    written = {"bytes": 0}
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        """A file that takes 4,096 bytes, then fails as a full disk does."""
-
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            if written["bytes"] + len(data) > 4096:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            written["bytes"] += len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    monkeypatch.setattr(file_io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    room, real_fdopen = {"bytes": 4096}, os.fdopen  # the report may write 4,096 bytes in all
+    monkeypatch.setattr(
+        file_io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), room)
+    )
     # another report into the same folder: the Markdown fits, the figure does not
     err = _one_line_exit_2(
         [f"b={two}", f"a={one}", "--output-dir", str(out)],
