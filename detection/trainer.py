@@ -43,7 +43,7 @@ from detection.data.order import DataOrder
 from moco.utils import file_io
 from moco.utils.file_io import atomic_write_json
 from moco.utils.hooks import SignalStop, build_writers
-from moco.utils.launch import LaunchSpec, launch_processes, process_group_timeout
+from moco.utils.launch import LaunchSpec, kernels, launch_processes, process_group_timeout
 from moco.utils.run_files import FINAL_METRICS
 
 __all__ = [
@@ -192,6 +192,8 @@ def write_final_metrics(cfg, args, results, **extra):
         "iterations": cfg.SOLVER.MAX_ITER,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
         "device": cfg.MODEL.DEVICE,
+        # torch and the CPU kernels' instruction set / the GPU: AP differs across them
+        "kernels": kernels(cfg.MODEL.DEVICE),
         "world_size": comm.get_world_size(),
         "eval_only": bool(args.eval_only),
         "opts": list(args.opts),

@@ -114,9 +114,14 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     with open(moco_pkl, "rb") as f:
         moco_sha = hashlib.sha256(f.read()).hexdigest()
     assert what["moco"][1:3] == ["2", "configs/detection/embedded_voc_R_18w16_FPN.yaml"]
-    assert what["moco"][4:7] == ["6 x 8", "cpu x 1", "0, 1"]
-    assert what["moco"][7] == f"{os.path.relpath(moco_pkl, run_dir)} ({moco_sha[:12]}) |"
-    assert what["random"][7] == "none (random init) |"
+    assert what["moco"][4:6] == ["6 x 8", "cpu x 1"] and what["moco"][7] == "0, 1"
+    # what computed: torch and the CPU's kernel instruction set (APs differ across them)
+    assert (
+        what["moco"][6]
+        == f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}"
+    )
+    assert what["moco"][8] == f"{os.path.relpath(moco_pkl, run_dir)} ({moco_sha[:12]}) |"
+    assert what["random"][8] == "none (random init) |"
     assert "SOLVER.MAX_ITER 6" in what["supervised"][3] and "differing" not in what["supervised"][3]
     run = os.path.join(run_dir, _stage_dirs(run_dir, "detect_moco_s0")[0])
     with open(os.path.join(run, "final_metrics.json")) as f:

@@ -236,6 +236,9 @@ def test_two_cpu_processes_via_num_gpus(synthetic_root, tmp_path):
     with open(out / "pretrain_summary.json") as f:
         s = json.load(f)
     assert s["world_size"] == 2 and s["shuffle_bn"] == "ddp" and s["device"] == "cpu"
+    assert (
+        s["kernels"] == f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}"
+    )
     assert s["max_iter"] == 2 * (30 // 8)
     digests = s["queue_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]

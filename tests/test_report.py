@@ -230,8 +230,8 @@ def test_report_records_what_was_run(voc_runs, tmp_path):
     assert "| init | trials | config | shared overrides | iterations x batch |" in section
     # these hand-written records hold no config, batch or weights: shown as such
     assert (
-        "| moco_v2 | 3 | ? | none | 10 x None | None x None | 0, 0, 0 | none (random init) |"
-        in (section)
+        "| moco_v2 | 3 | ? | none | 10 x None | None x None | not recorded | 0, 0, 0 | "
+        "none (random init) |" in (section)
     )
     assert "Code: commit " in section and f"{os.cpu_count()} CPUs" in section
 
@@ -245,7 +245,7 @@ def test_what_was_run_is_one_row_per_init_and_shows_a_mixed_up_row(tmp_path):
         path.parent.mkdir()
         path.write_bytes(name.encode() * 10)
 
-    def run(folder, seed, init, lr="0.05"):
+    def run(folder, seed, init, lr="0.05", kernels="torch 2.14.1, cpu AVX512"):
         folder = tmp_path / folder
         os.makedirs(folder)
         record = {
@@ -260,6 +260,7 @@ def test_what_was_run_is_one_row_per_init_and_shows_a_mixed_up_row(tmp_path):
             "weights": str(weights[init]) if init else "",
             "weights_sha256": file_sha256(weights[init]) if init else None,
             "weights_load": {"matched": 5, "backbone_tensors": 5} if init else None,
+            "kernels": kernels,
             "opts": ["SOLVER.BASE_LR", lr, "OUTPUT_DIR", str(folder), "SEED", str(seed)]
             + (["MODEL.WEIGHTS", str(weights[init])] if init else []),
         }
@@ -269,18 +270,23 @@ def test_what_was_run_is_one_row_per_init_and_shows_a_mixed_up_row(tmp_path):
     groups = {
         "moco": [run("m0", 0, "moco"), run("m1", 1, "moco")],
         # a supervised trial by mistake in the random row, with another learning rate
-        "random": [run("r0", 0, None), run("r1", 1, "sup", lr="0.1")],
+        # ... and run on another machine's kernels
+        "random": [
+            run("r0", 0, None),
+            run("r1", 1, "sup", lr="0.1", kernels="torch 2.14.1, cpu AVX2"),
+        ],
     }
     text = what_was_run(summarize(groups), base=str(tmp_path))
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     sha = file_sha256(weights["moco"])[:12]
     assert rows["moco"] == (
         "| moco | 2 | configs/detection/embedded_voc_R_18w16_FPN.yaml | SOLVER.BASE_LR 0.05 | "
-        f"300 x 8 | cpu x 1 | 0, 1 | convert_moco/moco.pkl ({sha}) |"
+        f"300 x 8 | cpu x 1 | torch 2.14.1, cpu AVX512 | 0, 1 | convert_moco/moco.pkl ({sha}) |"
     )
     cells = rows["random"].split(" | ")
     assert cells[3] == "none; differing: SOLVER.BASE_LR"
-    assert cells[7].startswith("convert_sup/sup.pkl (") and cells[7].endswith(
+    assert cells[6] == "torch 2.14.1, cpu AVX2; torch 2.14.1, cpu AVX512"
+    assert cells[8].startswith("convert_sup/sup.pkl (") and cells[8].endswith(
         "), none (random init) |"
     )
     assert str(tmp_path) not in "".join(rows.values())  # paths relative to the run folder

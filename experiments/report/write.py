@@ -84,7 +84,8 @@ def _cell(text):
 
 def what_was_run(table, base=None):
     """The "What was run" section: a table, one row per init (config, the overrides its trials
-    share, iterations x batch, device, seeds, the weights file and its content hash; paths relative
+    share, iterations x batch, device, the kernels (torch, CPU instruction set or GPU), seeds, the
+    weights file and its content hash; paths relative
     to ``base``, the run folder), read from the runs' final_metrics.json, then where it ran (code
     commit, machine). A cell that differs across a row's trials lists each value, so a row that
     mixes runs is visible at a glance."""
@@ -97,6 +98,7 @@ def what_was_run(table, base=None):
         "shared overrides",
         "iterations x batch",
         "device x processes",
+        "kernels",
         "seeds",
         "weights (sha256)",
     ]
@@ -104,8 +106,8 @@ def what_was_run(table, base=None):
     for row in table.rows:
         runs = [load_metrics(run) for run in row.runs]
 
-        def each(fn, runs=runs):
-            return ", ".join(sorted({fn(d) for d in runs}))
+        def each(fn, runs=runs, sep=", "):
+            return sep.join(sorted({fn(d) for d in runs}))
 
         opts = [_pairs(d.get("opts")) for d in runs]
         keys = [k for k in opts[0] if k not in _PER_TRIAL]
@@ -121,6 +123,7 @@ def what_was_run(table, base=None):
             overrides,
             each(lambda d: f"{d.get('iterations')} x {d.get('ims_per_batch')}"),
             each(lambda d: f"{d.get('device')} x {d.get('world_size')}"),
+            each(lambda d: d.get("kernels") or "not recorded", sep="; "),
             ", ".join(map(str, row.seeds)),
             each(lambda d: _weights(d, base)),
         ]

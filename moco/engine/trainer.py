@@ -40,7 +40,7 @@ from moco.modeling.build import (
 from moco.modeling.shuffle_bn import validate_shuffle_bn
 from moco.solver import build_lr_multiplier, build_optimizer, validate_solver
 from moco.utils import file_io
-from moco.utils.launch import process_group_timeout, resolve_device
+from moco.utils.launch import kernels, process_group_timeout, resolve_device
 from moco.utils.run_files import PRETRAIN_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ class PretrainTrainer(SimpleTrainer):
         summary = {
             "world_size": comm.get_world_size(),
             "device": str(self.device),
+            "kernels": kernels(self.device),
             "mechanism": cfg.MODEL.MECHANISM,
             "loss": cfg.MODEL.LOSS,
             "fast_path": self.fast.describe(),

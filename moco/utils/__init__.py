@@ -26,6 +26,7 @@ _EXPORTS = {
     "process_group_timeout": "launch",
     "setup_process": "launch",
     "resolve_device": "launch",
+    "kernels": "launch",
     "roll_call": "launch",
     "load_config": "config_loading",
     "check_safe_yaml": "config_loading",

@@ -343,6 +343,19 @@ def setup_process(cfg):
         torch.backends.cudnn.deterministic = True  # official --seed
 
 
+def kernels(device):
+    """What computes on ``device``, for a run's record: torch's version and, on CPU, the instruction
+    set its kernels dispatch to (AVX2 / AVX512), on CUDA the GPU's name. Runs of the same code and
+    seed agree bit for bit only where this agrees (docs/RESULTS.md, "The demo's numbers moved")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        what = torch.cuda.get_device_name(index)
+    else:
+        what = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, {device.type} {what}"
+
+
 def resolve_device(name, what="MODEL.DEVICE"):
     """``torch.device`` of ``name`` (auto, cpu, cuda or cuda:N; ``what``: the setting, for errors).
 
