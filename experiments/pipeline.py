@@ -386,13 +386,8 @@ def run_pipeline(cfg):
     the supervised baseline and the random-init trials (which need no pretraining) first, and each
     pretraining's trials as soon as its weights exist.
     """
-    from experiments.report import (
-        compare,
-        paired,
-        summarize,
-        to_markdown,
-        write_report,
-    )
+    from experiments.report import comparisons as paired_comparisons
+    from experiments.report import summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     check_output_dir(run_dir, "RUN_DIR")
@@ -453,15 +448,9 @@ def run_pipeline(cfg):
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
     table = summarize(runs, baseline="supervised")
-    comparisons, verdicts = {}, []
-    for method in methods:
-        for other in ("random", "supervised"):
-            if len(trials) >= 2:
-                result = paired(table, method, other)
-                comparisons[f"{method}_vs_{other}"] = result.to_dict()
-                verdicts.append(result.line())
-            else:
-                verdicts.append(compare(table, method, other))
+    # each method against random and supervised (paired by seed when there are 2+ trials)
+    pairs = [(method, other) for method in methods for other in ("random", "supervised")]
+    comparisons, verdicts = paired_comparisons(table, pairs)
     title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
     # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
     paths = write_report(
