@@ -128,6 +128,11 @@ def test_a_voc_layout_folder_registers_with_classes_from_its_annotations(synthet
     dicts = DatasetCatalog.get("myvoc_test")  # the checked loader, boxes as Detectron2 loads them
     assert len(dicts) == 12 and all(d["annotations"] for d in dicts)
     assert DatasetCatalog["myvoc_test"].func.__name__ == "load_voc_checked"
+    # a later config in this process naming other files under the same name re-points it
+    other = str(tmp_path / "other")
+    shutil.copytree(voc, other)
+    prepare_datasets(load_cfg(VOC_CFG, [opts[0], repr([["myvoc_test", "voc", other, "test"]])]))
+    assert MetadataCatalog.get("myvoc_test").dirname == other
 
 
 def test_bad_register_entries_are_one_line_naming_the_entry(synthetic_root, tmp_path, capsys):
@@ -168,3 +173,156 @@ def test_a_registered_coco_set_fine_tunes_and_is_scored(synthetic_root, tmp_path
     assert {"AP", "AP50", "AP75"} <= set(data["metrics"]["bbox"])
     # COCOEvaluator scored the 3 classes under their own ids (no "class=8" failure)
     assert {f"AP-{n}" for n in NAMES} <= set(data["metrics"]["bbox"])
+
+
+def _torchvision_checkpoint(path, arch="resnet18", seed=0):
+    """A torchvision-layout ResNet's state_dict as torchvision saves it (random weights)."""
+    import torch
+
+    from moco.modeling.resnet import resnet_encoder
+
+    torch.manual_seed(seed)
+    torch.save(resnet_encoder(arch)(num_classes=10).state_dict(), path)
+    return str(path)
+
+
+def _moco_checkpoint(folder, arch="resnet18"):
+    """A MoCo checkpoint in the official format, as tools/pretrain.py writes it."""
+    from moco import checkpoint as C
+    from moco.modeling.moco import MoCo
+    from moco.modeling.resnet import resnet_encoder
+
+    model = MoCo(resnet_encoder(arch), dim=16, K=8, mlp=True, shuffle_bn="off")
+    return C.save_checkpoint(C.build_checkpoint(model, None, 1, arch), str(folder))
+
+
+def test_done_when_own_coco_set_two_own_checkpoints_paired_ci_and_trials_csv(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """Issue 28's done-when, from a fresh folder: a 3-class COCO JSON (ids 1, 2, 5) named on the
+    command line; NUM_CLASSES left wrong is one line at start; fixed, it fine-tunes from a
+    torchvision and from a MoCo checkpoint (both converted), 2 seeds each; tools/report.py gives
+    their paired CI and the per-trial CSV."""
+    import csv
+
+    from experiments.report import paired_difference
+    from moco.utils.file_io import file_sha256
+
+    monkeypatch.chdir(tmp_path)
+    sets = write_coco_set(synthetic_root, "data")
+    train_net, convert = load_tool("train_net").main, load_tool("convert_to_d2").main
+    register = register_opts({k: [os.path.relpath(p) for p in v] for k, v in sets.items()})
+    base = ["--config-file", VOC_CFG, *TINY, *register, "SOLVER.MAX_ITER", "2"]
+    assert train_net(base + ["OUTPUT_DIR", "runs/wrong"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("mine_trainval has 3 classes; set MODEL.ROI_HEADS.NUM_CLASSES 3"), err
+    assert len(err.splitlines()) == 1 and not os.path.exists("runs/wrong")
+
+    sources = {"tv": _torchvision_checkpoint("resnet18.pth"), "moco": _moco_checkpoint(".")}
+    for label, src in sources.items():
+        assert convert([src, f"{label}.pkl"]) == 0, capsys.readouterr().err
+    for label in sources:
+        for seed in (0, 1):
+            argv = base + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.WEIGHTS", f"{label}.pkl"]
+            argv += ["SEED", str(seed), "OUTPUT_DIR", f"runs/{label}_s{seed}"]
+            assert train_net(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    assert load_tool("report").main(["tv=runs/tv_*", "moco=runs/moco_*", "--output-dir", "r"]) == 0
+    printed = capsys.readouterr().out
+    ap50 = {}
+    for label in sources:
+        for seed in (0, 1):
+            with open(f"runs/{label}_s{seed}/final_metrics.json") as f:
+                ap50[label, seed] = json.load(f)["metrics"]["bbox"]["AP50"]
+    n, mean, (lo, hi), p = paired_difference(
+        [ap50["tv", s] for s in (0, 1)], [ap50["moco", s] for s in (0, 1)]
+    )
+    head = f"tv vs moco: AP^bb_50 paired difference {mean:+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}], "
+    assert head + f"one-sided p = {p:.3g} (n = 2 pairs)" in printed, printed
+    with open("r/transfer_trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["label"], r["seed"], r["iterations"]) for r in rows] == [
+        (label, str(seed), "2") for label in sources for seed in (0, 1)
+    ]
+    for r in rows:
+        assert r["weights_sha256"] == file_sha256(f"{r['label']}.pkl")
+        assert float(r["AP^bb_50"]) == pytest.approx(ap50[r["label"], int(r["seed"])], abs=1e-4)
+
+
+def test_pipeline_inits_an_own_checkpoint_beside_moco_and_random_on_a_registered_set(
+    synthetic_root, tmp_path, capsys
+):
+    """INITS: one's own checkpoint as a row (converted, keyed by its sha256), fine-tuned in the
+    same paired trials as MoCo, supervised and random on a registered 3-class COCO set; the
+    report pairs every row with every other."""
+    from test_pipeline import TINY as PIPELINE_TINY
+
+    from experiments.pipeline import load_pipeline_cfg, run_pipeline
+
+    sets = write_coco_set(synthetic_root, str(tmp_path / "data"))
+    mine = _torchvision_checkpoint(tmp_path / "mine.pth", "resnet18_w16", seed=1)
+    sup = _torchvision_checkpoint(tmp_path / "sup.pth", "resnet18_w16", seed=2)
+    detection = [*TINY, *register_opts(sets), "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
+    detection += ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "TEST.PRECISE_BN.ENABLED", "False"]
+    opts = ["RUN_DIR", str(tmp_path / "run"), "DATA.ROOT", str(tmp_path / "synthetic")]
+    opts += [*PIPELINE_TINY, "JOBS", "1", "SUPERVISED.WEIGHTS", sup]
+    opts += ["INITS", repr([["mine", mine]]), "DETECTION.OPTS", repr(detection)]
+    paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["inits"] == {"mine": mine}
+    with open(paths["csv"]) as f:  # the rows: methods, own checkpoints, then the baselines
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == [
+            "moco",
+            "mine",
+            "supervised",
+            "random",
+        ]
+    assert set(summary["comparisons"]) == {
+        "moco_vs_mine",
+        "moco_vs_random",
+        "moco_vs_supervised",
+        "mine_vs_random",
+        "mine_vs_supervised",
+    }
+    assert all(c["n_pairs"] == 2 for c in summary["comparisons"].values())
+    for run in summary["runs"]["mine"]:
+        with open(os.path.join(run, "final_metrics.json")) as f:
+            data = json.load(f)
+        assert data["dataset"] == "mine_test" and data["weights"].endswith("mine.pkl")
+    text = open(paths["md"]).read()
+    assert "- moco vs mine: AP^bb_50 paired difference" in text
+    with open(paths["trials_csv"]) as f:
+        assert len(f.read().splitlines()) == 1 + 4 * 2
+    # the conversion is keyed by the checkpoint's content: a copy elsewhere reuses it
+    moved = str(tmp_path / "elsewhere.pth")
+    os.rename(mine, moved)
+    opts[opts.index("INITS") + 1] = repr([["mine", moved]])
+    run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        stages = {s["name"]: s["reused"] for s in json.load(f)["stages"]}
+    assert stages["convert_mine"] and stages["detect_mine_s1"], stages
+
+
+def test_bad_inits_are_one_line_naming_the_entry(tmp_path, capsys):
+    ckpt = _torchvision_checkpoint(tmp_path / "mine.pth")
+    main = load_tool("pipeline").main
+    cases = [
+        (["INITS", repr([["moco", ckpt]])], "INITS[0]", "'moco' is taken"),
+        (["INITS", repr([["a", ckpt], ["a", ckpt]])], "INITS[1]", "'a' is taken"),
+        (["INITS", repr([["mine", str(tmp_path / "no.pth")]])], "INITS[0]", "no.pth not found"),
+        (["INITS", repr([["mine"]])], "INITS[0]", "expected a [name, checkpoint] pair"),
+        (["INITS", repr([["a/b", ckpt]])], "INITS[0]", "the name must be"),
+        (["METHODS", "[]"], "METHODS is empty", "INITS names no checkpoint"),
+    ]
+    for opts, where, message in cases:
+        assert main(["RUN_DIR", str(tmp_path / "run"), *opts]) == 2, opts
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and where in err and message in err, err
+    assert not os.path.exists(tmp_path / "run")
+    # instead of the pretrained rows: METHODS [] with INITS loads
+    from experiments.pipeline import load_pipeline_cfg
+
+    cfg = load_pipeline_cfg(None, ["METHODS", "[]", "INITS", repr([["mine", ckpt]])])
+    assert list(cfg.METHODS) == [] and cfg.INITS == [["mine", ckpt]]

@@ -161,8 +161,9 @@ def register_datasets(entries, source="DATASETS.REGISTER"):
       optionally a fifth item, the classes (``"cat,dog"`` or a list): ``register_pascal_voc``;
       without it the classes are every object name in ``dirname/Annotations``, sorted.
 
-    Paths are made absolute. A name already registered with the same files is left as it is;
-    another registration under the name is refused. Bad entries are one ValueError naming the
+    Paths are made absolute. A name already registered with the same files is left as it is,
+    one registered by an earlier ``source`` entry is re-pointed; any other registration under
+    the name (Detectron2's builtin sets, a user's code) is refused. Bad entries are one ValueError naming the
     entry. :func:`use_checked_loaders` then gives them the toolkit's checked loaders. Returns the
     names registered."""
     names = []
@@ -203,15 +204,22 @@ def register_datasets(entries, source="DATASETS.REGISTER"):
             names.append(name)
             continue
         if name in DatasetCatalog.list():
-            raise ValueError(
-                f"{where}: {name!r} is already a registered dataset (of other files); "
-                "give your set another name"
-            )
+            if MetadataCatalog.get(name).get("registered_by") != source:
+                raise ValueError(
+                    f"{where}: {name!r} is already a registered dataset (of other files); "
+                    "give your set another name"
+                )
+            # an earlier config's own set in this process (a pipeline, a notebook): re-pointed,
+            # as register_synthetic does; Detectron2's and other code's names are never replaced
+            logger.info("re-registering %s for %s", name, path)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
         if kind == "coco":
             register_coco_instances(name, {}, path, meta["image_root"])
         else:
             register_pascal_voc(name, path, fourth, _VOC_YEAR_USER, meta["thing_classes"])
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
+        MetadataCatalog.get(name).set(registered_by=source)
         logger.info("registered %s (%s): %s", name, kind, path)
         names.append(name)
     return names
