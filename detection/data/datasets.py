@@ -120,7 +120,7 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
 # how to name one's own data: the unknown-name errors end with it
 REGISTER_HINT = (
     "register your own with DATASETS.REGISTER \"[['NAME', 'coco', 'annotations.json', "
-    "'image_folder']]\" (or ['NAME', 'voc', 'VOC_folder', 'split']; README, Your own data)"
+    "'image_folder']]\" (or ['NAME', 'voc', 'VOC_folder', 'split']; README: Your own data, your own method)"
 )
 _VOC_YEAR_USER = 2012  # a user's VOC-layout set is scored with the area AP, not VOC07's 11 points
 
