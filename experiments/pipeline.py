@@ -506,7 +506,12 @@ def run_pipeline(cfg):
     heads = methods + list(external)
     pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :] + ["random", "supervised"]]
     comparisons, verdicts = paired_comparisons(table, pairs)
-    title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
+    from detection.data.datasets import SYNTHETIC_DATASETS
+
+    # "on the embedded set" only when the detector saw it (not a DATASETS.REGISTER set)
+    detection_sets = {name for sets in data["detection"].values() for name in sets}
+    embedded = cfg.DATA.SYNTHETIC and detection_sets <= set(SYNTHETIC_DATASETS)
+    title = "Detection transfer on the embedded set" if embedded else "Detection transfer"
     # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
     paths = write_report(
         table,

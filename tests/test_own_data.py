@@ -251,7 +251,7 @@ def test_done_when_own_coco_set_two_own_checkpoints_paired_ci_and_trials_csv(
 
 
 def test_pipeline_inits_an_own_checkpoint_beside_moco_and_random_on_a_registered_set(
-    synthetic_root, tmp_path, capsys
+    synthetic_root, tmp_path, monkeypatch
 ):
     """INITS: one's own checkpoint as a row (converted, keyed by its sha256), fine-tuned in the
     same paired trials as MoCo, supervised and random on a registered 3-class COCO set; the
@@ -267,24 +267,44 @@ def test_pipeline_inits_an_own_checkpoint_beside_moco_and_random_on_a_registered
     detection += ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "TEST.PRECISE_BN.ENABLED", "False"]
     opts = ["RUN_DIR", str(tmp_path / "run"), "DATA.ROOT", str(tmp_path / "synthetic")]
     opts += [*PIPELINE_TINY, "JOBS", "1", "SUPERVISED.WEIGHTS", sup]
-    opts += ["INITS", repr([["mine", mine]]), "DETECTION.OPTS", repr(detection)]
+    # and a Detectron2 .pkl, used as it is
+    mine_pkl = str(tmp_path / "mine_d2.pkl")
+    assert load_tool("convert_to_d2").main([mine, mine_pkl]) == 0
+    inits = [["mine", mine], ["mine_pkl", mine_pkl]]
+    opts += ["INITS", repr(inits), "DETECTION.OPTS", repr(detection)]
+    import experiments.report.write as write
+
+    titles, plot_table = [], write.plot_table
+
+    def recorded(table, path, title=None):
+        titles.append(title)
+        return plot_table(table, path, title=title)
+
+    monkeypatch.setattr(write, "plot_table", recorded)
     paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    assert titles == ["Detection transfer"], titles  # the detector never saw the embedded set
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
         summary = json.load(f)
-    assert summary["inits"] == {"mine": mine}
+    assert summary["inits"] == {"mine": mine, "mine_pkl": mine_pkl}
+    assert not any(s["name"] == "convert_mine_pkl" for s in summary["stages"])
     with open(paths["csv"]) as f:  # the rows: methods, own checkpoints, then the baselines
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == [
             "moco",
             "mine",
+            "mine_pkl",
             "supervised",
             "random",
         ]
     assert set(summary["comparisons"]) == {
         "moco_vs_mine",
+        "moco_vs_mine_pkl",
         "moco_vs_random",
         "moco_vs_supervised",
+        "mine_vs_mine_pkl",
         "mine_vs_random",
         "mine_vs_supervised",
+        "mine_pkl_vs_random",
+        "mine_pkl_vs_supervised",
     }
     assert all(c["n_pairs"] == 2 for c in summary["comparisons"].values())
     for run in summary["runs"]["mine"]:
@@ -294,11 +314,19 @@ def test_pipeline_inits_an_own_checkpoint_beside_moco_and_random_on_a_registered
     text = open(paths["md"]).read()
     assert "- moco vs mine: AP^bb_50 paired difference" in text
     with open(paths["trials_csv"]) as f:
-        assert len(f.read().splitlines()) == 1 + 4 * 2
+        assert len(f.read().splitlines()) == 1 + 5 * 2
+    # the .pkl row loaded the same backbone as the converted one: the same weights, bit for bit
+    for a, b in zip(summary["runs"]["mine"], summary["runs"]["mine_pkl"]):
+        with (
+            open(os.path.join(a, "final_metrics.json")) as f,
+            open(os.path.join(b, "final_metrics.json")) as g,
+        ):
+            ma, mb = json.load(f), json.load(g)
+        assert ma["weights_sha256"] == mb["weights_sha256"] and ma["metrics"] == mb["metrics"]
     # the conversion is keyed by the checkpoint's content: a copy elsewhere reuses it
     moved = str(tmp_path / "elsewhere.pth")
     os.rename(mine, moved)
-    opts[opts.index("INITS") + 1] = repr([["mine", moved]])
+    opts[opts.index("INITS") + 1] = repr([["mine", moved], ["mine_pkl", mine_pkl]])
     run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
         stages = {s["name"]: s["reused"] for s in json.load(f)["stages"]}
