@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="write transfer.md, .csv, .png, .pdf and curves.png, .pdf here",
+        help="write transfer.md, .csv, _trials.csv, .png, .pdf and curves.png, .pdf here",
     )
     parser.add_argument("--title", default=None, help="chart title")
     return parser.parse_args(argv)
