@@ -331,6 +331,15 @@ def test_pipeline_inits_an_own_checkpoint_beside_moco_and_random_on_a_registered
     with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
         stages = {s["name"]: s["reused"] for s in json.load(f)["stages"]}
     assert stages["convert_mine"] and stages["detect_mine_s1"], stages
+    # instead of the pipeline's own pretraining: METHODS [] reports the own rows and baselines
+    paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts + ["METHODS", "[]"]))
+    with open(paths["csv"]) as f:
+        rows = [line.split(",")[0] for line in f.read().splitlines()[1:]]
+    assert rows == ["mine", "mine_pkl", "supervised", "random"]
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        summary = json.load(f)
+    assert not any(s["name"].startswith("pretrain_") for s in summary["stages"])
+    assert all(s["reused"] for s in summary["stages"])  # every trial ran above already
 
 
 def test_bad_inits_are_one_line_naming_the_entry(tmp_path, capsys):
