@@ -50,6 +50,7 @@ import traceback
 from fvcore.common.config import CfgNode as CN
 
 from experiments import report
+from experiments.ablation_transfer import Transfer, add_detection_cfg, check_cells
 from experiments.report.paired import paired_difference
 from experiments.runs import (
     Stages,
@@ -104,6 +105,7 @@ def get_ablation_cfg():
     c.LINEAR.LR = 30.0
     c.LINEAR.BATCH_SIZE = 256
     c.LINEAR.SCHEDULE = []  # epochs where lr x0.1; [] = 60% and 80% of EPOCHS
+    add_detection_cfg(c)  # DETECTION: fine-tune named cells' checkpoints (off by default)
     c.FAIL = CN()
     c.FAIL.MIN_LOSS_DROP = 0.01
     c.FAIL.CHANCE_MARGIN = 1.0  # kNN top-1 points above chance
@@ -444,24 +446,37 @@ def run_ablation(acfg, jobs=None):
         done = read_marker(marker)
         if done is not None and (done.get("outputs") or {}).get("error"):
             os.remove(marker)
-    stages = Stages(acfg.OUTPUT_DIR, total=len(runs) * (2 if linear else 1))
+    cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
+    pretrain_seed = int(acfg.DETECTION.PRETRAIN_SEED)
+    if cells and not any(r["seed"] == pretrain_seed for r in runs):
+        raise ValueError(f"DETECTION.PRETRAIN_SEED {pretrain_seed} is not one of SEEDS")
+    total = len(runs) * (2 if linear else 1) + len(cells) * (1 + int(acfg.DETECTION.TRIALS))
+    stages = Stages(acfg.OUTPUT_DIR, total=total)
+    transfer = Transfer(acfg, stages) if cells else None
     procs = int(acfg.NUM_PROCESSES)
     initial = [
         (run["name"], run["material"], functools.partial(pretrain_run, run["cfg"], procs))
         for run in runs
     ]
-    kinds = {}  # stage index -> (run index, "lincls") for the linear stages
+    kinds = {}  # stage index -> run index, for the linear stages
+    added = [len(runs)]  # the index the next added stage gets (run_many numbers them in order)
 
     def then(i, outputs):
-        if not linear or i >= len(runs) or outputs.get("error") or not outputs["last_checkpoint"]:
+        if i >= len(runs) or outputs.get("error") or not outputs["last_checkpoint"]:
             return []
-        run = runs[i]
-        material = _linear_material(acfg, outputs["last_checkpoint"])
-        kinds[len(runs) + len(kinds)] = i
-        fn = functools.partial(
-            linear_run, run["cfg"], dict(acfg.LINEAR), run["seed"], outputs["last_checkpoint"]
-        )
-        return [(os.path.join(run["name"], "lincls"), material, fn)]
+        run, checkpoint, new = runs[i], outputs["last_checkpoint"], []
+        if linear:
+            material = _linear_material(acfg, checkpoint)
+            kinds[added[0]] = i
+            fn = functools.partial(
+                linear_run, run["cfg"], dict(acfg.LINEAR), run["seed"], checkpoint
+            )
+            new.append((os.path.join(run["name"], "lincls"), material, fn))
+        cell = cell_name(run["series"], run["value"])
+        if transfer and cell in cells and run["seed"] == pretrain_seed:
+            new += transfer.stages_of(cell, checkpoint)
+        added[0] += len(new)
+        return new
 
     outputs = stages.run_many(initial, jobs=lanes, threads=1 if lanes > 1 else None, then=then)
     by_stage = {r["name"]: r for r in stages.records}
@@ -473,7 +488,8 @@ def run_ablation(acfg, jobs=None):
         )
     for j, i in kinds.items():
         records[i]["lincls_top1"] = outputs[j]["lincls_top1"]
-    rows = write_report(records, acfg)
+    detection = transfer.report()[1] if transfer else []
+    rows = write_report(records, acfg, detection=detection)
     return rows, records
 
 
@@ -746,9 +762,10 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
     report.save_figure(fig, path)
 
 
-def write_report(records, acfg, output_dir=None, not_run=()):
+def write_report(records, acfg, output_dir=None, not_run=(), detection=()):
     """ablation.{md,csv,json,png} in OUTPUT_DIR; returns the aggregated rows. ``not_run``: names
-    of the sweep's runs not finished (a partial report), listed under the tables."""
+    of the sweep's runs not finished (a partial report), listed under the tables; ``detection``:
+    the detection report's paired lines (experiments.ablation_transfer)."""
     out = output_dir or acfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     rows = aggregate(records)
@@ -758,6 +775,9 @@ def write_report(records, acfg, output_dir=None, not_run=()):
     text = markdown_table(rows, setting)
     if pairs:
         text += "\n" + markdown_pairs(pairs)
+    if detection:
+        text += "\nDetection transfer (AP50 paired by detection seed; detection/transfer.md):\n\n"
+        text += "".join(f"- {line}\n" for line in detection)
     if not_run:
         text += f"\nNot finished, so not in the tables ({len(not_run)} runs): "
         text += ", ".join(not_run) + "\n"
@@ -772,6 +792,7 @@ def write_report(records, acfg, output_dir=None, not_run=()):
             "pairs": pairs,
             "runs": records,
             "not_run": list(not_run),
+            "detection": list(detection),
         },
     )
     metric = "lincls_top1" if any(r["lincls_top1"] is not None for r in rows) else "knn_top1"

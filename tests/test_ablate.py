@@ -397,3 +397,60 @@ def test_data_changed_in_place_gets_a_new_folder(synthetic_root, tmp_path, monke
     first = next(p for p in sorted(data.rglob("*.jpg")))
     first.write_bytes(first.read_bytes() + b"\0" * 7)  # the same names, one file rewritten
     assert plan_runs(acfg)[0]["dir"] != run["dir"]
+
+
+def test_named_cells_are_fine_tuned_in_paired_detection_trials(
+    synthetic_root, tmp_path, one_thread, monkeypatch
+):
+    """Issue 23: the mechanisms' checkpoints at the largest K go through conversion and the
+    embedded detection fine-tune as paired trials, reported with the pipeline's statistics."""
+    from test_train_net import TINY
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(synthetic_root))
+    acfg = _tiny_acfg(
+        synthetic_root,
+        tmp_path,
+        SETTING="K",
+        VALUES=[16],
+        SERIES=["moco", "memory_bank"],
+        PAIR_ADJACENT=False,
+    )
+    acfg.OPTS = [*acfg.OPTS, "MODEL.ARCH", "resnet18_w16"]  # the detection config's backbone
+    acfg.DETECTION.CELLS = ["moco:16", "memory_bank:16"]
+    acfg.DETECTION.TRIALS = 2
+    acfg.DETECTION.OPTS = [*TINY, "SOLVER.MAX_ITER", "2", "TEST.PRECISE_BN.NUM_ITER", "1"]
+    _, records = run_ablation(acfg)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    runs = sorted(d for d in os.listdir(tmp_path) if d.startswith("detect_"))
+    assert [d.rsplit("-", 1)[0] for d in runs] == [
+        "detect_memory_bank_16_s0",
+        "detect_memory_bank_16_s1",
+        "detect_moco_16_s0",
+        "detect_moco_16_s1",
+    ]
+    for d in runs:  # each trial fine-tuned its cell's converted checkpoint with its own seed
+        with open(tmp_path / d / "final_metrics.json") as f:
+            final = json.load(f)
+        cell = d.rsplit("_s", 1)[0][len("detect_") :]
+        assert os.path.basename(final["weights"]) == f"{cell}.pkl"
+        assert final["seed"] == int(d.rsplit("_s", 1)[1].split("-")[0])
+    md = (tmp_path / "detection" / "transfer.md").read_text()
+    assert "| moco_16 | 2 |" in md and "| memory_bank_16 | 2 |" in md
+    line = "moco_16 vs memory_bank_16: AP50 paired difference"
+    assert line in md and line in (tmp_path / "ablation.md").read_text()
+    with open(tmp_path / "ablation.json") as f:
+        assert json.load(f)["detection"][0].startswith(line)
+    # a second call reuses every stage, detection included
+    mtimes = {d: os.path.getmtime(tmp_path / d / "final_metrics.json") for d in runs}
+    _, again = run_ablation(acfg)
+    assert all(r["reused"] for r in again)
+    assert mtimes == {d: os.path.getmtime(tmp_path / d / "final_metrics.json") for d in runs}
+
+
+def test_detection_cells_must_be_cells_of_the_sweep(synthetic_root, tmp_path):
+    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="m", VALUES=[0.9])
+    acfg.DETECTION.CELLS = ["moco:0.99"]
+    with pytest.raises(
+        ValueError, match=r"DETECTION.CELLS: 'moco:0.99' is not a cell of this sweep \(moco:0.9\)"
+    ):
+        run_ablation(acfg)

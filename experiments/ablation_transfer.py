@@ -1,0 +1,109 @@
+"""Detection transfer of an ablation's cells (issue 23: the seed's claim is about transfer, not only
+about kNN): the checkpoint of each cell named in ``DETECTION.CELLS`` (its ``DETECTION.PRETRAIN_SEED``
+run) is converted and fine-tuned in ``DETECTION.TRIALS`` paired trials (trial i: detection seed
+``DETECTION.SEED + i`` for every cell), with the pipeline's own stages (experiments.pipeline's
+convert and detect stages, keyed by the weights' sha256 and the resolved detection config), and
+reported as the pipeline reports: a table, and each pair of cells' AP50 difference paired by
+detection seed with its 95% CI and p.
+
+The stages live in the sweep's OUTPUT_DIR (``convert_<cell>``, ``detect_<cell>_s<seed>``), the
+report in ``OUTPUT_DIR/detection/``.
+"""
+
+import itertools
+import os
+
+from fvcore.common.config import CfgNode as CN
+
+REPORT_DIR = "detection"
+
+
+def add_detection_cfg(c):
+    """The ablation config's DETECTION section (off while CELLS is empty)."""
+    c.DETECTION = CN()
+    c.DETECTION.CELLS = []  # "series:value" cells whose checkpoints are fine-tuned
+    c.DETECTION.PRETRAIN_SEED = 0  # the run (of each cell) whose checkpoint is used
+    c.DETECTION.CONFIG = "configs/detection/embedded_voc_R_18w16_FPN.yaml"
+    c.DETECTION.OPTS = []
+    c.DETECTION.TRIALS = 5
+    c.DETECTION.SEED = 0
+    c.DETECTION.NUM_PROCESSES = 1
+
+
+def init_name(cell):
+    """A cell's name as a row and stage name ("moco:4096" -> "moco_4096")."""
+    return cell.replace(":", "_")
+
+
+def check_cells(acfg, cells):
+    """One-line error for a DETECTION.CELLS entry that is no cell of the sweep."""
+    wanted = [str(c) for c in acfg.DETECTION.CELLS]
+    for cell in wanted:
+        if cell not in cells:
+            raise ValueError(
+                f"DETECTION.CELLS: {cell!r} is not a cell of this sweep ({', '.join(cells)})"
+            )
+    if wanted and acfg.DETECTION.TRIALS < 1:
+        raise ValueError(f"DETECTION.TRIALS must be >= 1, got {acfg.DETECTION.TRIALS}")
+    return wanted
+
+
+class Transfer:
+    """The detection stages of a sweep, added to its queue as each cell's checkpoint appears."""
+
+    def __init__(self, acfg, stages):
+        from detection.data.datasets import register_synthetic
+
+        self.acfg, self.stages = acfg, stages
+        # the embedded detection set ($DETECTRON2_DATASETS/moco_det_synthetic) under its usual
+        # names, as the fine-tunes see it; its annotation files are the stage keys' data
+        register_synthetic(None)
+        self.data = {"pretraining": None, "detection": {}}
+        self.trials = list(range(acfg.DETECTION.SEED, acfg.DETECTION.SEED + acfg.DETECTION.TRIALS))
+        self.weights = {}  # init -> its converted weights
+
+    def stages_of(self, cell, checkpoint):
+        """Convert ``cell``'s checkpoint (here: a moment) and return its detection stages."""
+        from experiments.pipeline import _convert_stage, _detect_stage
+
+        init = init_name(cell)
+        self.weights[init] = self.stages.run(*_convert_stage(init, checkpoint))["weights"]
+        return [
+            _detect_stage(self.acfg, init, self.weights[init], seed, None, self.data)
+            for seed in self.trials
+        ]
+
+    def report(self):
+        """The detection report (OUTPUT_DIR/detection/transfer.*) of the cells fine-tuned, each
+        pair's AP50 paired by detection seed; returns (paths, verdict lines), (None, []) when no
+        cell was fine-tuned."""
+        from experiments.pipeline import _trial_run
+        from experiments.report import paired, summarize, write_report
+
+        records = {r["name"]: r for r in self.stages.records}
+        groups = {
+            init: [
+                _trial_run(
+                    records[f"detect_{init}_s{seed}"]["folder"],
+                    records[f"detect_{init}_s{seed}"]["outputs"],
+                    seed,
+                    weights,
+                )
+                for seed in self.trials
+            ]
+            for init, weights in self.weights.items()
+        }
+        if not groups:
+            return None, []
+        table = summarize(groups)
+        verdicts = []
+        if len(self.trials) >= 2:
+            verdicts = [paired(table, a, b).line() for a, b in itertools.combinations(groups, 2)]
+        paths = write_report(
+            table,
+            os.path.join(self.acfg.OUTPUT_DIR, REPORT_DIR),
+            title="Detection transfer of the ablation's cells",
+            notes=verdicts,
+            base=self.acfg.OUTPUT_DIR,
+        )
+        return paths, verdicts
