@@ -142,13 +142,25 @@ def prepare_datasets(cfg):
         if name not in registered:
             raise ValueError(f"DATASETS: {name!r} is not a registered dataset; {REGISTER_HINT}")
     use_checked_loaders(names)
+    first = None  # (name, classes) of the first set that names its classes
     for name in dict.fromkeys(names):
         classes = dataset_classes(name)
-        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        if classes is None:
+            continue
+        if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise ValueError(
                 f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {name} has "
                 f"{len(classes)} classes; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}"
             )
+        # class i must be the same class in every set: the detector is scored by its index
+        if first is not None and list(classes) != list(first[1]):
+            diff = next(i for i, (a, b) in enumerate(zip(classes, first[1])) if a != b)
+            raise ValueError(
+                f"DATASETS: class {diff} of {name} is {classes[diff]!r} but of {first[0]} "
+                f"{first[1][diff]!r}; TRAIN and TEST sets must share one class list (names and "
+                "order; a COCO file's categories in id order)"
+            )
+        first = first or (name, classes)
     for name in cfg.DATASETS.TEST:
         evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
 

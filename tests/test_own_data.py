@@ -92,6 +92,25 @@ def test_a_registered_coco_set_gets_its_classes_checked_at_start_for_train_and_t
     ), err
 
 
+def test_train_and_test_sets_of_other_classes_are_one_line(synthetic_root, tmp_path, capsys):
+    sets = write_coco_set(synthetic_root, str(tmp_path / "data"))
+    path = sets["test"][0]
+    with open(path) as f:
+        data = json.load(f)
+    data["categories"][1]["name"] = "ring"  # id 2: square in the train file
+    with open(path, "w") as f:
+        json.dump(data, f)
+    argv = ["--config-file", VOC_CFG, *register_opts(sets, "classes")]
+    argv += ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "OUTPUT_DIR", str(tmp_path / "o")]
+    assert load_tool("train_net").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "train_net.py: error: DATASETS: class 1 of classes_test is 'ring' but of classes_trainval "
+        "'square'; TRAIN and TEST sets must share one class list (names and order; a COCO file's "
+        "categories in id order)"
+    )
+
+
 def test_registered_sets_get_the_toolkits_annotation_checks(synthetic_root, tmp_path, capsys):
     sets = write_coco_set(synthetic_root, str(tmp_path / "data"))
     path = sets["test"][0]
