@@ -78,7 +78,8 @@ class Transfer:
         pair's AP50 paired by detection seed; returns (paths, verdict lines), (None, []) when no
         cell was fine-tuned."""
         from experiments.pipeline import _trial_run
-        from experiments.report import paired, summarize, write_report
+        from experiments.report import summarize, write_report
+        from experiments.report.paired import comparisons
 
         records = {r["name"]: r for r in self.stages.records}
         groups = {
@@ -96,9 +97,7 @@ class Transfer:
         if not groups:
             return None, []
         table = summarize(groups)
-        verdicts = []
-        if len(self.trials) >= 2:
-            verdicts = [paired(table, a, b).line() for a, b in itertools.combinations(groups, 2)]
+        _, verdicts = comparisons(table, itertools.combinations(groups, 2))
         paths = write_report(
             table,
             os.path.join(self.acfg.OUTPUT_DIR, REPORT_DIR),
