@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import REPO, load_tool
 from test_pipeline import TINY as PIPELINE_TINY
 
@@ -175,3 +176,38 @@ def test_two_variants_that_are_the_same_fine_tune_are_refused(tmp_path, capsys):
     assert tool.main(["--preset", _preset(tmp_path, body), *opts]) == 2
     err = capsys.readouterr().err
     assert "transfer.py: error: VARIANTS 'a' and 'b' are the same fine-tune" in err
+
+
+def test_the_novel_label_preset_runs_at_tiny_size(tmp_path):
+    """transfer_novel at tiny size: the pretrainings see (and the supervised run is labelled
+    with) the 5 pretraining classes only, the detector finds the 5 others, and the report has
+    the three rows with their paired differences."""
+    from moco.data.synthetic.writers import read_manifest
+    from moco.utils.run_files import PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
+
+    spec = PIPELINE_TINY[1].replace("]", ", 'novel_classes', 5]")
+    opts = ["RUN_DIR", str(tmp_path / "run"), "DATA.ROOT", str(tmp_path / "novel")]
+    opts += ["DATA.SPEC", spec, *PIPELINE_TINY[2:], "JOBS", "1", "DETECTION.TRIALS", "2"]
+    opts += ["SUPERVISED.OPTS", "['SOLVER.EPOCHS', 1]"]
+    ci = load_pipeline_cfg("ci")
+    opts += ["DETECTION.OPTS", str([*ci.DETECTION.OPTS, "MODEL.ROI_HEADS.NUM_CLASSES", "5"])]
+    cfg = load_transfer_cfg("transfer_novel", opts)
+    summary = run_transfer(cfg)
+    manifest = read_manifest(cfg.DATA.ROOT)
+    assert manifest["detection_classes"] == ["cross", "hexagon", "crescent", "arrow", "heart"]
+    run = cfg.RUN_DIR
+    folders = {d.rsplit("-", 1)[0]: os.path.join(run, d) for d in os.listdir(run) if "-" in d}
+    with open(os.path.join(folders["pretrain_supervised"], SUPERVISED_SUMMARY)) as f:
+        assert json.load(f)["num_classes"] == 5
+    with open(os.path.join(folders["pretrain_moco"], PRETRAIN_SUMMARY)) as f:
+        assert json.load(f)["knn_chance"] == 20.0  # 5 classes in the image folder
+    model = os.path.join(folders["detect_moco_s1"], "model_final.pth")
+    state = torch.load(model, weights_only=True)["model"]
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 5 + 1  # + background
+    (record,) = summary["variants"]
+    assert record["variant"] == "novel_5" and set(record["ap50"]) == {
+        "moco",
+        "supervised",
+        "random",
+    }
+    assert record["comparisons"]["moco_vs_supervised"]["n_pairs"] == 2
