@@ -421,3 +421,22 @@ def test_novel_classes_must_leave_two_pretraining_classes():
         SyntheticSpec(novel_classes=9)
     with pytest.raises(ValueError, match="novel_classes"):
         SyntheticSpec(novel_classes=-1)
+
+
+def test_cli_makes_the_novel_label_set_and_names_a_bad_value(tmp_path):
+    tiny = ["--cls-size", "32", "--cls-train-per-class", "1", "--cls-val-per-class", "1"]
+    tiny += ["--det-size", "64", "--det-trainval", "5", "--det-test", "5", "--workers", "1"]
+    r = _cli("--root", str(tmp_path / "novel"), "--novel-classes", "5", *tiny)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "imagefolder classes disk, square, triangle, star, ring; detection classes cross, "
+        "hexagon, crescent, arrow, heart;" in r.stdout
+    )
+    assert sorted(os.listdir(tmp_path / "novel" / "imagefolder" / "train")) == sorted(
+        CLASS_NAMES[:5]
+    )
+    r = _cli("--root", str(tmp_path / "bad"), "--novel-classes", "9")
+    assert r.returncode == 2 and r.stderr == (
+        "make_data.py: error: --novel-classes must be 0 (off) or 1-8 (at least 2 pretraining "
+        "classes), got 9\n"
+    )
