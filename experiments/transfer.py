@@ -227,12 +227,9 @@ def write_transfer_report(cfg, runs, run_dir):
         table = summarize(groups, baseline="supervised")
         column = table.columns.index("AP50")
         means = {r.label: r.stats[column].mean for r in table.rows}
-        comparisons = {
-            f"{m}_vs_{other}": paired(table, m, other).to_dict()
-            for m in methods
-            for other in ("supervised", "random")
-        }
-        notes = [paired(table, m, o).line() for m in methods for o in ("supervised", "random")]
+        results = {f"{m}_vs_{o}": paired(table, m, o) for m in methods for o in BASELINES}
+        comparisons = {k: r.to_dict() for k, r in results.items()}
+        notes = [r.line() for r in results.values()]
         paths = write_report(
             table,
             os.path.join(report_dir, name),
@@ -271,7 +268,7 @@ def write_transfer_report(cfg, runs, run_dir):
         *(f"{i} AP50" for i in (*methods, *BASELINES)),
         *(f"{m} - {o} (95% CI)" for m in methods for o in BASELINES),
     ]
-    trials = len(next(iter(next(iter(runs.values())).values())))
+    trials = cfg.DETECTION.TRIALS
     text = (
         f"# Detection transfer over fine-tune variants ({cfg.REPORT_DIR})\n\n"
         + markdown_table(header, rows)
