@@ -23,6 +23,7 @@ variant, e.g. the schedule length) ``transfer_plot.{png,pdf}``: each method minu
 against it, with the 95% CI as error bars.
 """
 
+import functools
 import json
 import os
 import time
@@ -125,6 +126,16 @@ def _variant_cfg(cfg, config, opts):
     return vcfg
 
 
+def _guarded_detect(work, out, resume):
+    """A fine-tune that diverges (Detectron2's FloatingPointError: a NaN or inf loss or boxes) is
+    an outcome of its variant, as an ablation's NaN run is labelled ``fail``: recorded with its
+    reason (the stage finishes, a rerun reuses it), and the sweep goes on."""
+    try:
+        return work(out, resume)
+    except FloatingPointError as e:
+        return {"run_dir": out, "diverged": " ".join(str(e).split())}
+
+
 def run_transfer(cfg):
     """Run every stage of the transfer preset ``cfg`` and write its reports; returns the
     summary (also ``transfer_summary.json``)."""
@@ -170,7 +181,7 @@ def run_transfer(cfg):
                     "(the same config file and overrides); remove one"
                 )
             trial_of[key] = (name, init, seed)
-            out.append(stage)
+            out.append((*stage[:2], functools.partial(_guarded_detect, stage[2])))
         return out
 
     def trials_of(init, checkpoint):
@@ -190,8 +201,11 @@ def run_transfer(cfg):
     for record in stages.records:
         if record["key"] in trial_of and record["name"].startswith("detect_"):
             name, init, seed = trial_of[record["key"]]
-            runs[name][init][trials.index(seed)] = _trial_run(
-                record["folder"], record["outputs"], seed, weights[init]
+            outputs = record["outputs"]
+            runs[name][init][trials.index(seed)] = (
+                {"seed": seed, "diverged": outputs["diverged"]}
+                if "diverged" in outputs
+                else _trial_run(record["folder"], outputs, seed, weights[init])
             )
     stages.done += 1
     summary = write_transfer_report(cfg, runs, run_dir)
@@ -204,8 +218,16 @@ def run_transfer(cfg):
     return summary
 
 
+def _ap(mean, diverged):
+    """A row's AP50 cell: the mean over its trained trials, and how many diverged."""
+    cell = "-" if mean is None else f"{mean:.1f}"
+    return cell + (f" ({len(diverged)} diverged)" if diverged else "")
+
+
 def _ci(result):
     """``+d [lo, hi]`` of a paired result (``to_dict``), or its mean alone without an interval."""
+    if result is None:
+        return "- (a row diverged in every trial)"
     if result["ci95"] is None:
         return f"{result['mean_diff']:+.2f} (n = {result['n_pairs']}, no interval)"
     lo, hi = result["ci95"]
@@ -223,20 +245,36 @@ def write_transfer_report(cfg, runs, run_dir):
     methods = list(cfg.METHODS)
     variants = variant_table(cfg)
     rows, records, points = [], [], {m: [] for m in methods}
-    for k, (name, groups) in enumerate(runs.items()):
-        table = summarize(groups, baseline="supervised")
-        column = table.columns.index("AP50")
-        means = {r.label: r.stats[column].mean for r in table.rows}
-        results = {f"{m}_vs_{o}": paired(table, m, o) for m in methods for o in BASELINES}
-        comparisons = {k: r.to_dict() for k, r in results.items()}
-        notes = [r.line() for r in results.values()]
-        paths = write_report(
-            table,
-            os.path.join(report_dir, name),
-            title=f"Detection transfer, variant {name}",
-            notes=notes,
-            base=run_dir,
-        )
+    for k, (name, by_init) in enumerate(runs.items()):
+        # diverged trials: named in the notes, left out of the rows (and so of the pairs)
+        diverged = {i: [t for t in ts if isinstance(t, dict)] for i, ts in by_init.items()}
+        notes = []
+        for init, ts in diverged.items():
+            if ts:
+                seeds = ", ".join(f"s{t['seed']}" for t in ts)
+                notes.append(f"{init} diverged in trial(s) {seeds}: {ts[0]['diverged']}")
+        groups = {i: [t for t in ts if isinstance(t, str)] for i, ts in by_init.items()}
+        groups = {i: ts for i, ts in groups.items() if ts}
+        means, comparisons, paths = {i: None for i in by_init}, {}, {"md": None}
+        if groups:
+            table = summarize(groups, baseline="supervised" if "supervised" in groups else None)
+            column = table.columns.index("AP50")
+            means.update({r.label: r.stats[column].mean for r in table.rows})
+            for m in methods:
+                for o in BASELINES:
+                    result = paired(table, m, o) if {m, o} <= set(groups) else None
+                    comparisons[f"{m}_vs_{o}"] = result.to_dict() if result else None
+                    notes += [result.line()] if result else []
+            paths = write_report(
+                table,
+                os.path.join(report_dir, name),
+                title=f"Detection transfer, variant {name}",
+                notes=notes,
+                base=run_dir,
+            )
+        comparisons = {
+            f"{m}_vs_{o}": comparisons.get(f"{m}_vs_{o}") for m in methods for o in BASELINES
+        }
         config, opts = variants[name]
         shown = os.path.relpath(os.path.abspath(config), REPO_ROOT)
         rows.append(
@@ -244,7 +282,7 @@ def write_transfer_report(cfg, runs, run_dir):
                 name,
                 shown,
                 " ".join(opts) or "none",
-                *(f"{means[i]:.1f}" for i in (*methods, *BASELINES)),
+                *(_ap(means[i], diverged[i]) for i in (*methods, *BASELINES)),
                 *(_ci(comparisons[f"{m}_vs_{o}"]) for m in methods for o in BASELINES),
             ]
         )
@@ -255,11 +293,12 @@ def write_transfer_report(cfg, runs, run_dir):
                 "opts": opts,
                 "ap50": means,
                 "comparisons": comparisons,
+                "diverged": {i: [t["seed"] for t in ts] for i, ts in diverged.items() if ts},
                 "report": paths["md"],
             }
         )
         for m in methods:
-            if cfg.PLOT.X:
+            if cfg.PLOT.X and comparisons[f"{m}_vs_supervised"]:
                 points[m].append((cfg.PLOT.X[k], comparisons[f"{m}_vs_supervised"]))
     header = [
         "variant",
@@ -272,8 +311,9 @@ def write_transfer_report(cfg, runs, run_dir):
     text = (
         f"# Detection transfer over fine-tune variants ({cfg.REPORT_DIR})\n\n"
         + markdown_table(header, rows)
-        + f"\nAP50 means over {trials} trials; differences paired by detection seed, "
-        "95% t intervals (scipy). Each variant's full report: <variant>/transfer.md.\n"
+        + f"\nAP50 means over {trials} trials (a diverged trial is left out, and so is its "
+        "pair); differences paired by detection seed, 95% t intervals (scipy). Each variant's "
+        "full report: <variant>/transfer.md.\n"
     )
     contents = {
         os.path.join(report_dir, SUMMARY + ".md"): text.encode(),

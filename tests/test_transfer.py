@@ -211,3 +211,31 @@ def test_the_novel_label_preset_runs_at_tiny_size(tmp_path):
         "random",
     }
     assert record["comparisons"]["moco_vs_supervised"]["n_pairs"] == 2
+
+
+def test_a_diverging_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """A fine-tune whose loss turns NaN (here: lr 1e9) is an outcome of its variant, as an
+    ablation's NaN run is labelled fail: the sweep finishes the other variant, the summary says
+    which trials diverged and why, and a rerun reuses the diverged stages."""
+    body = 'VARIANTS: [["ok", ""], ["nan", "", "SOLVER.BASE_LR", "1e9"]]\n'
+    opts = ["RUN_DIR", str(tmp_path / "run"), "DATA.ROOT", str(tmp_path / "data")]
+    opts += [*PIPELINE_TINY, "JOBS", "1"]
+    cfg = load_transfer_cfg(_preset(tmp_path, body), opts)
+    summary = run_transfer(cfg)
+    ok, nan = summary["variants"]
+    assert ok["diverged"] == {} and ok["comparisons"]["moco_vs_supervised"]["n_pairs"] == 2
+    assert nan["diverged"] == {"moco": [0, 1], "supervised": [0, 1], "random": [0, 1]}
+    assert nan["comparisons"] == {"moco_vs_supervised": None, "moco_vs_random": None}
+    assert nan["report"] is None  # no row trained: no per-variant table
+    with open(os.path.join(cfg.RUN_DIR, "transfer", "transfer_summary.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[2][3:] == [
+        "- (2 diverged)",
+        "- (2 diverged)",
+        "- (2 diverged)",
+        "- (a row diverged in every trial)",
+        "- (a row diverged in every trial)",
+    ]
+    capsys.readouterr()
+    run_transfer(cfg)
+    assert "running" not in capsys.readouterr().out  # every stage reused, the diverged ones too
