@@ -5,7 +5,7 @@ Adjustments made here, and why:
 * :func:`add_moco_det_config` adds the toolkit's keys (``DATALOADER.MAX_BAD_FRACTION``,
   ``DATALOADER.SCAN_IMAGES``,
   ``DATALOADER.MAX_ANNOTATIONS``, ``DATALOADER.MAX_ANNOTATIONS_PER_IMAGE``,
-  ``MODEL.ALLOW_PARTIAL_WEIGHTS``, ``DIST.TIMEOUT_MINUTES``).
+  ``MODEL.ALLOW_PARTIAL_WEIGHTS``, ``DIST.TIMEOUT_MINUTES``, ``DATASETS.REGISTER``).
 * ``MODEL.DEVICE`` becomes ``cpu`` when CUDA is unavailable, so every config runs on CPU as is.
 * In a single process, ``SyncBN`` (``torch.nn.SyncBatchNorm``) becomes ``BN``: with one process it
   computes exactly batch norm, but it raises on CPU tensors whenever a process group exists, even
@@ -61,6 +61,10 @@ def add_moco_det_config(cfg):
     # with a partly loaded backbone anyway (an expert's choice, recorded in final_metrics.json).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
     # the process group's timeout in minutes (moco.utils.launch.process_group_timeout): pretraining's key
+    # one's own detection sets, registered by name before DATASETS.TRAIN / TEST are looked up
+    # (detection.data.datasets.register_datasets): [name, "coco", annotations.json, image_folder]
+    # or [name, "voc", VOC_folder, split] (a fifth item: the classes, else read from the XML)
+    cfg.DATASETS.REGISTER = []
     cfg.DIST = CfgNode()
     cfg.DIST.TIMEOUT_MINUTES = moco_defaults().DIST.TIMEOUT_MINUTES
 

@@ -34,8 +34,10 @@ from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import load_cfg, setup_cfg
 from detection.data.checks import build_checked_train_loader, set_annotation_limits
 from detection.data.datasets import (
+    REGISTER_HINT,
     SYNTHETIC_DATASETS,
     evaluator_type,
+    register_datasets,
     register_synthetic,
     use_checked_loaders,
 )
@@ -125,10 +127,12 @@ class DetectionTrainer(DefaultTrainer):
 
 
 def prepare_datasets(cfg):
-    """Register the embedded datasets the config names (if not yet registered), give Detectron2's
-    builtin names the checked loaders (:func:`use_checked_loaders`), check classes, set the
-    annotation bounds the checked loaders apply."""
+    """Register the sets of ``DATASETS.REGISTER`` and the embedded ones the config names (if not
+    yet registered), give Detectron2's builtin and registered names the checked loaders
+    (:func:`use_checked_loaders`), check every set's class count, set the annotation bounds the
+    checked loaders apply."""
     set_annotation_limits(cfg.DATALOADER.MAX_ANNOTATIONS, cfg.DATALOADER.MAX_ANNOTATIONS_PER_IMAGE)
+    register_datasets(cfg.DATASETS.REGISTER)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     if any(n in SYNTHETIC_DATASETS and n not in registered for n in names):
@@ -136,17 +140,41 @@ def prepare_datasets(cfg):
     registered = set(DatasetCatalog.list())
     for name in names:
         if name not in registered:
-            raise ValueError(f"DATASETS: {name!r} is not a registered dataset")
+            raise ValueError(f"DATASETS: {name!r} is not a registered dataset; {REGISTER_HINT}")
     use_checked_loaders(names)
-    for name in cfg.DATASETS.TRAIN:
-        classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+    first = None  # (name, classes) of the first set that names its classes
+    for name in dict.fromkeys(names):
+        classes = dataset_classes(name)
+        if classes is None:
+            continue
+        if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise ValueError(
                 f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {name} has "
                 f"{len(classes)} classes; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}"
             )
+        # class i must be the same class in every set: the detector is scored by its index
+        if first is not None and list(classes) != list(first[1]):
+            diff = next(i for i, (a, b) in enumerate(zip(classes, first[1])) if a != b)
+            raise ValueError(
+                f"DATASETS: class {diff} of {name} is {classes[diff]!r} but of {first[0]} "
+                f"{first[1][diff]!r}; TRAIN and TEST sets must share one class list (names and "
+                "order; a COCO file's categories in id order)"
+            )
+        first = first or (name, classes)
     for name in cfg.DATASETS.TEST:
         evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
+
+
+def dataset_classes(name):
+    """``name``'s ``thing_classes``. A COCO set registered with ``register_coco_instances`` has
+    them only once its JSON is loaded: it is loaded here (checked, as the loader will), so that a
+    wrong NUM_CLASSES is one line at start, not a failed evaluation after training (issue 28.2);
+    a training set's file is then parsed twice, seconds against a run's hours. None when the
+    set's loader sets no classes."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is None and meta.get("json_file"):
+        DatasetCatalog.get(name)  # load_coco_json sets thing_classes (categories in id order)
+    return MetadataCatalog.get(name).get("thing_classes")
 
 
 def check_test_annotations(cfg):

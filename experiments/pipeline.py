@@ -7,13 +7,16 @@ Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
    on the image folder, labels unused: ``PRETRAIN.CONFIG`` with ``MODEL.MECHANISM <method>``;
 3. ``pretrain_supervised``: the same ResNet, data and budget, trained with the labels (stands in
    for ImageNet-supervised weights), unless ``SUPERVISED.WEIGHTS`` names released weights;
-4. ``convert_*``: both checkpoints to Detectron2 pickles (official key rule);
-5. ``detect_<init>_s<seed>``: the detector fine-tuned from each method, supervised and random
+4. ``convert_*``: both checkpoints to Detectron2 pickles (official key rule), and each of ``INITS``
+   (one's own checkpoints, ``[[name, path], ...]``: MoCo v1/v2/v3, torchvision, this toolkit's;
+   a Detectron2 ``.pkl`` is used as it is), keyed by the file's sha256, not its path;
+5. ``detect_<init>_s<seed>``: the detector fine-tuned from each method, each of INITS, supervised and random
    init, same config and schedule (CMC: ``CMC.DETECTION_CONFIG``, the same detector on its Lab
    backbone), ``DETECTION.TRIALS`` paired trials: trial i uses detection seed
    ``DETECTION.SEED + i`` (so the same data order and head initialisation) for every init;
 6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised;
-   with 2 or more trials, each method minus random and minus supervised as paired differences
+   with 2 or more trials, each method and each of INITS minus every row after it (the other
+   inits, random and supervised) as paired differences
    with a 95% confidence interval and a one-sided paired t-test (scipy), also in
    ``pipeline_summary.json`` (``comparisons``), next to each pretraining's untrained and final kNN
    (``pretraining``).
@@ -33,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 
 from fvcore.common.config import CfgNode as CN
@@ -77,6 +81,10 @@ def get_pipeline_cfg():
     # The methods pretrained and compared (MODEL.MECHANISM of each run, in report order): any of
     # moco, cmc, cpc. Each runs PRETRAIN.CONFIG and PRETRAIN.OPTS, then its own OPTS below.
     c.METHODS = ["moco"]
+    # One's own checkpoints as rows beside (or, with METHODS [], instead of) the pretrained ones:
+    # [[name, path], ...], each converted (detection.convert) and fine-tuned in the same paired
+    # trials, e.g. INITS "[['mine', 'path/to/my.pth']]"
+    c.INITS = []
     c.CMC = CN()
     c.CMC.OPTS = []  # e.g. ["MODEL.CMC_DICTIONARY", "moco"]
     c.CMC.DETECTION_CONFIG = "configs/detection/embedded_voc_R_18w16_FPN_cmc.yaml"  # Lab backbone
@@ -120,10 +128,37 @@ def load_pipeline_cfg(preset=None, opts=()):
         raise ValueError(f"DETECTION.TRIALS must be >= 1, got {cfg.DETECTION.TRIALS}")
     resolve_jobs(cfg.JOBS)  # one line for a negative JOBS
     methods = list(cfg.METHODS)
-    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
+    inits = external_inits(cfg)
+    if len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
         raise ValueError(f"METHODS {methods}: expected distinct names among {', '.join(METHODS)}")
+    if not methods and not inits:
+        raise ValueError("METHODS is empty and INITS names no checkpoint: nothing to compare")
     cfg.freeze()
     return cfg
+
+
+_INIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def external_inits(cfg):
+    """``INITS`` as {name: absolute checkpoint path}; a bad entry is one ValueError naming it."""
+    inits = {}
+    for i, entry in enumerate(cfg.INITS):
+        where = f"INITS[{i}] {list(entry) if isinstance(entry, (list, tuple)) else entry!r}"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"{where}: expected a [name, checkpoint] pair")
+        name, path = (str(x) for x in entry)
+        if not _INIT_NAME.fullmatch(name):
+            raise ValueError(f"{where}: the name must be letters, digits, '_', '.' or '-'")
+        if name in METHODS or name in BASELINES or name in inits:
+            raise ValueError(
+                f"{where}: {name!r} is taken (by METHODS, the baselines {', '.join(BASELINES)} "
+                "or another INITS entry); give the row another name"
+            )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: checkpoint {path} not found")
+        inits[name] = os.path.abspath(path)
+    return inits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,8 +237,10 @@ def detection_data_identity(dcfg, embedded=None):
     other dataset is its annotation files by content (sha256 over file names and contents)."""
     import hashlib
 
-    from detection.data.datasets import SYNTHETIC_DATASETS
+    from detection.data.datasets import SYNTHETIC_DATASETS, register_datasets
 
+    # their metadata names the annotation files (a config of plain Detectron2 has no REGISTER)
+    register_datasets(dcfg.DATASETS.get("REGISTER", ()))
     identity = {}
     for name in list(dcfg.DATASETS.TRAIN) + list(dcfg.DATASETS.TEST):
         if embedded is not None and name in SYNTHETIC_DATASETS:
@@ -306,8 +343,11 @@ def _convert_work(label, checkpoint, out, resume):
     return {"weights": dst}
 
 
-def _convert_stage(label, checkpoint):
-    material = {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint)}
+def _convert_stage(label, checkpoint, by_content=False):
+    """``by_content``: keyed by the file's sha256 only (one's own checkpoint, wherever it lies)."""
+    material = {"sha256": file_sha256(checkpoint)}
+    if not by_content:
+        material = {"checkpoint": checkpoint, **material}
     return f"convert_{label}", material, functools.partial(_convert_work, label, checkpoint)
 
 
@@ -386,23 +426,21 @@ def run_pipeline(cfg):
     the supervised baseline and the random-init trials (which need no pretraining) first, and each
     pretraining's trials as soon as its weights exist.
     """
-    from experiments.report import (
-        compare,
-        paired,
-        summarize,
-        to_markdown,
-        write_report,
-    )
+    from experiments.report import comparisons as paired_comparisons
+    from experiments.report import summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     check_output_dir(run_dir, "RUN_DIR")
     os.makedirs(run_dir, exist_ok=True)
     methods = list(cfg.METHODS)
+    external = external_inits(cfg)
     trials = list(range(cfg.DETECTION.SEED, cfg.DETECTION.SEED + cfg.DETECTION.TRIALS))
     train_supervised = not cfg.SUPERVISED.WEIGHTS
     pretrainings = methods + ["supervised"] * int(train_supervised)
-    inits = methods + list(BASELINES)
-    total = 1 + len(pretrainings) + len(methods) + 1 + len(inits) * len(trials) + 1
+    inits = methods + list(external) + list(BASELINES)
+    converted = [n for n, path in external.items() if not path.endswith(".pkl")]
+    total = 1 + len(pretrainings) + len(methods) + 1 + len(converted)
+    total += len(inits) * len(trials) + 1
     stages = Stages(run_dir, total)
     start = time.perf_counter()
 
@@ -418,9 +456,12 @@ def run_pipeline(cfg):
     # read on every run, never from the data stage's record: the set may have changed in place
     data = {"pretraining": data_identity(cfg, folder), "detection": {}}
 
-    def trials_of(init, checkpoint):
+    def trials_of(init, checkpoint, by_content=False):
         """Convert ``checkpoint`` (here: it takes a moment) and return ``init``'s trials."""
-        weights = stages.run(*_convert_stage(init, checkpoint))["weights"]
+        if by_content and checkpoint.endswith(".pkl"):  # Detectron2 weights already
+            weights = checkpoint
+        else:
+            weights = stages.run(*_convert_stage(init, checkpoint, by_content))["weights"]
         return [_detect_stage(cfg, init, weights, seed, synthetic_root, data) for seed in trials]
 
     # Each init's trials join the queue as soon as its weights exist, so neither worker waits
@@ -428,6 +469,8 @@ def run_pipeline(cfg):
     first = [_pretrain_stage(cfg, folder, method, data["pretraining"]) for method in pretrainings]
     first += [_detect_stage(cfg, "random", "", seed, synthetic_root, data) for seed in trials]
     later = [] if train_supervised else trials_of("supervised", sup_ckpt)
+    for name, checkpoint in external.items():  # one's own checkpoints: converted, then trials
+        later += trials_of(name, checkpoint, by_content=True)
 
     def then(i, outputs):  # a finished pretraining's trials
         return trials_of(pretrainings[i], outputs["checkpoint"]) if i < len(pretrainings) else []
@@ -436,7 +479,13 @@ def run_pipeline(cfg):
     outputs = {r["name"]: r["outputs"] for r in stages.records}
     folders = {r["name"]: r["folder"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
-    weights = {init: outputs[f"convert_{init}"]["weights"] for init in inits if init != "random"}
+    weights = {
+        init: external[init]
+        if init not in converted and init in external
+        else outputs[f"convert_{init}"]["weights"]
+        for init in inits
+        if init != "random"
+    }
     runs = {
         init: [
             _trial_run(
@@ -453,16 +502,16 @@ def run_pipeline(cfg):
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
     table = summarize(runs, baseline="supervised")
-    comparisons, verdicts = {}, []
-    for method in methods:
-        for other in ("random", "supervised"):
-            if len(trials) >= 2:
-                result = paired(table, method, other)
-                comparisons[f"{method}_vs_{other}"] = result.to_dict()
-                verdicts.append(result.line())
-            else:
-                verdicts.append(compare(table, method, other))
-    title = "Detection transfer on the embedded set" if cfg.DATA.SYNTHETIC else "Detection transfer"
+    # each method and own checkpoint against every row after it (paired by seed with 2+ trials)
+    heads = methods + list(external)
+    pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :] + ["random", "supervised"]]
+    comparisons, verdicts = paired_comparisons(table, pairs)
+    from detection.data.datasets import SYNTHETIC_DATASETS
+
+    # "on the embedded set" only when the detector saw it (not a DATASETS.REGISTER set)
+    detection_sets = {name for sets in data["detection"].values() for name in sets}
+    embedded = cfg.DATA.SYNTHETIC and detection_sets <= set(SYNTHETIC_DATASETS)
+    title = "Detection transfer on the embedded set" if embedded else "Detection transfer"
     # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
     paths = write_report(
         table,
@@ -488,6 +537,7 @@ def run_pipeline(cfg):
             k: {m: v.get(m) for m in ("knn_untrained", "knn_final", "knn_chance", "val_top1")}
             for k, v in pretrained.items()
         },
+        "inits": external,  # one's own checkpoints, by row name
         "comparisons": comparisons,
         "runs": runs,
         "verdicts": verdicts,

@@ -276,10 +276,15 @@ def test_detectron2_builtin_names_get_the_toolkits_checks(tmp_path, monkeypatch)
     from detection.config import load_cfg
     from detection.trainer import prepare_datasets
 
-    cfg = load_cfg(
-        os.path.join(REPO, "configs", "detection", "coco_R_50_FPN_1x.yaml"),
-        ["DATASETS.TRAIN", "('coco_2017_val',)", "DATASETS.TEST", "('voc_2007_test',)"],
-    )
+    # each set with its own class count: every TRAIN and TEST set's is checked at start
+    cfgs = [
+        load_cfg(
+            os.path.join(REPO, "configs", "detection", "coco_R_50_FPN_1x.yaml"),
+            ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)"]
+            + ["MODEL.ROI_HEADS.NUM_CLASSES", str(classes)],
+        )
+        for name, classes in (("coco_2017_val", 80), ("voc_2007_test", 20))
+    ]
     coco, voc = MetadataCatalog.get("coco_2017_val"), MetadataCatalog.get("voc_2007_test")
     if os.path.isabs(coco.json_file) or os.path.isabs(voc.dirname):
         pytest.skip(
@@ -311,7 +316,8 @@ def test_detectron2_builtin_names_get_the_toolkits_checks(tmp_path, monkeypatch)
         )
     originals = {n: DatasetCatalog[n] for n in ("coco_2017_val", "voc_2007_test")}
     try:
-        prepare_datasets(cfg)
+        for cfg in cfgs:
+            prepare_datasets(cfg)
         assert all(DatasetCatalog[n] is not originals[n] for n in originals)
         with pytest.raises(ValueError) as err:
             DatasetCatalog.get("coco_2017_val")

@@ -158,6 +158,7 @@ def test_cli(voc_runs, tmp_path, capsys):
         "transfer.md",
         "transfer.pdf",
         "transfer.png",
+        "transfer_trials.csv",
     ]
     # these runs recorded no metrics.json
     assert main([f"a={tmp_path}/none_*"]) == 2

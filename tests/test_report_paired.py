@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+from conftest import load_tool
 
 from experiments.report import PUBLISHED_VOC, paired, published_markdown, summarize, write_report
 
@@ -52,6 +53,7 @@ def test_paired_difference_matches_hand_computation(tmp_path):
         "mean_diff": pytest.approx(2.0),
         "ci95": [pytest.approx(2.0 - HALF_WIDTH), pytest.approx(2.0 + HALF_WIDTH)],
         "p_value": pytest.approx(P_ONE_SIDED, abs=1e-5),
+        "unpaired": {},
     }
     assert "moco is ahead of random" in result.line()
     reverse = paired(table, "random", "moco")
@@ -99,3 +101,43 @@ def test_published_rows_are_labelled_and_kept_out_of_the_table(tmp_path):
     assert [r.label for r in table.rows] == ["moco"]  # the statistics see measured rows only
     assert dict(PUBLISHED_VOC)["random init"] == (60.2, 33.8, 33.1)
     assert published_markdown() in text
+
+
+def test_report_cli_pairs_any_runs_by_seed_and_writes_a_row_per_trial(tmp_path, capsys):
+    """tools/report.py on runs of its caller's: the pipeline's paired line (hand-computed numbers
+    above), the unpaired seeds named and left out, and transfer_trials.csv one row per run."""
+    import csv
+
+    moco = {**MOCO, 9: 40.0}  # seed 9: no random trial to pair with
+    _runs(tmp_path, "moco", moco, shuffle=True)
+    random = {**RANDOM, 8: 0.0}
+    _runs(tmp_path, "random", random)
+    out = tmp_path / "report"
+    argv = [f"moco={tmp_path}/moco_*", f"random={tmp_path}/random_*", "--output-dir", str(out)]
+    assert load_tool("report").main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    lo, hi = 2.0 - HALF_WIDTH, 2.0 + HALF_WIDTH
+    line = (
+        f"moco vs random: AP50 paired difference +2.00, 95% CI [{lo:+.2f}, {hi:+.2f}], "
+        f"one-sided p = {P_ONE_SIDED:.3g} (n = 5 pairs): moco is ahead of random; "
+        "unpaired, left out: moco seed 9; random seed 8"
+    )
+    assert line in printed.splitlines()
+    assert f"- {line}" in (out / "transfer.md").read_text()
+    with open(out / "transfer_trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "label", "seed", "AP50", "AP", "AP75", "iterations", "weights_sha256", "run"
+    ]  # fmt: skip
+    assert len(rows) == 12 and {r["label"] for r in rows} == {"moco", "random"}
+    by = {(r["label"], int(r["seed"])): float(r["AP50"]) for r in rows}
+    expected = {("moco", s): v for s, v in moco.items()}
+    expected.update({("random", s): v for s, v in random.items()})
+    assert by == expected
+    # labels that share no seed: a line that says so, the report still written
+    _runs(tmp_path / "x", "other", {20: 5.0, 21: 6.0})
+    argv = [f"moco={tmp_path}/moco_*", f"other={tmp_path}/x/other_*"]
+    assert load_tool("report").main(argv) == 0
+    assert "moco vs other: not paired, rows 'moco' and 'other' share no detection seed" in (
+        capsys.readouterr().out
+    )

@@ -142,6 +142,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_report_whole(
         "transfer.md",
         "transfer.pdf",
         "transfer.png",
+        "transfer_trials.csv",
     ]
 
     room, real_fdopen = {"bytes": 4096}, os.fdopen  # the report may write 4,096 bytes in all

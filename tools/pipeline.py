@@ -4,6 +4,7 @@
     python tools/pipeline.py                                   # CPU demo on the embedded data
     python tools/pipeline.py --preset configs/pipeline/ci.yaml # the smaller CI version
     python tools/pipeline.py --preset configs/pipeline/paper_voc.yaml  # ImageNet + VOC, GPUs
+    python tools/pipeline.py INITS "[['mine', 'my_method.pth']]"  # your checkpoint as a row
 
 Finished stages are reused on rerun; an interrupted one resumes. See experiments/pipeline.py.
 """

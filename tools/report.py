@@ -6,8 +6,12 @@
     python tools/report.py --curves output/pretrain/run_a output/pretrain/run_b --output-dir out/c
 
 Each LABEL=PATTERN names one pretraining; PATTERN (expanded here) matches run folders holding
-final_metrics.json. Prints the Markdown table; writes to --output-dir transfer.md (with what was
-run), transfer.csv, transfer.png and .pdf (AP bars: mean, sample-std whiskers, each trial's dot),
+final_metrics.json. Prints the Markdown table and, for every two labels, the paired difference of
+their trials matched by detection seed (final_metrics.json "seed"): mean, 95% CI and one-sided p
+(scipy), as the pipeline's report gives them; trials whose seed the other label lacks are named
+and left out. Writes to --output-dir transfer.md (with those lines and what was run), transfer.csv
+(per label), transfer_trials.csv (one row per run: label, seed, APs, iterations, weights sha256),
+transfer.png and .pdf (AP bars: mean, sample-std whiskers, each trial's dot),
 and curves.png and .pdf: the training curves (a loss panel per objective, kNN top-1, lr over
 iterations) of the --curves runs overlaid, else of the groups' runs. (The pipeline's report
 folder holds the same figure of its pretraining runs as pretraining_curves.png.)
@@ -39,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="write transfer.md, .csv, .png, .pdf and curves.png, .pdf here",
+        help="write transfer.md, .csv, _trials.csv, .png, .pdf and curves.png, .pdf here",
     )
     parser.add_argument("--title", default=None, help="chart title")
     return parser.parse_args(argv)
@@ -47,6 +51,7 @@ def parse_args(argv=None):
 
 def run(args):
     from experiments.report import (  # after parsing: --help answers at once
+        comparisons,
         parse_groups,
         plot_curves,
         summarize,
@@ -63,11 +68,17 @@ def run(args):
             raise NotADirectoryError(f"--curves {run}: no such run folder")
     if args.output_dir:
         print(f"report.py: output folder {args.output_dir}", flush=True)
-    paths, runs, table = {}, {}, None
+    paths, runs, table, lines = {}, {}, None, []
     if args.groups:
         groups = parse_groups(args.groups)
         table = summarize(groups, baseline=args.baseline)
         print(to_markdown(table), end="")
+        labels = list(groups)  # every two labels, in the order given
+        _, lines = comparisons(
+            table, [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+        )
+        if lines:
+            print("\n".join(lines))
         runs = {
             f"{label}/{os.path.basename(os.path.normpath(run))}": run
             for label, group in groups.items()
@@ -80,6 +91,7 @@ def run(args):
             table,
             args.output_dir,
             title=args.title,
+            notes=lines,
             base=os.getcwd(),
             curves=runs,
             curves_title="training",

@@ -14,13 +14,21 @@
 Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) keep their paths and
 metadata; :func:`use_checked_loaders` gives them (and any name registered with Detectron2's
 ``register_coco_instances`` / ``register_pascal_voc``) the same checked loaders.
+
+:func:`register_datasets` registers a user's sets from the config key ``DATASETS.REGISTER``
+(``[name, "coco", annotations.json, image_folder]`` or ``[name, "voc", VOC_folder, split]``) with
+those same Detectron2 helpers, so that no code is needed to name one's own data.
 """
 
+import glob
 import logging
 import os
 from functools import partial
 
+import defusedxml.ElementTree as DET
+from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
 from detection.data.checks import (
     load_coco_checked,
@@ -35,7 +43,9 @@ __all__ = [
     "CLASS_NAMES",
     "SYNTHETIC_DATASETS",
     "default_synthetic_root",
+    "REGISTER_HINT",
     "evaluator_type",
+    "register_datasets",
     "register_synthetic",
     "use_checked_loaders",
 ]
@@ -110,6 +120,114 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
     return registered
 
 
+# how to name one's own data: the unknown-name errors end with it
+REGISTER_HINT = (
+    "register your own with DATASETS.REGISTER \"[['NAME', 'coco', 'annotations.json', "
+    "'image_folder']]\" (or ['NAME', 'voc', 'VOC_folder', 'split']; README: Your own data, your own method)"
+)
+_VOC_YEAR_USER = 2012  # a user's VOC-layout set is scored with the area AP, not VOC07's 11 points
+
+
+def voc_classes(dirname, source):
+    """The sorted object names of every ``dirname/Annotations/*.xml`` (all splits, so that train
+    and test get the same class ids); one ValueError naming ``source`` when there are none."""
+    names = set()
+    for file in sorted(glob.glob(os.path.join(glob.escape(dirname), "Annotations", "*.xml"))):
+        try:
+            root = DET.parse(file).getroot()
+        except (DefusedXmlException, DET.ParseError) as e:
+            raise ValueError(f"VOC annotation {file}: not readable XML ({e})") from None
+        names.update((o.findtext("name") or "").strip() for o in root.findall("object"))
+    names.discard("")
+    if not names:
+        raise ValueError(
+            f"{source}: no object names in {os.path.join(dirname, 'Annotations')}/*.xml; "
+            "give the classes as a fifth item, e.g. 'cat,dog'"
+        )
+    return sorted(names)
+
+
+def _same_registration(name, meta):
+    """True when ``name`` is registered with exactly ``meta`` (a rerun in one process)."""
+    if name not in DatasetCatalog.list():
+        return False
+    have = MetadataCatalog.get(name)
+    return all(have.get(k) == v for k, v in meta.items())
+
+
+def register_datasets(entries, source="DATASETS.REGISTER"):
+    """Register each of ``entries`` (``DATASETS.REGISTER``) with Detectron2's own helpers:
+
+    * ``[name, "coco", json_file, image_root]``: ``register_coco_instances`` (classes: the JSON's
+      categories, in id order, mapped to contiguous ids when Detectron2 loads it);
+    * ``[name, "voc", dirname, split]`` (``dirname/{Annotations,JPEGImages,ImageSets/Main}``) and
+      optionally a fifth item, the classes (``"cat,dog"`` or a list): ``register_pascal_voc``;
+      without it the classes are every object name in ``dirname/Annotations``, sorted.
+
+    Paths are made absolute. A name already registered with the same files is left as it is,
+    one registered by an earlier ``source`` entry is re-pointed; any other registration under
+    the name (Detectron2's builtin sets, a user's code) is refused. Bad entries are one ValueError naming the
+    entry. :func:`use_checked_loaders` then gives them the toolkit's checked loaders. Returns the
+    names registered."""
+    names = []
+    for i, entry in enumerate(entries or ()):
+        where = f"{source}[{i}] {list(entry) if isinstance(entry, (list, tuple)) else entry!r}"
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (4, 5):
+            raise ValueError(
+                f"{where}: expected [name, 'coco', annotations.json, image_folder] or "
+                "[name, 'voc', VOC_folder, split(, classes)]"
+            )
+        name, kind, path, fourth = (str(x) for x in entry[:4])
+        if kind not in ("coco", "voc") or (kind == "coco" and len(entry) == 5):
+            raise ValueError(
+                f"{where}: the kind is 'coco' (4 items) or 'voc' (4 or 5 items), not {kind!r}"
+            )
+        if not name:
+            raise ValueError(f"{where}: empty dataset name")
+        path = os.path.abspath(path)
+        if kind == "coco":
+            image_root = os.path.abspath(fourth)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{where}: annotation file {path} not found")
+            if not os.path.isdir(image_root):
+                raise FileNotFoundError(f"{where}: image folder {image_root} not found")
+            meta = {"json_file": path, "image_root": image_root, "evaluator_type": "coco"}
+        else:
+            listing = os.path.join(path, "ImageSets", "Main", fourth + ".txt")
+            if not os.path.isfile(listing):
+                raise FileNotFoundError(
+                    f"{where}: {listing} not found (a VOC-layout folder holds Annotations/, "
+                    "JPEGImages/ and ImageSets/Main/<split>.txt)"
+                )
+            classes = entry[4] if len(entry) == 5 else voc_classes(path, where)
+            if isinstance(classes, str):
+                classes = [c.strip() for c in classes.split(",") if c.strip()]
+            meta = {"dirname": path, "split": fourth, "thing_classes": [str(c) for c in classes]}
+        if _same_registration(name, meta):
+            names.append(name)
+            continue
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).get("registered_by") != source:
+                raise ValueError(
+                    f"{where}: {name!r} is already a registered dataset (of other files); "
+                    "give your set another name"
+                )
+            # an earlier config's own set in this process (a pipeline, a notebook): re-pointed,
+            # as register_synthetic does; Detectron2's and other code's names are never replaced
+            logger.info("re-registering %s for %s", name, path)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        if kind == "coco":
+            register_coco_instances(name, {}, path, meta["image_root"])
+        else:
+            register_pascal_voc(name, path, fourth, _VOC_YEAR_USER, meta["thing_classes"])
+            MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
+        MetadataCatalog.get(name).set(registered_by=source)
+        logger.info("registered %s (%s): %s", name, kind, path)
+        names.append(name)
+    return names
+
+
 # the loaders Detectron2's own helpers register (its builtin COCO-instance and VOC names use them)
 _D2_LOADERS = {
     ("detectron2.data.datasets.coco", "register_coco_instances"): "coco",
@@ -151,10 +269,7 @@ def evaluator_type(dataset_name: str) -> str:
     Works for the synthetic sets and for Detectron2's builtin VOC / COCO sets alike.
     """
     if dataset_name not in DatasetCatalog.list():
-        raise ValueError(
-            f"dataset {dataset_name!r} is not registered; for the embedded data call "
-            f"register_synthetic(root) first (names: {', '.join(SYNTHETIC_DATASETS)})"
-        )
+        raise ValueError(f"dataset {dataset_name!r} is not registered; {REGISTER_HINT}")
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
     if kind not in EVALUATOR_TYPES:
         raise ValueError(

@@ -4,7 +4,7 @@ Markdown / CSV / PNG.
 """
 
 from experiments.report.figures import plot_curves, plot_table, pyplot, save_figure
-from experiments.report.paired import Paired, compare, paired, paired_difference
+from experiments.report.paired import Paired, compare, comparisons, paired, paired_difference
 from experiments.report.tables import (
     COCO_BOX_COLUMNS,
     COCO_MASK_COLUMNS,
@@ -22,6 +22,7 @@ from experiments.report.tables import (
     published_markdown,
     summarize,
     to_markdown,
+    trial_rows,
     write_csv,
 )
 from experiments.report.write import git_commit, what_was_run, write_report
@@ -37,6 +38,7 @@ __all__ = [
     "Table",
     "VOC_COLUMNS",
     "compare",
+    "comparisons",
     "csv_text",
     "format_cell",
     "git_commit",
@@ -52,6 +54,7 @@ __all__ = [
     "save_figure",
     "summarize",
     "to_markdown",
+    "trial_rows",
     "what_was_run",
     "write_csv",
     "write_report",

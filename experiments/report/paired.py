@@ -4,7 +4,7 @@ with its 95% t interval and a one-sided p (scipy), and the sentence that says wh
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,6 +18,8 @@ class Paired:
     mean_diff: float
     ci95: tuple | None  # two-sided 95% confidence interval of the mean difference (t distribution)
     p_value: float | None  # one-sided paired t-test, H1: a > b
+    # {row label: [seeds]} of trials left out: a seed the other row lacks, or one a row holds twice
+    unpaired: dict = field(default_factory=dict)
 
     def to_dict(self):
         return {
@@ -26,12 +28,24 @@ class Paired:
             "mean_diff": self.mean_diff,
             "ci95": list(self.ci95) if self.ci95 else None,
             "p_value": self.p_value,
+            "unpaired": {k: list(v) for k, v in self.unpaired.items()},
         }
+
+    def _left_out(self):
+        if not self.unpaired:
+            return ""
+        return "; unpaired, left out: " + "; ".join(
+            f"{label} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+            for label, seeds in self.unpaired.items()
+        )
 
     def line(self):
         head = f"{self.a} vs {self.b}: {self.metric} paired difference {self.mean_diff:+.2f}"
         if self.ci95 is None:
-            return f"{head} over {self.n_pairs} pair(s): too few pairs for an interval (need >= 2)"
+            return (
+                f"{head} over {self.n_pairs} pair(s): too few pairs for an interval (need >= 2)"
+                + self._left_out()
+            )
         lo, hi = self.ci95
         verdict = (
             f"{self.a} is ahead of {self.b}"
@@ -42,7 +56,7 @@ class Paired:
         )
         return (
             f"{head}, 95% CI [{lo:+.2f}, {hi:+.2f}], one-sided p = {self.p_value:.3g} "
-            f"(n = {self.n_pairs} pairs): {verdict}"
+            f"(n = {self.n_pairs} pairs): {verdict}{self._left_out()}"
         )
 
 
@@ -77,21 +91,57 @@ def paired_difference(xa, xb, alternative="greater"):
     return len(diffs), mean, ci, p
 
 
+def _by_seed(row, i):
+    """{seed: value} of ``row``'s column ``i`` and the seeds it cannot pair: no seed recorded
+    (None) or one seed held by several trials (which of them pairs would be arbitrary)."""
+    counts = {}
+    for seed in row.seeds:
+        counts[seed] = counts.get(seed, 0) + 1
+    values = {s: v for s, v in zip(row.seeds, row.values[i]) if s is not None and counts[s] == 1}
+    bad = [s for s in counts if s is None or counts[s] > 1]
+    return values, bad
+
+
 def paired(table, a, b, column=None):
     """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
-    over the trials whose seeds both rows have. Statistics from scipy (t distribution)."""
+    over the trials whose seeds both rows have; the others are named in ``unpaired``. Statistics
+    from scipy (t distribution)."""
     column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
     i = table.columns.index(column)
-    by_seed = [dict(zip(row.seeds, row.values[i])) for row in _two_rows(table, a, b, "paired")]
-    common = [s for s in by_seed[0] if s is not None and s in by_seed[1]]
+    rows = _two_rows(table, a, b, "paired")
+    (va, bad_a), (vb, bad_b) = (_by_seed(row, i) for row in rows)
+    common = [s for s in va if s in vb]
     if not common:
+        seeds = "; ".join(f"{r.label}: {', '.join(map(str, r.seeds))}" for r in rows)
         raise ValueError(
-            f"paired: rows {a!r} and {b!r} share no detection seed; run the same trials"
+            f"paired: rows {a!r} and {b!r} share no detection seed ({seeds}); run the same trials"
         )
-    n, mean, ci, p = paired_difference(
-        [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
-    )
-    return Paired(a, b, column, n, mean, ci, p)
+    unpaired = {
+        label: [s for s in seeds if s not in common]
+        for label, seeds in ((a, list(va) + bad_a), (b, list(vb) + bad_b))
+    }
+    n, mean, ci, p = paired_difference([va[s] for s in common], [vb[s] for s in common])
+    return Paired(a, b, column, n, mean, ci, p, {k: v for k, v in unpaired.items() if v})
+
+
+def comparisons(table, pairs, column=None):
+    """Row ``a`` against row ``b`` for each of ``pairs``: ({"a_vs_b": :meth:`Paired.to_dict`},
+    one line each). With 2 or more pairs of trials the paired difference (:func:`paired`), else
+    :func:`compare`'s line; rows that share no seed get a line that says so. The pipeline's
+    report and ``tools/report.py`` both print these lines."""
+    results, lines = {}, []
+    for a, b in pairs:
+        try:
+            result = paired(table, a, b, column)
+        except ValueError as e:
+            lines.append(f"{a} vs {b}: not paired, {str(e).removeprefix('paired: ')}")
+            continue
+        if result.n_pairs >= 2:
+            results[f"{a}_vs_{b}"] = result.to_dict()
+            lines.append(result.line())
+        else:
+            lines.append(compare(table, a, b))
+    return results, lines
 
 
 def compare(table, a, b, column=None):

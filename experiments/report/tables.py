@@ -402,3 +402,21 @@ def csv_rows(table):
             ]
         rows.append(values)
     return header, rows
+
+
+def trial_rows(table):
+    """(header, rows) of the per-trial CSV: one row per run (label, detection seed, each column's
+    AP, iterations, the initial weights' sha256 as the run recorded it, the run folder), for
+    pandas and one's own statistics."""
+    header = ["label", "seed", *table.columns, "iterations", "weights_sha256", "run"]
+    rows = []
+    for row in table.rows:
+        for j, run in enumerate(row.runs):
+            data = load_metrics(run)
+            seed = row.seeds[j] if row.seeds else data.get("seed")
+            rows.append(
+                [row.label, "" if seed is None else seed]
+                + [f"{values[j]:.4f}" for values in row.values]
+                + [data.get("iterations", ""), data.get("weights_sha256") or "", run]
+            )
+    return header, rows

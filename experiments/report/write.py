@@ -18,6 +18,7 @@ from experiments.report.tables import (
     markdown_table,
     published_markdown,
     to_markdown,
+    trial_rows,
 )
 from moco.utils.file_io import atomic_write_files, check_output_dir, file_sha256
 
@@ -152,15 +153,17 @@ def write_report(
     curves_title=None,
 ):
     """Write ``name.md`` (the table, then ``notes`` lines, what was run, then with ``published``
-    the published reference tables; ``base``: what its paths are shown relative to), ``name.csv`` and ``name.png`` into ``output_dir``, and with
+    the published reference tables; ``base``: what its paths are shown relative to), ``name.csv``
+    (per row), ``name_trials.csv`` (per run) and ``name.png`` into ``output_dir``, and with
     ``curves`` ({label: run folder}) the training curves as ``curves_name`` when any run recorded
-    them, each figure with its PDF; return their paths ({"md", "csv", "png", "png_pdf"[, "curves",
+    them, each figure with its PDF; return their paths ({"md", "csv", "trials_csv", "png", "png_pdf"[, "curves",
     "curves_pdf"]}).
 
     Everything is rendered first and the files are written as one set
     (:func:`moco.utils.file_io.atomic_write_files`): bad input or a full disk leaves the previous
     report whole, never a new Markdown beside an old figure."""
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+    paths["trials_csv"] = os.path.join(output_dir, f"{name}_trials.csv")  # one row per run
     text = to_markdown(table)
     text += "".join(f"\n- {line}" for line in notes) + ("\n" if notes else "")
     text += "\n" + what_was_run(table, base)
@@ -169,6 +172,7 @@ def write_report(
     contents = {
         paths["md"]: text.encode("utf-8"),
         paths["csv"]: csv_text(*csv_rows(table)).encode("utf-8"),
+        paths["trials_csv"]: csv_text(*trial_rows(table)).encode("utf-8"),
     }
     # each figure as a print-resolution PNG and a PDF beside it
     figures = {"png": figure_bytes(plot_table, table, title=title)}
