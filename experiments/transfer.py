@@ -82,6 +82,11 @@ def load_transfer_cfg(preset, opts=()):
     resolve_jobs(cfg.JOBS)
     if "cmc" in cfg.METHODS:  # its detector is another config (the Lab backbone)
         raise ValueError("METHODS: cmc fine-tunes CMC.DETECTION_CONFIG, not the variants'")
+    if not cfg.METHODS or cfg.INITS:  # the sweep compares pretrained methods with the baselines
+        raise ValueError(
+            "METHODS must name a pretraining (moco, cpc) and INITS stay empty; "
+            "one's own checkpoints go through tools/pipeline.py's INITS"
+        )
     variants = variant_table(cfg)
     if cfg.PLOT.X and len(cfg.PLOT.X) != len(variants):
         raise ValueError(

@@ -159,6 +159,7 @@ def test_presets_scale_the_schedule_and_keep_the_demo_as_a_variant():
         ('VARIANTS: [["a", ""], ["a", ""]]\n', "'a' is empty, holds a '/' or is named twice"),
         ('VARIANTS: [["a", "nope.yaml"]]\n', "VARIANTS 'a': detection config nope.yaml does not"),
         ('VARIANTS: [["a", ""]]\nPLOT:\n  X: [1, 2]\n', r"PLOT.X \[1, 2\]: expected one number"),
+        ('VARIANTS: [["a", ""]]\nMETHODS: []\n', "METHODS must name a pretraining"),
     ],
 )
 def test_bad_variants_are_one_line_exit_2(tmp_path, capsys, body, message):
