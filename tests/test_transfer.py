@@ -240,3 +240,23 @@ def test_a_diverging_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys)
     capsys.readouterr()
     run_transfer(cfg)
     assert "running" not in capsys.readouterr().out  # every stage reused, the diverged ones too
+
+
+def test_the_novel_preset_has_its_own_set_and_a_detector_of_its_classes():
+    """transfer_novel must not regenerate the demo's set in place (the demo's root would hold
+    another set), and its detector has one output per detection class."""
+    from experiments.pipeline import synthetic_spec
+    from experiments.transfer import _variant_cfg
+
+    demo, cfg = load_pipeline_cfg("embedded_cpu"), load_transfer_cfg("transfer_novel")
+    assert cfg.DATA.ROOT and os.path.abspath(cfg.DATA.ROOT) != os.path.abspath(
+        demo.DATA.ROOT or "datasets/moco_det_synthetic"
+    )
+    assert cfg.RUN_DIR != demo.RUN_DIR
+    spec = synthetic_spec(cfg)
+    assert spec.novel_classes == 5 and len(spec.pretraining_classes()) == 5
+    assert spec.cls_train_per_class * 5 == synthetic_spec(demo).cls_train_per_class * 10
+    for config, opts in variant_table(cfg).values():
+        vcfg = _variant_cfg(cfg, config, opts)
+        d = load_detection_cfg(vcfg.DETECTION.CONFIG, list(vcfg.DETECTION.OPTS))
+        assert d.MODEL.ROI_HEADS.NUM_CLASSES == len(spec.detection_classes())
