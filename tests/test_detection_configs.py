@@ -1,11 +1,13 @@
 """Paper and embedded detection configs: they load, follow the MoCo protocol, and build their models."""
 
 import glob
+import json
 import os
 
 import pytest
 import torch
 from conftest import REPO
+from detectron2.engine import default_argument_parser
 from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 
@@ -22,6 +24,16 @@ ALL = sorted(
 PAPER = [p for p in ALL if not os.path.basename(p).startswith("embedded_")]
 MOCO = [p for p in PAPER if p.endswith("_moco.yaml")]
 IMAGENET_RGB = ([123.675, 116.280, 103.530], [58.395, 57.120, 57.375])
+# issue 24's normalization variants of embedded_voc_R_18w16_FPN ("" = the base config itself):
+# the norm layer type of the backbone, the FPN and the box head (None: none), box head convs
+NORM_VARIANTS = {
+    "": ("BatchNorm2d", "BatchNorm2d", None, 0),
+    "frozen_bn": ("FrozenBatchNorm2d", None, None, 0),
+    "bn_backbone": ("BatchNorm2d", None, None, 0),
+    "4conv1fc": ("BatchNorm2d", "BatchNorm2d", None, 4),
+    "bn_heads": ("BatchNorm2d", "BatchNorm2d", "BatchNorm2d", 4),
+    "gn_heads": ("BatchNorm2d", "BatchNorm2d", "GroupNorm", 4),
+}
 
 
 def _name(path):
@@ -40,6 +52,7 @@ def test_config_set_is_complete():
     expected |= {n + "_moco" for n in expected}
     expected |= {"embedded_voc_R_18_FPN", "embedded_voc_R_18w16_FPN", "embedded_coco_R_18_FPN_mask"}
     expected |= {"embedded_voc_R_18w16_FPN_cmc"}  # CMC's weights: the Lab backbone
+    expected |= {f"embedded_voc_R_18w16_FPN_{v}" for v in NORM_VARIANTS if v}  # issue 24
     assert names == expected
 
 
@@ -57,7 +70,7 @@ def test_config_loads_and_builds_model_on_cpu(path):
         norm = model.roi_heads.res5.norm
         assert isinstance(norm, NaiveSyncBatchNorm) and norm.num_features == 2048
         assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
-    else:
+    elif not any(_name(path).endswith("_FPN_" + v) for v in NORM_VARIANTS if v):
         # SyncBN in one process is plain BN; heads stay unnormalized
         norms = {
             type(m).__name__
@@ -203,3 +216,48 @@ def test_the_environment_dump_says_c_is_unused_not_broken():
         "Environment info:\ndetectron2._C                    not used "
         "(ROIAlign and NMS come from torchvision)\nnext line"
     )
+
+
+def _norm_of(conv):
+    """The type name of a Detectron2 Conv2d's norm layer, None when it has none."""
+    return type(conv.norm).__name__ if conv.norm is not None else None
+
+
+@pytest.mark.parametrize("variant", list(NORM_VARIANTS), ids=lambda v: v or "base")
+def test_norm_variants_build_their_norm_layers_and_train(
+    variant, synthetic_datasets, tmp_path, one_thread
+):
+    """Issue 24: each normalization variant of the embedded fine-tune builds the norm layers its
+    name says (backbone, FPN, box head), and trains 2 iterations at tiny size; a frozen-BN
+    backbone keeps its statistics, a trainable one updates them."""
+    from test_train_net import TINY
+
+    from detection.trainer import main as train_main
+
+    name = "embedded_voc_R_18w16_FPN" + (f"_{variant}" if variant else "")
+    path = os.path.join(CONFIGS, name + ".yaml")
+    backbone_norm, fpn_norm, head_norm, convs = NORM_VARIANTS[variant]
+    cfg = load_cfg(path, ["MODEL.DEVICE", "cpu"])
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0  # every conv fine-tuned, whatever the norm
+    model = build_model(cfg)
+    bottom_up = {
+        type(m).__name__ for m in model.backbone.bottom_up.modules() if "Norm" in type(m).__name__
+    }
+    assert bottom_up == {backbone_norm}
+    fpn = [m for n, m in model.backbone.named_children() if n.startswith("fpn_")]
+    assert len(fpn) == 8 and {_norm_of(m) for m in fpn} == {fpn_norm}
+    head = model.roi_heads.box_head
+    assert len(head.conv_norm_relus) == convs
+    assert {_norm_of(m) for m in head.conv_norm_relus} <= {head_norm}
+    assert len(head.fcs) == (1 if convs else 2)
+
+    out = tmp_path / "run"
+    argv = ["--config-file", path, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)]
+    train_main(default_argument_parser().parse_args(argv))
+    with open(out / "final_metrics.json") as f:
+        final = json.load(f)
+    assert final["iterations"] == 2 and set(final["metrics"]["bbox"]) == {"AP", "AP50", "AP75"}
+    state = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    mean = state["backbone.bottom_up.stem.conv1.norm.running_mean"]
+    # random init: FrozenBN's statistics stay (0, 1); BN's move with the data
+    assert torch.equal(mean, torch.zeros_like(mean)) == (backbone_norm == "FrozenBatchNorm2d")

@@ -329,3 +329,114 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         f"make_data.py: error: --root {readme} is a file, not a folder; give a folder path\n"
     )
     assert readme.read_text() == "mine\n"
+
+
+# the manifest's spec keys of every set made before SyntheticSpec.novel_classes (issue 24)
+SPEC_KEYS_BEFORE_NOVEL = [
+    "seed",
+    "cls_image_size",
+    "cls_train_per_class",
+    "cls_val_per_class",
+    "det_image_size",
+    "det_trainval_images",
+    "det_test_images",
+    "det_min_objects",
+    "det_max_objects",
+    "jpeg_quality",
+]
+
+
+def test_the_default_spec_keeps_the_manifest_and_stage_keys_of_before(tmp_path, monkeypatch):
+    """Issue 24: the novel-label option off (its default) leaves the generator version, the
+    manifest, the demo's data stage keys and an existing set as they were: such a set is reused,
+    not regenerated, and the demo's finished stages keep their folders."""
+    from experiments.pipeline import data_identity, load_pipeline_cfg
+    from experiments.runs import stage_key
+    from moco.data.synthetic.spec import GENERATOR_VERSION
+
+    assert GENERATOR_VERSION == 2
+    assert list(TINY.to_dict()) == SPEC_KEYS_BEFORE_NOVEL
+    assert SyntheticSpec(novel_classes=0) == SyntheticSpec()
+    demo = load_pipeline_cfg("embedded_cpu")
+    # the keys main printed before the option (output/pipeline's data-cf277b3034)
+    assert stage_key(dict(demo.DATA)) == "cf277b3034"
+    assert stage_key(data_identity(demo, "unused")) == "39eabb6549"
+    # a set whose manifest was written before the option is reused as it is
+    root = str(tmp_path / "root")
+    manifest = generate(root, TINY)
+    assert set(manifest) == {"generator_version", "spec", "class_names", "counts"}
+    with open(os.path.join(root, "spec.json")) as f:
+        assert json.load(f)["spec"] == dict(zip(SPEC_KEYS_BEFORE_NOVEL, manifest["spec"].values()))
+    monkeypatch.setattr(
+        synthetic, "generate", lambda *a, **k: pytest.fail("must reuse the existing set")
+    )
+    assert ensure_generated(root, SyntheticSpec(**manifest["spec"])) == manifest
+
+
+def test_novel_classes_split_pretraining_and_detection_classes(tmp_path, synthetic_root):
+    """novel_classes 5: the image folder holds the first 5 classes, the detection scenes (VOC XML,
+    COCO JSON, the registered datasets) only the last 5, each of which occurs."""
+    spec = dataclasses.replace(
+        TINY, novel_classes=5, det_trainval_images=6, det_test_images=5, cls_train_per_class=2
+    )
+    root = str(tmp_path / "novel")
+    manifest = ensure_generated(root, spec)
+    seen, novel = list(CLASS_NAMES[:5]), list(CLASS_NAMES[5:])
+    assert manifest["spec"]["novel_classes"] == 5
+    assert (manifest["imagefolder_classes"], manifest["detection_classes"]) == (seen, novel)
+    for split, n in (("train", 2), ("val", 1)):
+        folder = os.path.join(root, "imagefolder", split)
+        assert sorted(os.listdir(folder)) == sorted(seen)
+        assert all(len(os.listdir(os.path.join(folder, c))) == n for c in seen)
+    assert manifest["counts"]["imagefolder_train_images"] == 10
+    names = {
+        o["name"]
+        for split in ("trainval", "test")
+        for i in _image_set(root, split)
+        for o in _voc_objects(root, i)[1]
+    }
+    assert names == set(novel)  # every novel class occurs, no pretraining class does
+    coco = COCO(os.path.join(root, "coco", "annotations", "instances_trainval.json"))
+    cats = coco.loadCats(coco.getCatIds())
+    assert [(c["id"], c["name"]) for c in cats] == [(i + 1, n) for i, n in enumerate(novel)]
+    assert {a["category_id"] for a in coco.dataset["annotations"]} == {1, 2, 3, 4, 5}
+    assert not synthetic.is_generated(root, dataclasses.replace(spec, novel_classes=4))
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detection.data.datasets import register_synthetic
+
+    register_synthetic(root)
+    try:
+        for name in ("synthetic_voc_trainval", "synthetic_coco_test"):
+            assert MetadataCatalog.get(name).thing_classes == novel
+            labels = {a["category_id"] for d in DatasetCatalog.get(name) for a in d["annotations"]}
+            assert labels <= set(range(5))
+    finally:  # the other tests' names point at the session's set again
+        register_synthetic(synthetic_root)
+
+
+def test_novel_classes_must_leave_two_pretraining_classes():
+    with pytest.raises(ValueError, match=r"novel_classes must be 0 \(off\) or 1-8"):
+        SyntheticSpec(novel_classes=9)
+    with pytest.raises(ValueError, match="novel_classes"):
+        SyntheticSpec(novel_classes=-1)
+
+
+def test_cli_makes_the_novel_label_set_and_names_a_bad_value(tmp_path):
+    tiny = ["--cls-size", "32", "--cls-train-per-class", "1", "--cls-val-per-class", "1"]
+    tiny += ["--det-size", "64", "--det-trainval", "5", "--det-test", "5", "--workers", "1"]
+    r = _cli("--root", str(tmp_path / "novel"), "--novel-classes", "5", *tiny)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "imagefolder classes disk, square, triangle, star, ring; detection classes cross, "
+        "hexagon, crescent, arrow, heart;" in r.stdout
+    )
+    assert sorted(os.listdir(tmp_path / "novel" / "imagefolder" / "train")) == sorted(
+        CLASS_NAMES[:5]
+    )
+    r = _cli("--root", str(tmp_path / "bad"), "--novel-classes", "9")
+    assert r.returncode == 2 and r.stderr == (
+        "make_data.py: error: --novel-classes must be 0 (off) or 1-8 (at least 2 pretraining "
+        "classes), got 9\n"
+    )

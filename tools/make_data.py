@@ -30,6 +30,7 @@ _SPEC_FLAGS = {
     "--min-objects": "det_min_objects",
     "--max-objects": "det_max_objects",
     "--jpeg-quality": "jpeg_quality",
+    "--novel-classes": "novel_classes",  # the last N classes only in the detection scenes
 }
 
 
@@ -74,8 +75,14 @@ def run(args):
     start = time.perf_counter()
     manifest = ensure_generated(root, spec, workers=max(1, args.workers), force=args.force)
     c = manifest["counts"]
+    classes = f"{len(CLASS_NAMES)} classes"
+    if "detection_classes" in manifest:
+        classes = (
+            f"imagefolder classes {', '.join(manifest['imagefolder_classes'])}; detection "
+            f"classes {', '.join(manifest['detection_classes'])}"
+        )
     print(
-        f"{root}: {len(CLASS_NAMES)} classes; imagefolder train {c['imagefolder_train_images']} / "
+        f"{root}: {classes}; imagefolder train {c['imagefolder_train_images']} / "
         f"val {c['imagefolder_val_images']} images; VOC/COCO trainval {c['det_trainval_images']} images "
         f"{c['det_trainval_objects']} objects, test {c['det_test_images']} images "
         f"{c['det_test_objects']} objects ({time.perf_counter() - start:.1f} s)"

@@ -37,6 +37,7 @@ from detection.data.checks import (
     register_pascal_voc_checked,
 )
 from moco.data.synthetic.spec import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
+from moco.data.synthetic.writers import read_manifest
 
 __all__ = [
     "CLASS_NAMES",
@@ -81,6 +82,8 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
     Returns {dataset name: its annotation file or image-set file}.
     """
     root = os.path.abspath(root or default_synthetic_root())
+    # the detection scenes' classes: all 10, or the novel ones of SyntheticSpec.novel_classes
+    classes = tuple((read_manifest(root) or {}).get("detection_classes") or CLASS_NAMES)
     registered = {}
     for name, (style, split) in SYNTHETIC_DATASETS.items():
         paths = _paths(root, style, split)
@@ -92,7 +95,7 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
         registered[name] = paths["check"]
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            if meta.get("synthetic_root") == root:
+            if meta.get("synthetic_root") == root and tuple(meta.thing_classes) == classes:
                 continue
             if meta.get("synthetic_root") is None:
                 raise ValueError(
@@ -104,13 +107,13 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
             MetadataCatalog.remove(name)
         if style == "voc":
             # Detectron2's register_pascal_voc, with the XML checked first (defusedxml, fields)
-            register_pascal_voc_checked(name, paths["dirname"], split, VOC_YEAR, CLASS_NAMES)
+            register_pascal_voc_checked(name, paths["dirname"], split, VOC_YEAR, classes)
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc", synthetic_root=root)
         else:
             metadata = {
-                "thing_classes": list(CLASS_NAMES),
+                "thing_classes": list(classes),
                 # the ids moco.data.synthetic writes (1-based); load_coco_json derives the same mapping
-                "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CLASS_NAMES))},
+                "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(classes))},
                 "synthetic_root": root,
             }
             register_coco_checked(name, metadata, paths["json_file"], paths["image_root"])

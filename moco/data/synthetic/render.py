@@ -297,15 +297,16 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
     ``truncated``, ``difficult`` and ``visible`` (visible fraction of its in-image area).
     """
     rng = _rng(spec.seed, _KIND_DET, VOC_SPLITS.index(split), 0, index)
-    num_classes = len(CLASS_NAMES)
+    # all 10 by default; with novel_classes only those (the same draws: index i of the list)
+    drawn = np.asarray(spec.detection_classes())
     long_side = spec.det_image_size
     short_side = int(round(long_side * rng.uniform(0.75, 1.0)))
     h, w = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     img = _background(rng, h, w)
 
     n = int(rng.integers(spec.det_min_objects, spec.det_max_objects + 1))
-    classes = rng.integers(0, num_classes, n)
-    classes[-1] = index % num_classes  # the top object is always kept: every class occurs
+    classes = drawn[rng.integers(0, len(drawn), n)]
+    classes[-1] = drawn[index % len(drawn)]  # the top object is always kept: every class occurs
     placed = []
     for k in range(n):
         for _ in range(10):

@@ -122,6 +122,11 @@ class SyntheticSpec:
     det_min_objects: int = 1
     det_max_objects: int = 4
     jpeg_quality: int = 90
+    # The novel-label regime (issue 24; docs/RESULTS.md, its design): N > 0 puts the last N
+    # classes of CLASS_NAMES only in the detection scenes and the first 10 - N only in the image
+    # folder, so no pretraining image or label is of a detection class. 0: every class in both
+    # (and the manifest, files and stage keys of the sets made before this option).
+    novel_classes: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -148,11 +153,30 @@ class SyntheticSpec:
                 f"SyntheticSpec.det_max_objects ({self.det_max_objects}) must be >= SyntheticSpec."
                 f"det_min_objects ({self.det_min_objects})"
             )
+        if not 0 <= self.novel_classes <= len(CLASS_NAMES) - 2:
+            raise ValueError(
+                f"SyntheticSpec.novel_classes must be 0 (off) or 1-{len(CLASS_NAMES) - 2} (at "
+                f"least 2 pretraining classes), got {self.novel_classes}"
+            )
         if self.jpeg_quality > 100:
             raise ValueError(f"SyntheticSpec.jpeg_quality must be <= 100, got {self.jpeg_quality}")
 
     def to_dict(self) -> dict:
-        return {k: int(v) for k, v in dataclasses.asdict(self).items()}
+        """The spec as the manifest and the stage keys hold it; an option at its default is left
+        out, so a set made before the option existed keeps its manifest and keys."""
+        d = {k: int(v) for k, v in dataclasses.asdict(self).items()}
+        if not d["novel_classes"]:
+            del d["novel_classes"]
+        return d
+
+    def pretraining_classes(self) -> tuple[int, ...]:
+        """Indices (into CLASS_NAMES) of the image folder's classes."""
+        return tuple(range(len(CLASS_NAMES) - self.novel_classes))
+
+    def detection_classes(self) -> tuple[int, ...]:
+        """Indices (into CLASS_NAMES) of the classes drawn in the detection scenes."""
+        n = len(CLASS_NAMES)
+        return tuple(range(n - (self.novel_classes or n), n))
 
 
 # Detection objects span this fraction of the shorter image side (log-uniform): at the study's

@@ -100,6 +100,8 @@ def _write_detection(args):
 
 
 def _coco_json(spec: SyntheticSpec, split: str, records) -> dict:
+    # category ids 1..N over the detection classes (all 10 by default)
+    ids = {c: i + 1 for i, c in enumerate(spec.detection_classes())}
     images, annotations = [], []
     for r in records:
         images.append(
@@ -116,7 +118,7 @@ def _coco_json(spec: SyntheticSpec, split: str, records) -> dict:
                 {
                     "id": len(annotations) + 1,
                     "image_id": r["id"],
-                    "category_id": o["cls"] + 1,
+                    "category_id": ids[o["cls"]],
                     "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
                     "area": o["area"],
                     "iscrowd": 0,
@@ -133,7 +135,8 @@ def _coco_json(spec: SyntheticSpec, split: str, records) -> dict:
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)
+            {"id": ids[c], "name": CLASS_NAMES[c], "supercategory": "shape"}
+            for c in spec.detection_classes()
         ],
     }
 
@@ -161,8 +164,8 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
     os.makedirs(root, exist_ok=True)
     open(os.path.join(root, MARKER_NAME), "w").close()
     for split in CLS_SPLITS:
-        for name in CLASS_NAMES:
-            os.makedirs(os.path.join(root, "imagefolder", split, name))
+        for c in spec.pretraining_classes():
+            os.makedirs(os.path.join(root, "imagefolder", split, CLASS_NAMES[c]))
     voc = os.path.join(root, "VOC2007")
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(voc, sub))
@@ -172,7 +175,7 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
     cls_jobs = [
         (root, spec, split, c, i)
         for split in CLS_SPLITS
-        for c in range(len(CLASS_NAMES))
+        for c in spec.pretraining_classes()
         for i in range(per_class[split])
     ]
     sizes = {"trainval": spec.det_trainval_images, "test": spec.det_test_images}
@@ -181,7 +184,8 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
         run(_write_classification, cls_jobs)
         records = run(_write_detection, det_jobs)
 
-    counts = {f"imagefolder_{s}_images": per_class[s] * len(CLASS_NAMES) for s in CLS_SPLITS}
+    cls_classes = len(spec.pretraining_classes())
+    counts = {f"imagefolder_{s}_images": per_class[s] * cls_classes for s in CLS_SPLITS}
     offset = 0
     for split in VOC_SPLITS:
         recs = records[offset : offset + sizes[split]]
@@ -202,6 +206,9 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
         "class_names": list(CLASS_NAMES),
         "counts": counts,
     }
+    if spec.novel_classes:  # by default the manifest stays as it was before the option
+        manifest["imagefolder_classes"] = [CLASS_NAMES[c] for c in spec.pretraining_classes()]
+        manifest["detection_classes"] = [CLASS_NAMES[c] for c in spec.detection_classes()]
     with open(os.path.join(root, MANIFEST_NAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
