@@ -102,21 +102,27 @@ def get_pipeline_cfg():
     return c
 
 
+def resolve_preset(preset, listed=".yaml"):
+    """``preset`` as a path: itself if it exists, else a file name (with or without .yaml) under
+    configs/pipeline/; a missing one is one line listing the presets whose names contain
+    ``listed``."""
+    presets = os.path.dirname(DEFAULT_PRESET)
+    if not preset or os.path.exists(preset):
+        return preset
+    for name in (preset, preset + ".yaml"):  # --preset ci.yaml (as the help names them), ci
+        if os.path.isfile(os.path.join(presets, name)):
+            return os.path.join(presets, name)
+    names = sorted(n for n in os.listdir(presets) if listed in n and n.endswith(".yaml"))
+    raise FileNotFoundError(
+        f"--preset {preset} does not exist; the presets are {', '.join(names)} "
+        f"(in configs/pipeline/), or give a YAML file's path"
+    )
+
+
 def load_pipeline_cfg(preset=None, opts=()):
     """The pipeline config of ``preset`` (a path, or a file name under configs/pipeline/) and
     ``opts`` (KEY VALUE)."""
-    presets = os.path.dirname(DEFAULT_PRESET)
-    if preset and not os.path.exists(preset):
-        for name in (preset, preset + ".yaml"):  # --preset ci.yaml (as the help names them), ci
-            if os.path.isfile(os.path.join(presets, name)):
-                preset = os.path.join(presets, name)
-                break
-        else:
-            names = sorted(n for n in os.listdir(presets) if n.endswith(".yaml"))
-            raise FileNotFoundError(
-                f"--preset {preset} does not exist; the presets are {', '.join(names)} "
-                f"(in configs/pipeline/), or give a YAML file's path"
-            )
+    preset = resolve_preset(preset)
     cfg = load_config(
         get_pipeline_cfg,
         preset,

@@ -39,13 +39,13 @@ from experiments.pipeline import (
     _trial_run,
     data_identity,
     get_pipeline_cfg,
+    resolve_preset,
     synthetic_spec,
 )
 from experiments.runs import REPO_ROOT, Stages, resolve_jobs, stage_key
 from moco.utils.config_loading import load_config
 from moco.utils.file_io import atomic_write_files, check_output_dir
 
-PRESETS = os.path.join(REPO_ROOT, "configs", "pipeline")
 SUMMARY = "transfer_summary"
 PLOT = "transfer_plot"
 
@@ -63,17 +63,7 @@ def get_transfer_cfg():
 
 def load_transfer_cfg(preset, opts=()):
     """The config of ``preset`` (a path, or a file name under configs/pipeline/) and ``opts``."""
-    if preset and not os.path.exists(preset):
-        for name in (preset, preset + ".yaml"):
-            if os.path.isfile(os.path.join(PRESETS, name)):
-                preset = os.path.join(PRESETS, name)
-                break
-        else:
-            names = sorted(n for n in os.listdir(PRESETS) if n.startswith("transfer"))
-            raise FileNotFoundError(
-                f"--preset {preset} does not exist; the transfer presets are "
-                f"{', '.join(names)} (in configs/pipeline/), or give a YAML file's path"
-            )
+    preset = resolve_preset(preset, listed="transfer")
     cfg = load_config(
         get_transfer_cfg, preset, list(opts), what="--preset", keys="experiments/transfer.py"
     )
