@@ -595,15 +595,23 @@ def pair_list(records, acfg):
     return pairs
 
 
-def paired_rows(records, acfg, metrics=METRICS):
+def paired_rows(records, acfg, metrics=METRICS, any_status=False):
     """Each pair of :func:`pair_list` and metric: a - b paired by seed over the seeds where both
-    runs are ok; mean, 95% t interval and the two-sided paired t-test's p (scipy)."""
+    runs are ok (``any_status``: where both measured it, whatever their status); mean, 95% t
+    interval and the two-sided paired t-test's p (scipy)."""
     cells = _cell_index(records)
     out = []
+
+    def values(cell, m):
+        return {
+            r["seed"]: r[m]
+            for r in cells[cell]
+            if (any_status or r["status"] == "ok") and r.get(m) is not None
+        }
+
     for a, b in pair_list(records, acfg):
         for m in metrics:
-            va = {r["seed"]: r[m] for r in cells[a] if r["status"] == "ok" and r.get(m) is not None}
-            vb = {r["seed"]: r[m] for r in cells[b] if r["status"] == "ok" and r.get(m) is not None}
+            va, vb = values(a, m), values(b, m)
             if m != "knn_top1" and not (va or vb):
                 continue  # a metric not measured in this sweep
             seeds = [s for s in va if s in vb]
@@ -788,11 +796,18 @@ def write_report(records, acfg, output_dir=None, not_run=(), detection=()):
     os.makedirs(out, exist_ok=True)
     rows = aggregate(records)
     pairs = paired_rows(records, acfg)
+    # the fail rule reads the loss; where it flags a run its kNN was still measured: the same
+    # pairs over every measured run, so a misfiring rule hides no difference (issue 23)
+    any_status = paired_rows(records, acfg, any_status=True)
+    any_status = any_status if any_status != pairs else []
     setting = acfg.SETTING
     base = os.path.join(out, REPORT_NAME)
     text = markdown_table(rows, setting)
     if pairs:
         text += "\n" + markdown_pairs(pairs)
+    if any_status:
+        text += "\nThe same pairs over every run that measured it, failed runs included:\n\n"
+        text += markdown_pairs(any_status)
     if detection:
         text += "\nDetection transfer (AP50 paired by detection seed; detection/transfer.md):\n\n"
         text += "".join(f"- {line}\n" for line in detection)
@@ -808,6 +823,7 @@ def write_report(records, acfg, output_dir=None, not_run=(), detection=()):
             "config": acfg.dump(),
             "rows": rows,
             "pairs": pairs,
+            "pairs_any_status": any_status,
             "runs": records,
             "not_run": list(not_run),
             "detection": list(detection),

@@ -95,6 +95,36 @@ def test_table_csv_json_and_plot(tmp_path):
     ]
     png = (tmp_path / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # the failed runs measured no kNN: no second table of pairs
+    assert data["pairs_any_status"] == [] and "failed runs included" not in "\n".join(md)
+
+
+def test_runs_the_fail_rule_flags_are_paired_in_a_second_table(tmp_path):
+    """Issue 23: the fail rule reads the loss; a flagged run whose kNN was measured (v1 at T 0.07:
+    the loss fell, then plateaued) is left out of the ok-only pairs, and paired in a second table."""
+    from scipy import stats
+
+    acfg = load_ablation_cfg()
+    acfg.SETTING = "m"
+    recs = [r for r in _records() if r["value"] == 0.9]
+    for seed, acc in enumerate([70.0, 66.0]):
+        recs.append(
+            {**recs[seed], "value": 0.99, "status": "fail", "reason": "loss", "knn_top1": acc}
+        )
+    write_report(recs, acfg, output_dir=str(tmp_path))
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(p["a"], p["n_pairs"]) for p in data["pairs"]] == [("moco:0.99", 0)]
+    [row] = data["pairs_any_status"]
+    assert (row["a"], row["b"], row["n_pairs"], row["mean_diff"]) == (
+        "moco:0.99",
+        "moco:0.9",
+        2,
+        16.0,
+    )
+    assert row["p_value"] == pytest.approx(stats.ttest_rel([70.0, 66.0], [50.0, 54.0]).pvalue)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "The same pairs over every run that measured it, failed runs included:" in md
+    assert "| moco:0.99 - moco:0.9 | kNN top-1 | 2 | +16.0 |" in md
 
 
 def test_paired_differences_by_seed_match_scipy():
