@@ -16,7 +16,11 @@ What this adds to Detectron2:
 * one run per OUTPUT_DIR (``run`` holds its lock, moco.utils.file_io.run_folder_lock); SIGTERM / SIGINT
   stop after the current step with a checkpoint and one line (moco.engine.hooks.SignalStop);
 * ``--resume`` continues the data order and augmentation draws where the checkpoint left them
-  (detection.data.order: the loader's position in the trainer's checkpoint, per-step seeds).
+  (detection.data.order: the loader's position in the trainer's checkpoint, per-step seeds);
+* a config written for ``SOLVER.REFERENCE_WORLD_SIZE`` GPUs (the paper configs: 8) runs on
+  ``--num-gpus`` 1, 2 or 4 by Detectron2's rule (``DefaultTrainer.auto_scale_workers``: the
+  per-GPU batch kept, the learning rate scaled with the batch, the iterations inversely);
+  :func:`effective_schedule` is that rule, and ``run`` prints its result once at start.
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
@@ -62,9 +66,11 @@ from moco.utils.run_files import FINAL_METRICS
 
 __all__ = [
     "DetectionTrainer",
+    "effective_schedule",
     "main",
     "prepare_datasets",
     "run",
+    "schedule_line",
     "write_final_metrics",
 ]
 
@@ -305,6 +311,37 @@ def write_final_metrics(cfg, args, results, **extra):
     return path
 
 
+def effective_schedule(cfg, world_size):
+    """``cfg`` as ``DefaultTrainer`` trains it in ``world_size`` processes: Detectron2's
+    ``auto_scale_workers`` (unchanged when ``SOLVER.REFERENCE_WORLD_SIZE`` is 0 or equal to
+    ``world_size``), whose bare assert on the batch becomes one line naming both keys."""
+    ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
+    if ref < 0 or (ref and batch % ref):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {batch} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE {ref} "
+            f"(the GPUs the batch is written for); give a multiple, or SOLVER.REFERENCE_WORLD_SIZE 0 "
+            "to train with IMS_PER_BATCH, BASE_LR and MAX_ITER as written"
+        )
+    return DefaultTrainer.auto_scale_workers(cfg, world_size)
+
+
+def schedule_line(cfg, world_size):
+    """One line: the schedule ``world_size`` processes train with, and where it comes from."""
+    s = effective_schedule(cfg, world_size).SOLVER
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if ref and ref != world_size:
+        source = f"scaled from SOLVER.REFERENCE_WORLD_SIZE {ref} by Detectron2's rule"
+    elif ref:
+        source = "as written for this world size"
+    else:
+        source = "as written (SOLVER.REFERENCE_WORLD_SIZE 0: no scaling)"
+    return (
+        f"schedule: world size {world_size}, IMS_PER_BATCH {s.IMS_PER_BATCH} "
+        f"({s.IMS_PER_BATCH // world_size} per process), BASE_LR {s.BASE_LR:g}, MAX_ITER "
+        f"{s.MAX_ITER}, STEPS {tuple(s.STEPS)}, WARMUP_ITERS {s.WARMUP_ITERS} ({source})"
+    )
+
+
 def _num_images(names):
     return sum(len(DatasetCatalog.get(n)) for n in names)
 
@@ -330,6 +367,7 @@ def main(args):
         extra["iterations"] = int(checkpoint["iteration"]) + 1 if "iteration" in checkpoint else 0
     else:
         trainer = DetectionTrainer(cfg)
+        cfg = trainer.cfg  # the schedule it trains with (auto_scale_workers), in final_metrics.json
         trainer.resume_or_load(resume=args.resume)
         start = time.perf_counter()
         trainer.train()
@@ -372,6 +410,8 @@ def run(args, prog="train_net.py"):
     process_group_timeout(cfg.DIST.TIMEOUT_MINUTES)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     print(f"{prog}: output folder {cfg.OUTPUT_DIR}", flush=True)
+    if not args.eval_only:
+        print(f"{prog}: {schedule_line(cfg, world_size)}", flush=True)
     prepare_datasets(cfg)
     check_test_annotations(cfg)
     weights = cfg.MODEL.WEIGHTS
