@@ -27,7 +27,7 @@ from detectron2.engine import default_setup
 
 # registers the backbone builders, the ROI head and the semantic segmentation head
 from detection import backbone, roi_heads, semantic_seg  # noqa: F401
-from detection.data import checks
+from detection.data import checks, voc_sem_seg  # noqa: F401  (registers voc_2012_sem_seg_*)
 from moco.config import get_cfg as moco_defaults
 from moco.data.checks import check_scan_mode, default_max_bad_fraction
 from moco.utils.config_loading import check_safe_yaml, key_hint

@@ -18,6 +18,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from detection.config import load_cfg
+from detection.data.voc_sem_seg import load_voc_sem_seg, register_voc_sem_seg
 from detection.semantic_seg import DilatedFCNHead
 from detection.trainer import DetectionTrainer, effective_schedule, prepare_datasets, schedule_line
 
@@ -283,3 +284,45 @@ def test_a_set_whose_package_is_missing_fails_at_start_in_one_line(name, package
     with pytest.raises(ValueError, match=f"needs the '{package}' package") as e:
         prepare_datasets(cfg)
     assert len(str(e.value).splitlines()) == 1 and f"pip install {package}" in str(e.value)
+
+
+def _voc_seg(root, label_modes):
+    voc = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    ids = [f"2007_00000{i}" for i in range(len(label_modes))]
+    for image_id, mode in zip(ids, label_modes):
+        label = Image.fromarray(np.array([[0, 15], [255, 20]], np.uint8)).convert(mode)
+        label.save(voc / "SegmentationClassAug" / f"{image_id}.png")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    return voc
+
+
+def test_voc_semantic_sets_load_class_index_pngs_and_refuse_palette_ones(tmp_path):
+    voc = _voc_seg(tmp_path / "good", ["L", "L"])
+    dicts = load_voc_sem_seg(str(voc), "val")
+    assert [d["image_id"] for d in dicts] == ["2007_000000", "2007_000001"]
+    assert dicts[1]["sem_seg_file_name"] == str(voc / "SegmentationClassAug" / "2007_000001.png")
+    assert dicts[1]["file_name"] == str(voc / "JPEGImages" / "2007_000001.jpg")
+    # VOC's own SegmentationClass is a palette PNG: read as grayscale it gives other classes
+    bad = _voc_seg(tmp_path / "palette", ["L", "P"])
+    with pytest.raises(ValueError, match="2007_000001.png: a P PNG, not class indices") as e:
+        load_voc_sem_seg(str(bad), "val")
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(FileNotFoundError, match="train_aug.txt: no such file"):
+        load_voc_sem_seg(str(voc), "train_aug")
+    (voc / "SegmentationClassAug" / "2007_000000.png").unlink()
+    with pytest.raises(FileNotFoundError, match="2007_000000.png"):
+        load_voc_sem_seg(str(voc), "val")
+    # registered under $DETECTRON2_DATASETS, 21 classes with 255 ignored, checked at start
+    meta = MetadataCatalog.get("voc_2012_sem_seg_val")
+    assert (len(meta.stuff_classes), meta.ignore_label, meta.evaluator_type) == (21, 255, "sem_seg")
+    register_voc_sem_seg(str(tmp_path))  # already registered: left as it is
+    assert MetadataCatalog.get("voc_2012_sem_seg_val").dirname == meta.dirname
+    cfg = load_cfg(os.path.join(TASKS, "voc_sem_seg_R_50_FCN.yaml"))
+    prepare_datasets(cfg)  # 21 = 21: no data read
+    bad_cfg = load_cfg(
+        os.path.join(TASKS, "voc_sem_seg_R_50_FCN.yaml"), ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20"]
+    )
+    with pytest.raises(ValueError, match="set MODEL.SEM_SEG_HEAD.NUM_CLASSES 21"):
+        prepare_datasets(bad_cfg)
