@@ -3,6 +3,7 @@ GPUs and scale to 1, 2 and 4 by Detectron2's rule, the _moco variants differ onl
 convention; the dilated FCN head and its evaluator."""
 
 import glob
+import json
 import os
 import sys
 
@@ -326,3 +327,22 @@ def test_voc_semantic_sets_load_class_index_pngs_and_refuse_palette_ones(tmp_pat
     )
     with pytest.raises(ValueError, match="set MODEL.SEM_SEG_HEAD.NUM_CLASSES 21"):
         prepare_datasets(bad_cfg)
+
+
+def test_the_trainer_trains_the_scaled_schedule_and_records_it(synthetic_datasets, tmp_path):
+    from detectron2.engine import default_argument_parser
+    from test_train_net import TINY, VOC_CFG
+
+    from detection.trainer import main as train_main
+    from moco.utils.run_files import read_metrics
+
+    # written for 2 processes (2 images, 2 iterations), run in 1: 1 image, 4 iterations
+    out = str(tmp_path / "scaled")
+    argv = ["--config-file", VOC_CFG, *TINY, "SOLVER.REFERENCE_WORLD_SIZE", "2"]
+    argv += ["SOLVER.MAX_ITER", "2", "TEST.PRECISE_BN.ENABLED", "False", "OUTPUT_DIR", out]
+    train_main(default_argument_parser().parse_args(argv))
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        data = json.load(f)
+    assert (data["iterations"], data["ims_per_batch"], data["world_size"]) == (4, 1, 1)
+    lr = {r["iteration"]: r["lr"] for r in read_metrics(out) if "lr" in r}
+    assert max(lr) == 3  # the fourth iteration ran (0-based)
