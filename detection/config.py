@@ -12,7 +12,8 @@ Adjustments made here, and why:
   of size 1. ``naiveSyncBN`` is left alone: Detectron2's ``NaiveSyncBatchNorm`` already falls back
   to plain BN when the world size is 1. State-dict keys are the same, so checkpoints are unaffected.
 
-Importing this module registers ``Res5ROIHeadsExtraNorm`` (the paper's C4 ROI head).
+Importing this module registers ``Res5ROIHeadsExtraNorm`` (the paper's C4 ROI head) and
+``DilatedFCNHead`` (the paper's semantic segmentation head, detection.semantic_seg).
 """
 
 import logging
@@ -24,8 +25,9 @@ import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 
-from detection import backbone, roi_heads  # noqa: F401  (registers the backbone and ROI head builders)
-from detection.data import checks
+# registers the backbone builders, the ROI head and the semantic segmentation head
+from detection import backbone, roi_heads, semantic_seg  # noqa: F401
+from detection.data import checks, voc_sem_seg  # noqa: F401  (registers voc_2012_sem_seg_*)
 from moco.config import get_cfg as moco_defaults
 from moco.data.checks import check_scan_mode, default_max_bad_fraction
 from moco.utils.config_loading import check_safe_yaml, key_hint

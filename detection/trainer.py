@@ -3,7 +3,11 @@
 What this adds to Detectron2:
 
 * evaluator by the test set's ``evaluator_type``: ``pascal_voc`` -> ``PascalVOCDetectionEvaluator``
-  (AP, AP50, AP75 under "bbox"); ``coco`` -> ``COCOEvaluator`` with bbox, plus segm when masks are on;
+  (AP, AP50, AP75 under "bbox"); ``coco`` -> ``COCOEvaluator`` with bbox, plus segm when masks
+  are on and keypoints when keypoints are; ``lvis`` -> ``LVISEvaluator`` (APr / APc / APf; the
+  ``lvis`` package); ``cityscapes_instance`` -> ``CityscapesInstanceEvaluator`` (the
+  ``cityscapesscripts`` package); ``sem_seg`` / ``cityscapes_sem_seg`` -> ``SemSegEvaluator``
+  (mIoU);
 * weights and resume checkpoints are read by :class:`SafeDetectionCheckpointer` (no code execution);
 * the embedded datasets (``synthetic_*``) are registered when a config names them (root:
   ``default_synthetic_root()``, i.e. ``$DETECTRON2_DATASETS/moco_det_synthetic``);
@@ -12,12 +16,17 @@ What this adds to Detectron2:
 * one run per OUTPUT_DIR (``run`` holds its lock, moco.utils.file_io.run_folder_lock); SIGTERM / SIGINT
   stop after the current step with a checkpoint and one line (moco.engine.hooks.SignalStop);
 * ``--resume`` continues the data order and augmentation draws where the checkpoint left them
-  (detection.data.order: the loader's position in the trainer's checkpoint, per-step seeds).
+  (detection.data.order: the loader's position in the trainer's checkpoint, per-step seeds);
+* a config written for ``SOLVER.REFERENCE_WORLD_SIZE`` GPUs (the paper configs: 8) runs on
+  ``--num-gpus`` 1, 2 or 4 by Detectron2's rule (``DefaultTrainer.auto_scale_workers``: the
+  per-GPU batch kept, the learning rate scaled with the batch, the iterations inversely);
+  :func:`effective_schedule` is that rule, and ``run`` prints its result once at start.
 
 CPU: ``setup_cfg`` picks ``MODEL.DEVICE cpu`` without CUDA. Multi-process runs need CUDA GPUs:
 ``DefaultTrainer`` wraps the model in DDP with GPU device ids.
 """
 
+import importlib
 import logging
 import math
 import os
@@ -27,7 +36,13 @@ import weakref
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    COCOEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+    SemSegEvaluator,
+)
 from detectron2.utils import comm
 
 from detection.checkpoint import SafeDetectionCheckpointer
@@ -42,6 +57,7 @@ from detection.data.datasets import (
     use_checked_loaders,
 )
 from detection.data.order import DataOrder
+from detection.semantic_seg import load_label_png
 from moco.utils import file_io
 from moco.utils.file_io import atomic_write_json
 from moco.utils.hooks import SignalStop, build_writers
@@ -50,15 +66,26 @@ from moco.utils.run_files import FINAL_METRICS
 
 __all__ = [
     "DetectionTrainer",
+    "effective_schedule",
     "main",
     "prepare_datasets",
     "run",
+    "schedule_line",
     "write_final_metrics",
 ]
 
 logger = logging.getLogger(__name__)
 
-_TASKS = {"pascal_voc": "voc", "coco": "coco"}
+# what a set's evaluator_type needs beyond Detectron2 (its loader and evaluator import it)
+_PACKAGES = {"lvis": "lvis", "cityscapes_instance": "cityscapesscripts"}
+_TASKS = {
+    "pascal_voc": "voc",
+    "coco": "coco",
+    "lvis": "lvis",
+    "cityscapes_instance": "cityscapes",
+    "sem_seg": "sem_seg",
+    "cityscapes_sem_seg": "sem_seg",
+}
 
 
 class DetectionTrainer(DefaultTrainer):
@@ -69,9 +96,30 @@ class DetectionTrainer(DefaultTrainer):
         kind = evaluator_type(dataset_name)
         if kind == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
+        if kind in ("sem_seg", "cityscapes_sem_seg"):  # mIoU from the label PNGs, no extra package
+            return SemSegEvaluator(
+                dataset_name,
+                distributed=True,
+                output_dir=output_folder,
+                sem_seg_loading_fn=load_label_png,
+            )
+        if kind == "cityscapes_instance":
+            return CityscapesInstanceEvaluator(dataset_name)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        if cfg.MODEL.KEYPOINT_ON:
+            tasks += ("keypoints",)
+        if kind == "lvis":
+            return LVISEvaluator(
+                dataset_name, tasks=tasks, distributed=True, output_dir=output_folder
+            )
+        return COCOEvaluator(
+            dataset_name,
+            tasks=tasks,
+            distributed=True,
+            output_dir=output_folder,
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -142,15 +190,23 @@ def prepare_datasets(cfg):
         if name not in registered:
             raise ValueError(f"DATASETS: {name!r} is not a registered dataset; {REGISTER_HINT}")
     use_checked_loaders(names)
+    _check_packages(names)
+    # a semantic segmentor predicts the sets' stuff classes with its head, a detector things
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        key, field = "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes"
+        n_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    else:
+        key, field = "MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes"
+        n_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     first = None  # (name, classes) of the first set that names its classes
     for name in dict.fromkeys(names):
-        classes = dataset_classes(name)
+        classes = dataset_classes(name, field)
         if classes is None:
             continue
-        if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        if len(classes) != n_classes:
             raise ValueError(
-                f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {name} has "
-                f"{len(classes)} classes; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}"
+                f"{key} is {n_classes} but {name} has {len(classes)} classes; "
+                f"set {key} {len(classes)}"
             )
         # class i must be the same class in every set: the detector is scored by its index
         if first is not None and list(classes) != list(first[1]):
@@ -165,16 +221,33 @@ def prepare_datasets(cfg):
         evaluator_type(name)  # fails early, with the dataset named, if it cannot be scored
 
 
-def dataset_classes(name):
-    """``name``'s ``thing_classes``. A COCO set registered with ``register_coco_instances`` has
+def _check_packages(names):
+    """A set whose loader or evaluator needs a package that is not installed fails at start, in
+    one line, not in an ImportError traceback (for a test set: after the whole training)."""
+    for name in dict.fromkeys(names):
+        package = _PACKAGES.get(MetadataCatalog.get(name).get("evaluator_type"))
+        if package is None:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ValueError(
+                f"DATASETS: {name} needs the {package!r} package (its loader and evaluator); "
+                f"install it: .venv/bin/pip install {package}"
+            ) from None
+
+
+def dataset_classes(name, field="thing_classes"):
+    """``name``'s ``thing_classes`` (or ``field``: ``stuff_classes`` for semantic segmentation).
+    A COCO set registered with ``register_coco_instances`` has
     them only once its JSON is loaded: it is loaded here (checked, as the loader will), so that a
     wrong NUM_CLASSES is one line at start, not a failed evaluation after training (issue 28.2);
     a training set's file is then parsed twice, seconds against a run's hours. None when the
     set's loader sets no classes."""
     meta = MetadataCatalog.get(name)
-    if meta.get("thing_classes") is None and meta.get("json_file"):
+    if meta.get(field) is None and field == "thing_classes" and meta.get("json_file"):
         DatasetCatalog.get(name)  # load_coco_json sets thing_classes (categories in id order)
-    return MetadataCatalog.get(name).get("thing_classes")
+    return MetadataCatalog.get(name).get(field)
 
 
 def check_test_annotations(cfg):
@@ -197,6 +270,11 @@ def _finite(obj):
     return obj
 
 
+def _task(cfg, kind):
+    # COCO's keypoint sets share evaluator_type "coco" with its instance sets
+    return "coco_kp" if kind == "coco" and cfg.MODEL.KEYPOINT_ON else _TASKS[kind]
+
+
 def write_final_metrics(cfg, args, results, **extra):
     """Write ``OUTPUT_DIR/final_metrics.json`` from ``DefaultTrainer.test`` results; return its path.
 
@@ -210,7 +288,7 @@ def write_final_metrics(cfg, args, results, **extra):
     per_dataset = {test_sets[0]: results} if len(test_sets) == 1 else dict(results)
     primary = test_sets[0]
     data = {
-        "task": _TASKS[evaluator_type(primary)],
+        "task": _task(cfg, evaluator_type(primary)),
         "dataset": primary,
         "metrics": per_dataset[primary],
         "datasets": per_dataset,
@@ -231,6 +309,37 @@ def write_final_metrics(cfg, args, results, **extra):
     atomic_write_json(path, _finite(data))
     logger.info("final metrics written to %s", path)
     return path
+
+
+def effective_schedule(cfg, world_size):
+    """``cfg`` as ``DefaultTrainer`` trains it in ``world_size`` processes: Detectron2's
+    ``auto_scale_workers`` (unchanged when ``SOLVER.REFERENCE_WORLD_SIZE`` is 0 or equal to
+    ``world_size``), whose bare assert on the batch becomes one line naming both keys."""
+    ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
+    if ref < 0 or (ref and batch % ref):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {batch} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE {ref} "
+            f"(the GPUs the batch is written for); give a multiple, or SOLVER.REFERENCE_WORLD_SIZE 0 "
+            "to train with IMS_PER_BATCH, BASE_LR and MAX_ITER as written"
+        )
+    return DefaultTrainer.auto_scale_workers(cfg, world_size)
+
+
+def schedule_line(cfg, world_size):
+    """One line: the schedule ``world_size`` processes train with, and where it comes from."""
+    s = effective_schedule(cfg, world_size).SOLVER
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if ref and ref != world_size:
+        source = f"scaled from SOLVER.REFERENCE_WORLD_SIZE {ref} by Detectron2's rule"
+    elif ref:
+        source = "as written for this world size"
+    else:
+        source = "as written (SOLVER.REFERENCE_WORLD_SIZE 0: no scaling)"
+    return (
+        f"schedule: world size {world_size}, IMS_PER_BATCH {s.IMS_PER_BATCH} "
+        f"({s.IMS_PER_BATCH // world_size} per process), BASE_LR {s.BASE_LR:g}, MAX_ITER "
+        f"{s.MAX_ITER}, STEPS {tuple(s.STEPS)}, WARMUP_ITERS {s.WARMUP_ITERS} ({source})"
+    )
 
 
 def _num_images(names):
@@ -258,6 +367,7 @@ def main(args):
         extra["iterations"] = int(checkpoint["iteration"]) + 1 if "iteration" in checkpoint else 0
     else:
         trainer = DetectionTrainer(cfg)
+        cfg = trainer.cfg  # the schedule it trains with (auto_scale_workers), in final_metrics.json
         trainer.resume_or_load(resume=args.resume)
         start = time.perf_counter()
         trainer.train()
@@ -300,6 +410,8 @@ def run(args, prog="train_net.py"):
     process_group_timeout(cfg.DIST.TIMEOUT_MINUTES)
     file_io.check_output_dir(cfg.OUTPUT_DIR)  # before anything (the logger) writes there
     print(f"{prog}: output folder {cfg.OUTPUT_DIR}", flush=True)
+    if not args.eval_only:
+        print(f"{prog}: {schedule_line(cfg, world_size)}", flush=True)
     prepare_datasets(cfg)
     check_test_annotations(cfg)
     weights = cfg.MODEL.WEIGHTS

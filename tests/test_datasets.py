@@ -103,8 +103,14 @@ def test_evaluator_type(synthetic_datasets):
     assert evaluator_type("synthetic_coco_test") == evaluator_type("coco_2017_val") == "coco"
     with pytest.raises(ValueError, match="'no_such_set' is not registered"):
         evaluator_type("no_such_set")
-    with pytest.raises(ValueError, match="evaluator_type 'sem_seg'"):
-        evaluator_type("ade20k_sem_seg_val")
+    # issue 26's tasks: Detectron2's builtin keypoint, LVIS, Cityscapes and semantic sets
+    assert evaluator_type("keypoints_coco_2017_val") == "coco"
+    assert evaluator_type("lvis_v0.5_val") == "lvis"
+    assert evaluator_type("cityscapes_fine_instance_seg_val") == "cityscapes_instance"
+    assert evaluator_type("cityscapes_fine_sem_seg_val") == "cityscapes_sem_seg"
+    assert evaluator_type("ade20k_sem_seg_val") == "sem_seg"
+    with pytest.raises(ValueError, match="evaluator_type 'coco_panoptic_seg'"):
+        evaluator_type("coco_2017_val_panoptic")
 
 
 def test_missing_root_is_a_clear_error(tmp_path):

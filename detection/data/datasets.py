@@ -58,7 +58,15 @@ SYNTHETIC_DATASETS: dict[str, tuple] = {
     for style in ("voc", "coco")
     for split in VOC_SPLITS
 }
-EVALUATOR_TYPES = ("pascal_voc", "coco")
+# Detectron2's evaluator_type values the trainer scores (detection.trainer.DetectionTrainer)
+EVALUATOR_TYPES = (
+    "pascal_voc",
+    "coco",
+    "lvis",
+    "cityscapes_instance",
+    "sem_seg",
+    "cityscapes_sem_seg",
+)
 
 
 def _paths(root: str, style: str, split: str) -> dict:
@@ -264,16 +272,18 @@ def use_checked_loaders(names) -> list[str]:
 
 
 def evaluator_type(dataset_name: str) -> str:
-    """ "pascal_voc" or "coco": which evaluator scores ``dataset_name`` (from its MetadataCatalog entry).
+    """Which evaluator scores ``dataset_name`` (its MetadataCatalog ``evaluator_type``, one of
+    :data:`EVALUATOR_TYPES`).
 
-    Works for the synthetic sets and for Detectron2's builtin VOC / COCO sets alike.
+    Works for the synthetic sets and for Detectron2's builtin sets (VOC, COCO and its keypoints,
+    LVIS, Cityscapes) alike.
     """
     if dataset_name not in DatasetCatalog.list():
         raise ValueError(f"dataset {dataset_name!r} is not registered; {REGISTER_HINT}")
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
     if kind not in EVALUATOR_TYPES:
         raise ValueError(
-            f"dataset {dataset_name!r} has evaluator_type {kind!r}; only {' and '.join(EVALUATOR_TYPES)} "
-            f"datasets are supported"
+            f"dataset {dataset_name!r} has evaluator_type {kind!r}; only {', '.join(EVALUATOR_TYPES)} "
+            "datasets are supported"
         )
     return kind
