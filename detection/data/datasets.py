@@ -31,6 +31,7 @@ from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
+from detection.data import task_formats
 from detection.data.checks import (
     load_coco_checked,
     load_voc_checked,
@@ -152,8 +153,6 @@ TASK_DATASETS: dict[str, tuple] = {
 
 def _task_paths(root, name, task, split):
     """(the file or folder that must exist, the loader, its metadata) of one task set."""
-    from detection.data import task_formats
-
     spec = (read_manifest(root) or {}).get("spec", {})
     classes = [CLASS_NAMES[c] for c in SyntheticSpec(**spec).detection_classes()]
     voc = os.path.join(root, "VOC2007")
@@ -235,6 +234,8 @@ def _register_tasks(root):
             MetadataCatalog.remove(name)
         if task not in tasks:
             continue
+        if task in ("lvis", "cityscapes"):  # their evaluators run in this process, later
+            task_formats.legacy_numpy_compat()
         check, loader, meta = _task_paths(root, name, task, split)
         if not os.path.exists(check):
             raise FileNotFoundError(

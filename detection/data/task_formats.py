@@ -25,6 +25,8 @@ Keypoints are checked with the COCO JSON (:func:`detection.data.checks.check_key
 
 import json
 import os
+import sys
+import types
 
 import numpy as np
 from PIL import Image
@@ -48,6 +50,8 @@ __all__ = [
     "load_cityscapes_semantic_checked",
     "load_lvis_checked",
     "load_voc_sem_seg",
+    "legacy_numpy_compat",
+    "read_sem_seg_png",
 ]
 
 _LVIS_FIELDS = {  # what Detectron2's load_lvis_json and LVISEval read of each entry
@@ -146,6 +150,62 @@ def check_lvis_json(json_file, image_root):
                 "coco_url), which does not exist"
             )
     return data
+
+
+def _in1d(a, b, assume_unique=False, invert=False):
+    return np.isin(np.ravel(a), b, assume_unique=assume_unique, invert=invert)
+
+
+# evaluation modules written for numpy 1 -> the names they use that numpy 2 removed
+_LEGACY_NUMPY_USERS = {
+    # lvis 0.5.3 (the registry's latest): np.float in LVISEval.accumulate (lvis-api issue 37,
+    # fixed in its main branch, not released)
+    "lvis.eval": {"float": float},
+    # cityscapesscripts 2.3.0: np.in1d (removed in numpy 2.4)
+    "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling": {"in1d": _in1d},
+    "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling": {"in1d": _in1d},
+}
+
+
+def legacy_numpy_compat():
+    """Give the LVIS and Cityscapes evaluation modules (Detectron2's LVISEvaluator and Cityscapes
+    evaluators call them) a numpy with the old names they use (``_LEGACY_NUMPY_USERS``); numpy
+    itself, and every other module, is left as it is. Returns the modules patched."""
+    import importlib
+
+    patched = []
+    for module_name, names in _LEGACY_NUMPY_USERS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        missing = {k: v for k, v in names.items() if not hasattr(module.np, k)}
+        if missing:
+            shim = types.ModuleType("numpy")
+            shim.__dict__.update(module.np.__dict__)
+            shim.__dict__.update(missing)
+            module.np = shim
+            patched.append(module_name)
+    for module_name in _LEGACY_NUMPY_USERS:
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, "writeDict2JSON", None) not in (
+            None,
+            _write_dict_to_json,
+        ):
+            module.writeDict2JSON = _write_dict_to_json
+            patched.append(f"{module_name}.writeDict2JSON")
+    return patched
+
+
+def _write_dict_to_json(data, file_name):
+    """cityscapesscripts' ``writeDict2JSON`` (objects as their ``__dict__``) with numpy scalars
+    as numbers: numpy 2's ``count_nonzero`` gives them, which have no ``__dict__``."""
+
+    def default(o):
+        return o.item() if isinstance(o, np.generic) else o.__dict__
+
+    with open(file_name, "w") as f:
+        f.write(json.dumps(data, default=default, sort_keys=True, indent=4))
 
 
 def load_lvis_checked(json_file, image_root):
@@ -325,6 +385,13 @@ def check_voc_sem_seg(dirname, split, num_classes):
             {"file_name": image, "sem_seg_file_name": mask, "height": size[1], "width": size[0]}
         )
     return dicts
+
+
+def read_sem_seg_png(filename, copy=False, dtype=None):
+    """A label PNG as an array, for ``SemSegEvaluator(sem_seg_loading_fn=...)``: Detectron2's
+    default (``np.array(..., copy=False)``) fails under numpy 2 ("Unable to avoid copy")."""
+    with Image.open(filename) as image:
+        return np.asarray(image, dtype=dtype)
 
 
 def load_voc_sem_seg(dirname, split, num_classes):
