@@ -5,12 +5,16 @@ prediction scores 100), and bad input in it is one line naming the file and the 
 import dataclasses
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -349,3 +353,198 @@ def test_cityscapes_evaluators_score_the_ground_truth_100(registered, tmp_path, 
         outputs.append({"sem_seg": torch.from_numpy(np.eye(19)[train].transpose(2, 0, 1))})
     result = _run(CityscapesSemSegEvaluator(name), dicts, outputs)
     assert result["sem_seg"]["IoU"] == pytest.approx(100.0)
+
+
+def _one_line_error(fn, *args, match):
+    with pytest.raises(ValueError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert re.search(match, message), message
+    return message
+
+
+def _kp_file(root):
+    return os.path.join(root, "coco", "annotations", "keypoints_trainval.json")
+
+
+def _kp_load(root):
+    from detection.data.checks import load_coco_checked
+
+    image_root = os.path.join(root, "VOC2007", "JPEGImages")
+    return load_coco_checked(_kp_file(root), image_root, "synthetic_kp_trainval")
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("drop", r"annotation id 1 \(image id 1\) has 4 keypoints, but category id \d+ names 5"),
+        ("outside", r"annotation id 1 \(image id 1\): keypoint 1 at \(500, 3\) is outside the "),
+        ("visibility", r"annotation id 1 \(image id 1\): keypoint 0 has visibility 3, not COCO"),
+    ],
+)
+def test_bad_keypoints_are_one_line_naming_file_and_annotation(tasks_root, tmp_path, case, match):
+    """Keypoints of the wrong count, outside the image or with an unknown visibility flag."""
+    root = _copy(tasks_root, tmp_path)
+    data = _load(_kp_file(root))
+    points = data["annotations"][0]["keypoints"]
+    if case == "drop":
+        del points[-3:]
+    elif case == "outside":
+        points[3:6] = [500, 3, 2]
+    else:
+        points[2] = 3
+    _dump(_kp_file(root), data)
+    message = _one_line_error(_kp_load, root, match=match)
+    assert message.startswith(f"COCO annotations {_kp_file(root)}: ")
+    assert "keypoint" in message
+
+
+def test_an_lvis_category_without_frequency_is_one_line(tasks_root, tmp_path):
+    from detection.data.task_formats import load_lvis_checked
+
+    root = _copy(tasks_root, tmp_path)
+    path = os.path.join(root, "lvis", "lvis_v0.5_trainval.json")
+    data = _load(path)
+    del data["categories"][2]["frequency"]
+    _dump(path, data)
+    voc = os.path.join(root, "VOC2007")
+    _one_line_error(
+        load_lvis_checked,
+        path,
+        voc,
+        match=rf"^LVIS annotations {re.escape(path)}: categories\[2\] has no 'frequency'$",
+    )
+    data["categories"][2]["frequency"] = "rare"
+    _dump(path, data)
+    _one_line_error(
+        load_lvis_checked,
+        path,
+        voc,
+        match=r"category id 3 \('triangle'\) has frequency 'rare', not one of r, c, f",
+    )
+
+
+def _city_gt(root, split="train", city="aachen", index=0):
+    return os.path.join(
+        root, "cityscapes", "gtFine", split, city, f"{city}_{index:06d}_000019_gtFine_"
+    )
+
+
+def test_a_cityscapes_png_of_another_size_than_its_image_is_one_line(tasks_root, tmp_path):
+    from detection.data.task_formats import check_cityscapes
+
+    root = _copy(tasks_root, tmp_path)
+    png = _city_gt(root) + "labelIds.png"
+    label = cv2.imread(png, cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(png, label[:-3])
+    image = png.replace("gtFine", "leftImg8bit").replace("_leftImg8bit_labelIds", "_leftImg8bit")
+    h, w = label.shape
+    cs = os.path.join(root, "cityscapes")
+    _one_line_error(
+        check_cityscapes,
+        os.path.join(cs, "leftImg8bit", "train"),
+        os.path.join(cs, "gtFine", "train"),
+        match=rf"^Cityscapes annotation {re.escape(png)} is {w}x{h - 3} \(width x height\), but "
+        rf"its image {re.escape(image)} is {w}x{h};",
+    )
+
+
+@pytest.mark.parametrize(
+    "which, value, match",
+    [
+        ("labelIds", 99, r"unknown label ids \[99\]"),
+        ("instanceIds", 7001, r"unknown instance ids .* \[7001\]"),  # road has no instances
+        ("labelTrainIds", 40, r"unknown train ids .* \[40\]"),
+    ],
+)
+def test_a_cityscapes_mask_with_unknown_ids_is_one_line(tasks_root, tmp_path, which, value, match):
+    from detection.data.task_formats import check_cityscapes
+
+    root = _copy(tasks_root, tmp_path)
+    png = _city_gt(root) + which + ".png"
+    mask = cv2.imread(png, cv2.IMREAD_UNCHANGED)
+    mask[0, 0] = value
+    cv2.imwrite(png, mask)
+    cs = os.path.join(root, "cityscapes")
+    message = _one_line_error(
+        check_cityscapes,
+        os.path.join(cs, "leftImg8bit", "train"),
+        os.path.join(cs, "gtFine", "train"),
+        True,
+        match=match,
+    )
+    assert message.startswith(f"Cityscapes annotation {png}: ")
+
+
+def test_a_voc_segmentation_mask_with_unknown_ids_or_size_is_one_line(tasks_root, tmp_path):
+    from detection.data.task_formats import load_voc_sem_seg
+
+    root = _copy(tasks_root, tmp_path)
+    voc = os.path.join(root, "VOC2007")
+    png = os.path.join(voc, "SegmentationClass", "000002.png")
+    with Image.open(png) as image:
+        labels, palette = np.array(image), image.getpalette()
+    bad = labels.copy()
+    bad[1, 1] = 42
+    out = Image.fromarray(bad, mode="P")
+    out.putpalette(palette)
+    out.save(png)
+    n = len(CLASS_NAMES)
+    _one_line_error(
+        load_voc_sem_seg,
+        voc,
+        "trainval",
+        n,
+        match=rf"^VOC segmentation {re.escape(png)}: unknown label ids \[42\]; the classes are 0 "
+        rf"\(background\) to {n}, and 255 is void$",
+    )
+    Image.fromarray(labels[:, :-1], mode="P").save(png)
+    _one_line_error(
+        load_voc_sem_seg, voc, "trainval", n, match=r"000002.png is \d+x\d+ \(width x height\)"
+    )
+
+
+def test_the_registered_loaders_run_the_checks(tasks_root, tmp_path, synthetic_root):
+    """A bad file under a registered name fails at DatasetCatalog.get with the one line."""
+    from detectron2.data import DatasetCatalog
+
+    from detection.data.datasets import register_synthetic
+
+    root = _copy(tasks_root, tmp_path)
+    data = _load(_kp_file(root))
+    del data["annotations"][0]["keypoints"][-3:]
+    _dump(_kp_file(root), data)
+    register_synthetic(root)
+    try:
+        _one_line_error(DatasetCatalog.get, "synthetic_kp_trainval", match="has 4 keypoints")
+    finally:
+        register_synthetic(synthetic_root)
+    assert "synthetic_kp_trainval" not in DatasetCatalog.list()  # that root has no task sets
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "make_data.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_data_writes_the_task_formats_and_names_a_bad_one(tmp_path):
+    tiny = ["--cls-size", "32", "--cls-train-per-class", "1", "--cls-val-per-class", "1"]
+    tiny += ["--det-size", "64", "--det-trainval", "2", "--det-test", "2", "--workers", "1"]
+    root = tmp_path / "set"
+    r = _cli("--root", str(root), "--tasks", "voc_semseg", "keypoints", *tiny)
+    assert r.returncode == 0, r.stderr
+    assert "task formats keypoints, voc_semseg" in r.stdout
+    assert (root / "coco" / "annotations" / "keypoints_test.json").is_file()
+    assert len(os.listdir(root / "VOC2007" / "SegmentationClass")) == 4
+    assert not (root / "lvis").exists() and not (root / "cityscapes").exists()
+    assert _load(root / "spec.json")["spec"]["tasks"] == ["keypoints", "voc_semseg"]
+    r = _cli("--root", str(tmp_path / "bad"), "--tasks", "densepose", *tiny)
+    assert r.returncode == 2 and r.stderr == (
+        "make_data.py: error: --tasks: unknown 'densepose'; choose from keypoints, lvis, "
+        "cityscapes, voc_semseg\n"
+    )
