@@ -16,7 +16,8 @@
   ids and annotation counts, and every image file on disk. A bad file is a one-line ValueError
   naming it and the offending id or key, instead of a pycocotools ``KeyError`` /
   ``AssertionError`` traceback, an orphan annotation silently lost, or a NaN polygon that runs
-  the process out of memory. Checks run in bulk (a COCO-scale file has ~10^6 entries), one entry
+  the process out of memory. Keypoints, where annotations have them (:func:`check_keypoints`):
+  [x, y, v] for each name of the category, v 0 / 1 / 2, labelled points inside the image. Checks run in bulk (a COCO-scale file has ~10^6 entries), one entry
   at a time only to name a fault. :func:`load_coco_checked` then hands the parsed file to
   Detectron2's ``load_coco_json`` (one parse), with the garbage collector paused.
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite

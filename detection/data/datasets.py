@@ -15,6 +15,15 @@ Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) kee
 metadata; :func:`use_checked_loaders` gives them (and any name registered with Detectron2's
 ``register_coco_instances`` / ``register_pascal_voc``) the same checked loaders.
 
+A root generated with ``SyntheticSpec.tasks`` also gets, per split (trainval, test), the sets
+of :data:`TASK_DATASETS`: ``synthetic_kp_*`` (COCO keypoints, the checked COCO loader; metadata
+``keypoint_names``, ``keypoint_flip_map``, ``keypoint_connection_rules`` and
+``keypoint_oks_sigmas`` for ``TEST.KEYPOINT_OKS_SIGMAS``), ``synthetic_lvis_*`` (Detectron2's
+``load_lvis_json``, evaluator_type "lvis"), ``synthetic_cityscapes_instance_*`` /
+``synthetic_cityscapes_sem_seg_*`` (Detectron2's Cityscapes loaders on the PNGs, metadata as its
+builtin Cityscapes sets) and ``synthetic_voc_sem_seg_*`` (``sem_seg_file_name`` dicts,
+evaluator_type "sem_seg"), each loader checked first (:mod:`detection.data.task_formats`).
+
 :func:`register_datasets` registers a user's sets from the config key ``DATASETS.REGISTER``
 (``[name, "coco", annotations.json, image_folder]`` or ``[name, "voc", VOC_folder, split]``) with
 those same Detectron2 helpers, so that no code is needed to name one's own data.
