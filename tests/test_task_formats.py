@@ -121,7 +121,7 @@ def test_same_seed_same_bytes_and_the_detection_files_unchanged(tmp_path):
     ):
         assert part in new
     pngs = [k for k in new if k.endswith(".png")]
-    assert len(pngs) == 34 * 5  # VOC masks + 4 Cityscapes PNGs, for each of the 34 scenes
+    assert len(pngs) == 34 * 6  # 2 VOC masks + 4 Cityscapes PNGs, for each of the 34 scenes
     assert all(a[k] != c[k] for k in pngs if "leftImg8bit" in k)
 
 
@@ -129,7 +129,8 @@ def test_keypoints_are_coco_keypoints_with_true_visibility(tasks_root, registere
     """COCO keypoint JSON (pycocotools reads it): K = 5 named points per object, v = 1 exactly
     where an object drawn above covers the point, v = 2 where it is seen, 0 outside the image.
     Detectron2's loader reads it (+0.5 pixel convention) with the flip map in the metadata."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+    from detectron2.data import transforms as T
     from detectron2.data.detection_utils import create_keypoint_hflip_indices
 
     coco = COCO(os.path.join(tasks_root, "coco", "annotations", "keypoints_trainval.json"))
@@ -158,6 +159,16 @@ def test_keypoints_are_coco_keypoints_with_true_visibility(tasks_root, registere
     meta = MetadataCatalog.get("synthetic_kp_trainval")
     assert meta.keypoint_names == list(KEYPOINT_NAMES) and meta.evaluator_type == "coco"
     assert list(create_keypoint_hflip_indices(["synthetic_kp_trainval"])) == [0, 1, 4, 3, 2]
+    # Detectron2's training mapper, flip included, gives gt_keypoints of K points
+    mapper = DatasetMapper(
+        is_train=True,
+        augmentations=[T.RandomFlip(prob=1.0)],
+        image_format="BGR",
+        use_keypoint=True,
+        keypoint_hflip_indices=create_keypoint_hflip_indices(["synthetic_kp_trainval"]),
+    )
+    instances = mapper(dicts[0])["instances"]
+    assert instances.gt_keypoints.tensor.shape == (len(dicts[0]["annotations"]), 5, 3)
     first = coco.loadAnns(coco.getAnnIds(imgIds=[dicts[0]["image_id"]]))[0]
     loaded = dicts[0]["annotations"][0]["keypoints"]
     assert len(loaded) == 15
@@ -228,8 +239,10 @@ def test_cityscapes_tree_is_read_by_detectron2(tasks_root, registered):
 
 def test_voc_segmentation_class_pngs(tasks_root, registered):
     """Palette PNGs (VOC's colour map) whose labels are the COCO twin's masks inside a 255 band
-    on every boundary; the registered split gives Detectron2's sem_seg dataset dicts."""
+    on every boundary; the registered split gives Detectron2's sem_seg dataset dicts, whose grey
+    PNGs (SegmentationClassRaw) Detectron2's mapper reads as those labels."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.detection_utils import read_image
 
     coco = COCO(os.path.join(tasks_root, "coco", "annotations", "instances_test.json"))
     dicts = DatasetCatalog.get("synthetic_voc_sem_seg_test")
@@ -237,9 +250,12 @@ def test_voc_segmentation_class_pngs(tasks_root, registered):
     meta = MetadataCatalog.get("synthetic_voc_sem_seg_test")
     assert meta.stuff_classes == ["background", *CLASS_NAMES] and meta.ignore_label == 255
     for d in dicts:
-        with Image.open(d["sem_seg_file_name"]) as png:
+        palette_png = d["sem_seg_file_name"].replace("SegmentationClassRaw", "SegmentationClass")
+        with Image.open(palette_png) as png:
             assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC's class 1
             labels = np.asarray(png)
+        # what Detectron2's DatasetMapper reads (convert("L")): the same labels
+        assert np.array_equal(read_image(d["sem_seg_file_name"], "L")[..., 0], labels)
         image_id = int(os.path.basename(d["file_name"])[:-4])
         expected = np.zeros_like(labels)
         for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
@@ -482,14 +498,11 @@ def test_a_voc_segmentation_mask_with_unknown_ids_or_size_is_one_line(tasks_root
 
     root = _copy(tasks_root, tmp_path)
     voc = os.path.join(root, "VOC2007")
-    png = os.path.join(voc, "SegmentationClass", "000002.png")
-    with Image.open(png) as image:
-        labels, palette = np.array(image), image.getpalette()
+    png = os.path.join(voc, "SegmentationClassRaw", "000002.png")
+    labels = cv2.imread(png, cv2.IMREAD_UNCHANGED)
     bad = labels.copy()
     bad[1, 1] = 42
-    out = Image.fromarray(bad, mode="P")
-    out.putpalette(palette)
-    out.save(png)
+    cv2.imwrite(png, bad)
     n = len(CLASS_NAMES)
     _one_line_error(
         load_voc_sem_seg,
@@ -499,7 +512,7 @@ def test_a_voc_segmentation_mask_with_unknown_ids_or_size_is_one_line(tasks_root
         match=rf"^VOC segmentation {re.escape(png)}: unknown label ids \[42\]; the classes are 0 "
         rf"\(background\) to {n}, and 255 is void$",
     )
-    Image.fromarray(labels[:, :-1], mode="P").save(png)
+    cv2.imwrite(png, labels[:, :-1])
     _one_line_error(
         load_voc_sem_seg, voc, "trainval", n, match=r"000002.png is \d+x\d+ \(width x height\)"
     )

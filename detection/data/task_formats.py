@@ -15,8 +15,8 @@ evaluator after training:
   ``_gtFine_instanceIds.png`` / ``_labelIds.png`` (``_labelTrainIds.png`` and ``_polygons.json``
   for the semantic loader) of the image's size, and every id in them is a Cityscapes label id
   (cityscapesscripts' ``labels``; trainIds 0-18 or 255).
-* :func:`load_voc_sem_seg` (VOC ``SegmentationClass`` PNGs listed by
-  ``ImageSets/Segmentation/<split>.txt``): dataset dicts with ``sem_seg_file_name`` for
+* :func:`load_voc_sem_seg` (VOC segmentation PNGs, ``SegmentationClassRaw``: grey label
+  values, listed by ``ImageSets/Segmentation/<split>.txt``): dataset dicts with ``sem_seg_file_name`` for
   Detectron2's ``SemSegEvaluator``; each mask has its image's size and holds only 0..N (the
   background and the N classes) and 255 (void).
 
@@ -351,10 +351,10 @@ def load_cityscapes_semantic_checked(image_dir, gt_dir):
     return load_cityscapes_semantic(image_dir, gt_dir)
 
 
-def check_voc_sem_seg(dirname, split, num_classes):
+def check_voc_sem_seg(dirname, split, num_classes, masks="SegmentationClassRaw"):
     """Raise a one-line ValueError naming the PNG if a VOC segmentation split is not what
     Detectron2's ``SemSegEvaluator`` scores correctly: every listed id's
-    ``SegmentationClass/<id>.png`` of its JPEG's size, holding only 0..``num_classes`` and 255.
+    ``<masks>/<id>.png`` of its JPEG's size, holding only 0..``num_classes`` and 255.
     Returns the dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``)."""
     listing = os.path.join(dirname, "ImageSets", "Segmentation", split + ".txt")
     try:
@@ -369,7 +369,7 @@ def check_voc_sem_seg(dirname, split, num_classes):
         if os.path.isabs(file_id) or ".." in file_id.split("/"):
             raise ValueError(f"VOC segmentation image set {listing}: {file_id!r} leaves {dirname}")
         image = os.path.join(dirname, "JPEGImages", file_id + ".jpg")
-        mask = os.path.join(dirname, "SegmentationClass", file_id + ".png")
+        mask = os.path.join(dirname, masks, file_id + ".png")
         what = f"VOC segmentation {mask}"
         size = _image_size(image, what)
         mask_size, values = _png_size_and_ids(mask, "VOC segmentation")
@@ -394,6 +394,9 @@ def read_sem_seg_png(filename, copy=False, dtype=None):
         return np.asarray(image, dtype=dtype)
 
 
-def load_voc_sem_seg(dirname, split, num_classes):
-    """The dataset dicts of a VOC segmentation split, checked (:func:`check_voc_sem_seg`)."""
-    return check_voc_sem_seg(dirname, split, num_classes)
+def load_voc_sem_seg(dirname, split, num_classes, masks="SegmentationClassRaw"):
+    """The dataset dicts of a VOC segmentation split, checked (:func:`check_voc_sem_seg`).
+    ``masks``: the folder of grey label PNGs (DeepLab's ``SegmentationClassRaw``): Detectron2's
+    mapper reads a label PNG with ``convert("L")``, which turns VOC's palette PNGs
+    (``SegmentationClass``) into their colours' luminance."""
+    return check_voc_sem_seg(dirname, split, num_classes, masks)

@@ -18,6 +18,7 @@ With ``SyntheticSpec.tasks`` (opt-in; ``spec.TASK_FORMATS``) also the paper's ot
     cityscapes/leftImg8bit/{train,val}/<city>/*.png       cityscapes: scenes of its own seed words,
     cityscapes/gtFine/{train,val}/<city>/*_gtFine_*       8 shapes as Cityscapes' 8 thing classes
     VOC2007/SegmentationClass/NNNNNN.png                  voc_semseg: palette PNGs, 255 = void band
+    VOC2007/SegmentationClassRaw/NNNNNN.png               the same as grey values (DeepLab's name)
     VOC2007/ImageSets/Segmentation/{trainval,test}.txt
 
 The detection files are the same bytes with or without tasks; the keypoints follow each shape's

@@ -192,7 +192,8 @@ class SyntheticSpec:
 #   lvis        lvis/lvis_v0.5_{trainval,test}.json: LVIS v0.5-style federated annotations of them
 #   cityscapes  cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/: scenes of 8 classes as
 #               Cityscapes' 8 instance classes, instanceIds / labelIds / labelTrainIds PNGs
-#   voc_semseg  VOC2007/SegmentationClass/*.png (palette; 255 = void band) + ImageSets/Segmentation
+#   voc_semseg  VOC2007/SegmentationClass/*.png (palette; 255 = void band) + ImageSets/Segmentation,
+#               and SegmentationClassRaw/*.png: the same labels as grey values (what is read)
 TASK_FORMATS: tuple[str, ...] = ("keypoints", "lvis", "cityscapes", "voc_semseg")
 
 

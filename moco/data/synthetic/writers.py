@@ -115,6 +115,9 @@ def _write_detection(args):
     if "voc_semseg" in spec.tasks:
         labels = voc_segmentation_labels(spec, objects, h, w)
         _write_palette_png(os.path.join(voc, "SegmentationClass", file_id + ".png"), labels)
+        # the same labels as grey values: Detectron2's mapper reads a label PNG with
+        # convert("L"), which turns palette indices into the palette colours' luminance
+        _write_png(os.path.join(voc, "SegmentationClassRaw", file_id + ".png"), labels)
     return record
 
 
@@ -408,7 +411,11 @@ def generate(root: str, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1)
         os.makedirs(os.path.join(voc, sub))
     os.makedirs(os.path.join(root, "coco", "annotations"))
     if "voc_semseg" in spec.tasks:
-        for sub in ("SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        for sub in (
+            "SegmentationClass",
+            "SegmentationClassRaw",
+            os.path.join("ImageSets", "Segmentation"),
+        ):
             os.makedirs(os.path.join(voc, sub))
     if "lvis" in spec.tasks:
         os.makedirs(os.path.join(root, "lvis"))
