@@ -561,3 +561,35 @@ def test_make_data_writes_the_task_formats_and_names_a_bad_one(tmp_path):
         "make_data.py: error: --tasks: unknown 'densepose'; choose from keypoints, lvis, "
         "cityscapes, voc_semseg\n"
     )
+
+
+def test_the_formats_follow_the_novel_label_classes(tmp_path, synthetic_root):
+    """With SyntheticSpec.novel_classes the task sets hold only the detection classes: LVIS and
+    keypoint categories, VOC segmentation labels, the Cityscapes classes the shapes stand for."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detection.data.datasets import register_synthetic
+
+    spec = dataclasses.replace(TASKS_SPEC, novel_classes=5, det_trainval_images=5)
+    root = str(tmp_path / "novel")
+    ensure_generated(root, spec)
+    novel = list(CLASS_NAMES[5:])
+    register_synthetic(root)
+    try:
+        for name in ("synthetic_kp_trainval", "synthetic_lvis_trainval"):
+            assert MetadataCatalog.get(name).thing_classes == novel
+            labels = {a["category_id"] for d in DatasetCatalog.get(name) for a in d["annotations"]}
+            assert labels and labels <= set(range(5))
+        cats = _load(os.path.join(root, "lvis", "lvis_v0.5_test.json"))["categories"]
+        assert [c["name"] for c in cats] == novel
+        segm = MetadataCatalog.get("synthetic_voc_sem_seg_trainval").stuff_classes
+        assert segm == ["background", *novel]
+        for d in DatasetCatalog.get("synthetic_voc_sem_seg_trainval"):
+            values = set(np.unique(cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)))
+            assert values <= set(range(6)) | {255}
+        shapes = MetadataCatalog.get("synthetic_cityscapes_instance_trainval").shape_classes
+        assert shapes == dict(zip([t[0] for t in CITYSCAPES_THINGS[:5]], novel))
+        dicts = DatasetCatalog.get("synthetic_cityscapes_instance_trainval")
+        assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(5))
+    finally:
+        register_synthetic(synthetic_root)
