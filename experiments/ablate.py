@@ -415,7 +415,7 @@ def _linear_material(acfg, checkpoint):
 def report_finished(acfg):
     """Write the report of the runs finished so far (of a running or stopped sweep) and run
     nothing; the unfinished ones are listed as not run. Returns (rows, records, not_run)."""
-    records, not_run = [], []
+    records, not_run, checkpoints = [], [], {}  # checkpoints: cell -> its DETECTION run's
     for run in plan_runs(acfg):
         done = read_marker(os.path.join(run["dir"], STAGE_FILE))
         if done is None:
@@ -423,6 +423,8 @@ def report_finished(acfg):
             continue
         outputs = localize(done["outputs"])
         records.append(make_record(run, outputs, acfg, True, done.get("seconds")))
+        if outputs.get("last_checkpoint") and run["seed"] == int(acfg.DETECTION.PRETRAIN_SEED):
+            checkpoints[cell_name(run["series"], run["value"])] = outputs["last_checkpoint"]
         if acfg.LINEAR.EPOCHS > 0 and outputs.get("last_checkpoint"):
             material = _linear_material(acfg, outputs["last_checkpoint"])
             folder = f"{os.path.join(run['name'], 'lincls')}-{stage_key(material)}"
@@ -431,8 +433,24 @@ def report_finished(acfg):
                 records[-1]["lincls_top1"] = lin["outputs"]["lincls_top1"]
     if not records:
         raise ValueError(f"no finished run of this sweep in {acfg.OUTPUT_DIR} yet")
-    rows = write_report(records, acfg, not_run=not_run)
+    detection = _finished_detection(acfg, checkpoints, not_run)
+    rows = write_report(records, acfg, not_run=not_run, detection=detection)
     return rows, records, not_run
+
+
+def _finished_detection(acfg, checkpoints, not_run):
+    """The detection report of the DETECTION.CELLS whose trials have all finished (run nothing);
+    ``checkpoints``: cell -> its DETECTION.PRETRAIN_SEED run's checkpoint. The cells not finished
+    are added to ``not_run``."""
+    cells = [str(c) for c in acfg.DETECTION.CELLS]
+    if not cells:
+        return []
+    transfer = Transfer(acfg, Stages(acfg.OUTPUT_DIR, total=0))
+    for cell in cells:
+        checkpoint = checkpoints.get(cell)
+        if not (checkpoint and transfer.finished_stages(cell, checkpoint)):
+            not_run.append(f"detection of {cell}")
+    return transfer.report()[1]
 
 
 def run_ablation(acfg, jobs=None):

@@ -73,6 +73,27 @@ class Transfer:
             for seed in self.trials
         ]
 
+    def finished_stages(self, cell, checkpoint):
+        """Look up (run nothing) ``cell``'s convert and detection stages; True when all its
+        trials have finished, so that :meth:`report` includes it."""
+        from experiments.pipeline import _convert_stage, _detect_stage
+
+        init = init_name(cell)
+        convert = self.stages.finished(*_convert_stage(init, checkpoint)[:2])
+        if convert is None:
+            return False
+        weights = convert["outputs"]["weights"]
+        trials = [
+            self.stages.finished(
+                *_detect_stage(self.acfg, init, weights, seed, None, self.data)[:2]
+            )
+            for seed in self.trials
+        ]
+        if any(t is None for t in trials):
+            return False
+        self.weights[init] = weights
+        return True
+
     def report(self):
         """The detection report (OUTPUT_DIR/detection/transfer.*) of the cells fine-tuned, each
         pair's AP50 paired by detection seed; returns (paths, verdict lines), (None, []) when no

@@ -243,6 +243,18 @@ class Stages:
         self.records.append(record)
         return outputs
 
+    def finished(self, name, material):
+        """The stage's finished record (added to ``records``), None when it has not finished;
+        runs nothing (a report of a running or stopped sweep)."""
+        key = stage_key(material, self.root)
+        out = os.path.join(self.run_dir, f"{name}-{key}")
+        record = self._record(os.path.join(out, STAGE_FILE), name, key)
+        if record is not None:
+            record = localize(record, self.root)
+            record["reused"], record["folder"] = True, out
+            self.records.append(record)
+        return record
+
     def run(self, name, material, fn):
         """``fn(out_dir, resume) -> outputs`` unless ``<name>-<key>/stage.json`` exists."""
         head, out, resume, key, record = self._start(name, material)

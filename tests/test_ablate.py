@@ -445,6 +445,19 @@ def test_named_cells_are_fine_tuned_in_paired_detection_trials(
     _, again = run_ablation(acfg)
     assert all(r["reused"] for r in again)
     assert mtimes == {d: os.path.getmtime(tmp_path / d / "final_metrics.json") for d in runs}
+    # --report-only finds the same detection report, and lists a cell with a trial unfinished
+    with open(tmp_path / "ablation.json") as f:
+        detection = json.load(f)["detection"]
+    _, _, not_run = report_finished(acfg)
+    assert not_run == []
+    with open(tmp_path / "ablation.json") as f:
+        assert json.load(f)["detection"] == detection
+    os.remove(tmp_path / runs[3] / "stage.json")  # moco_16's second trial, as if still running
+    _, _, not_run = report_finished(acfg)
+    assert not_run == ["detection of moco:16"]
+    with open(tmp_path / "ablation.json") as f:
+        assert json.load(f)["detection"] == []  # one cell left: no pair to compare
+    assert "| memory_bank_16 | 2 |" in (tmp_path / "detection" / "transfer.md").read_text()
 
 
 def test_detection_cells_must_be_cells_of_the_sweep(synthetic_root, tmp_path):

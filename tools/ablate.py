@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument(
         "--report-only",
         action="store_true",
-        help="run nothing: the report of the runs finished so far (a running or stopped sweep)",
+        help="run nothing: the report of the runs (and detection trials) finished so far",
     )
     p.add_argument(
         "opts",
