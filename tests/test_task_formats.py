@@ -516,6 +516,9 @@ def test_a_voc_segmentation_mask_with_unknown_ids_or_size_is_one_line(tasks_root
     _one_line_error(
         load_voc_sem_seg, voc, "trainval", n, match=r"000002.png is \d+x\d+ \(width x height\)"
     )
+    # VOC's palette PNGs (as SegmentationClass holds them) would be read as luminance
+    shutil.copy(png.replace("SegmentationClassRaw", "SegmentationClass"), png)
+    _one_line_error(load_voc_sem_seg, voc, "trainval", n, match=r"000002.png: a P PNG, not class")
 
 
 def test_the_registered_loaders_run_the_checks(tasks_root, tmp_path, synthetic_root):

@@ -223,7 +223,7 @@ def load_lvis_checked(json_file, image_root):
 def _png_size_and_ids(path, what):
     try:
         with Image.open(path) as image:
-            return image.size, np.unique(np.asarray(image))
+            return image.size, np.unique(np.asarray(image)), image.mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: {path} does not exist") from None
     except OSError as e:
@@ -300,7 +300,7 @@ def check_cityscapes(image_dir, gt_dir, semantic=False):
         masks = [("instance", instance), ("label", label)]
         masks += [("train", train)] if semantic else []
         for kind, mask in masks:
-            mask_size, ids = _png_size_and_ids(mask, what)
+            mask_size, ids, _ = _png_size_and_ids(mask, what)
             if mask_size != size:
                 raise ValueError(
                     f"Cityscapes annotation {_size_error(mask, mask_size, image, size)}"
@@ -372,7 +372,13 @@ def check_voc_sem_seg(dirname, split, num_classes, masks="SegmentationClassRaw")
         mask = os.path.join(dirname, masks, file_id + ".png")
         what = f"VOC segmentation {mask}"
         size = _image_size(image, what)
-        mask_size, values = _png_size_and_ids(mask, "VOC segmentation")
+        mask_size, values, mode = _png_size_and_ids(mask, "VOC segmentation")
+        if mode != "L":
+            raise ValueError(
+                f"{what}: a {mode} PNG, not class indices in one channel (Detectron2's mapper "
+                "reads labels as grey values: a palette PNG such as VOC's SegmentationClass "
+                "gives its colours' luminance); use SegmentationClassRaw"
+            )
         if mask_size != size:
             raise ValueError(f"VOC segmentation {_size_error(mask, mask_size, image, size)}")
         bad = values[(values > num_classes) & (values != VOID)]
