@@ -596,3 +596,33 @@ def test_the_formats_follow_the_novel_label_classes(tmp_path, synthetic_root):
         assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(5))
     finally:
         register_synthetic(synthetic_root)
+
+
+def test_a_config_naming_a_task_set_registers_the_embedded_root(
+    tasks_root, synthetic_root, monkeypatch
+):
+    """tools/train_net.py's start (prepare_datasets) registers the embedded root when a config
+    names one of its task sets, as it does for the detection sets."""
+    from detectron2.data import DatasetCatalog
+
+    from detection.config import load_cfg
+    from detection.trainer import prepare_datasets
+
+    assert "synthetic_kp_trainval" not in DatasetCatalog.list()  # the session's root has none
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tasks_root))
+    opts = ["MODEL.KEYPOINT_ON", "True", "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", "5"]
+    opts += [
+        "DATASETS.TRAIN",
+        "('synthetic_kp_trainval',)",
+        "DATASETS.TEST",
+        "('synthetic_kp_test',)",
+    ]
+    cfg = load_cfg(os.path.join(REPO, "configs", "detection", "embedded_voc_R_18_FPN.yaml"), opts)
+    try:
+        prepare_datasets(cfg)
+        assert {"synthetic_kp_trainval", "synthetic_lvis_test"} <= set(DatasetCatalog.list())
+        assert len(DatasetCatalog.get("synthetic_kp_test")) == TASKS_SPEC.det_test_images
+    finally:
+        from detection.data.datasets import register_synthetic
+
+        register_synthetic(synthetic_root)
