@@ -51,6 +51,7 @@ from detection.data.checks import build_checked_train_loader, set_annotation_lim
 from detection.data.datasets import (
     REGISTER_HINT,
     SYNTHETIC_DATASETS,
+    TASK_DATASETS,
     evaluator_type,
     register_datasets,
     register_synthetic,
@@ -183,7 +184,8 @@ def prepare_datasets(cfg):
     register_datasets(cfg.DATASETS.REGISTER)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
-    if any(n in SYNTHETIC_DATASETS and n not in registered for n in names):
+    embedded = SYNTHETIC_DATASETS.keys() | TASK_DATASETS.keys()  # a root's task sets: its tasks
+    if any(n in embedded and n not in registered for n in names):
         register_synthetic(None)
     registered = set(DatasetCatalog.list())
     for name in names:

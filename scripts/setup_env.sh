@@ -28,5 +28,10 @@ pip_install torch torchvision
 PYTHON="$PY" bash "$ROOT/scripts/install_detectron2.sh"
 echo "[setup] installing moco-det (editable, with the test extra)"
 pip_install -e "$ROOT[test]"
+# The LVIS and Cityscapes loaders / evaluators (issue 26's task formats). --no-deps: lvis asks for
+# opencv-python, which would overwrite opencv-python-headless's cv2, and cityscapesscripts for the
+# Python 2 `typing` backport and its GUI / downloader packages; what they import is here already.
+echo "[setup] installing lvis and cityscapesscripts (no dependencies; constraints.txt pins them)"
+pip_install --no-deps lvis cityscapesscripts pyquaternion
 echo "$KEY" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start ))s"

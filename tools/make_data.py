@@ -2,6 +2,7 @@
 """Generate (or reuse) the embedded synthetic data: image folder, VOC2007 layout and COCO JSON.
 
     python tools/make_data.py --root datasets/moco_det_synthetic --seed 0
+    python tools/make_data.py --tasks keypoints lvis cityscapes voc_semseg   # the other tasks' formats
 
 An existing root generated from the same settings is reused unless --force is given.
 """
@@ -12,7 +13,12 @@ import os
 import sys
 import time
 
-from moco.data.synthetic.spec import CLASS_NAMES, SyntheticSpec, default_synthetic_root
+from moco.data.synthetic.spec import (
+    CLASS_NAMES,
+    TASK_FORMATS,
+    SyntheticSpec,
+    default_synthetic_root,
+)
 from moco.data.synthetic.writers import ensure_generated
 from moco.utils.cli import run_cli
 from moco.utils.file_io import check_output_dir
@@ -52,6 +58,14 @@ def parse_args(argv=None):
             help=f"SyntheticSpec.{field} (default: %(default)s)",
         )
     p.add_argument(
+        "--tasks",
+        nargs="*",
+        default=[],
+        metavar="FORMAT",
+        help=f"also write these task formats ({', '.join(TASK_FORMATS)}; default: none, the "
+        "VOC/COCO detection set only)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -62,7 +76,7 @@ def parse_args(argv=None):
 
 
 def _flag_names(msg):
-    for flag, field in _SPEC_FLAGS.items():
+    for flag, field in {**_SPEC_FLAGS, "--tasks": "tasks"}.items():
         msg = msg.replace(f"SyntheticSpec.{field}", flag)
     return msg
 
@@ -71,7 +85,9 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or default_synthetic_root()
     check_output_dir(root, "--root")  # a file there would end in a bare "[Errno 17] File exists"
-    spec = SyntheticSpec(**{field: getattr(args, field) for field in _SPEC_FLAGS.values()})
+    spec = SyntheticSpec(
+        **{field: getattr(args, field) for field in _SPEC_FLAGS.values()}, tasks=args.tasks
+    )
     start = time.perf_counter()
     manifest = ensure_generated(root, spec, workers=max(1, args.workers), force=args.force)
     c = manifest["counts"]
@@ -85,7 +101,9 @@ def run(args):
         f"{root}: {classes}; imagefolder train {c['imagefolder_train_images']} / "
         f"val {c['imagefolder_val_images']} images; VOC/COCO trainval {c['det_trainval_images']} images "
         f"{c['det_trainval_objects']} objects, test {c['det_test_images']} images "
-        f"{c['det_test_objects']} objects ({time.perf_counter() - start:.1f} s)"
+        f"{c['det_test_objects']} objects"
+        + (f"; task formats {', '.join(spec.tasks)}" if spec.tasks else "")
+        + f" ({time.perf_counter() - start:.1f} s)"
     )
 
 

@@ -16,7 +16,8 @@
   ids and annotation counts, and every image file on disk. A bad file is a one-line ValueError
   naming it and the offending id or key, instead of a pycocotools ``KeyError`` /
   ``AssertionError`` traceback, an orphan annotation silently lost, or a NaN polygon that runs
-  the process out of memory. Checks run in bulk (a COCO-scale file has ~10^6 entries), one entry
+  the process out of memory. Keypoints, where annotations have them (:func:`check_keypoints`):
+  [x, y, v] for each name of the category, v 0 / 1 / 2, labelled points inside the image. Checks run in bulk (a COCO-scale file has ~10^6 entries), one entry
   at a time only to name a fault. :func:`load_coco_checked` then hands the parsed file to
   Detectron2's ``load_coco_json`` (one parse), with the garbage collector paused.
 * :func:`check_boxes` (VOC and COCO loaders alike, :func:`register_coco_checked`): every box finite
@@ -72,6 +73,7 @@ __all__ = [
     "build_checked_train_loader",
     "check_boxes",
     "check_coco_json",
+    "check_keypoints",
     "check_voc_annotations",
     "drop_unreadable_images",
     "load_voc_checked",
@@ -259,7 +261,8 @@ _COCO_FIELDS = {  # what load_coco_json reads of each entry
 }
 
 
-def _coco_entries(data, key, what):
+def _coco_entries(data, key, what, fields=None):
+    fields = fields or _COCO_FIELDS[key]
     entries = data.get(key)
     if key not in data:
         raise ValueError(
@@ -269,7 +272,7 @@ def _coco_entries(data, key, what):
         raise ValueError(f"{what}: '{key}' must be a list, found {type(entries).__name__}")
     # in bulk first (a COCO-scale file has ~10^6 entries); an entry at a time names the first fault
     if all(type(e) is dict for e in entries) and all(
-        all(field in e for e in entries) for field in _COCO_FIELDS[key]
+        all(field in e for e in entries) for field in fields
     ):
         ids = [e["id"] for e in entries]
         unique = set(ids) if all(type(i) is int for i in ids) else ()
@@ -279,7 +282,7 @@ def _coco_entries(data, key, what):
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{what}: {key}[{i}] is a {type(entry).__name__}, not an object")
-        for field in _COCO_FIELDS[key]:
+        for field in fields:
             if field not in entry:
                 raise ValueError(f"{what}: {key}[{i}] has no '{field}'")
         if not _is_int(entry["id"]):
@@ -428,6 +431,62 @@ def _polygons_error(segm, width, height):
 _NUMBER_TYPES = (int, float)  # what JSON numbers parse to (bool is neither)
 
 
+def check_keypoints(what, annotations, categories, sizes):
+    """COCO keypoints as Detectron2 reads them: each annotation's ``keypoints`` is [x, y, v] for
+    every keypoint its category names (``categories[].keypoints``; without names, as many as the
+    first annotation's), v in COCO's 0 / 1 / 2, and a labelled point (v > 0) inside its image
+    (within the polygons' slack). Detectron2 would train on a wrong count reshaped into other
+    keypoints' slots, or fail in the keypoint head with a shape error; a point outside the image
+    is a broken file. One ValueError naming ``what``, the annotation and the field."""
+    names = {}
+    for category in categories:
+        if "keypoints" in category:
+            if not isinstance(category["keypoints"], list):
+                raise ValueError(
+                    f"{what}: category id {category['id']} has keypoints "
+                    f"{_short(category['keypoints'])}, not a list of keypoint names"
+                )
+            names[category["id"]] = len(category["keypoints"])
+    first = None
+    for ann in annotations:
+        points = ann.get("keypoints")
+        if points is None:
+            continue
+        where = f"{what}: annotation id {ann['id']} (image id {ann['image_id']})"
+        if not isinstance(points, list) or not all(map(_is_number, points)) or len(points) % 3:
+            raise ValueError(
+                f"{where} has keypoints {_short(points)}, not a flat list of x, y, v numbers"
+            )
+        count = len(points) // 3
+        expected = names.get(ann["category_id"], first)
+        if expected is not None and count != expected:
+            source = (
+                f"category id {ann['category_id']} names {expected}"
+                if ann["category_id"] in names
+                else f"the first annotation with keypoints has {expected}"
+            )
+            raise ValueError(
+                f"{where} has {count} keypoints, but {source}; give [x, y, v] for each of them "
+                "(v = 0 for a point that is not labelled)"
+            )
+        first = count if first is None else first
+        width, height = sizes[ann["image_id"]]
+        slack_x = max(_POLYGON_SLACK, _POLYGON_SLACK_FRACTION * width)
+        slack_y = max(_POLYGON_SLACK, _POLYGON_SLACK_FRACTION * height)
+        for i in range(count):
+            x, y, v = points[3 * i : 3 * i + 3]
+            if v not in (0, 1, 2):
+                raise ValueError(
+                    f"{where}: keypoint {i} has visibility {_short(v)}, not COCO's 0 (not "
+                    "labelled), 1 (labelled, hidden) or 2 (visible)"
+                )
+            if v and not (-slack_x <= x <= width + slack_x and -slack_y <= y <= height + slack_y):
+                raise ValueError(
+                    f"{where}: keypoint {i} at ({x}, {y}) is outside the {width}x{height} image; "
+                    "fix it or mark it not labelled (0, 0, 0)"
+                )
+
+
 def _annotations_pass(annotations, image_ids, category_ids, sizes, max_per_image):
     """Whether every annotation passes :func:`_raise_first_annotation_error`'s checks, in bulk
     (an annotation at a time took seconds on 250,000 annotations)."""
@@ -549,6 +608,8 @@ def check_coco_json(json_file, image_root, max_annotations=None, max_per_image=N
     limits = (image_ids, category_ids, sizes, max_per_image)
     if not _annotations_pass(annotations, *limits):
         _raise_first_annotation_error(what, annotations, *limits)
+    if any("keypoints" in a for a in annotations):
+        check_keypoints(what, annotations, categories, sizes)
     names = [im["file_name"] for im in images]
     # a file name below image_root, never a way out of it (as VOC ids, check_voc_annotations);
     # in bulk first, then one by one where a name might be one (an image at a time took seconds)

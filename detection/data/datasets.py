@@ -15,12 +15,22 @@ Detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) kee
 metadata; :func:`use_checked_loaders` gives them (and any name registered with Detectron2's
 ``register_coco_instances`` / ``register_pascal_voc``) the same checked loaders.
 
+A root generated with ``SyntheticSpec.tasks`` also gets, per split (trainval, test), the sets
+of :data:`TASK_DATASETS`: ``synthetic_kp_*`` (COCO keypoints, the checked COCO loader; metadata
+``keypoint_names``, ``keypoint_flip_map``, ``keypoint_connection_rules`` and
+``keypoint_oks_sigmas`` for ``TEST.KEYPOINT_OKS_SIGMAS``), ``synthetic_lvis_*`` (Detectron2's
+``load_lvis_json``, evaluator_type "lvis"), ``synthetic_cityscapes_instance_*`` /
+``synthetic_cityscapes_sem_seg_*`` (Detectron2's Cityscapes loaders on the PNGs, metadata as its
+builtin Cityscapes sets) and ``synthetic_voc_sem_seg_*`` (``sem_seg_file_name`` dicts,
+evaluator_type "sem_seg"), each loader checked first (:mod:`detection.data.task_formats`).
+
 :func:`register_datasets` registers a user's sets from the config key ``DATASETS.REGISTER``
 (``[name, "coco", annotations.json, image_folder]`` or ``[name, "voc", VOC_folder, split]``) with
 those same Detectron2 helpers, so that no code is needed to name one's own data.
 """
 
 import glob
+import json
 import logging
 import os
 from functools import partial
@@ -30,18 +40,33 @@ from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
+from detection.data import task_formats
 from detection.data.checks import (
     load_coco_checked,
     load_voc_checked,
     register_coco_checked,
     register_pascal_voc_checked,
 )
-from moco.data.synthetic.spec import CLASS_NAMES, VOC_SPLITS, VOC_YEAR, default_synthetic_root
+from moco.data.synthetic.spec import (
+    CITYSCAPES_SPLITS,
+    CITYSCAPES_THINGS,
+    CLASS_NAMES,
+    KEYPOINT_FLIP_MAP,
+    KEYPOINT_NAMES,
+    KEYPOINT_OKS_SIGMAS,
+    KEYPOINT_SKELETON,
+    VOC_SPLITS,
+    VOC_VOID,
+    VOC_YEAR,
+    SyntheticSpec,
+    default_synthetic_root,
+)
 from moco.data.synthetic.writers import read_manifest
 
 __all__ = [
     "CLASS_NAMES",
     "SYNTHETIC_DATASETS",
+    "TASK_DATASETS",
     "default_synthetic_root",
     "REGISTER_HINT",
     "evaluator_type",
@@ -125,6 +150,120 @@ def register_synthetic(root: str | None = None) -> dict[str, str]:
                 "synthetic_root": root,
             }
             register_coco_checked(name, metadata, paths["json_file"], paths["image_root"])
+    registered.update(_register_tasks(root))
+    return registered
+
+
+# name -> (task format, split): SyntheticSpec.tasks' sets, registered when the root holds them
+TASK_DATASETS: dict[str, tuple] = {
+    f"synthetic_{prefix}_{split}": (task, split)
+    for prefix, task in (
+        ("kp", "keypoints"),
+        ("lvis", "lvis"),
+        ("cityscapes_instance", "cityscapes"),
+        ("cityscapes_sem_seg", "cityscapes"),
+        ("voc_sem_seg", "voc_semseg"),
+    )
+    for split in VOC_SPLITS
+}
+
+
+def _task_paths(root, name, task, split):
+    """(the file or folder that must exist, the loader, its metadata) of one task set."""
+    spec = (read_manifest(root) or {}).get("spec", {})
+    classes = [CLASS_NAMES[c] for c in SyntheticSpec(**spec).detection_classes()]
+    voc = os.path.join(root, "VOC2007")
+    if task == "keypoints":
+        json_file = os.path.join(root, "coco", "annotations", f"keypoints_{split}.json")
+        meta = {
+            "thing_classes": classes,
+            "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(classes))},
+            "keypoint_names": list(KEYPOINT_NAMES),
+            "keypoint_flip_map": [list(pair) for pair in KEYPOINT_FLIP_MAP],
+            # Detectron2's visualizer draws these lines (1-based skeleton -> names)
+            "keypoint_connection_rules": [
+                (KEYPOINT_NAMES[a - 1], KEYPOINT_NAMES[b - 1], (102, 204, 255))
+                for a, b in KEYPOINT_SKELETON
+            ],
+            # TEST.KEYPOINT_OKS_SIGMAS for COCOEvaluator (COCO's 17 do not fit K = 5)
+            "keypoint_oks_sigmas": list(KEYPOINT_OKS_SIGMAS),
+            "json_file": json_file,
+            "image_root": os.path.join(voc, "JPEGImages"),
+            "evaluator_type": "coco",
+        }
+        image_root = meta["image_root"]
+        return json_file, partial(load_coco_checked, json_file, image_root, name), meta
+    if task == "lvis":
+        json_file = os.path.join(root, "lvis", f"lvis_v0.5_{split}.json")
+        meta = {
+            "thing_classes": classes,
+            "json_file": json_file,
+            "image_root": voc,
+            "evaluator_type": "lvis",
+        }
+        return json_file, partial(task_formats.load_lvis_checked, json_file, voc), meta
+    if task == "cityscapes":
+        from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+        folder = CITYSCAPES_SPLITS[split]
+        image_dir = os.path.join(root, "cityscapes", "leftImg8bit", folder)
+        gt_dir = os.path.join(root, "cityscapes", "gtFine", folder)
+        meta = dict(_get_builtin_metadata("cityscapes"), image_dir=image_dir, gt_dir=gt_dir)
+        # which shape each Cityscapes class is drawn as
+        meta["shape_classes"] = dict(zip((t[0] for t in CITYSCAPES_THINGS), classes))
+        if "instance" in name:
+            loader = task_formats.load_cityscapes_instances_checked
+            meta["evaluator_type"] = "cityscapes_instance"
+        else:
+            loader = task_formats.load_cityscapes_semantic_checked
+            meta.update(evaluator_type="cityscapes_sem_seg", ignore_label=255)
+        return gt_dir, partial(loader, image_dir, gt_dir), meta
+    listing = os.path.join(voc, "ImageSets", "Segmentation", split + ".txt")
+    meta = {
+        "stuff_classes": ["background", *classes],
+        "ignore_label": VOC_VOID,
+        "dirname": voc,
+        "split": split,
+        "evaluator_type": "sem_seg",
+    }
+    return listing, partial(task_formats.load_voc_sem_seg, voc, split, len(classes)), meta
+
+
+def _register_tasks(root):
+    """Register the task sets ``root`` holds (its manifest's ``spec.tasks``); drop the names an
+    earlier root's registration left for formats this one lacks."""
+    manifest = read_manifest(root) or {}
+    tasks = manifest.get("spec", {}).get("tasks", [])
+    signature = json.dumps(manifest.get("spec"), sort_keys=True)
+    registered = {}
+    for name, (task, split) in TASK_DATASETS.items():
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if meta.get("synthetic_root") is None:
+                raise ValueError(
+                    f"dataset name {name} is already registered, not by register_synthetic; "
+                    f"refusing to replace it"
+                )
+            if task in tasks and meta.synthetic_root == root and meta.synthetic_spec == signature:
+                registered[name] = meta.synthetic_check
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        if task not in tasks:
+            continue
+        if task in ("lvis", "cityscapes"):  # their evaluators run in this process, later
+            task_formats.legacy_numpy_compat()
+        check, loader, meta = _task_paths(root, name, task, split)
+        if not os.path.exists(check):
+            raise FileNotFoundError(
+                f"synthetic dataset {name}: {check} not found; generate the data first with "
+                f"`python tools/make_data.py --root {root} --tasks {' '.join(tasks)}`"
+            )
+        DatasetCatalog.register(name, loader)
+        MetadataCatalog.get(name).set(
+            synthetic_root=root, synthetic_spec=signature, synthetic_check=check, **meta
+        )
+        registered[name] = check
     return registered
 
 

@@ -9,6 +9,22 @@ Layout under one root (docs/DESIGN.md)::
     coco/annotations/instances_{trainval,test}.json       same detection data, images in VOC2007/JPEGImages
     spec.json                                             manifest, written last
 
+With ``SyntheticSpec.tasks`` (opt-in; ``spec.TASK_FORMATS``) also the paper's other task formats::
+
+    coco/annotations/keypoints_{trainval,test}.json       keypoints: COCO keypoint JSON, 5 points
+                                                          an object (``KEYPOINT_NAMES``), v 0/1/2
+    lvis/lvis_v0.5_{trainval,test}.json                   lvis: federated (neg / not-exhaustive
+                                                          ids per image), frequency r/c/f
+    cityscapes/leftImg8bit/{train,val}/<city>/*.png       cityscapes: scenes of its own seed words,
+    cityscapes/gtFine/{train,val}/<city>/*_gtFine_*       8 shapes as Cityscapes' 8 thing classes
+    VOC2007/SegmentationClass/NNNNNN.png                  voc_semseg: palette PNGs, 255 = void band
+    VOC2007/SegmentationClassRaw/NNNNNN.png               the same as grey values (DeepLab's name)
+    VOC2007/ImageSets/Segmentation/{trainval,test}.txt
+
+The detection files are the same bytes with or without tasks; the keypoints follow each shape's
+deformation and placement (no extra draws), and the LVIS and Cityscapes draws use their own seed
+words, so no stream of the default set changes.
+
 Content (generator version 2, designed for instance discrimination; docs/RESULTS.md has the
 measurements behind it). Each of the ``CLASS_NAMES`` is a shape with its own texture family
 (``TEXTURE_OF_CLASS``). What tells one instance from another is object content that clusters by

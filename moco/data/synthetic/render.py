@@ -18,6 +18,7 @@ from moco.data.synthetic.spec import (
     DET_MIN_SIZE,
     DIFFICULT_VISIBLE_FRACTION,
     GREY_LEVELS,
+    KEYPOINT_UNIT,
     MAX_TILT_DEG,
     MIN_VISIBLE_FRACTION,
     MIN_VISIBLE_PIXELS,
@@ -199,9 +200,7 @@ def _sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _deform(parts, rng: np.random.Generator):
-    """Per-instance low-frequency radial deformation of a unit outline (the class stays legible)."""
-    coef = [(k, rng.uniform(0, DEFORMATION), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
+def _apply_deform(parts, coef):
     out = []
     for pts, cut in parts:
         theta = np.arctan2(pts[:, 1], pts[:, 0])
@@ -210,11 +209,36 @@ def _deform(parts, rng: np.random.Generator):
     return out
 
 
+def _deform(parts, rng: np.random.Generator):
+    """Per-instance low-frequency radial deformation of a unit outline (the class stays legible).
+    Returns (deformed parts, the coefficients: the keypoints follow the same deformation)."""
+    coef = [(k, rng.uniform(0, DEFORMATION), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
+    return _apply_deform(parts, coef), coef
+
+
 def _sample_object(rng, cls: int, h: int, w: int, size: float, cx: float, cy: float, aspect: float):
     name = CLASS_NAMES[cls]
     angle = math.radians(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
-    parts = _place(_deform(_shape_parts(name, rng), rng), cx, cy, size / 2, aspect, angle)
-    return {"cls": cls, "parts": parts, "cx": cx, "cy": cy, "angle": angle, "size": size}
+    deformed, coef = _deform(_shape_parts(name, rng), rng)
+    parts = _place(deformed, cx, cy, size / 2, aspect, angle)
+    # the keypoints: KEYPOINT_UNIT through the outline's deformation and placement (no draws)
+    ((keypoints, _),) = _place(
+        _apply_deform([(np.array(KEYPOINT_UNIT, np.float64), False)], coef),
+        cx,
+        cy,
+        size / 2,
+        aspect,
+        angle,
+    )
+    return {
+        "cls": cls,
+        "parts": parts,
+        "cx": cx,
+        "cy": cy,
+        "angle": angle,
+        "size": size,
+        "keypoints": keypoints,
+    }
 
 
 def _draw_object(rng, img: np.ndarray, obj: dict, mask: np.ndarray):
@@ -289,16 +313,25 @@ def _mask_box(mask: np.ndarray):
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())  # inclusive, 0-based
 
 
-def render_detection_image(spec: SyntheticSpec, split: str, index: int):
+def render_detection_image(
+    spec: SyntheticSpec, split: str, index: int, kind: int = _KIND_DET, classes=None
+):
     """One detection image and its annotations.
 
     Returns (RGB uint8 image, objects); each object is a dict with class index ``cls``, ``box``
     (0-based inclusive pixel indices x0, y0, x1, y1 of the visible mask), ``polygons``, ``area``,
-    ``truncated``, ``difficult`` and ``visible`` (visible fraction of its in-image area).
+    ``truncated``, ``difficult``, ``visible`` (visible fraction of its in-image area), ``mask``
+    (the visible mask, bool h x w) and ``keypoints`` (K x 3: x, y in continuous pixel
+    coordinates, pixel i spanning [i, i + 1), and COCO's visibility: 0 outside the image, 1
+    under an object drawn above, 2 visible).
+
+    ``kind`` (another seed word) and ``classes`` (indices into CLASS_NAMES, default the spec's
+    detection classes) make the scenes of another set (the Cityscapes-style one) from the same
+    drawing; the defaults are the VOC / COCO scenes.
     """
-    rng = _rng(spec.seed, _KIND_DET, VOC_SPLITS.index(split), 0, index)
+    rng = _rng(spec.seed, kind, VOC_SPLITS.index(split), 0, index)
     # all 10 by default; with novel_classes only those (the same draws: index i of the list)
-    drawn = np.asarray(spec.detection_classes())
+    drawn = np.asarray(spec.detection_classes() if classes is None else classes)
     long_side = spec.det_image_size
     short_side = int(round(long_side * rng.uniform(0.75, 1.0)))
     h, w = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
@@ -338,6 +371,7 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
         if not polygons:
             continue
         obj.update(visible_mask=visible, visible=frac, polygons=polygons, area=float(npix))
+        obj["keypoints"] = _keypoint_visibility(obj["keypoints"], covered)
         kept.append(obj)
         covered |= obj["mask"]
     kept.reverse()
@@ -353,7 +387,20 @@ def render_detection_image(spec: SyntheticSpec, split: str, index: int):
             "truncated": o["truncated"],
             "difficult": o["visible"] < DIFFICULT_VISIBLE_FRACTION,
             "visible": o["visible"],
+            "mask": o["visible_mask"],
+            "keypoints": o["keypoints"],
         }
         for o in kept
     ]
     return img, objects
+
+
+def _keypoint_visibility(points: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """(K, 2) continuous coordinates -> (K, 3) with COCO's flag: 0 outside the image (COCO does
+    not label those: x = y = 0), 1 on the mask of an object drawn above, 2 visible."""
+    h, w = covered.shape
+    out = np.zeros((len(points), 3))
+    for i, (x, y) in enumerate(points):
+        if 0 <= x < w and 0 <= y < h:
+            out[i] = (x, y, 1 if covered[int(y), int(x)] else 2)
+    return out
