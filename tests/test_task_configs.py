@@ -293,6 +293,7 @@ def _voc_seg(root, label_modes):
         (voc / sub).mkdir(parents=True)
     ids = [f"2007_00000{i}" for i in range(len(label_modes))]
     for image_id, mode in zip(ids, label_modes):
+        Image.new("RGB", (2, 2)).save(voc / "JPEGImages" / f"{image_id}.jpg")
         label = Image.fromarray(np.array([[0, 15], [255, 20]], np.uint8)).convert(mode)
         label.save(voc / "SegmentationClassAug" / f"{image_id}.png")
     (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
@@ -310,7 +311,7 @@ def test_voc_semantic_sets_load_class_index_pngs_and_refuse_palette_ones(tmp_pat
     with pytest.raises(ValueError, match="2007_000001.png: a P PNG, not class indices") as e:
         load_voc_sem_seg(str(bad), "val")
     assert len(str(e.value).splitlines()) == 1
-    with pytest.raises(FileNotFoundError, match="train_aug.txt: no such file"):
+    with pytest.raises(FileNotFoundError, match="train_aug.txt does not exist"):
         load_voc_sem_seg(str(voc), "train_aug")
     (voc / "SegmentationClassAug" / "2007_000000.png").unlink()
     with pytest.raises(FileNotFoundError, match="2007_000000.png"):

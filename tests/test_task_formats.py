@@ -308,7 +308,7 @@ def test_detectron2_evaluators_score_the_ground_truth_100(registered):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation import COCOEvaluator, LVISEvaluator, SemSegEvaluator
 
-    from detection.data.task_formats import read_sem_seg_png
+    from detection.semantic_seg import load_label_png
 
     name = "synthetic_kp_test"
     dicts = DatasetCatalog.get(name)
@@ -336,7 +336,7 @@ def test_detectron2_evaluators_score_the_ground_truth_100(registered):
         labels = np.asarray(Image.open(d["sem_seg_file_name"])).astype(np.int64)
         onehot = np.eye(num)[np.where(labels == 255, 0, labels)].transpose(2, 0, 1)
         outputs.append({"sem_seg": torch.from_numpy(onehot)})
-    evaluator = SemSegEvaluator(name, distributed=False, sem_seg_loading_fn=read_sem_seg_png)
+    evaluator = SemSegEvaluator(name, distributed=False, sem_seg_loading_fn=load_label_png)
     result = _run(evaluator, dicts, outputs)
     assert result["sem_seg"]["mIoU"] == pytest.approx(100.0)
 

@@ -51,7 +51,6 @@ __all__ = [
     "load_lvis_checked",
     "load_voc_sem_seg",
     "legacy_numpy_compat",
-    "read_sem_seg_png",
 ]
 
 _LVIS_FIELDS = {  # what Detectron2's load_lvis_json and LVISEval read of each entry
@@ -391,13 +390,6 @@ def check_voc_sem_seg(dirname, split, num_classes, masks="SegmentationClassRaw")
             {"file_name": image, "sem_seg_file_name": mask, "height": size[1], "width": size[0]}
         )
     return dicts
-
-
-def read_sem_seg_png(filename, copy=False, dtype=None):
-    """A label PNG as an array, for ``SemSegEvaluator(sem_seg_loading_fn=...)``: Detectron2's
-    default (``np.array(..., copy=False)``) fails under numpy 2 ("Unable to avoid copy")."""
-    with Image.open(filename) as image:
-        return np.asarray(image, dtype=dtype)
 
 
 def load_voc_sem_seg(dirname, split, num_classes, masks="SegmentationClassRaw"):

@@ -19,7 +19,6 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES
-from PIL import Image
 
 __all__ = ["VOC_SEM_SEG_SPLITS", "load_voc_sem_seg", "register_voc_sem_seg"]
 
@@ -29,38 +28,15 @@ STUFF_CLASSES = ["background", *CLASS_NAMES]
 
 
 def load_voc_sem_seg(dirname, split):
-    """Detectron2 dataset dicts (``file_name``, ``sem_seg_file_name``, ``image_id``) of the ids in
-    ``dirname/ImageSets/Segmentation/{split}.txt``; every label PNG checked to exist and to be a
-    one-channel (class index) image."""
-    listing = os.path.join(dirname, "ImageSets", "Segmentation", split + ".txt")
-    if not os.path.isfile(listing):
-        raise FileNotFoundError(
-            f"{listing}: no such file; VOC semantic segmentation needs VOC2012 with "
-            f"{LABELS}/ and ImageSets/Segmentation/{split}.txt under $DETECTRON2_DATASETS"
-        )
-    with open(listing, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    dicts = []
-    for image_id in ids:
-        label = os.path.join(dirname, LABELS, image_id + ".png")
-        try:
-            with Image.open(label) as im:  # the header only
-                mode = im.mode
-        except OSError as e:
-            raise FileNotFoundError(f"{label} (listed in {listing}): {e}") from None
-        if mode != "L":
-            raise ValueError(
-                f"{label}: a {mode} PNG, not class indices in one channel (Detectron2 reads labels "
-                f"as grayscale, so a palette PNG such as VOC's SegmentationClass gives wrong "
-                f"classes); use the one-channel {LABELS} labels"
-            )
-        dicts.append(
-            {
-                "file_name": os.path.join(dirname, "JPEGImages", image_id + ".jpg"),
-                "sem_seg_file_name": label,
-                "image_id": image_id,
-            }
-        )
+    """Detectron2 dataset dicts (``file_name``, ``sem_seg_file_name``, ``image_id``, size) of the
+    ids in ``dirname/ImageSets/Segmentation/{split}.txt``; every label PNG checked as the embedded
+    set's are (:func:`detection.data.task_formats.check_voc_sem_seg`: one channel, its image's size,
+    class ids 0-20 or 255)."""
+    from detection.data.task_formats import check_voc_sem_seg
+
+    dicts = check_voc_sem_seg(dirname, split, len(CLASS_NAMES), masks=LABELS)
+    for d in dicts:
+        d["image_id"] = os.path.splitext(os.path.basename(d["file_name"]))[0]
     return dicts
 
 
