@@ -554,6 +554,24 @@ def _raise_first_annotation_error(what, annotations, image_ids, category_ids, si
     raise AssertionError("_annotations_pass and _raise_first_annotation_error disagree")
 
 
+def _read_json(path, what, expected="a JSON object"):
+    """The JSON object in ``path``; a missing file, bad JSON, non-UTF-8 text or another type is
+    one line starting with ``what``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} does not exist") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise ValueError(f"{what}: not valid JSON ({e.msg}: {where})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected {expected}, found a {type(data).__name__}")
+    return data
+
+
 def check_coco_json(json_file, image_root, max_annotations=None, max_per_image=None):
     """Raise a one-line ValueError naming ``json_file`` (and the id or key) if it is not a COCO
     annotation file Detectron2's ``load_coco_json`` reads correctly, or names an image that is not
@@ -566,21 +584,7 @@ def check_coco_json(json_file, image_root, max_annotations=None, max_per_image=N
     max_annotations = max_annotations or _limits["annotations"]
     max_per_image = max_per_image or _limits["per_image"]
     what = f"COCO annotations {json_file}"
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} does not exist") from None
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno} column {e.colno}"
-        raise ValueError(f"{what}: not valid JSON ({e.msg}: {where})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{what}: expected a JSON object with images, annotations and categories, "
-            f"found a {type(data).__name__}"
-        )
+    data = _read_json(json_file, what, "a JSON object with images, annotations and categories")
     images, image_ids = _coco_entries(data, "images", what)
     annotations = data.get("annotations")
     if isinstance(annotations, list) and len(annotations) > max_annotations:

@@ -35,6 +35,7 @@ from detection.data.checks import (
     _coco_entries,
     _is_int,
     _missing_files,
+    _read_json,
     _segmentation_error,
     _short,
     check_boxes,
@@ -68,23 +69,6 @@ _LVIS_FIELDS = {  # what Detectron2's load_lvis_json and LVISEval read of each e
 LVIS_FREQUENCIES = ("r", "c", "f")
 VOID = 255  # VOC's and Cityscapes' "not scored" label
 CITYSCAPES_TRAIN_IDS = frozenset(range(19)) | {VOID}
-
-
-def _read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{what}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what}: not valid JSON (not UTF-8 text: {e.reason})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what}: expected a JSON object, found a {type(data).__name__}")
-    return data
 
 
 def lvis_image_path(image_root, image):
