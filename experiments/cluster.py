@@ -23,6 +23,7 @@ import shutil
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MEM = re.compile(r"^[0-9]+[KMGT]?$")
 # the process layout the job decides: dropped from the command line it runs
+_IN_JOB = "MOCO_DET_SUBMITTED_JOB"  # set in a job: it does not submit again
 _LAYOUT_FLAGS = {
     "--num-machines": True,
     "--machine-rank": True,
@@ -71,6 +72,8 @@ def check_submit_args(args, argv):
         if given:
             raise ValueError(f"{given[0]} needs --submit slurm (or --submit local)")
         return
+    if os.environ.get(_IN_JOB):  # an abbreviated --submit (--sub) would not have been dropped
+        raise ValueError("--submit in a submitted job's command: give --submit in full")
     if args.slurm_nodes < 1:
         raise ValueError(f"--slurm-nodes {args.slurm_nodes}: must be >= 1 (machines of the job)")
     if args.slurm_time < 1:
@@ -207,6 +210,7 @@ class ToolJob:
         import submitit
 
         env = submitit.JobEnvironment()
+        os.environ[_IN_JOB] = "1"
         argv = job_argv(self.argv, self.nodes, env.node, env.hostnames, env.job_id)
         print(f"{self.tool}.py {' '.join(argv)}", flush=True)
         code = load_tool(self.tool).main(argv)

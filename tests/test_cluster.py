@@ -308,3 +308,13 @@ def test_pipeline_stages_take_one_node(fake_sbatch, capsys):
     assert load_tool("pipeline").main(["--submit", "slurm", "--slurm-nodes", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pipeline.py: error: --slurm-nodes 2: each pipeline stage runs on one")
+
+
+def test_a_job_never_submits_again(monkeypatch, tmp_path, capsys):
+    """An abbreviated --submit (argparse accepts --sub) stays in the job's command; the job refuses
+    it rather than submitting itself again."""
+    monkeypatch.setenv("MOCO_DET_SUBMITTED_JOB", "1")
+    argv = ["--sub", "local", "--config-file", PRETRAIN_CFG, "--output-dir", str(tmp_path)]
+    assert load_tool("pretrain").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pretrain.py: error: --submit in a submitted job's command: give --submit in full"
