@@ -23,6 +23,7 @@ setup(
         "tensorboard",
         "tqdm",
         "scipy>=1.9",
+        "submitit>=1.5",  # --submit slurm / local (experiments/cluster.py)
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
 )

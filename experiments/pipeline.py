@@ -425,8 +425,12 @@ def _trial_run(folder, outputs, seed, weights):
     return run
 
 
-def run_pipeline(cfg):
+def run_pipeline(cfg, submit=None):
     """Run every stage of ``cfg`` (see :func:`get_pipeline_cfg`); returns the report's paths.
+
+    ``submit``: the pretrainings and fine-tunes as submitit jobs instead
+    (:class:`experiments.cluster.StageSubmitter`, ``Stages.run_many``); the data check and the
+    conversions (seconds each) run in this process, which waits for the jobs.
 
     With ``JOBS`` > 1, independent stages run side by side in worker processes: MoCo pretraining,
     the supervised baseline and the random-init trials (which need no pretraining) first, and each
@@ -481,7 +485,7 @@ def run_pipeline(cfg):
     def then(i, outputs):  # a finished pretraining's trials
         return trials_of(pretrainings[i], outputs["checkpoint"]) if i < len(pretrainings) else []
 
-    stages.run_many(first + later, resolve_jobs(cfg.JOBS), then=then)
+    stages.run_many(first + later, resolve_jobs(cfg.JOBS), then=then, submit=submit)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
     folders = {r["name"]: r["folder"] for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}

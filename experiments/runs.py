@@ -267,7 +267,7 @@ class Stages:
             outputs = fn(out, resume)
         return self._finish(head, name, key, material, out, outputs, time.perf_counter() - start)
 
-    def run_many(self, stages, jobs=1, threads=None, then=None):
+    def run_many(self, stages, jobs=1, threads=None, then=None, submit=None):
         """Run ``[(name, material, fn), ...]`` (independent stages), ``jobs`` at a time.
 
         ``then(i, outputs)``, if given, is called in this process when stage ``i`` finishes (or is
@@ -281,8 +281,14 @@ class Stages:
         a ``functools.partial`` of one). If a stage fails, the workers are stopped (finished
         stages are kept, an interrupted one resumes on the next run) and :class:`StageFailed`
         names it. Returns the outputs of every stage, added ones included, in order.
+
+        ``submit(name, fn, out, resume) -> job`` (a submitit job; ``jobs`` and ``threads`` unused):
+        each unfinished stage is submitted as a job as soon as the stages it depends on have
+        finished (their ``then``), and recorded when its job finishes; see :meth:`_submitted`.
         """
         then = then or (lambda i, outputs: [])
+        if submit is not None:
+            return self._submitted(list(stages), then, submit)
         if jobs <= 1:
             stages, results = list(stages), []
             while len(results) < len(stages):
@@ -353,4 +359,55 @@ class Stages:
                 if lane.is_alive() and len(results) < len(stages):
                     lane.terminate()
                 lane.join()
+        return [results[i] for i in range(len(stages))]
+
+    def _submitted(self, initial, then, submit, poll=2.0):
+        """:meth:`run_many` with each unfinished stage a job of ``submit``. A dependent stage is
+        submitted when its dependency's job has finished: its key hashes that job's outputs. If a
+        job fails, the others are cancelled (finished stages are kept, an interrupted one resumes
+        on the next run) and :class:`StageFailed` names its log."""
+        stages, results, running = [], {}, {}
+
+        def add(new):
+            while new:
+                i = len(stages)
+                stages.append(new.pop(0))
+                name, material, fn = stages[i]
+                head, out, resume, key, record = self._start(name, material)
+                if record is not None:
+                    results[i] = record["outputs"]
+                    new += then(i, results[i])
+                    continue
+                os.makedirs(out, exist_ok=True)
+                job = submit(name, fn, out, resume)
+                print(
+                    f"{head}: submitted job {job.job_id} ({'resuming' if resume else 'running'} "
+                    f"in {out}; log: {job.paths.stdout})",
+                    flush=True,
+                )
+                running[i] = (job, head, key, out, time.perf_counter())
+
+        try:
+            add(initial)
+            while running:
+                done = [i for i, (job, *_) in running.items() if job.done()]
+                if not done:
+                    time.sleep(poll)
+                for i in done:
+                    job, head, key, out, start = running.pop(i)
+                    name, material, _ = stages[i]
+                    try:
+                        outputs = job.result()
+                    except Exception as e:
+                        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                        raise StageFailed(
+                            f"stage {name} failed in job {job.job_id}: "
+                            f"{lines[-1] if lines else type(e).__name__} (see {job.paths.stderr})"
+                        ) from None
+                    seconds = time.perf_counter() - start
+                    results[i] = self._finish(head, name, key, material, out, outputs, seconds)
+                    add(then(i, results[i]))
+        finally:
+            for job, *_ in running.values():
+                job.cancel(check=False)
         return [results[i] for i in range(len(stages))]

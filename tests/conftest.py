@@ -12,26 +12,16 @@ another test pointed the names elsewhere.
 """
 
 import errno
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from experiments.cluster import load_tool  # noqa: F401 (tests import it from here)
 from moco.data.synthetic.spec import SyntheticSpec
 from moco.data.synthetic.writers import ensure_generated
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool(name):
-    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def folder_with_bad_files(synthetic_root, dst):

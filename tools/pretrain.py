@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+from experiments.cluster import JobFailed, add_submit_args, check_submit_args
 from moco.config import apply_official_args, get_cfg, load_cfg
 from moco.utils.cli import Interrupted, resume_command, run_cli
 from moco.utils.config_loading import merge_opts
@@ -123,6 +124,7 @@ def build_parser():
         metavar="[DATA] [KEY VALUE ...]",
         help="DATA: folder with train/; KEY VALUE: config overrides (e.g. MODEL.K 4096)",
     )
+    add_submit_args(p)
     return p
 
 
@@ -151,6 +153,27 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_cfg(args, procs_per_machine, num_machines):
+    """The run's frozen config: defaults < --config-file < flags given < KEY VALUE."""
+    cfg = load_cfg(args.config_file)
+    apply_official_args(cfg, args, procs_per_machine, num_machines)
+    if args.opts:
+        merge_opts(cfg, args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def submit(args, argv):
+    """--submit: this command as a submitit job (experiments/cluster.py); the config is checked
+    here first, with the job's process layout."""
+    from experiments.cluster import gpus_per_node, submit_tool
+
+    check_submit_args(args, argv)
+    cfg = resolve_cfg(args, max(1, gpus_per_node(args, argv)), args.slurm_nodes)
+    print(f"pretrain.py: output folder {cfg.OUTPUT_DIR}", flush=True)
+    submit_tool("pretrain", args, argv, cfg.OUTPUT_DIR)
+
+
 def run(args, argv):
     # heavy imports after parsing: --help and argument errors answer at once
     from moco.checkpoint import read_last_checkpoint
@@ -160,11 +183,7 @@ def run(args, argv):
     from moco.utils.run_files import METRICS_FILE, PRETRAIN_SUMMARY
 
     spec = launch_from_args(args)
-    cfg = load_cfg(args.config_file)
-    apply_official_args(cfg, args, spec.procs_per_machine, spec.num_machines)
-    if args.opts:
-        merge_opts(cfg, args.opts)
-    cfg.freeze()
+    cfg = resolve_cfg(args, spec.procs_per_machine, spec.num_machines)
     out = cfg.OUTPUT_DIR
     print(f"pretrain.py: output folder {out}", flush=True)
     try:
@@ -182,7 +201,13 @@ def run(args, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run_cli("pretrain.py", lambda: run(parse_args(argv), argv))
+
+    def go():
+        args = parse_args(argv)
+        check_submit_args(args, argv)
+        return (submit if args.submit else run)(args, argv)
+
+    return run_cli("pretrain.py", go, errors=(JobFailed,))
 
 
 if __name__ == "__main__":

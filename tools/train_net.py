@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 
+from experiments.cluster import JobFailed, add_submit_args, check_submit_args
 from moco.utils.cli import Interrupted, resume_command, run_cli
 
 
@@ -65,12 +66,29 @@ def run(args, argv):
         raise Interrupted(f"{e}: {cmd}", e.exit_code - 128) from None
 
 
+def submit(args, argv):
+    """--submit: this command as a submitit job (experiments/cluster.py); the config is checked
+    here first, with the job's process layout."""
+    from detection.config import load_cfg
+    from experiments.cluster import gpus_per_node, submit_tool
+
+    check_submit_args(args, argv)
+    world = max(1, gpus_per_node(args, argv, args.num_gpus)) * args.slurm_nodes
+    out = load_cfg(args.config_file, args.opts, world).OUTPUT_DIR
+    print(f"train_net.py: output folder {out}", flush=True)
+    submit_tool("train_net", args, argv, out, default_gpus=args.num_gpus)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    return run_cli(
-        "train_net.py", lambda: run(args, argv), errors=(OSError, pickle.UnpicklingError)
-    )
+    # Detectron2's flags (build_parser) and the cluster flags, before the KEY VALUE overrides
+    args = add_submit_args(build_parser()).parse_args(argv)
+
+    def go():
+        check_submit_args(args, argv)
+        return (submit if args.submit else run)(args, argv)
+
+    return run_cli("train_net.py", go, errors=(OSError, pickle.UnpicklingError, JobFailed))
 
 
 if __name__ == "__main__":
