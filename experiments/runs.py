@@ -267,6 +267,22 @@ class Stages:
             outputs = fn(out, resume)
         return self._finish(head, name, key, material, out, outputs, time.perf_counter() - start)
 
+    def _enqueue(self, stages, results, new, then, dispatch):
+        """Append ``new`` stages to ``stages``. A finished one is reused at once (its ``then`` may
+        add more); each other one gets its folder and goes to ``dispatch(i, head, out, resume,
+        key)``: a lane's task queue or a submitted job."""
+        while new:
+            i = len(stages)
+            stages.append(new.pop(0))
+            name, material, _ = stages[i]
+            head, out, resume, key, record = self._start(name, material)
+            if record is not None:
+                results[i] = record["outputs"]
+                new += then(i, results[i])
+                continue
+            os.makedirs(out, exist_ok=True)
+            dispatch(i, head, out, resume, key)
+
     def run_many(self, stages, jobs=1, threads=None, then=None, submit=None):
         """Run ``[(name, material, fn), ...]`` (independent stages), ``jobs`` at a time.
 
@@ -302,26 +318,19 @@ class Stages:
         tasks, messages = ctx.Queue(), ctx.Queue()
         lanes = []
 
+        def dispatch(i, head, out, resume, key):
+            name, material, fn = stages[i]
+            pending[i] = (name, material, fn, head, out, resume, key)
+            tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
+            if len(lanes) < jobs:
+                lane = ctx.Process(
+                    target=_lane, args=(tasks, messages, threads), name=f"lane{len(lanes)}"
+                )
+                lanes.append(lane)
+                lane.start()
+
         def add(new):
-            """Queue ``new`` stages; reused ones finish at once (and may add their own)."""
-            while new:
-                i = len(stages)
-                stages.append(new.pop(0))
-                name, material, fn = stages[i]
-                head, out, resume, key, record = self._start(name, material)
-                if record is not None:
-                    results[i] = record["outputs"]
-                    new += then(i, results[i])
-                    continue
-                pending[i] = (name, material, fn, head, out, resume, key)
-                os.makedirs(out, exist_ok=True)
-                tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
-                if len(lanes) < jobs:
-                    lane = ctx.Process(
-                        target=_lane, args=(tasks, messages, threads), name=f"lane{len(lanes)}"
-                    )
-                    lanes.append(lane)
-                    lane.start()
+            self._enqueue(stages, results, new, then, dispatch)
 
         try:
             add(initial)
@@ -368,24 +377,18 @@ class Stages:
         on the next run) and :class:`StageFailed` names its log."""
         stages, results, running = [], {}, {}
 
+        def dispatch(i, head, out, resume, key):
+            name, _, fn = stages[i]
+            job = submit(name, fn, out, resume)
+            print(
+                f"{head}: submitted job {job.job_id} ({'resuming' if resume else 'running'} "
+                f"in {out}; log: {job.paths.stdout})",
+                flush=True,
+            )
+            running[i] = (job, head, key, out, time.perf_counter())
+
         def add(new):
-            while new:
-                i = len(stages)
-                stages.append(new.pop(0))
-                name, material, fn = stages[i]
-                head, out, resume, key, record = self._start(name, material)
-                if record is not None:
-                    results[i] = record["outputs"]
-                    new += then(i, results[i])
-                    continue
-                os.makedirs(out, exist_ok=True)
-                job = submit(name, fn, out, resume)
-                print(
-                    f"{head}: submitted job {job.job_id} ({'resuming' if resume else 'running'} "
-                    f"in {out}; log: {job.paths.stdout})",
-                    flush=True,
-                )
-                running[i] = (job, head, key, out, time.perf_counter())
+            self._enqueue(stages, results, new, then, dispatch)
 
         try:
             add(initial)
