@@ -279,9 +279,11 @@ _CTRL_C_IN_KNN = r"""
 import os, signal, sys
 import moco.evaluation.knn as knn
 
-# a shell starts the tool with Python's own SIGINT handler; a child inherits an ignored SIGINT
-# from the test process if an earlier test left one (then the Ctrl-C below would reach no one)
+# a shell starts the tool with Python's own SIGINT handler and SIGINT unblocked; a child inherits
+# an ignored or blocked SIGINT from the test process if an earlier test left one (then the
+# Ctrl-C below would reach no one)
 signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 extract, calls = knn.extract_features, []
 
