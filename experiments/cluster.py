@@ -253,12 +253,14 @@ def _wait(job):
     """The job's result; a failed job is one RuntimeError naming its log."""
     import submitit
 
+    from experiments.runs import last_line
+
     try:
         return job.result()
     except submitit.core.utils.UncompletedJobError as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else "failed"
-        raise JobFailed(f"job {job.job_id} failed: {last} (log: {job.paths.stderr})") from None
+        raise JobFailed(
+            f"job {job.job_id} failed: {last_line(e, 'failed')} (log: {job.paths.stderr})"
+        ) from None
 
 
 class StageJob:

@@ -116,6 +116,12 @@ def check_same_config(cfg, out):
         )
 
 
+def last_line(error, default):
+    """The last non-empty line of ``error``'s message (a job's traceback ends with its cause)."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else default
+
+
 @contextlib.contextmanager
 def fresh_loggers():
     """Drop the handlers (and Detectron2's cached handlers and streams) a run added to the
@@ -402,10 +408,9 @@ class Stages:
                     try:
                         outputs = job.result()
                     except Exception as e:
-                        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
                         raise StageFailed(
                             f"stage {name} failed in job {job.job_id}: "
-                            f"{lines[-1] if lines else type(e).__name__} (see {job.paths.stderr})"
+                            f"{last_line(e, type(e).__name__)} (see {job.paths.stderr})"
                         ) from None
                     seconds = time.perf_counter() - start
                     results[i] = self._finish(head, name, key, material, out, outputs, seconds)
