@@ -213,3 +213,32 @@ def test_keypoint_sets_are_scored_with_their_own_oks_sigmas(registered, tmp_path
         path, ["OUTPUT_DIR", str(tmp_path), "TEST.KEYPOINT_OKS_SIGMAS", str([0.1] * 5)]
     )
     assert list(DetectionTrainer.build_evaluator(given, name)._kpt_oks_sigmas) == [0.1] * 5
+
+
+def test_a_model_that_detects_nothing_scores_ap_0_not_nan(registered, tmp_path):
+    """COCOEvaluator says NaN when no image has a detection; with ground truth in the test set
+    that is AP 0 (the report refuses a null AP): AP, AP50, AP75 are 0, the area APs stay NaN."""
+    import math
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from detection.trainer import DetectionTrainer
+
+    name = "synthetic_kp_test"
+    cfg = load_cfg(_path("embedded_kp_R_18w16_FPN"), ["OUTPUT_DIR", str(tmp_path)])
+    evaluator = DetectionTrainer.build_evaluator(cfg, name)
+    evaluator.reset()
+    for d in DatasetCatalog.get(name):
+        empty = Instances((d["height"], d["width"]))
+        empty.pred_boxes = Boxes(torch.zeros(0, 4))
+        empty.scores = torch.zeros(0)
+        empty.pred_classes = torch.zeros(0, dtype=torch.long)
+        empty.pred_keypoints = torch.zeros(0, 5, 3)
+        evaluator.process([d], [{"instances": empty}])
+    results = evaluator.evaluate()
+    for section in ("bbox", "keypoints"):
+        assert {k: results[section][k] for k in ("AP", "AP50", "AP75")} == dict.fromkeys(
+            ("AP", "AP50", "AP75"), 0.0
+        )
+        assert math.isnan(results[section]["APl"])
