@@ -20,8 +20,6 @@ from detection.convert import convert_checkpoint
 from detection.data.checks import train_mapper
 from detection.trainer import main as train_main
 from moco.checkpoint import build_checkpoint
-from moco.data.synthetic.spec import TASK_FORMATS, SyntheticSpec
-from moco.data.synthetic.writers import ensure_generated
 from moco.modeling.cmc import CMC
 from moco.modeling.cpc import CPC
 from moco.modeling.moco import MoCo
@@ -35,15 +33,6 @@ EXPECTED = {
     "embedded_cityscapes_R_18w16_FPN": ("cityscapes", {"segm": {"AP", "AP50"}}),
     "embedded_voc_sem_seg_R_18w16_FCN": ("sem_seg", {"sem_seg": {"mIoU", "fwIoU", "pACC"}}),
 }
-SPEC = SyntheticSpec(
-    cls_image_size=32,
-    cls_train_per_class=1,
-    cls_val_per_class=1,
-    det_image_size=96,
-    det_trainval_images=6,
-    det_test_images=4,
-    tasks=TASK_FORMATS,
-)
 # a few iterations of 2 images, no precise BN: seconds per config
 TINY = [
     "SOLVER.IMS_PER_BATCH",
@@ -69,22 +58,6 @@ def _tree(root):
     return sorted(
         os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
     )
-
-
-@pytest.fixture(scope="module")
-def tasks_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tasks") / "moco_det_synthetic")
-    ensure_generated(root, SPEC)
-    return root
-
-
-@pytest.fixture
-def registered(tasks_root, synthetic_root):
-    """The tiny root's sets under the standard names; the session's set again afterwards."""
-    from detection.data.datasets import register_synthetic
-
-    yield register_synthetic(tasks_root)
-    register_synthetic(synthetic_root)
 
 
 @pytest.fixture(scope="module")
