@@ -14,8 +14,16 @@ stage's two outputs are concatenated, so the FPN sees the channels of the full-w
 paper's evaluation concatenates the two views' features). Module names are ``l.stem.conv1`` ...,
 ``ab.res5.1.conv2`` ..., as the converter writes a CMC checkpoint.
 
-Importing this module registers both builders in ``BACKBONE_REGISTRY``
-(``MODEL.BACKBONE.NAME: build_basic_resnet_fpn_backbone`` / ``build_lab_resnet_fpn_backbone``).
+``MODEL.RESNETS.RES5_DILATION 2`` works here as Detectron2 allows it for bottleneck ResNets (its
+own builder asserts 1 for R18/R34): res5's first block has stride 1 and every 3x3 convolution in
+res5 dilation 2 (:class:`DilatedBasicBlock`; a BasicBlock's two convolutions are both 3x3, and the
+MoCo paper's FCN dilates "the 3x3 convolutions in conv5 blocks"), so res5 has stride 16, not 32.
+The weights' names and shapes do not change: converted weights load as they are.
+
+Importing this module registers the builders in ``BACKBONE_REGISTRY`` (``MODEL.BACKBONE.NAME``):
+``build_basic_resnet_fpn_backbone`` / ``build_lab_resnet_fpn_backbone`` (with FPN) and
+``build_basic_resnet_backbone`` / ``build_lab_resnet_backbone`` (the bare ResNet, e.g. under the
+dilated FCN of detection.semantic_seg).
 """
 
 import torch
@@ -28,13 +36,26 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from moco.modeling.lab import LabSplit
 
 __all__ = [
+    "DilatedBasicBlock",
     "LabResNet",
     "build_basic_resnet",
+    "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
+    "build_lab_resnet_backbone",
     "build_lab_resnet_fpn_backbone",
 ]
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class DilatedBasicBlock(BasicBlock):
+    """Detectron2's ``BasicBlock`` with both 3x3 convolutions dilated by ``dilation`` (padding
+    equal to it, so the spatial size is kept); same parameters, so the same state-dict keys."""
+
+    def __init__(self, in_channels, out_channels, *, stride=1, dilation=1, norm="BN"):
+        super().__init__(in_channels, out_channels, stride=stride, norm=norm)
+        for conv in (self.conv1, self.conv2):
+            conv.dilation = conv.padding = (dilation, dilation)
 
 
 def build_basic_resnet(cfg, input_shape: ShapeSpec):
@@ -51,19 +72,28 @@ def build_basic_resnet(cfg, input_shape: ShapeSpec):
             f"MODEL.RESNETS.STEM_OUT_CHANNELS {r.STEM_OUT_CHANNELS} != RES2_OUT_CHANNELS {width}: "
             "a torchvision-layout ResNet of base width W has a W-channel stem; set both to W"
         )
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(
+            f"MODEL.RESNETS.RES5_DILATION {r.RES5_DILATION}: 1, or 2 (res5 at stride 16, "
+            "as Detectron2 allows for its ResNets)"
+        )
     stem = BasicStem(input_shape.channels, width, norm=r.NORM)
     stages, in_channels = [], width
     for i, depth in enumerate(_BLOCKS[r.DEPTH]):
         out_channels = width * 2**i
         stride = 1 if i == 0 else 2
+        block, extra = BasicBlock, {}
+        if i == 3 and r.RES5_DILATION == 2:  # Detectron2's rule for res5: stride 1, dilation 2
+            stride, block, extra = 1, DilatedBasicBlock, {"dilation": 2}
         stages.append(
             ResNet.make_stage(
-                BasicBlock,
+                block,
                 depth,
                 in_channels=in_channels,
                 out_channels=out_channels,
                 stride_per_block=[stride] + [1] * (depth - 1),
                 norm=r.NORM,
+                **extra,
             )
         )
         in_channels = out_channels
@@ -133,3 +163,13 @@ def build_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
 @BACKBONE_REGISTRY.register()
 def build_lab_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     return _fpn(cfg, LabResNet(cfg))
+
+
+@BACKBONE_REGISTRY.register()
+def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec):
+    return build_basic_resnet(cfg, input_shape)
+
+
+@BACKBONE_REGISTRY.register()
+def build_lab_resnet_backbone(cfg, input_shape: ShapeSpec):
+    return LabResNet(cfg)

@@ -66,7 +66,9 @@ from moco.utils.launch import LaunchSpec, kernels, launch_processes, process_gro
 from moco.utils.run_files import FINAL_METRICS
 
 __all__ = [
+    "CityscapesInstanceEvaluatorInFolder",
     "DetectionTrainer",
+    "NoPredictionsScoreZeroCOCOEvaluator",
     "effective_schedule",
     "main",
     "prepare_datasets",
@@ -106,7 +108,7 @@ class DetectionTrainer(DefaultTrainer):
                 sem_seg_loading_fn=load_label_png,
             )
         if kind == "cityscapes_instance":
-            return CityscapesInstanceEvaluator(dataset_name)
+            return CityscapesInstanceEvaluatorInFolder(dataset_name, output_folder)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         if cfg.MODEL.KEYPOINT_ON:
             tasks += ("keypoints",)
@@ -114,12 +116,14 @@ class DetectionTrainer(DefaultTrainer):
             return LVISEvaluator(
                 dataset_name, tasks=tasks, distributed=True, output_dir=output_folder
             )
-        return COCOEvaluator(
+        return NoPredictionsScoreZeroCOCOEvaluator(
             dataset_name,
             tasks=tasks,
             distributed=True,
             output_dir=output_folder,
-            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+            # a set with other keypoints than COCO's 17 (the embedded K = 5) names its sigmas
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS
+            or MetadataCatalog.get(dataset_name).get("keypoint_oks_sigmas", ()),
         )
 
     @classmethod
@@ -173,6 +177,50 @@ class DetectionTrainer(DefaultTrainer):
         """Detectron2's ``default_writers`` as pretraining's (moco.engine.hooks.build_writers): metrics.json
         written atomically, with each logged iteration's own values, which a resumed run repeats."""
         return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+
+class NoPredictionsScoreZeroCOCOEvaluator(COCOEvaluator):
+    """Detectron2's ``COCOEvaluator``, with AP, AP50 and AP75 0 rather than NaN when the model
+    detected nothing in the whole test set (a briefly trained keypoint model from random init
+    did, in the pipeline's test): with ground truth there, nothing detected is nothing recalled.
+    The area APs stay NaN (null in final_metrics.json): an area range may hold no ground truth."""
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names)
+        if coco_eval is None:
+            results.update({k: 0.0 for k in ("AP", "AP50", "AP75")})
+        return results
+
+
+class CityscapesInstanceEvaluatorInFolder(CityscapesInstanceEvaluator):
+    """Detectron2's ``CityscapesInstanceEvaluator`` with cityscapesscripts' files in
+    ``output_dir`` (the run's inference folder): its ``evaluateImgLists`` writes ``matches.json``
+    into the working folder (the repository, for a test or the pipeline) and its ``exportFile``
+    defaults to the package's own folder."""
+
+    def __init__(self, dataset_name, output_dir):
+        super().__init__(dataset_name)
+        self._output_dir = output_dir
+
+    def evaluate(self):
+        if comm.get_rank() > 0:
+            return super().evaluate()
+        import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cityscapes_eval
+
+        os.makedirs(self._output_dir, exist_ok=True)
+        write = cityscapes_eval.writeDict2JSON
+        args = cityscapes_eval.args
+        export = args.exportFile
+        args.exportFile = os.path.join(self._output_dir, "resultInstanceLevelSemanticLabeling.json")
+
+        def in_folder(data, file_name):  # absolute paths (gtInstances.json) stay as they are
+            write(data, os.path.join(self._output_dir, file_name))
+
+        cityscapes_eval.writeDict2JSON = in_folder
+        try:
+            return super().evaluate()
+        finally:
+            cityscapes_eval.writeDict2JSON, args.exportFile = write, export
 
 
 def prepare_datasets(cfg):
@@ -272,6 +320,17 @@ def _finite(obj):
     return obj
 
 
+def _lvis_absent(results):
+    """LVISEval's -1 (Detectron2 scales it to -100) means no ground truth in that group (APr of a
+    test set without rare categories): null, as COCOeval's NaN is, not a score to average."""
+    return {
+        section: {k: None if v == -100 else v for k, v in scores.items()}
+        if isinstance(scores, dict)
+        else scores
+        for section, scores in results.items()
+    }
+
+
 def _task(cfg, kind):
     # COCO's keypoint sets share evaluator_type "coco" with its instance sets
     return "coco_kp" if kind == "coco" and cfg.MODEL.KEYPOINT_ON else _TASKS[kind]
@@ -288,6 +347,10 @@ def write_final_metrics(cfg, args, results, **extra):
         raise ValueError("no evaluation results: set DATASETS.TEST to score the model")
     # DefaultTrainer.test unwraps the per-dataset dict when there is one test set
     per_dataset = {test_sets[0]: results} if len(test_sets) == 1 else dict(results)
+    per_dataset = {
+        name: _lvis_absent(scores) if evaluator_type(name) == "lvis" else scores
+        for name, scores in per_dataset.items()
+    }
     primary = test_sets[0]
     data = {
         "task": _task(cfg, evaluator_type(primary)),

@@ -14,12 +14,17 @@ Stages, in order (each one a folder ``RUN_DIR/<stage>-<key>``):
    init, same config and schedule (CMC: ``CMC.DETECTION_CONFIG``, the same detector on its Lab
    backbone), ``DETECTION.TRIALS`` paired trials: trial i uses detection seed
    ``DETECTION.SEED + i`` (so the same data order and head initialisation) for every init;
+   ``TASKS`` (default ``["voc_det"]``) adds the MoCo paper's other tasks on the embedded set
+   (``coco_kp``, ``lvis_mask``, ``cityscapes_mask``, ``voc_semseg``: :data:`PIPELINE_TASKS`), each
+   fine-tuned from the same converted weights in the same paired trials as
+   ``detect_<task>_<init>_s<seed>`` (VOC detection keeps its stage names and keys);
 6. ``report``: AP50 / AP / AP75 (VOC) or AP^bb / AP^mk (COCO), mean ± std, deltas vs supervised;
    with 2 or more trials, each method and each of INITS minus every row after it (the other
    inits, random and supervised) as paired differences
    with a 95% confidence interval and a one-sided paired t-test (scipy), also in
    ``pipeline_summary.json`` (``comparisons``), next to each pretraining's untrained and final kNN
-   (``pretraining``).
+   (``pretraining``). Each other task gets the same table, in ``report/<task>/`` (AP^kp, AP^mk
+   with APr / APc / APf, AP^mk, mIoU), and its entry in the summary's ``tasks``.
 
 ``JOBS`` > 1 runs independent stages side by side, each in its own process (``Stages.run_many``).
 
@@ -57,6 +62,24 @@ DEFAULT_PRESET = os.path.join(
 )  # the README's demo
 BASELINES = ("supervised", "random")  # detection initialisations after the methods, in report order
 METHODS = ("moco", "cmc", "cpc")  # the contrastive pretrainings the pipeline can compare
+_TASK_CONFIGS = os.path.join(os.path.dirname(DEFAULT_PRESET), os.pardir, "tasks")
+# TASKS name -> (embedded config, the SyntheticSpec.tasks format its sets are in, the backbone
+# CMC's weights load into); "voc_det" is DETECTION.CONFIG (CMC: CMC.DETECTION_CONFIG)
+PIPELINE_TASKS = {
+    "voc_det": None,
+    "coco_kp": ("embedded_kp_R_18w16_FPN.yaml", "keypoints", "build_lab_resnet_fpn_backbone"),
+    "lvis_mask": ("embedded_lvis_R_18w16_FPN.yaml", "lvis", "build_lab_resnet_fpn_backbone"),
+    "cityscapes_mask": (
+        "embedded_cityscapes_R_18w16_FPN.yaml",
+        "cityscapes",
+        "build_lab_resnet_fpn_backbone",
+    ),
+    "voc_semseg": (
+        "embedded_voc_sem_seg_R_18w16_FCN.yaml",
+        "voc_semseg",
+        "build_lab_resnet_backbone",
+    ),
+}
 
 
 def get_pipeline_cfg():
@@ -99,6 +122,11 @@ def get_pipeline_cfg():
     c.DETECTION.NUM_PROCESSES = 1
     c.DETECTION.TRIALS = 1
     c.DETECTION.SEED = 0  # trial i uses SEED + i
+    # The tasks fine-tuned from every init (PIPELINE_TASKS), each with its own report table:
+    # voc_det (DETECTION.CONFIG) and the paper's others on the embedded set, e.g.
+    # TASKS "['voc_det', 'coco_kp', 'lvis_mask', 'cityscapes_mask', 'voc_semseg']". DETECTION.OPTS
+    # apply to every task's config.
+    c.TASKS = ["voc_det"]
     return c
 
 
@@ -139,6 +167,16 @@ def load_pipeline_cfg(preset=None, opts=()):
         raise ValueError(f"METHODS {methods}: expected distinct names among {', '.join(METHODS)}")
     if not methods and not inits:
         raise ValueError("METHODS is empty and INITS names no checkpoint: nothing to compare")
+    tasks = list(cfg.TASKS)
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(PIPELINE_TASKS):
+        raise ValueError(
+            f"TASKS {tasks}: expected distinct names among {', '.join(PIPELINE_TASKS)}"
+        )
+    if not cfg.DATA.SYNTHETIC and tasks != ["voc_det"]:
+        raise ValueError(
+            f"TASKS {tasks}: the other tasks' configs are the embedded set's (DATA.SYNTHETIC "
+            "True); on real data run tools/train_net.py with configs/tasks/ (README)"
+        )
     cfg.freeze()
     return cfg
 
@@ -173,7 +211,6 @@ def external_inits(cfg):
 
 def _data_stage(cfg):
     from moco.data.synthetic.spec import default_synthetic_root
-    from moco.data.synthetic.writers import ensure_generated
 
     root = os.path.abspath(cfg.DATA.ROOT or default_synthetic_root())
     if not cfg.DATA.SYNTHETIC:
@@ -182,10 +219,27 @@ def _data_stage(cfg):
                 f"DATA.ROOT {root}: no train/ folder (an ImageNet-style folder)"
             )
         return {"image_folder": root, "synthetic_root": None}
-    spec = synthetic_spec(cfg)
-    manifest = ensure_generated(root, spec, workers=cfg.DATA.WORKERS)
+    manifest = ensure_data(cfg, root)
     print(f"    embedded data in {root}: {manifest['counts']}", flush=True)
     return {"image_folder": os.path.join(root, "imagefolder"), "synthetic_root": root}
+
+
+def ensure_data(cfg, root):
+    """The embedded set of ``cfg`` in ``root`` with the formats its TASKS read, generated unless
+    there; returns its manifest. Formats the set there already holds are kept: with or without
+    them the image folder and the detection scenes are the same bytes (the same seed), so a run
+    with fewer TASKS does not regenerate the set a run with more wrote."""
+    import dataclasses
+
+    from moco.data.synthetic.writers import ensure_generated, read_manifest
+
+    spec = synthetic_spec(cfg)
+    wanted = {PIPELINE_TASKS[t][1] for t in cfg.get("TASKS", ()) if PIPELINE_TASKS.get(t)}
+    have = (read_manifest(root) or {}).get("spec") or {}
+    if {k: v for k, v in have.items() if k != "tasks"} == spec.to_dict():
+        wanted |= set(have.get("tasks", ()))
+    spec = dataclasses.replace(spec, tasks=tuple(sorted(wanted)))
+    return ensure_generated(root, spec, workers=cfg.DATA.WORKERS)
 
 
 def synthetic_spec(cfg):
@@ -243,13 +297,14 @@ def detection_data_identity(dcfg, embedded=None):
     other dataset is its annotation files by content (sha256 over file names and contents)."""
     import hashlib
 
-    from detection.data.datasets import SYNTHETIC_DATASETS, register_datasets
+    from detection.data.datasets import SYNTHETIC_DATASETS, TASK_DATASETS, register_datasets
 
     # their metadata names the annotation files (a config of plain Detectron2 has no REGISTER)
     register_datasets(dcfg.DATASETS.get("REGISTER", ()))
     identity = {}
     for name in list(dcfg.DATASETS.TRAIN) + list(dcfg.DATASETS.TEST):
-        if embedded is not None and name in SYNTHETIC_DATASETS:
+        # the task formats are the same scenes: the spec and generator version decide their bytes
+        if embedded is not None and (name in SYNTHETIC_DATASETS or name in TASK_DATASETS):
             identity[name] = embedded
             continue
         files = _annotation_files(name)
@@ -271,8 +326,13 @@ def _method_opts(cfg, method):
     return ["MODEL.MECHANISM", method, *cfg[method.upper()].OPTS]
 
 
-def _detection_config(cfg, init):
-    return cfg.CMC.DETECTION_CONFIG if init == "cmc" else cfg.DETECTION.CONFIG
+def _detection_config(cfg, init, task="voc_det"):
+    """(config file, extra overrides) of ``init``'s fine-tune on ``task``."""
+    if task == "voc_det":
+        return (cfg.CMC.DETECTION_CONFIG if init == "cmc" else cfg.DETECTION.CONFIG), []
+    config, _, lab_backbone = PIPELINE_TASKS[task]
+    opts = ["MODEL.BACKBONE.NAME", lab_backbone] if init == "cmc" else []
+    return os.path.normpath(os.path.join(_TASK_CONFIGS, config)), opts
 
 
 def _pretrain_cfg(cfg, image_folder, extra_opts=()):
@@ -372,13 +432,13 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
     return {"run_dir": out, "metrics": metrics["metrics"]}
 
 
-def _detect_stage(cfg, init, weights, seed, synthetic_root, data):
+def _detect_stage(cfg, init, weights, seed, synthetic_root, data, task="voc_det"):
     """``data``: {"pretraining": :func:`data_identity`, "detection": {config file:
-    :func:`detection_data_identity`}} (filled here on first use)."""
+    :func:`detection_data_identity`}} (filled here on first use). ``task``: one of TASKS."""
     from detection.config import load_cfg as load_detection_cfg
 
-    opts = list(cfg.DETECTION.OPTS) + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
-    config = _detection_config(cfg, init)
+    config, task_opts = _detection_config(cfg, init, task)
+    opts = list(cfg.DETECTION.OPTS) + task_opts + ["MODEL.WEIGHTS", weights, "SEED", str(seed)]
     # the resolved config: a changed _BASE_ changes the key too
     dcfg = load_detection_cfg(config, opts, cfg.DETECTION.NUM_PROCESSES)
     if config not in data["detection"]:  # the same datasets for every init and trial
@@ -394,7 +454,12 @@ def _detect_stage(cfg, init, weights, seed, synthetic_root, data):
     work = functools.partial(
         _detect_work, config, cfg.DETECTION.NUM_PROCESSES, opts, synthetic_root
     )
-    return f"detect_{init}_s{seed}", material, work
+    return _detect_name(task, init, seed), material, work
+
+
+def _detect_name(task, init, seed):
+    """VOC detection keeps the names (and keys) its stages had before TASKS existed."""
+    return f"detect_{init}_s{seed}" if task == "voc_det" else f"detect_{task}_{init}_s{seed}"
 
 
 def _tail(path, parts=2):
@@ -436,8 +501,8 @@ def run_pipeline(cfg, submit=None):
     the supervised baseline and the random-init trials (which need no pretraining) first, and each
     pretraining's trials as soon as its weights exist.
     """
+    from experiments.report import TASKS, summarize, to_markdown, write_report
     from experiments.report import comparisons as paired_comparisons
-    from experiments.report import summarize, to_markdown, write_report
 
     run_dir = os.path.abspath(cfg.RUN_DIR)
     check_output_dir(run_dir, "RUN_DIR")
@@ -449,17 +514,16 @@ def run_pipeline(cfg, submit=None):
     pretrainings = methods + ["supervised"] * int(train_supervised)
     inits = methods + list(external) + list(BASELINES)
     converted = [n for n, path in external.items() if not path.endswith(".pkl")]
+    tasks = list(cfg.TASKS)
     total = 1 + len(pretrainings) + len(methods) + 1 + len(converted)
-    total += len(inits) * len(trials) + 1
+    total += len(inits) * len(trials) * len(tasks) + 1
     stages = Stages(run_dir, total)
     start = time.perf_counter()
 
     data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
     folder, synthetic_root = data["image_folder"], data["synthetic_root"]
     if synthetic_root:  # a reused data stage: the set may have been regenerated with another spec
-        from moco.data.synthetic.writers import ensure_generated
-
-        ensure_generated(synthetic_root, synthetic_spec(cfg), workers=cfg.DATA.WORKERS)
+        ensure_data(cfg, synthetic_root)
     sup_ckpt = os.path.abspath(cfg.SUPERVISED.WEIGHTS) if not train_supervised else None
     if sup_ckpt and not os.path.isfile(sup_ckpt):
         raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")
@@ -472,12 +536,20 @@ def run_pipeline(cfg, submit=None):
             weights = checkpoint
         else:
             weights = stages.run(*_convert_stage(init, checkpoint, by_content))["weights"]
-        return [_detect_stage(cfg, init, weights, seed, synthetic_root, data) for seed in trials]
+        return [
+            _detect_stage(cfg, init, weights, seed, synthetic_root, data, task)
+            for task in tasks
+            for seed in trials
+        ]
 
     # Each init's trials join the queue as soon as its weights exist, so neither worker waits
     # for an unrelated stage: the random trials and the supervised baseline's run beside MoCo's.
     first = [_pretrain_stage(cfg, folder, method, data["pretraining"]) for method in pretrainings]
-    first += [_detect_stage(cfg, "random", "", seed, synthetic_root, data) for seed in trials]
+    first += [
+        _detect_stage(cfg, "random", "", seed, synthetic_root, data, task)
+        for task in tasks
+        for seed in trials
+    ]
     later = [] if train_supervised else trials_of("supervised", sup_ckpt)
     for name, checkpoint in external.items():  # one's own checkpoints: converted, then trials
         later += trials_of(name, checkpoint, by_content=True)
@@ -497,45 +569,63 @@ def run_pipeline(cfg, submit=None):
         if init != "random"
     }
     runs = {
-        init: [
-            _trial_run(
-                folders[f"detect_{init}_s{seed}"],
-                outputs[f"detect_{init}_s{seed}"],
-                seed,
-                weights.get(init, ""),
-            )
-            for seed in trials
-        ]
-        for init in inits
+        task: {
+            init: [
+                _trial_run(
+                    folders[_detect_name(task, init, seed)],
+                    outputs[_detect_name(task, init, seed)],
+                    seed,
+                    weights.get(init, ""),
+                )
+                for seed in trials
+            ]
+            for init in inits
+        }
+        for task in tasks
     }
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
-    table = summarize(runs, baseline="supervised")
     # each method and own checkpoint against every row after it (paired by seed with 2+ trials)
     heads = methods + list(external)
     pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :] + ["random", "supervised"]]
-    comparisons, verdicts = paired_comparisons(table, pairs)
-    from detection.data.datasets import SYNTHETIC_DATASETS
+    from detection.data.datasets import SYNTHETIC_DATASETS, TASK_DATASETS
 
     # "on the embedded set" only when the detector saw it (not a DATASETS.REGISTER set)
     detection_sets = {name for sets in data["detection"].values() for name in sets}
-    embedded = cfg.DATA.SYNTHETIC and detection_sets <= set(SYNTHETIC_DATASETS)
-    title = "Detection transfer on the embedded set" if embedded else "Detection transfer"
-    # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json)
-    paths = write_report(
-        table,
-        report_dir,
-        title=title,
-        notes=verdicts,
-        published=True,
-        base=run_dir,
-        curves={
-            f"pretrain_{name}": os.path.dirname(out["checkpoint"])
-            for name, out in pretrained.items()
-        },
-        curves_name="pretraining_curves.png",
-    )
+    embedded = cfg.DATA.SYNTHETIC and detection_sets <= set(SYNTHETIC_DATASETS) | set(TASK_DATASETS)
+    reports = {}
+    for i, task in enumerate(tasks):
+        table = summarize(runs[task], baseline="supervised")
+        comparisons, verdicts = paired_comparisons(table, pairs)
+        what = "Detection" if task == "voc_det" else TASKS[table.task].name
+        # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json),
+        # once: beside the first task's table
+        paths = write_report(
+            table,
+            report_dir if task == "voc_det" else os.path.join(report_dir, task),
+            title=f"{what} transfer on the embedded set" if embedded else f"{what} transfer",
+            notes=verdicts,
+            published=task == "voc_det",
+            base=run_dir,
+            curves={
+                f"pretrain_{name}": os.path.dirname(out["checkpoint"])
+                for name, out in pretrained.items()
+            }
+            if i == 0
+            else None,
+            curves_name="pretraining_curves.png",
+        )
+        reports[task] = {
+            "table": table,
+            "comparisons": comparisons,
+            "runs": runs[task],
+            "verdicts": verdicts,
+            "report": paths,
+        }
+    # the first task's report is the summary's (VOC detection's unless TASKS says otherwise)
+    first_task = reports[tasks[0]]
+    comparisons, verdicts, paths = (first_task[k] for k in ("comparisons", "verdicts", "report"))
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "stages": [
@@ -549,16 +639,26 @@ def run_pipeline(cfg, submit=None):
         },
         "inits": external,  # one's own checkpoints, by row name
         "comparisons": comparisons,
-        "runs": runs,
+        "runs": first_task["runs"],
         "verdicts": verdicts,
         "report": paths,
     }
+    if tasks != ["voc_det"]:  # every task's, by TASKS name
+        summary["tasks"] = {
+            task: {k: v for k, v in r.items() if k != "table"} for task, r in reports.items()
+        }
     atomic_write_json(os.path.join(report_dir, "pipeline_summary.json"), summary)
     print(f"[{stages.done}/{total}] report")
     print(_pretrain_lines(pretrained))
-    print(to_markdown(table), end="")
-    print("\n".join(verdicts))
-    print("report written to:\n  " + "\n  ".join(paths.values()))
+    for task, r in reports.items():
+        if len(tasks) > 1:
+            print(f"\n{task}:")
+        print(to_markdown(r["table"]), end="")
+        print("\n".join(r["verdicts"]))
+    print(
+        "report written to:\n  "
+        + "\n  ".join(p for r in reports.values() for p in r["report"].values())
+    )
     print(f"pipeline finished in {summary['seconds']:.0f} s ({run_dir})")
     return paths
 

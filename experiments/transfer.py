@@ -38,9 +38,9 @@ from experiments.pipeline import (
     _pretrain_stage,
     _trial_run,
     data_identity,
+    ensure_data,
     get_pipeline_cfg,
     resolve_preset,
-    synthetic_spec,
 )
 from experiments.runs import REPO_ROOT, Stages, resolve_jobs, stage_key
 from moco.utils.config_loading import load_config
@@ -152,9 +152,7 @@ def run_transfer(cfg):
     data = stages.run("data", dict(cfg.DATA), lambda out, resume: _data_stage(cfg))
     folder, synthetic_root = data["image_folder"], data["synthetic_root"]
     if synthetic_root:  # a reused data stage: the set may have been regenerated in place
-        from moco.data.synthetic.writers import ensure_generated
-
-        ensure_generated(synthetic_root, synthetic_spec(cfg), workers=cfg.DATA.WORKERS)
+        ensure_data(cfg, synthetic_root)
     sup_ckpt = None if train_supervised else os.path.abspath(cfg.SUPERVISED.WEIGHTS)
     if sup_ckpt and not os.path.isfile(sup_ckpt):
         raise FileNotFoundError(f"SUPERVISED.WEIGHTS {sup_ckpt}: no such file")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from experiments.cluster import load_tool  # noqa: F401 (tests import it from here)
-from moco.data.synthetic.spec import SyntheticSpec
+from moco.data.synthetic.spec import TASK_FORMATS, SyntheticSpec
 from moco.data.synthetic.writers import ensure_generated
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +82,37 @@ def synthetic_datasets(synthetic_root) -> dict:
     from detection.data.datasets import register_synthetic
 
     return register_synthetic(synthetic_root)
+
+
+# The embedded set with every task format (issue 26) at a size that generates in about a second.
+TASKS_SPEC = SyntheticSpec(
+    cls_image_size=32,
+    cls_train_per_class=1,
+    cls_val_per_class=1,
+    det_image_size=96,
+    det_trainval_images=10,
+    det_test_images=6,
+    tasks=TASK_FORMATS,
+)
+
+
+@pytest.fixture(scope="session")
+def tasks_root(tmp_path_factory) -> str:
+    """Path (str) of a generated ``TASKS_SPEC`` root (not registered: see ``registered``)."""
+    root = str(tmp_path_factory.mktemp("tasks") / "moco_det_synthetic")
+    ensure_generated(root, TASKS_SPEC)
+    return root
+
+
+@pytest.fixture
+def registered(tasks_root, synthetic_root):
+    """The task sets of ``tasks_root`` in Detectron2's catalogs; afterwards the standard names
+    point at the session's set again (and the task names are dropped: it has none)."""
+    from detection.data.datasets import register_synthetic
+
+    names = register_synthetic(tasks_root)
+    yield names
+    register_synthetic(synthetic_root)
 
 
 @pytest.fixture

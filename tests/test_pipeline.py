@@ -411,3 +411,62 @@ def test_a_record_or_result_copied_from_another_stage_is_refused(pipeline_run):
         for name, text in saved.items():
             with open(os.path.join(rand, name), "w") as f:
                 f.write(text)
+
+
+ALL_TASKS = ["voc_det", "coco_kp", "lvis_mask", "cityscapes_mask", "voc_semseg"]
+# the first column of each task's table (experiments.report.tables.TASKS) and its paired metric
+TASK_TABLES = {
+    "coco_kp": ("AP^kp", "AP^kp_50"),
+    "lvis_mask": ("AP^mk", "AP^mk_50"),
+    "cityscapes_mask": ("AP^mk", "AP^mk_50"),
+    "voc_semseg": ("mIoU", "mIoU"),
+}
+
+
+def test_tasks_fine_tune_every_task_from_the_same_pretrainings(pipeline_run, capsys):
+    """TASKS adds the paper's other tasks: the data stage, the pretrainings, the conversions and
+    the VOC trials are reused (same keys), each task's paired trials run from the same weights
+    and get their own table; a bad TASKS is one line."""
+    cfg, first = pipeline_run
+    opts = ["RUN_DIR", cfg.RUN_DIR, "DATA.ROOT", cfg.DATA.ROOT, *TINY, "TASKS", str(ALL_TASKS)]
+    paths = run_pipeline(load_pipeline_cfg("configs/pipeline/ci.yaml", opts))
+    out = capsys.readouterr().out
+    assert out.count("done earlier, reusing") == 11  # every stage of the VOC-only run
+    assert paths == first  # VOC detection's report where it was
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary["tasks"]) == set(ALL_TASKS)
+    weights = {}
+    for task, (column, paired_metric) in TASK_TABLES.items():
+        report = summary["tasks"][task]["report"]
+        assert os.path.dirname(report["md"]) == os.path.join(cfg.RUN_DIR, "report", task)
+        with open(report["csv"]) as f:
+            rows = list(csv.DictReader(f))
+        assert [r["pretraining"] for r in rows] == ["moco", "supervised", "random"]
+        assert f"{column}_mean" in rows[0]
+        assert f"\n{task}:\n| pretraining | n | {column} |" in out
+        assert summary["tasks"][task]["comparisons"]["moco_vs_random"]["metric"] == paired_metric
+        assert summary["tasks"][task]["comparisons"]["moco_vs_random"]["n_pairs"] == 2
+        for init in ("moco", "supervised", "random"):
+            for seed, folder in zip((0, 1), summary["tasks"][task]["runs"][init], strict=True):
+                assert os.path.basename(folder).startswith(f"detect_{task}_{init}_s{seed}-")
+                with open(os.path.join(folder, "final_metrics.json")) as f:
+                    metrics = json.load(f)
+                assert metrics["seed"] == seed
+                assert os.path.basename(metrics["config_file"]).startswith("embedded_")
+                weights.setdefault(init, set()).add(metrics["weights_sha256"])
+                if init != "random":
+                    load = metrics["weights_load"]
+                    assert load["matched"] == load["backbone_tensors"] > 0
+    # one converted file per init, the VOC trials' own, for every task
+    with open(os.path.join(summary["runs"]["moco"][0], "final_metrics.json")) as f:
+        assert weights["moco"] == {json.load(f)["weights_sha256"]}
+    assert weights["random"] == {None}
+    for bad, message in (
+        ("['voc_det', 'densepose']", "TASKS \\['voc_det', 'densepose'\\]: expected distinct"),
+        ("[]", "TASKS \\[\\]: expected distinct names"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_pipeline_cfg("configs/pipeline/ci.yaml", ["TASKS", bad])
+    with pytest.raises(ValueError, match="the other tasks' configs are the embedded set's"):
+        load_pipeline_cfg(None, ["DATA.SYNTHETIC", "False", "TASKS", "['coco_kp']"])

@@ -28,9 +28,10 @@ DETECTION = os.path.join(REPO, "configs", "detection")
 TASK_CONFIGS = sorted(
     p
     for p in glob.glob(os.path.join(TASKS, "*.yaml"))
-    if not os.path.basename(p).startswith("Base-")
+    if not os.path.basename(p).startswith(("Base-", "embedded_"))
 )
-# every paper-scale config: the tasks' and the detection ones (not the embedded CPU configs)
+# every paper-scale config: the tasks' and the detection ones (not the embedded CPU configs,
+# tests/test_task_embedded.py)
 PAPER = TASK_CONFIGS + sorted(
     p
     for p in glob.glob(os.path.join(DETECTION, "*.yaml"))

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TASKS_SPEC
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -23,38 +23,9 @@ from moco.data.synthetic.spec import (
     CITYSCAPES_THINGS,
     CLASS_NAMES,
     KEYPOINT_NAMES,
-    TASK_FORMATS,
     SyntheticSpec,
 )
 from moco.data.synthetic.writers import ensure_generated, generate
-
-TASKS_SPEC = SyntheticSpec(
-    cls_image_size=32,
-    cls_train_per_class=1,
-    cls_val_per_class=1,
-    det_image_size=96,
-    det_trainval_images=10,
-    det_test_images=6,
-    tasks=TASK_FORMATS,
-)
-
-
-@pytest.fixture(scope="module")
-def tasks_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tasks") / "moco_det_synthetic")
-    ensure_generated(root, TASKS_SPEC)
-    return root
-
-
-@pytest.fixture
-def registered(tasks_root, synthetic_root):
-    """The task sets of ``tasks_root`` in Detectron2's catalogs; afterwards the standard names
-    point at the session's set again (and the task names are dropped: it has none)."""
-    from detection.data.datasets import register_synthetic
-
-    names = register_synthetic(tasks_root)
-    yield names
-    register_synthetic(synthetic_root)
 
 
 def _files(root):

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Paper-style table of detection transfer runs (mean±std over trials, delta to a baseline).
+"""Paper-style table of transfer runs (mean±std over trials, delta to a baseline): VOC and COCO
+detection, COCO keypoints (AP^kp), LVIS (AP^mk, APr / APc / APf), Cityscapes (AP^mk) or semantic
+segmentation (mIoU), one task per table.
 
     python tools/report.py supervised='out/sup_*' moco_v2='out/moco_*' --baseline supervised \\
         --output-dir out/report

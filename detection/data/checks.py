@@ -51,9 +51,11 @@ import defusedxml.ElementTree as DET
 import numpy as np
 from defusedxml import DefusedXmlException
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.pascal_voc import load_voc_instances
+from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import BoxMode
 
 from detection.data.order import build_resumable_train_loader
@@ -80,6 +82,7 @@ __all__ = [
     "max_bad_fraction",
     "register_coco_checked",
     "register_pascal_voc_checked",
+    "train_mapper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -720,13 +723,16 @@ def scan_mode(cfg):
     return check_scan_mode(mode, "DATALOADER.SCAN_IMAGES")
 
 
-def drop_unreadable_images(dataset_dicts, what, max_fraction, scan="always", cache_dir=None):
+def drop_unreadable_images(
+    dataset_dicts, what, max_fraction, scan="always", cache_dir=None, cache_in_folders=True
+):
     """(readable dicts, number dropped); one warning per dropped file; call in every process.
 
     ``scan``: DATALOADER.SCAN_IMAGES (always, never, auto: up to ``moco.config.SCAN_AUTO_MAX_FILES``
     files). The scan keeps one cache per image folder (:class:`moco.data.checks.ScanCache`, in the
-    folder, else in ``cache_dir``), so a later start decodes only new or changed files. Without the
-    scan, :class:`SkipUnreadableMapper` skips and counts a file that fails at load time."""
+    folder, else (or with ``cache_in_folders`` False) in ``cache_dir``), so a later start decodes
+    only new or changed files. Without the scan, :class:`SkipUnreadableMapper` skips and counts a
+    file that fails at load time."""
     files = sorted({d["file_name"] for d in dataset_dicts})
     if not scan_wanted(scan, len(files)):
         logger.info(
@@ -742,7 +748,7 @@ def drop_unreadable_images(dataset_dicts, what, max_fraction, scan="always", cac
         by_folder.setdefault(os.path.dirname(path), []).append(path)
     bad = {}
     for folder, paths in by_folder.items():  # the same order in every rank: scan_images gathers
-        cache_path = scan_cache_path(folder, cache_dir)
+        cache_path = scan_cache_path(folder, cache_dir, in_folder=cache_in_folders)
         cache = ScanCache(cache_path, folder, None, len(paths), what) if cache_path else None
         bad.update(scan_images(paths, cache=cache))
     if not bad:
@@ -782,6 +788,18 @@ class SkipUnreadableMapper:
             return None
 
 
+def train_mapper(cfg):
+    """Detectron2's training ``DatasetMapper``; for a ``SemanticSegmentor`` with
+    ``INPUT.CROP.ENABLED``, its crop after the resize rather than before it: the MoCo paper's
+    segmentation trains with "random scaling ..., cropping, and horizontal flipping" (appendix
+    A.5), so ``CROP.SIZE`` is the size trained at. (Detectron2 crops first for the detectors.)"""
+    if cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor" or not cfg.INPUT.CROP.ENABLED:
+        return DatasetMapper(cfg, True)
+    augmentations = build_augmentation(cfg, True)  # resize, flip
+    augmentations.insert(1, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+    return DatasetMapper(cfg, True, augmentations=augmentations)
+
+
 def build_checked_train_loader(cfg):
     """The resumable train loader over the readable images; returns (loader, skipped_images()).
 
@@ -796,9 +814,20 @@ def build_checked_train_loader(cfg):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         what = f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}"
-        dicts, dropped = drop_unreadable_images(
-            dicts, what, max_bad_fraction(cfg), scan_mode(cfg), cfg.OUTPUT_DIR
+        # Cityscapes loaders (Detectron2's and detection.data.task_formats') take every file in a
+        # city folder for an image: a scan cache there would break the next load
+        cityscapes = any(
+            str(MetadataCatalog.get(n).get("evaluator_type", "")).startswith("cityscapes")
+            for n in cfg.DATASETS.TRAIN
         )
-        mapper = SkipUnreadableMapper(DatasetMapper(cfg, True))
+        dicts, dropped = drop_unreadable_images(
+            dicts,
+            what,
+            max_bad_fraction(cfg),
+            scan_mode(cfg),
+            cfg.OUTPUT_DIR,
+            cache_in_folders=not cityscapes,
+        )
+        mapper = SkipUnreadableMapper(train_mapper(cfg))
         loader = build_resumable_train_loader(cfg, dicts, mapper)
     return loader, lambda: dropped + mapper.skipped

@@ -315,12 +315,24 @@ def check_cityscapes(image_dir, gt_dir, semantic=False):
 
 
 def load_cityscapes_instances_checked(image_dir, gt_dir):
-    """:func:`check_cityscapes`, then Detectron2's ``load_cityscapes_instances`` from the PNGs
-    (``from_json=False``: instanceIds, no shapely), boxes checked."""
-    from detectron2.data.datasets.cityscapes import load_cityscapes_instances
+    """:func:`check_cityscapes`, then what Detectron2's ``load_cityscapes_instances`` does from
+    the PNGs (``from_json=False``: instanceIds, no shapely), boxes checked. Its per-image step
+    (``_cityscapes_files_to_dict``) runs in this process: ``load_cityscapes_instances`` always
+    starts a pool of at least 4 processes, which hung once in a test on a loaded 2-core machine;
+    the embedded sets this loads are a few hundred images."""
+    from cityscapesscripts.helpers.labels import labels
+    from detectron2.data.datasets.cityscapes import _cityscapes_files_to_dict
 
-    check_cityscapes(image_dir, gt_dir)
-    dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=False, to_polygons=True)
+    files = check_cityscapes(image_dir, gt_dir)
+    dicts = [
+        _cityscapes_files_to_dict(f[:3] + f[4:], from_json=False, to_polygons=True) for f in files
+    ]
+    # Detectron2's mapping of Cityscapes ids to contiguous ones (load_cityscapes_instances)
+    things = [label for label in labels if label.hasInstances and not label.ignoreInEval]
+    contiguous = {label.id: i for i, label in enumerate(things)}
+    for d in dicts:
+        for ann in d["annotations"]:
+            ann["category_id"] = contiguous[ann["category_id"]]
     check_boxes(dicts, lambda d: f"Cityscapes annotation of {d['file_name']}")
     return dicts
 

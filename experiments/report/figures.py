@@ -16,6 +16,7 @@ import io
 import math
 import os
 
+from experiments.report.tables import TASKS
 from moco.utils.file_io import atomic_write
 from moco.utils.run_files import (
     CONFIG_FILE,
@@ -26,6 +27,8 @@ from moco.utils.run_files import (
 )
 
 DPI = 300  # print resolution for the PNG; the PDF is vector
+# a table's default title, where the task's name alone does not say what was scored
+_TITLES = {"voc": "VOC detection", "coco": "COCO detection / segmentation"}
 CAPTION = "bars: mean over n trials; whiskers: sample std (ddof 1); dots: each trial"
 
 
@@ -137,8 +140,8 @@ def plot_table(table, path, title=None):
     ax.set_ylim(0, max(1.0, top * 1.12))
     ax.set_xticks(range(len(table.columns)))
     ax.set_xticklabels(table.columns)
-    ax.set_ylabel("AP (%)")
-    head = title or ("VOC detection" if table.task == "voc" else "COCO detection / segmentation")
+    ax.set_ylabel(TASKS[table.task].unit)
+    head = title or _TITLES.get(table.task, TASKS[table.task].name)
     details = runs_details([run for row in table.rows for run in row.runs])
     ax.set_title(f"{head}\n{details}" if details else head, fontsize="medium")
     ax.legend(fontsize="small")

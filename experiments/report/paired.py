@@ -6,6 +6,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from experiments.report.tables import TASKS
+
 
 @dataclass
 class Paired:
@@ -103,10 +105,10 @@ def _by_seed(row, i):
 
 
 def paired(table, a, b, column=None):
-    """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default AP50 / AP^bb_50),
-    over the trials whose seeds both rows have; the others are named in ``unpaired``. Statistics
-    from scipy (t distribution)."""
-    column = column or ("AP50" if table.task == "voc" else "AP^bb_50")
+    """:class:`Paired` difference of rows ``a`` and ``b`` on ``column`` (default: the task's,
+    ``TASKS[task].paired``: AP50, AP^bb_50, AP^kp_50, AP^mk_50, mIoU), over the trials whose seeds
+    both rows have; the others are named in ``unpaired``. Statistics from scipy (t distribution)."""
+    column = column or TASKS[table.task].paired
     i = table.columns.index(column)
     rows = _two_rows(table, a, b, "paired")
     (va, bad_a), (vb, bad_b) = (_by_seed(row, i) for row in rows)
@@ -145,12 +147,13 @@ def comparisons(table, pairs, column=None):
 
 
 def compare(table, a, b, column=None):
-    """One line: does row ``a`` beat row ``b`` on ``column`` (default AP / AP^bb)?
+    """One line: does row ``a`` beat row ``b`` on ``column`` (default: the task's primary score,
+    ``TASKS[task].compare``: AP, AP^bb, AP^kp, AP^mk, mIoU)?
 
     With at least 2 runs in both rows, a difference counts only beyond twice its standard error;
     with one run per row there is no spread estimate and the line says so.
     """
-    column = column or ("AP" if table.task == "voc" else "AP^bb")
+    column = column or TASKS[table.task].compare
     row_a, row_b = _two_rows(table, a, b, "compare")
     i = table.columns.index(column)
     sa, sb = row_a.stats[i], row_b.stats[i]

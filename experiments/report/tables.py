@@ -5,8 +5,13 @@ Input: labeled groups of run folders, each holding the ``final_metrics.json`` th
 sample standard deviation (ddof=1, shown only when n > 1) and the difference of the mean to the
 baseline group's mean, e.g. ``55.9±0.2 (+2.4)`` as in the MoCo paper's tables.
 
-Columns: VOC: AP50, AP, AP75 (Detectron2's VOC evaluator, "bbox"); COCO: AP^bb, AP^bb_50,
-AP^bb_75, AP^mk, AP^mk_50, AP^mk_75 (mask columns only when the runs have masks).
+Columns per task (final_metrics.json "task", :data:`TASKS`): VOC: AP50, AP, AP75 (Detectron2's
+VOC evaluator, "bbox"); COCO: AP^bb, AP^bb_50, AP^bb_75, AP^mk, AP^mk_50, AP^mk_75 (mask columns
+only when the runs have masks); the MoCo paper's other tasks (issue 26): COCO keypoints AP^kp,
+AP^kp_50, AP^kp_75; LVIS AP^mk, AP^mk_50, AP^mk_75 and APr / APc / APf (a frequency group without
+ground truth in the test set is null in every run: its column is left out, and the note says so);
+Cityscapes AP^mk, AP^mk_50 (cityscapesscripts gives no AP75); semantic segmentation mIoU. One
+table holds one task.
 Outputs: Markdown, CSV and a PNG bar chart (matplotlib, Agg backend). The table helpers
 (:class:`Stat`, :func:`markdown_table`, :func:`csv_text`, :func:`save_figure`) also make the
 ablation tables (experiments.ablate).
@@ -44,6 +49,57 @@ COCO_MASK_COLUMNS = (
 )
 
 
+KEYPOINT_COLUMNS = (
+    ("AP^kp", "keypoints", "AP"),
+    ("AP^kp_50", "keypoints", "AP50"),
+    ("AP^kp_75", "keypoints", "AP75"),
+)
+
+
+LVIS_FREQUENCY_COLUMNS = (("APr", "segm", "APr"), ("APc", "segm", "APc"), ("APf", "segm", "APf"))
+
+
+CITYSCAPES_COLUMNS = COCO_MASK_COLUMNS[:2]
+
+
+SEM_SEG_COLUMNS = (("mIoU", "sem_seg", "mIoU"),)
+
+
+@dataclass(frozen=True)
+class TaskColumns:
+    """How a task's runs are tabled: its name in notes and titles, its columns (name, result
+    section, key), those left out when null in every run, the columns :func:`paired` and
+    :func:`compare` take by default (the 50%-IoU AP as VOC's AP50, and the primary score), and
+    the unit on the figure's axis."""
+
+    name: str
+    columns: tuple
+    paired: str
+    compare: str
+    optional: tuple = ()
+    unit: str = "AP (%)"
+
+
+# final_metrics.json "task" (detection.trainer) -> its columns; "coco" adds the mask columns when
+# the runs have masks (summarize)
+TASKS = {
+    "voc": TaskColumns("VOC", VOC_COLUMNS, "AP50", "AP"),
+    "coco": TaskColumns("COCO", COCO_BOX_COLUMNS, "AP^bb_50", "AP^bb"),
+    "coco_kp": TaskColumns("COCO keypoints", KEYPOINT_COLUMNS, "AP^kp_50", "AP^kp"),
+    "lvis": TaskColumns(
+        "LVIS",
+        COCO_MASK_COLUMNS + LVIS_FREQUENCY_COLUMNS,
+        "AP^mk_50",
+        "AP^mk",
+        optional=tuple(name for name, _, _ in LVIS_FREQUENCY_COLUMNS),
+    ),
+    "cityscapes": TaskColumns("Cityscapes", CITYSCAPES_COLUMNS, "AP^mk_50", "AP^mk"),
+    "sem_seg": TaskColumns(
+        "semantic segmentation", SEM_SEG_COLUMNS, "mIoU", "mIoU", unit="mIoU (%)"
+    ),
+}
+
+
 @dataclass
 class Stat:
     mean: float
@@ -68,10 +124,11 @@ class Row:
 
 @dataclass
 class Table:
-    task: str  # "voc" or "coco"
+    task: str  # a key of TASKS: "voc", "coco", "coco_kp", "lvis", "cityscapes", "sem_seg"
     columns: list  # column names
     rows: list
     baseline: str | None
+    omitted: list = None  # optional columns null in every run (LVIS's APr without rare classes)
 
 
 def _has_glob(pattern):
@@ -175,10 +232,13 @@ def load_metrics(run_dir):
         raise ValueError(f"{path}: not a final_metrics.json (nested too deeply)") from None
     if (
         not isinstance(data, dict)
-        or data.get("task") not in ("voc", "coco")
+        or not isinstance(data.get("task"), str)
+        or data["task"] not in TASKS
         or not isinstance(data.get("metrics"), dict)
     ):
-        raise ValueError(f"{path}: not a final_metrics.json (needs 'task' voc/coco and 'metrics')")
+        raise ValueError(
+            f"{path}: not a final_metrics.json (needs 'task' {'/'.join(TASKS)} and 'metrics')"
+        )
     seed = data.get("seed")
     if seed is not None and not _is_int(seed):
         raise ValueError(
@@ -203,9 +263,16 @@ def _value(data, section, key, path):
         )
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise ValueError(
-            f"{path}: metrics.{section}.{key} is {value!r}, outside [0, 100] (AP is a percentage)"
+            f"{path}: metrics.{section}.{key} is {value!r}, outside [0, 100] (AP and mIoU are "
+            "percentages)"
         )
     return float(value)
+
+
+def _recorded(data, section, key):
+    """The raw value at metrics.section.key, None when absent or null (checked by _value)."""
+    scores = data["metrics"].get(section)
+    return scores.get(key) if isinstance(scores, dict) else None
 
 
 def _timed_content(path):
@@ -262,13 +329,22 @@ def summarize(groups, baseline=None):
     tasks = {data["task"]: run for runs in loaded.values() for run, data in runs}
     if len(tasks) > 1:
         raise ValueError(
-            "runs mix VOC and COCO results (e.g. "
+            f"runs mix {' and '.join(TASKS[t].name for t in tasks)} results (e.g. "
             + ", ".join(f"{run}: {t}" for t, run in tasks.items())
             + "); report them in separate tables"
         )
     task = next(iter(tasks))
-    if task == "voc":
-        columns = VOC_COLUMNS
+    spec = TASKS[task]
+    columns, omitted = spec.columns, []
+    if task != "coco":
+        everything = [data for runs in loaded.values() for _, data in runs]
+        omitted = [
+            name
+            for name, section, key in columns
+            if name in spec.optional
+            and all(_recorded(data, section, key) is None for data in everything)
+        ]
+        columns = tuple(c for c in columns if c[0] not in omitted)
     else:
         with_masks = {
             run: "segm" in data["metrics"] for runs in loaded.values() for run, data in runs
@@ -297,7 +373,7 @@ def summarize(groups, baseline=None):
         for row in rows:
             if row is not base:
                 row.deltas = [s.mean - b.mean for s, b in zip(row.stats, base.stats)]
-    return Table(task, [name for name, _, _ in columns], rows, baseline)
+    return Table(task, [name for name, _, _ in columns], rows, baseline, omitted)
 
 
 def format_cell(stat, delta=None, digits=1):
@@ -334,9 +410,14 @@ def to_markdown(table, digits=1):
         deltas = row.deltas or [None] * len(row.stats)
         cells = [format_cell(s, d, digits) for s, d in zip(row.stats, deltas)]
         rows.append([row.label, str(n)] + cells)
-    note = f"{'VOC' if table.task == 'voc' else 'COCO'}: mean±std (sample std, n runs)"
+    note = f"{TASKS[table.task].name}: mean±std (sample std, n runs)"
     if table.baseline:
         note += f"; (+x) = mean minus the {table.baseline} mean"
+    if table.omitted:
+        note += (
+            f"; {', '.join(table.omitted)} left out: null in every run (no ground truth in that "
+            "group of the test set)"
+        )
     return markdown_table(header, rows) + "\n\n" + note + "\n"
 
 

@@ -118,11 +118,12 @@ def check_image(path, max_pixels=None):
     return None
 
 
-def scan_cache_path(folder, fallback_dir=None):
+def scan_cache_path(folder, fallback_dir=None, in_folder=True):
     """Where the scan cache of ``folder`` lives: in it when it is writable (shared by every run
-    that reads the folder), else in ``fallback_dir``/scan_cache/ (the run's OUTPUT_DIR: its
-    resumes reuse it) under a name of the folder's real path, else None (no cache)."""
-    if os.access(folder, os.W_OK):
+    that reads the folder) and ``in_folder``, else in ``fallback_dir``/scan_cache/ (the run's
+    OUTPUT_DIR: its resumes reuse it) under a name of the folder's real path, else None (no
+    cache). ``in_folder`` False: for folders whose every file a loader takes for an image."""
+    if in_folder and os.access(folder, os.W_OK):
         return os.path.join(folder, SCAN_CACHE_NAME)
     if not fallback_dir:
         return None
