@@ -23,7 +23,7 @@ def add_detection_cfg(c):
     c.DETECTION = CN()
     c.DETECTION.CELLS = []  # "series:value" cells whose checkpoints are fine-tuned
     c.DETECTION.PRETRAIN_SEED = 0  # the run (of each cell) whose checkpoint is used
-    c.DETECTION.CONFIG = "configs/detection/embedded_voc_R_18w16_FPN.yaml"
+    c.DETECTION.CONFIG = "configs/detection/embedded_voc_R_18w16_FPN_bn_backbone_lr0.02.yaml"
     c.DETECTION.OPTS = []
     c.DETECTION.TRIALS = 5
     c.DETECTION.SEED = 0

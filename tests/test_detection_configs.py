@@ -30,6 +30,7 @@ NORM_VARIANTS = {
     "": ("BatchNorm2d", "BatchNorm2d", None, 0),
     "frozen_bn": ("FrozenBatchNorm2d", None, None, 0),
     "bn_backbone": ("BatchNorm2d", None, None, 0),
+    "bn_backbone_lr0.02": ("BatchNorm2d", None, None, 0),  # the demo's detector since 2026-12-06
     "4conv1fc": ("BatchNorm2d", "BatchNorm2d", None, 4),
     "bn_heads": ("BatchNorm2d", "BatchNorm2d", "BatchNorm2d", 4),
     "gn_heads": ("BatchNorm2d", "BatchNorm2d", "GroupNorm", 4),

@@ -113,7 +113,10 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     moco_pkl = os.path.join(run_dir, _stage_dirs(run_dir, "convert_moco")[0], "moco.pkl")
     with open(moco_pkl, "rb") as f:
         moco_sha = hashlib.sha256(f.read()).hexdigest()
-    assert what["moco"][1:3] == ["2", "configs/detection/embedded_voc_R_18w16_FPN.yaml"]
+    assert what["moco"][1:3] == [
+        "2",
+        "configs/detection/embedded_voc_R_18w16_FPN_bn_backbone_lr0.02.yaml",
+    ]
     assert what["moco"][4:6] == ["6 x 8", "cpu x 1"] and what["moco"][7] == "0, 1"
     # what computed: torch and the CPU's kernel instruction set (APs differ across them)
     assert (
