@@ -23,6 +23,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import signal
 import sys
 import time
 
@@ -161,13 +162,26 @@ def _console_to(path):
             os.close(saved[1])
 
 
-def _lane(tasks, results, threads):
+def _die_with_parent(parent):
+    """Linux: this process gets SIGTERM when ``parent`` dies. A killed (SIGTERM, SIGKILL) sweep or
+    pipeline otherwise leaves its lanes training on, orphaned, in run folders that the next start
+    resumes in a lane of its own: two writers of one checkpoint."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _lane(tasks, results, threads, parent):
     """A worker process of :meth:`Stages.run_many`: runs stages from ``tasks`` until None.
 
     One process runs several stages, so Python, torch and Detectron2 are imported once per lane.
     """
     import traceback
 
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
@@ -330,7 +344,9 @@ class Stages:
             tasks.put((i, fn, out, resume, os.path.join(out, "console.log")))
             if len(lanes) < jobs:
                 lane = ctx.Process(
-                    target=_lane, args=(tasks, messages, threads), name=f"lane{len(lanes)}"
+                    target=_lane,
+                    args=(tasks, messages, threads, os.getpid()),
+                    name=f"lane{len(lanes)}",
                 )
                 lanes.append(lane)
                 lane.start()

@@ -4,8 +4,13 @@ import functools
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from conftest import REPO
 
 from experiments.runs import StageFailed, Stages, resolve_jobs
 from moco.utils.run_files import STAGE_FILE
@@ -25,6 +30,20 @@ def _work(value, out, resume):
 
 def _fail(out, resume):
     raise ValueError("boom in the stage")
+
+
+def _sleep(pidfile, out, resume):
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
 
 
 def _stages(n):
@@ -165,3 +184,40 @@ def test_jobs_auto_is_one_lane_per_available_core():
     assert resolve_jobs(3) == 3
     with pytest.raises(ValueError, match=r"JOBS must be >= 1, or 0 for auto .* got -2"):
         resolve_jobs(-2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_lanes_stop_when_their_parent_is_killed(tmp_path):
+    """A sweep or pipeline killed with SIGKILL (no finally runs) takes its lanes with it: orphaned,
+    they would train on in run folders that the next start resumes in lanes of its own."""
+    pidfile = str(tmp_path / "lane.pid")
+    script = (
+        "import functools, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from experiments.runs import Stages\n"
+        "from test_runs import _sleep\n"
+        f"stages = [('sleeper', {{'i': 0}}, functools.partial(_sleep, {pidfile!r}))]\n"
+        f"Stages({str(tmp_path / 'run')!r}, total=1).run_many(stages, jobs=2, threads=1)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    lane = None
+    try:
+        for _ in range(600):  # the lane imports torch before its stage starts
+            if os.path.exists(pidfile) and os.path.getsize(pidfile):
+                break
+            assert parent.poll() is None, "the pipeline process ended before its lane started"
+            time.sleep(0.2)
+        with open(pidfile) as f:
+            lane = int(f.read())
+        assert _running(lane)
+        parent.kill()
+        parent.wait()
+        for _ in range(300):
+            if not _running(lane):
+                break
+            time.sleep(0.1)
+        assert not _running(lane), "the lane outlived its killed parent"
+    finally:
+        parent.kill()
+        if lane is not None and _running(lane):
+            os.kill(lane, signal.SIGKILL)
