@@ -497,3 +497,27 @@ def test_detection_cells_must_be_cells_of_the_sweep(synthetic_root, tmp_path):
         ValueError, match=r"DETECTION.CELLS: 'moco:0.99' is not a cell of this sweep \(moco:0.9\)"
     ):
         run_ablation(acfg)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    sorted(os.listdir(os.path.join(REPO, "configs", "ablation"))),
+    ids=lambda p: p[: -len(".yaml")],
+)
+def test_every_shipped_preset_plans_its_runs_and_names_cells_it_has(preset, synthetic_root):
+    """Each configs/ablation preset, on the tests' small set: its runs plan (every override is a
+    key, every value trains), its COMPARE pairs and DETECTION.CELLS name cells of the sweep, and
+    its detection config exists."""
+    from experiments.ablate import cell_name, pair_list
+    from experiments.ablation_transfer import check_cells
+
+    acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", preset))
+    data = os.path.join(synthetic_root, "imagefolder")
+    acfg.OPTS = list(acfg.OPTS) + ["DATA.ROOT", data, "KNN.DATA", data]
+    runs = plan_runs(acfg)
+    assert len({r["dir"] for r in runs}) == len(runs)
+    records = [{k: r[k] for k in ("series", "value", "seed")} for r in runs]
+    assert len(pair_list(records, acfg)) >= 1
+    cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
+    if cells:
+        assert os.path.isfile(os.path.join(REPO, acfg.DETECTION.CONFIG))
