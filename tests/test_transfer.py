@@ -130,15 +130,20 @@ def test_presets_scale_the_schedule_and_keep_the_demo_as_a_variant():
 
     demo = load_pipeline_cfg("embedded_cpu")
     base = load_detection_cfg(demo.DETECTION.CONFIG)
-    for preset, same in (("transfer_schedule", "1x"), ("transfer_norm", "bn_backbone_fpn")):
+    vcfgs = {}
+    for preset in ("transfer_schedule", "transfer_norm"):
         cfg = load_transfer_cfg(preset)
         assert cfg.RUN_DIR == demo.RUN_DIR and cfg.DATA == demo.DATA
         assert (cfg.PRETRAIN, cfg.SUPERVISED) == (demo.PRETRAIN, demo.SUPERVISED)
         table = variant_table(cfg)
-        vcfgs = {name: _variant_cfg(cfg, *spec) for name, spec in table.items()}
-        # the demo's own fine-tune: the same stage key, so the demo's trials are reused
-        assert _detect_key(vcfgs[same]) == _detect_key(demo)
-        assert len({_detect_key(v) for v in vcfgs.values()}) == len(vcfgs)
+        vcfgs[preset] = {name: _variant_cfg(cfg, *spec) for name, spec in table.items()}
+        assert len({_detect_key(v) for v in vcfgs[preset].values()}) == len(table)
+    # the demo's own fine-tune (since 2026-12-06) is transfer_norm's bn_backbone_lr0.02: the same
+    # stage key, so the demo's trials are reused; transfer_schedule's 1x is transfer_norm's
+    # bn_backbone_fpn (the demo's detector before), so each sweep reuses the other's
+    assert _detect_key(vcfgs["transfer_norm"]["bn_backbone_lr0.02"]) == _detect_key(demo)
+    one_x, old = vcfgs["transfer_schedule"]["1x"], vcfgs["transfer_norm"]["bn_backbone_fpn"]
+    assert _detect_key(one_x) == _detect_key(old) != _detect_key(demo)
     cfg = load_transfer_cfg("transfer_schedule")
     for factor, (name, (config, opts)) in zip(cfg.PLOT.X, variant_table(cfg).items()):
         d = load_detection_cfg(config, opts)
@@ -171,7 +176,8 @@ def test_bad_variants_are_one_line_exit_2(tmp_path, capsys, body, message):
 
 
 def test_two_variants_that_are_the_same_fine_tune_are_refused(tmp_path, capsys):
-    body = 'VARIANTS: [["a", ""], ["b", "configs/detection/embedded_voc_R_18w16_FPN.yaml"]]\n'
+    same = "configs/detection/embedded_voc_R_18w16_FPN_bn_backbone_lr0.02.yaml"  # the demo's
+    body = f'VARIANTS: [["a", ""], ["b", "{same}"]]\n'
     opts = ["RUN_DIR", str(tmp_path / "run"), "DATA.ROOT", str(tmp_path / "data"), *PIPELINE_TINY]
     tool = load_tool("transfer")
     assert tool.main(["--preset", _preset(tmp_path, body), *opts]) == 2
