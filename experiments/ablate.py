@@ -37,7 +37,8 @@ runs; each adjacent pair of values within a series (``PAIR_ADJACENT``) and each 
 ``[a, b]`` gives a - b paired by seed over the seeds where both runs are ok, with its 95% t
 interval and a two-sided paired t-test p.
 
-Outputs in OUTPUT_DIR: ``ablation.md``, ``ablation.csv``, ``ablation.json`` and ``ablation.png``.
+Outputs in OUTPUT_DIR (or its sub-folder REPORT_DIR): ``ablation.md``, ``ablation.csv``,
+``ablation.json`` and ``ablation.png``.
 """
 
 import functools
@@ -110,7 +111,15 @@ def get_ablation_cfg():
     c.FAIL.MIN_LOSS_DROP = 0.01
     c.FAIL.CHANCE_MARGIN = 1.0  # kNN top-1 points above chance
     c.OUTPUT_DIR = "./output/ablation"
+    # the report's folder under OUTPUT_DIR ("" = OUTPUT_DIR): sweeps sharing an OUTPUT_DIR share
+    # the runs they both name (same cell, same config key) and keep their own reports
+    c.REPORT_DIR = ""
     return c
+
+
+def report_dir(acfg):
+    """Where the sweep's report goes: OUTPUT_DIR/REPORT_DIR."""
+    return os.path.join(acfg.OUTPUT_DIR, acfg.REPORT_DIR) if acfg.REPORT_DIR else acfg.OUTPUT_DIR
 
 
 def load_ablation_cfg(preset=None, opts=None):
@@ -789,10 +798,10 @@ def plot(rows, setting, path, metric="knn_top1", title=None):
 
 
 def write_report(records, acfg, output_dir=None, not_run=(), detection=()):
-    """ablation.{md,csv,json,png} in OUTPUT_DIR; returns the aggregated rows. ``not_run``: names
-    of the sweep's runs not finished (a partial report), listed under the tables; ``detection``:
-    the detection report's paired lines (experiments.ablation_transfer)."""
-    out = output_dir or acfg.OUTPUT_DIR
+    """ablation.{md,csv,json,png} in OUTPUT_DIR/REPORT_DIR; returns the aggregated rows.
+    ``not_run``: names of the sweep's runs not finished (a partial report), listed under the
+    tables; ``detection``: the detection report's paired lines (experiments.ablation_transfer)."""
+    out = output_dir or report_dir(acfg)
     os.makedirs(out, exist_ok=True)
     rows = aggregate(records)
     pairs = paired_rows(records, acfg)

@@ -265,6 +265,16 @@ def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
     assert again[0]["reused"] and again[0]["knn_top1"] == fast["knn_top1"]
     assert again[1]["key_encoder_drift"] == slow["key_encoder_drift"]
     assert not again[2]["reused"] and again[2]["status"] == "fail"
+    # a sweep sharing the folder, with its own REPORT_DIR, reuses the run both name and keeps
+    # its report apart
+    other = acfg.clone()
+    other.VALUES, other.REPORT_DIR = ["m0.9"], "other"
+    _, shared = run_ablation(other)
+    assert shared[0]["reused"] and shared[0]["knn_top1"] == fast["knn_top1"]
+    assert [
+        r["value"] for r in json.loads((tmp_path / "other" / "ablation.json").read_text())["runs"]
+    ] == ["m0.9"]
+    assert "| moco | nan | fail | - |" in (tmp_path / "ablation.md").read_text()
     # the report of a sweep still running: finished runs in the tables, the others listed
     acfg.VARIANTS = VARIANTS + [["m0.5", "MODEL.M", "0.5"]]
     rows, partial, not_run = report_finished(acfg)
@@ -521,3 +531,24 @@ def test_every_shipped_preset_plans_its_runs_and_names_cells_it_has(preset, synt
     cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
     if cells:
         assert os.path.isfile(os.path.join(REPO, acfg.DETECTION.CONFIG))
+
+
+def test_head_t_reuses_the_ladders_runs_and_reports_apart(synthetic_root):
+    """configs/ablation/head_T.yaml's v1 and mlp cells are v1_to_v2.yaml's runs (same folders,
+    so a sweep after the ladder reuses them, linear evaluations included); its report is its own."""
+    from experiments.ablate import report_dir
+
+    data = os.path.join(synthetic_root, "imagefolder")
+    plans = {}
+    for name in ("v1_to_v2", "head_T"):
+        acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", f"{name}.yaml"))
+        acfg.OPTS = list(acfg.OPTS) + ["DATA.ROOT", data, "KNN.DATA", data]
+        plans[name] = (acfg, {(r["value"], r["seed"]): r["dir"] for r in plan_runs(acfg)})
+    (ladder, ladder_dirs), (head_t, head_t_dirs) = plans["v1_to_v2"], plans["head_T"]
+    shared = set(ladder_dirs) & set(head_t_dirs)
+    assert {v for v, _ in shared} == {"v1", "mlp"} and len(shared) == 6
+    assert all(ladder_dirs[k] == head_t_dirs[k] for k in shared)
+    assert len(set(head_t_dirs.values()) - set(ladder_dirs.values())) == 6
+    ladder.LINEAR.EPOCHS = 5  # the ladder's --linear-epochs 5
+    assert dict(ladder.LINEAR) == dict(head_t.LINEAR)
+    assert report_dir(head_t) != report_dir(ladder)

@@ -70,7 +70,7 @@ def build_parser():
 
 def run(args):
     # after parsing: a fast --help
-    from experiments.ablate import load_ablation_cfg, report_finished, run_ablation
+    from experiments.ablate import load_ablation_cfg, report_dir, report_finished, run_ablation
 
     acfg = load_ablation_cfg(args.preset)
     for flag, key in (
@@ -102,7 +102,7 @@ def run(args):
         rows, records, not_run = report_finished(acfg)
     else:
         rows, records = run_ablation(acfg)
-    out = acfg.OUTPUT_DIR
+    out = report_dir(acfg)
     with open(os.path.join(out, "ablation.md")) as f:
         print(f.read(), end="")
     failed = sum(r["status"] == "fail" for r in records)
