@@ -16,6 +16,7 @@
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -174,6 +175,32 @@ def _die_with_parent(parent):
         os._exit(1)
 
 
+def _parent_alive(parent):
+    """Whether ``parent`` still runs this lane's sweep. The kernel sends PR_SET_PDEATHSIG when
+    the parent's main thread exits, before the whole process has (getppid() still names it while
+    its other threads end); its main thread is then a zombie in /proc."""
+    if os.getppid() != parent:
+        return False
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:  # gone, or no /proc (not Linux: getppid() is the whole check)
+        return not sys.platform.startswith("linux")
+
+
+def _next_task(tasks, parent):
+    """The lane's next task, or None. PR_SET_PDEATHSIG's SIGTERM ends a training stage gracefully
+    (SignalStop: a checkpoint, then a normal return), and a dead parent's queue may block
+    forever: an orphaned lane must neither start the next queued stage nor wait on."""
+    while True:
+        if not _parent_alive(parent):
+            os._exit(1)
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+
+
 def _lane(tasks, results, threads, parent):
     """A worker process of :meth:`Stages.run_many`: runs stages from ``tasks`` until None.
 
@@ -185,7 +212,7 @@ def _lane(tasks, results, threads, parent):
     import torch
 
     torch.set_num_threads(threads)
-    for i, fn, out, resume, log in iter(tasks.get, None):
+    for i, fn, out, resume, log in iter(functools.partial(_next_task, tasks, parent), None):
         results.put((i, "started", None))
         try:
             with _console_to(log), fresh_loggers():

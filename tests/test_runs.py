@@ -38,6 +38,19 @@ def _sleep(pidfile, out, resume):
     time.sleep(600)
 
 
+def _sleep_until_sigterm(pidfile, out, resume):
+    """A stage that, like a training run (SignalStop), ends normally on SIGTERM."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with open(pidfile, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    for _ in range(6000):
+        if stop:
+            return {}
+        time.sleep(0.1)
+    return {}
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -221,3 +234,42 @@ def test_lanes_stop_when_their_parent_is_killed(tmp_path):
         parent.kill()
         if lane is not None and _running(lane):
             os.kill(lane, signal.SIGKILL)
+
+
+def test_lanes_take_no_new_stage_once_their_parent_is_gone(tmp_path):
+    """A training stage ends normally on the SIGTERM its lane gets when the parent dies (a
+    checkpoint, then a return); the orphaned lane must then stop, not start the next queued
+    stage in a run folder that the next start would also resume."""
+    started = str(tmp_path / "started")
+    script = (
+        "import functools, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from experiments.runs import Stages\n"
+        "from test_runs import _sleep_until_sigterm\n"
+        f"fn = functools.partial(_sleep_until_sigterm, {started!r})\n"
+        "stages = [(f's{i}', {'i': i}, fn) for i in range(4)]\n"
+        f"Stages({str(tmp_path / 'run')!r}, total=4).run_many(stages, jobs=2, threads=1)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    lanes = []
+    try:
+        for _ in range(600):  # each lane imports torch before its first stage starts
+            if os.path.exists(started) and len(open(started).read().split()) == 2:
+                break
+            assert parent.poll() is None, "the pipeline process ended before its lanes started"
+            time.sleep(0.2)
+        lanes = [int(x) for x in open(started).read().split()]
+        assert len(lanes) == 2 and all(_running(p) for p in lanes)
+        parent.kill()
+        parent.wait()
+        for _ in range(300):
+            if not any(_running(p) for p in lanes):
+                break
+            time.sleep(0.1)
+        assert not any(_running(p) for p in lanes), "a lane outlived its killed parent"
+        assert len(open(started).read().split()) == 2, "an orphaned lane started another stage"
+    finally:
+        parent.kill()
+        for p in lanes:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
