@@ -533,22 +533,23 @@ def test_every_shipped_preset_plans_its_runs_and_names_cells_it_has(preset, synt
         assert os.path.isfile(os.path.join(REPO, acfg.DETECTION.CONFIG))
 
 
-def test_head_t_reuses_the_ladders_runs_and_reports_apart(synthetic_root):
-    """configs/ablation/head_T.yaml's v1 and mlp cells are v1_to_v2.yaml's runs (same folders,
-    so a sweep after the ladder reuses them, linear evaluations included); its report is its own."""
+def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
+    """configs/ablation/v2_levers.yaml's v1, mlp and aug+ cells are v1_to_v2.yaml's runs (same
+    folders, so either preset reuses the other's, linear evaluations included); its report is its
+    own."""
     from experiments.ablate import report_dir
 
     data = os.path.join(synthetic_root, "imagefolder")
     plans = {}
-    for name in ("v1_to_v2", "head_T"):
+    for name in ("v1_to_v2", "v2_levers"):
         acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", f"{name}.yaml"))
         acfg.OPTS = list(acfg.OPTS) + ["DATA.ROOT", data, "KNN.DATA", data]
         plans[name] = (acfg, {(r["value"], r["seed"]): r["dir"] for r in plan_runs(acfg)})
-    (ladder, ladder_dirs), (head_t, head_t_dirs) = plans["v1_to_v2"], plans["head_T"]
-    shared = set(ladder_dirs) & set(head_t_dirs)
-    assert {v for v, _ in shared} == {"v1", "mlp"} and len(shared) == 6
-    assert all(ladder_dirs[k] == head_t_dirs[k] for k in shared)
-    assert len(set(head_t_dirs.values()) - set(ladder_dirs.values())) == 6
+    (ladder, ladder_dirs), (levers, levers_dirs) = plans["v1_to_v2"], plans["v2_levers"]
+    shared = set(ladder_dirs) & set(levers_dirs)
+    assert {v for v, _ in shared} == {"v1", "mlp", "aug+"} and len(shared) == 9
+    assert all(ladder_dirs[k] == levers_dirs[k] for k in shared)
+    assert len(set(levers_dirs.values()) - set(ladder_dirs.values())) == 6
     ladder.LINEAR.EPOCHS = 5  # the ladder's --linear-epochs 5
-    assert dict(ladder.LINEAR) == dict(head_t.LINEAR)
-    assert report_dir(head_t) != report_dir(ladder)
+    assert dict(ladder.LINEAR) == dict(levers.LINEAR)
+    assert report_dir(levers) != report_dir(ladder)
