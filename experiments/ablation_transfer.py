@@ -95,9 +95,10 @@ class Transfer:
         return True
 
     def report(self):
-        """The detection report (OUTPUT_DIR/detection/transfer.*) of the cells fine-tuned, each
-        pair's AP50 paired by detection seed; returns (paths, verdict lines), (None, []) when no
-        cell was fine-tuned."""
+        """The detection report (OUTPUT_DIR/REPORT_DIR/detection/transfer.*) of the cells
+        fine-tuned, each pair's AP50 paired by detection seed; returns (paths, verdict lines),
+        (None, []) when no cell was fine-tuned."""
+        from experiments.ablate import report_dir
         from experiments.pipeline import _trial_run
         from experiments.report import summarize, write_report
         from experiments.report.paired import comparisons
@@ -121,7 +122,7 @@ class Transfer:
         _, verdicts = comparisons(table, itertools.combinations(groups, 2))
         paths = write_report(
             table,
-            os.path.join(self.acfg.OUTPUT_DIR, REPORT_DIR),
+            os.path.join(report_dir(self.acfg), REPORT_DIR),
             title="Detection transfer of the ablation's cells",
             notes=verdicts,
             base=self.acfg.OUTPUT_DIR,

@@ -492,6 +492,13 @@ def test_named_cells_are_fine_tuned_in_paired_detection_trials(
     assert not_run == []
     with open(tmp_path / "ablation.json") as f:
         assert json.load(f)["detection"] == detection
+    # a sweep with its own REPORT_DIR in the same folder: its detection report goes there too
+    acfg.REPORT_DIR = "other"
+    report_finished(acfg)
+    assert (tmp_path / "other" / "detection" / "transfer.md").read_text() == md
+    with open(tmp_path / "other" / "ablation.json") as f:
+        assert json.load(f)["detection"] == detection
+    acfg.REPORT_DIR = ""
     os.remove(tmp_path / runs[3] / "stage.json")  # moco_16's second trial, as if still running
     _, _, not_run = report_finished(acfg)
     assert not_run == ["detection of moco:16"]
