@@ -128,6 +128,21 @@ def load_ablation_cfg(preset=None, opts=None):
     )
 
 
+def select_values(acfg, values):
+    """Run only ``values`` (--values) of the sweep: the COMPARE pairs and DETECTION.CELLS that
+    name another value of the preset are left out with them, not reported as unknown cells."""
+    acfg.VALUES = list(values)
+    given = {str(v) for v in values}
+
+    def kept(name):
+        return str(name).rsplit(":", 1)[-1] in given
+
+    acfg.COMPARE = [
+        e for e in acfg.COMPARE if not isinstance(e, (list, tuple)) or all(map(kept, e))
+    ]
+    acfg.DETECTION.CELLS = [c for c in acfg.DETECTION.CELLS if kept(c)]
+
+
 # ------------------------------------------------------------------------------------------------
 # runs
 
@@ -474,6 +489,7 @@ def run_ablation(acfg, jobs=None):
         if done is not None and (done.get("outputs") or {}).get("error"):
             os.remove(marker)
     cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
+    pair_list(runs, acfg)  # a COMPARE name that is no cell: one line now, not after the runs
     pretrain_seed = int(acfg.DETECTION.PRETRAIN_SEED)
     if cells and not any(r["seed"] == pretrain_seed for r in runs):
         raise ValueError(f"DETECTION.PRETRAIN_SEED {pretrain_seed} is not one of SEEDS")

@@ -560,3 +560,26 @@ def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
     ladder.LINEAR.EPOCHS = 5  # the ladder's --linear-epochs 5
     assert dict(ladder.LINEAR) == dict(levers.LINEAR)
     assert report_dir(levers) != report_dir(ladder)
+
+
+def test_values_leave_out_the_pairs_and_cells_of_other_values(synthetic_root, tmp_path):
+    """--values runs part of a preset: the COMPARE pairs and DETECTION.CELLS naming the values
+    left out go with them (the report of head_budget's 2x pair once failed after its runs); a
+    COMPARE name that is no cell at all is one line before any run."""
+    from experiments.ablate import pair_list, select_values
+
+    data = os.path.join(synthetic_root, "imagefolder")
+    acfg = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "head_budget.yaml"))
+    acfg.OPTS = list(acfg.OPTS) + ["DATA.ROOT", data, "KNN.DATA", data]
+    select_values(acfg, ["linear_x2", "mlp_x2"])
+    assert acfg.COMPARE == [["mlp_x2", "linear_x2"]]
+    assert pair_list(plan_runs(acfg), acfg) == [(("moco", "mlp_x2"), ("moco", "linear_x2"))]
+    levers = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "v2_levers.yaml"))
+    select_values(levers, ["v1", "mlp"])
+    assert levers.COMPARE == [["mlp", "v1"]]
+    assert levers.DETECTION.CELLS == ["moco:v1", "moco:mlp"]
+    tiny = _tiny_acfg(synthetic_root, tmp_path / "sweep", SETTING="m", VALUES=[0.9])
+    tiny.COMPARE = [["0.9", "0.99"]]
+    with pytest.raises(ValueError, match="COMPARE: '0.99' is no cell of this sweep"):
+        run_ablation(tiny)
+    assert not os.path.exists(tmp_path / "sweep")

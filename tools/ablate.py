@@ -70,13 +70,18 @@ def build_parser():
 
 def run(args):
     # after parsing: a fast --help
-    from experiments.ablate import load_ablation_cfg, report_dir, report_finished, run_ablation
+    from experiments.ablate import (
+        load_ablation_cfg,
+        report_dir,
+        report_finished,
+        run_ablation,
+        select_values,
+    )
 
     acfg = load_ablation_cfg(args.preset)
     for flag, key in (
         ("config_file", "PRETRAIN_CONFIG"),
         ("setting", "SETTING"),
-        ("values", "VALUES"),
         ("series", "SERIES"),
         ("seeds", "SEEDS"),
         ("num_gpus", "NUM_PROCESSES"),
@@ -85,6 +90,8 @@ def run(args):
         value = getattr(args, flag)
         if value is not None:
             acfg[key] = value
+    if args.values is not None:
+        select_values(acfg, args.values)
     if args.jobs is not None:
         if args.jobs == "auto":
             acfg.JOBS = 0
