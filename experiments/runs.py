@@ -171,7 +171,7 @@ def _die_with_parent(parent):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the line above
+    if not _parent_alive(parent):  # it died before the line above
         os._exit(1)
 
 
