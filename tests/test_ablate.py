@@ -275,8 +275,16 @@ def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
         r["value"] for r in json.loads((tmp_path / "other" / "ablation.json").read_text())["runs"]
     ] == ["m0.9"]
     assert "| moco | nan | fail | - |" in (tmp_path / "ablation.md").read_text()
-    # the report of a sweep still running: finished runs in the tables, the others listed
+    # the report of a sweep still running: finished runs in the tables, the others listed, and
+    # a pair with an unfinished cell left out (not reported as an unknown cell); a name that is
+    # no cell of the sweep still fails
     acfg.VARIANTS = VARIANTS + [["m0.5", "MODEL.M", "0.5"]]
+    acfg.COMPARE = [["m0.9999", "m0.9"], ["m0.5", "m0.9"]]
+    acfg.PAIR_ADJACENT = False
+    typo = acfg.clone()
+    typo.COMPARE = [["m0.25", "m0.9"]]
+    with pytest.raises(ValueError, match="COMPARE: 'm0.25' is no cell of this sweep"):
+        report_finished(typo)
     rows, partial, not_run = report_finished(acfg)
     assert [r["value"] for r in partial] == ["m0.9", "m0.9999", "nan"] and not_run == [
         os.path.join("moco", "variant=m0.5", "seed0")
@@ -284,6 +292,7 @@ def test_tiny_variant_sweep_labels_a_nan_run_fail_logs_drift_and_reuses_runs(
     assert partial[0]["knn_top1"] == fast["knn_top1"] and partial[2]["status"] == "fail"
     md = (tmp_path / "ablation.md").read_text()
     assert "Not finished, so not in the tables (1 runs): moco/variant=m0.5/seed0" in md
+    assert "| moco:m0.9999 - moco:m0.9 | kNN top-1 | 1 |" in md and "m0.5 - " not in md
     acfg.OUTPUT_DIR = str(tmp_path / "empty")
     with pytest.raises(ValueError, match="no finished run of this sweep in .*empty yet"):
         report_finished(acfg)
