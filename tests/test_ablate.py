@@ -551,8 +551,8 @@ def test_every_shipped_preset_plans_its_runs_and_names_cells_it_has(preset, synt
 
 def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
     """configs/ablation/v2_levers.yaml's v1, mlp and aug+ cells are v1_to_v2.yaml's runs (same
-    folders, so either preset reuses the other's, linear evaluations included); its report is its
-    own."""
+    folders, so either preset reuses the other's, linear evaluations and fine-tunes included); its
+    report is its own."""
     from experiments.ablate import report_dir
 
     data = os.path.join(synthetic_root, "imagefolder")
@@ -569,6 +569,10 @@ def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
     ladder.LINEAR.EPOCHS = 5  # the ladder's --linear-epochs 5
     assert dict(ladder.LINEAR) == dict(levers.LINEAR)
     assert report_dir(levers) != report_dir(ladder)
+    # their fine-tunes of those cells are the same stages too: one detector, the same trials
+    same = ("CONFIG", "OPTS", "TRIALS", "SEED", "PRETRAIN_SEED")
+    assert [ladder.DETECTION[k] for k in same] == [levers.DETECTION[k] for k in same]
+    assert set(levers.DETECTION.CELLS) < set(ladder.DETECTION.CELLS)
 
 
 def test_values_leave_out_the_pairs_and_cells_of_other_values(synthetic_root, tmp_path):
