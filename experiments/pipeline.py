@@ -99,7 +99,7 @@ def get_pipeline_cfg():
     c.DATA.WORKERS = 2  # processes rendering the synthetic set
     c.PRETRAIN = CN()
     c.PRETRAIN.CONFIG = "configs/pretrain/moco_v2_R18_cpu.yaml"
-    c.PRETRAIN.OPTS = []  # KEY VALUE overrides of the MoCo run
+    c.PRETRAIN.OPTS = []  # KEY VALUE overrides of every pretraining run (supervised too)
     c.PRETRAIN.NUM_PROCESSES = 1  # per machine (GPUs, or CPU processes without CUDA)
     # The methods pretrained and compared (MODEL.MECHANISM of each run, in report order): any of
     # moco, cmc, cpc. Each runs PRETRAIN.CONFIG and PRETRAIN.OPTS, then its own OPTS below.
@@ -108,6 +108,11 @@ def get_pipeline_cfg():
     # [[name, path], ...], each converted (detection.convert) and fine-tuned in the same paired
     # trials, e.g. INITS "[['mine', 'path/to/my.pth']]"
     c.INITS = []
+    # Each method's own overrides, after PRETRAIN's (the supervised baseline takes PRETRAIN's
+    # and SUPERVISED's only), e.g. MoCo with v1's settings on the demo's v2 config beside the
+    # same supervised baseline
+    c.MOCO = CN()
+    c.MOCO.OPTS = []
     c.CMC = CN()
     c.CMC.OPTS = []  # e.g. ["MODEL.CMC_DICTIONARY", "moco"]
     c.CMC.DETECTION_CONFIG = "configs/detection/embedded_voc_R_18w16_FPN_cmc.yaml"  # Lab backbone
@@ -320,10 +325,10 @@ def detection_data_identity(dcfg, embedded=None):
 
 
 def _method_opts(cfg, method):
-    """The pretraining overrides of ``method`` on top of PRETRAIN's (none for MoCo, the default)."""
-    if method == "moco":
-        return []
-    return ["MODEL.MECHANISM", method, *cfg[method.upper()].OPTS]
+    """The pretraining overrides of ``method`` on top of PRETRAIN's: its section's OPTS (MOCO, CMC,
+    CPC), after its MODEL.MECHANISM for all but MoCo (the config's default)."""
+    own = list(cfg[method.upper()].OPTS)
+    return own if method == "moco" else ["MODEL.MECHANISM", method, *own]
 
 
 def _detection_config(cfg, init, task="voc_det"):

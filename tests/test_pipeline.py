@@ -473,3 +473,31 @@ def test_tasks_fine_tune_every_task_from_the_same_pretrainings(pipeline_run, cap
             load_pipeline_cfg("configs/pipeline/ci.yaml", ["TASKS", bad])
     with pytest.raises(ValueError, match="the other tasks' configs are the embedded set's"):
         load_pipeline_cfg(None, ["DATA.SYNTHETIC", "False", "TASKS", "['coco_kp']"])
+
+
+def test_moco_opts_change_the_moco_run_only():
+    """MOCO.OPTS (e.g. v1's settings on the demo's v2 config) reach MoCo's run and no other: the
+    supervised baseline's and CMC's stages keep their keys, where PRETRAIN.OPTS would retrain
+    them (how the data seed 1 check of 2026-12-07 compared two MoCo recipes)."""
+    import yaml
+
+    from experiments.pipeline import _pretrain_stage
+
+    v1 = ["MODEL.MLP", "False", "MODEL.T", "0.07", "INPUT.AUG_PLUS", "False", "SOLVER.COS", "False"]
+    demo = load_pipeline_cfg("embedded_cpu")
+    mine = load_pipeline_cfg("embedded_cpu", ["MOCO.OPTS", str(v1 + ["SOLVER.STEPS", "(7, 10)"])])
+    shared = load_pipeline_cfg("embedded_cpu", ["PRETRAIN.OPTS", str(v1)])
+
+    def stage(cfg, method):
+        _, material, _ = _pretrain_stage(cfg, "folder", method, {"spec": "x"})
+        return stage_key(material), yaml.safe_load(material["config"])
+
+    key, config = stage(mine, "moco")
+    model, solver = config["MODEL"], config["SOLVER"]
+    assert (model["MLP"], model["T"], config["INPUT"]["AUG_PLUS"]) == (False, 0.07, False)
+    assert (solver["COS"], solver["STEPS"]) == (False, [7, 10])
+    demo_key, demo_config = stage(demo, "moco")
+    assert key != demo_key
+    assert (demo_config["MODEL"]["MLP"], demo_config["SOLVER"]["COS"]) == (True, True)
+    for method in ("supervised", "cmc"):
+        assert stage(mine, method)[0] == stage(demo, method)[0] != stage(shared, method)[0]
