@@ -229,10 +229,12 @@ def _material(cfg, fingerprints):
             if folder not in fingerprints:
                 fingerprints[folder] = listing_fingerprint(folder)
             folders[key] = fingerprints[folder]
+    from moco.config import identity_dump
+
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
-    return {"pretrain": cfg.dump(), "data": folders}
+    return {"pretrain": identity_dump(cfg), "data": folders}
 
 
 def plan_runs(acfg, world_size=None):

@@ -47,7 +47,7 @@ import time
 from fvcore.common.config import CfgNode as CN
 
 from experiments.runs import Stages, listing_fingerprint, resolve_jobs
-from moco.config import load_cfg
+from moco.config import identity_dump, load_cfg
 from moco.utils.config_loading import load_config
 from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
@@ -402,7 +402,7 @@ def _pretrain_stage(cfg, image_folder, method, data):
         cfg, image_folder, cfg.SUPERVISED.OPTS if supervised else _method_opts(cfg, method)
     )
     work = functools.partial(_pretrain_work, pcfg, supervised, cfg.PRETRAIN.NUM_PROCESSES)
-    return f"pretrain_{method}", {"config": pcfg.dump(), "data": data}, work
+    return f"pretrain_{method}", {"config": identity_dump(pcfg), "data": data}, work
 
 
 def _convert_work(label, checkpoint, out, resume):

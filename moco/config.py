@@ -96,6 +96,10 @@ _C.INPUT = CN()
 
 
 _C.INPUT.AUG_PLUS = False  # MoCo v2 augmentation (blur, jitter p=0.8)
+# aug+'s Gaussian blur: applied with probability BLUR_PROB, sigma drawn from BLUR_SIGMA (min, max)
+# in pixels of the crop; v2's 0.5 and (0.1, 2.0) were set for 224-px crops
+_C.INPUT.BLUR_PROB = 0.5
+_C.INPUT.BLUR_SIGMA = (0.1, 2.0)
 
 
 _C.INPUT.CROP_SIZE = 224
@@ -253,6 +257,30 @@ _C.LOG_PERIOD = 10  # iterations (official -p/--print-freq)
 def load_cfg(config_file=None, opts=None, what="config file", keys="moco/config.py"):
     """The pretraining config: defaults (:func:`get_cfg`), then ``config_file``, then opts."""
     return load_config(get_cfg, config_file, opts, what, keys)
+
+
+# Keys added after runs were stored, each with the value that computes what the runs before it
+# did: at that value a key is left out of a run's identity (:func:`identity_dump`), so the sweeps'
+# and the pipeline's finished runs keep their stage keys and are reused.
+NEUTRAL_DEFAULTS = {"INPUT.BLUR_PROB": 0.5, "INPUT.BLUR_SIGMA": (0.1, 2.0)}
+
+
+def identity_dump(cfg):
+    """``cfg.dump()`` without the :data:`NEUTRAL_DEFAULTS` keys that hold their neutral value: the
+    text a run's stage key hashes (experiments.ablate, experiments.pipeline)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        value = node.get(leaf)
+        if isinstance(value, (list, tuple)) and isinstance(neutral, tuple):
+            value = tuple(value)
+        if value == neutral:
+            del node[leaf]
+    return cfg.dump()
 
 
 # official main_moco.py flag -> config key (for flags that map one to one)

@@ -119,3 +119,27 @@ def test_eval_transform_sizes_and_normalisation():
     )
     torch.testing.assert_close(out.mean(dim=(1, 2)), expected.float(), rtol=0, atol=1e-5)
     assert out.std(dim=(1, 2)).max() < 1e-5
+
+
+def test_the_pil_path_takes_the_blur_settings_and_the_stage_keys_leave_out_their_defaults():
+    """INPUT.BLUR_PROB / BLUR_SIGMA reach the per-image aug+ as they reach the batched one; at v2's
+    values they are left out of a run's identity (moco.config.identity_dump), so the runs stored
+    before the keys existed keep their stage keys."""
+    import yaml
+
+    from moco.config import get_cfg, identity_dump
+    from moco.data.augment import pretrain_transform
+
+    no_blur = pretrain_transform(32, aug_plus=True, blur=(0.0, (0.5, 1.0)))
+    blurs = [t for t in no_blur.base_transform.transforms if "GaussianBlur" in repr(t)]
+    assert len(blurs) == 1 and blurs[0].p == 0.0 and blurs[0].transforms[0].sigma == (0.5, 1.0)
+    with pytest.raises(ValueError, match="INPUT.BLUR_PROB"):
+        pretrain_transform(32, aug_plus=True, blur=(-0.1, (0.1, 2.0)))
+    cfg = get_cfg()
+    before = yaml.safe_load(cfg.dump())
+    del before["INPUT"]["BLUR_PROB"], before["INPUT"]["BLUR_SIGMA"]
+    assert yaml.safe_load(identity_dump(cfg)) == before
+    cfg.INPUT.BLUR_PROB = 0.0
+    assert yaml.safe_load(identity_dump(cfg))["INPUT"]["BLUR_PROB"] == 0.0
+    cfg.INPUT.BLUR_PROB, cfg.INPUT.BLUR_SIGMA = 0.5, (0.014, 0.29)
+    assert yaml.safe_load(identity_dump(cfg))["INPUT"]["BLUR_SIGMA"] == [0.014, 0.29]

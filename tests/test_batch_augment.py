@@ -130,6 +130,31 @@ def test_batch_augment_refuses_float_images_and_bad_settings():
         B.BatchAugment(16)(torch.rand(2, 3, 20, 20))
     with pytest.raises(ValueError, match="INPUT.MIN_SCALE"):
         B.BatchAugment(16, min_scale=0.0)
+    with pytest.raises(ValueError, match=r"INPUT.BLUR_PROB must be a probability in \[0, 1\]"):
+        B.BatchAugment(16, aug_plus=True, blur_prob=1.5)
+    with pytest.raises(ValueError, match="INPUT.BLUR_SIGMA must be .min, max. with 0 < min"):
+        B.BatchAugment(16, aug_plus=True, blur_sigma=(0.0, 1.0))
+
+
+def _sharpness(x):
+    """Mean absolute difference of horizontally adjacent pixels: what a blur takes away."""
+    return (x[..., 1:] - x[..., :-1]).abs().mean().item()
+
+
+def test_aug_plus_blur_follows_its_probability_and_sigma():
+    """INPUT.BLUR_PROB / BLUR_SIGMA: every view blurred at p 1 with sigma 2 px is far smoother
+    than with the blur off (p 0), on the same seed; the defaults are v2's (p 0.5, (0.1, 2.0)),
+    so a run that does not set them draws what it drew before they existed."""
+    images = (_images(n=32, size=30, seed=1) * 255).to(torch.uint8)
+    views = {}
+    for name, prob, sigma in (("off", 0.0, (0.1, 2.0)), ("on", 1.0, (2.0, 2.0))):
+        torch.manual_seed(0)
+        views[name] = B.BatchAugment(16, aug_plus=True, blur_prob=prob, blur_sigma=sigma)(images)
+    assert _sharpness(views["on"]) < 0.5 * _sharpness(views["off"])
+    torch.manual_seed(0)
+    default = B.BatchAugment(16, aug_plus=True)(images)
+    torch.manual_seed(0)
+    assert torch.equal(B.BatchAugment(16, aug_plus=True, blur_sigma=[0.1, 2.0])(images), default)
 
 
 def test_pretraining_with_batch_augment_trains_and_saves(synthetic_root, tmp_path):

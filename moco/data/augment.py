@@ -157,6 +157,19 @@ def _check_min_scale(min_scale):
         raise ValueError(f"INPUT.MIN_SCALE must be in (0, 1], got {min_scale!r}")
 
 
+def check_blur(prob, sigma):
+    """aug+'s blur settings as (probability, (min, max) sigma); one-line errors naming the keys."""
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+        raise ValueError(f"INPUT.BLUR_PROB must be a probability in [0, 1], got {prob!r}")
+    try:
+        lo, hi = (float(s) for s in sigma)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"INPUT.BLUR_SIGMA must be (min, max) with 0 < min <= max, got {sigma!r}")
+    return float(prob), (lo, hi)
+
+
 def moco_v1_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
     """MoCo v1 / InstDisc augmentation (``fast``: same augmentation, faster implementations).
 
@@ -176,10 +189,14 @@ def moco_v1_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
     )
 
 
-def moco_v2_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
-    """MoCo v2 "aug+": v1 plus jitter with p 0.8 (hue 0.1) and Gaussian blur with p 0.5."""
+def moco_v2_transform(
+    crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE, blur_prob=0.5, blur_sigma=(0.1, 2.0)
+):
+    """MoCo v2 "aug+": v1 plus jitter with p 0.8 (hue 0.1) and Gaussian blur with p ``blur_prob``
+    (v2: 0.5), sigma in ``blur_sigma`` pixels (v2: (0.1, 2.0))."""
     _check_size("crop_size", crop_size)
     _check_min_scale(min_scale)
+    blur_prob, blur_sigma = check_blur(blur_prob, blur_sigma)
     jitter = FastColorJitter if fast else T.ColorJitter
     blur = FastGaussianBlur if fast else GaussianBlur
     return T.Compose(
@@ -187,7 +204,7 @@ def moco_v2_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
             T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
             T.RandomApply([jitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([blur(sigma=(0.1, 2.0))], p=0.5),
+            T.RandomApply([blur(sigma=blur_sigma)], p=blur_prob),
             T.RandomHorizontalFlip(),
             *_to_tensor(fast),
         ]
@@ -248,13 +265,16 @@ def crop_flip_transform(crop_size=224, fast=False, min_scale=DEFAULT_MIN_SCALE):
 
 
 def pretrain_transform(
-    crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE, color=True
+    crop_size=224, aug_plus=False, fast=False, min_scale=DEFAULT_MIN_SCALE, color=True, blur=None
 ):
     """Two crops of the MoCo v1 (``aug_plus=False``) or v2 augmentation; ``color=False``: of
-    :func:`crop_flip_transform` (CMC)."""
-    make = moco_v2_transform if aug_plus else moco_v1_transform
-    if not color:
-        make = crop_flip_transform
+    :func:`crop_flip_transform` (CMC). ``blur``: v2's (probability, sigma range), if not v2's."""
+    if aug_plus and color:
+        extra = dict(zip(("blur_prob", "blur_sigma"), blur)) if blur is not None else {}
+        return TwoCropsTransform(
+            moco_v2_transform(crop_size, fast=fast, min_scale=min_scale, **extra)
+        )
+    make = moco_v1_transform if color else crop_flip_transform
     return TwoCropsTransform(make(crop_size, fast=fast, min_scale=min_scale))
 
 

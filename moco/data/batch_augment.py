@@ -33,6 +33,7 @@ from moco.data.augment import (
     IMAGENET_STD,
     _check_min_scale,
     _check_size,
+    check_blur,
 )
 
 
@@ -164,14 +165,24 @@ class BatchAugment(torch.nn.Module):
     """One augmented crop per image of a uint8 ``(n, 3, h, w)`` batch, normalised float output.
 
     ``aug_plus`` False: MoCo v1 / InstDisc (crop, grayscale 0.2, jitter 0.4 each, flip);
-    True: MoCo v2 (crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur p 0.5, flip).
+    True: MoCo v2 (crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur with p
+    ``blur_prob`` and sigma in ``blur_sigma``, v2's 0.5 and (0.1, 2.0), flip).
     ``color=False``: crop and flip only (CMC and CPC, as moco.data.augment.pretrain_transform).
     """
 
-    def __init__(self, crop_size, aug_plus=False, min_scale=DEFAULT_MIN_SCALE, color=True):
+    def __init__(
+        self,
+        crop_size,
+        aug_plus=False,
+        min_scale=DEFAULT_MIN_SCALE,
+        color=True,
+        blur_prob=0.5,
+        blur_sigma=(0.1, 2.0),
+    ):
         super().__init__()
         _check_size("INPUT.CROP_SIZE", crop_size)
         _check_min_scale(min_scale)
+        self.blur_prob, self.blur_sigma = check_blur(blur_prob, blur_sigma)
         self.crop_size, self.aug_plus, self.color = int(crop_size), bool(aug_plus), bool(color)
         self.scale = (float(min_scale), 1.0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -191,7 +202,9 @@ class BatchAugment(torch.nn.Module):
         if self.color and self.aug_plus:
             x = _where(0.8, n, dev, color_jitter(x, 0.4, 0.4, 0.4, 0.1), x)
             x = _where(0.2, n, dev, grayscale(x).expand_as(x), x)
-            x = _where(0.5, n, dev, gaussian_blur(x, _uniform(n, 0.1, 2.0, dev)), x)
+            if self.blur_prob > 0:
+                sigma = _uniform(n, *self.blur_sigma, dev)
+                x = _where(self.blur_prob, n, dev, gaussian_blur(x, sigma), x)
         elif self.color:
             x = _where(0.2, n, dev, grayscale(x).expand_as(x), x)
             x = color_jitter(x, 0.4, 0.4, 0.4, 0.4)
@@ -201,5 +214,5 @@ class BatchAugment(torch.nn.Module):
     def extra_repr(self):
         return (
             f"crop_size={self.crop_size}, aug_plus={self.aug_plus}, scale={self.scale}, "
-            f"color={self.color}"
+            f"color={self.color}, blur_prob={self.blur_prob}, blur_sigma={self.blur_sigma}"
         )

@@ -131,7 +131,12 @@ def build_pretrain_dataset(cfg, with_index=False, color=True):
         transform, loader = batch_source_transform(batch_augment_size(cfg)), None
     else:
         transform = pretrain_transform(
-            crop, aug_plus=cfg.INPUT.AUG_PLUS, fast=fast, min_scale=min_scale, color=color
+            crop,
+            aug_plus=cfg.INPUT.AUG_PLUS,
+            fast=fast,
+            min_scale=min_scale,
+            color=color,
+            blur=(cfg.INPUT.BLUR_PROB, cfg.INPUT.BLUR_SIGMA),
         )
     dataset = image_folder(
         cfg.DATA.ROOT, "train", transform, "DATA.ROOT (DATA)", loader=loader, **folder_checks(cfg)

@@ -122,6 +122,8 @@ class PretrainTrainer(SimpleTrainer):
                 cfg.INPUT.AUG_PLUS,
                 cfg.INPUT.MIN_SCALE,
                 color=mechanism_class(cfg).wants_color(cfg),
+                blur_prob=cfg.INPUT.BLUR_PROB,
+                blur_sigma=cfg.INPUT.BLUR_SIGMA,
             ).to(self.device)
         optimizer = build_optimizer(cfg, self.moco)
         max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
