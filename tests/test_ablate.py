@@ -573,6 +573,17 @@ def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
     same = ("CONFIG", "OPTS", "TRIALS", "SEED", "PRETRAIN_SEED")
     assert [ladder.DETECTION[k] for k in same] == [levers.DETECTION[k] for k in same]
     assert set(levers.DETECTION.CELLS) < set(ladder.DETECTION.CELLS)
+    # aug_plus_parts: the ladder's v1 and aug+ runs, and 6 of its own (blur off, blur scaled)
+    parts = load_ablation_cfg(os.path.join(REPO, "configs", "ablation", "aug_plus_parts.yaml"))
+    parts.OPTS = list(parts.OPTS) + ["DATA.ROOT", data, "KNN.DATA", data]
+    runs = plan_runs(parts)
+    dirs = {(r["value"], r["seed"]): r["dir"] for r in runs}
+    assert {k for k in dirs if dirs[k] in ladder_dirs.values()} == {
+        (v, s) for v in ("v1", "aug+") for s in (0, 1, 2)
+    }
+    blur = {r["value"]: (r["cfg"].INPUT.BLUR_PROB, tuple(r["cfg"].INPUT.BLUR_SIGMA)) for r in runs}
+    assert blur["aug+_noblur"][0] == 0.0 and blur["aug+_blur_scaled"] == (0.5, (0.0143, 0.286))
+    assert report_dir(parts) not in (report_dir(ladder), report_dir(levers))
 
 
 def test_values_leave_out_the_pairs_and_cells_of_other_values(synthetic_root, tmp_path):
