@@ -61,7 +61,7 @@ from experiments.runs import (
     resolve_jobs,
     stage_key,
 )
-from moco.config import load_cfg
+from moco.config import identity_dump, load_cfg
 from moco.engine.launch import launch_training
 from moco.engine.trainer import PretrainTrainer, validate_cfg
 from moco.modeling.build import mechanism_names
@@ -229,8 +229,6 @@ def _material(cfg, fingerprints):
             if folder not in fingerprints:
                 fingerprints[folder] = listing_fingerprint(folder)
             folders[key] = fingerprints[folder]
-    from moco.config import identity_dump
-
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
@@ -464,11 +462,7 @@ def report_finished(acfg):
     # a pair whose cell has no finished run yet is left out, as its runs are (listed not run)
     finished = _cell_index(records)
     acfg = acfg.clone()
-    acfg.COMPARE = [
-        e
-        for e in acfg.COMPARE
-        if all(any(n in (cell_name(*c), _fmt_value(c[1])) for c in finished) for n in map(str, e))
-    ]
+    acfg.COMPARE = [e for e in acfg.COMPARE if all(_cells_named(finished, str(n)) for n in e)]
     detection = _finished_detection(acfg, checkpoints, not_run)
     rows = write_report(records, acfg, not_run=not_run, detection=detection)
     return rows, records, not_run
@@ -604,9 +598,14 @@ def _cell_index(records):
     return cells
 
 
+def _cells_named(cells, name):
+    """The cells a COMPARE name can mean: ``series:value``, or ``value`` in any series."""
+    return [c for c in cells if name in (cell_name(*c), _fmt_value(c[1]))]
+
+
 def _find_cell(cells, name):
     """The (series, value) a COMPARE name means: ``series:value``, or ``value`` with one series."""
-    matches = [c for c in cells if name in (cell_name(*c), _fmt_value(c[1]))]
+    matches = _cells_named(cells, name)
     if len(matches) != 1:
         known = ", ".join(cell_name(*c) for c in cells)
         why = "names several cells" if matches else "is no cell of this sweep"

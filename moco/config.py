@@ -271,10 +271,7 @@ def identity_dump(cfg):
     cfg = cfg.clone()
     cfg.defrost()
     for key, neutral in NEUTRAL_DEFAULTS.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
+        node, leaf = _parent(cfg, key)
         value = node.get(leaf)
         if isinstance(value, (list, tuple)) and isinstance(neutral, tuple):
             value = tuple(value)
@@ -307,11 +304,16 @@ _FLAG_TO_KEY = {
 }
 
 
-def _set(cfg, key, value):
-    node = cfg
+def _parent(cfg, key):
+    """(the node holding ``key``, its last name): ``"INPUT.BLUR_PROB"`` -> (cfg.INPUT, "BLUR_PROB")."""
     *parents, leaf = key.split(".")
     for p in parents:
-        node = node[p]
+        cfg = cfg[p]
+    return cfg, leaf
+
+
+def _set(cfg, key, value):
+    node, leaf = _parent(cfg, key)
     if isinstance(node[leaf], tuple) and isinstance(value, list):
         value = tuple(value)
     node[leaf] = value

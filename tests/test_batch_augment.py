@@ -143,8 +143,8 @@ def _sharpness(x):
 
 def test_aug_plus_blur_follows_its_probability_and_sigma():
     """INPUT.BLUR_PROB / BLUR_SIGMA: every view blurred at p 1 with sigma 2 px is far smoother
-    than with the blur off (p 0), on the same seed; the defaults are v2's (p 0.5, (0.1, 2.0)),
-    so a run that does not set them draws what it drew before they existed."""
+    than with the blur off (p 0), on the same seed; a sigma range read from YAML (a list) draws
+    what the default tuple (v2's (0.1, 2.0)) draws."""
     images = (_images(n=32, size=30, seed=1) * 255).to(torch.uint8)
     views = {}
     for name, prob, sigma in (("off", 0.0, (0.1, 2.0)), ("on", 1.0, (2.0, 2.0))):
