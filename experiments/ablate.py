@@ -51,7 +51,12 @@ import traceback
 from fvcore.common.config import CfgNode as CN
 
 from experiments import report
-from experiments.ablation_transfer import Transfer, add_detection_cfg, check_cells
+from experiments.ablation_transfer import (
+    Transfer,
+    add_detection_cfg,
+    check_cells,
+    detection_cells,
+)
 from experiments.report.paired import paired_difference
 from experiments.runs import (
     Stages,
@@ -472,7 +477,7 @@ def _finished_detection(acfg, checkpoints, not_run):
     """The detection report of the DETECTION.CELLS whose trials have all finished (run nothing);
     ``checkpoints``: cell -> its DETECTION.PRETRAIN_SEED run's checkpoint. The cells not finished
     are added to ``not_run``."""
-    cells = [str(c) for c in acfg.DETECTION.CELLS]
+    cells = detection_cells(acfg)
     if not cells:
         return []
     transfer = Transfer(acfg, Stages(acfg.OUTPUT_DIR, total=0))

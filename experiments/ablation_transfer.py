@@ -25,7 +25,7 @@ def add_detection_cfg(c):
     c.DETECTION.PRETRAIN_SEED = 0  # the run (of each cell) whose checkpoint is used
     c.DETECTION.CONFIG = "configs/detection/embedded_voc_R_18w16_FPN_bn_backbone_lr0.02.yaml"
     c.DETECTION.OPTS = []
-    c.DETECTION.TRIALS = 5
+    c.DETECTION.TRIALS = 5  # 0: CELLS are not fine-tuned (tools/ablate.py --detection-trials)
     c.DETECTION.SEED = 0
     c.DETECTION.NUM_PROCESSES = 1
 
@@ -35,17 +35,25 @@ def init_name(cell):
     return cell.replace(":", "_")
 
 
+def detection_cells(acfg):
+    """The DETECTION.CELLS that are fine-tuned: none while DETECTION.TRIALS is 0."""
+    return [str(c) for c in acfg.DETECTION.CELLS] if acfg.DETECTION.TRIALS else []
+
+
 def check_cells(acfg, cells):
-    """One-line error for a DETECTION.CELLS entry that is no cell of the sweep."""
-    wanted = [str(c) for c in acfg.DETECTION.CELLS]
-    for cell in wanted:
+    """The cells to fine-tune (:func:`detection_cells`); a one-line error for a DETECTION.CELLS
+    entry that is no cell of the sweep (checked with TRIALS 0 too) or a negative TRIALS."""
+    for cell in map(str, acfg.DETECTION.CELLS):
         if cell not in cells:
             raise ValueError(
                 f"DETECTION.CELLS: {cell!r} is not a cell of this sweep ({', '.join(cells)})"
             )
-    if wanted and acfg.DETECTION.TRIALS < 1:
-        raise ValueError(f"DETECTION.TRIALS must be >= 1, got {acfg.DETECTION.TRIALS}")
-    return wanted
+    if acfg.DETECTION.TRIALS < 0:
+        raise ValueError(
+            f"DETECTION.TRIALS (--detection-trials) must be >= 0 (0: no fine-tunes), "
+            f"got {acfg.DETECTION.TRIALS}"
+        )
+    return detection_cells(acfg)
 
 
 class Transfer:

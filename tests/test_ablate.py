@@ -466,10 +466,17 @@ def test_named_cells_are_fine_tuned_in_paired_detection_trials(
     )
     acfg.OPTS = [*acfg.OPTS, "MODEL.ARCH", "resnet18_w16"]  # the detection config's backbone
     acfg.DETECTION.CELLS = ["moco:16", "memory_bank:16"]
-    acfg.DETECTION.TRIALS = 2
     acfg.DETECTION.OPTS = [*TINY, "SOLVER.MAX_ITER", "2", "TEST.PRECISE_BN.NUM_ITER", "1"]
+    acfg.DETECTION.TRIALS = 0  # the cells named, detection off (--detection-trials 0)
+    run_ablation(acfg)
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(("detect_", "convert_"))]
+    assert not os.path.exists(tmp_path / "detection")
+    with open(tmp_path / "ablation.json") as f:
+        assert json.load(f)["detection"] == []
+    assert report_finished(acfg)[2] == []  # no detection is owed either
+    acfg.DETECTION.TRIALS = 2  # then on: the pretrainings are reused, the trials run
     _, records = run_ablation(acfg)
-    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [r["status"] for r in records] == ["ok", "ok"] and all(r["reused"] for r in records)
     runs = sorted(d for d in os.listdir(tmp_path) if d.startswith("detect_"))
     assert [d.rsplit("-", 1)[0] for d in runs] == [
         "detect_memory_bank_16_s0",
@@ -523,6 +530,12 @@ def test_detection_cells_must_be_cells_of_the_sweep(synthetic_root, tmp_path):
         ValueError, match=r"DETECTION.CELLS: 'moco:0.99' is not a cell of this sweep \(moco:0.9\)"
     ):
         run_ablation(acfg)
+    acfg.DETECTION.TRIALS = 0  # named but not fine-tuned: still a cell of the sweep
+    with pytest.raises(ValueError, match="DETECTION.CELLS: 'moco:0.99' is not a cell"):
+        run_ablation(acfg)
+    acfg.DETECTION.CELLS, acfg.DETECTION.TRIALS = ["moco:0.9"], -1
+    with pytest.raises(ValueError, match=r"DETECTION.TRIALS \(--detection-trials\) must be >= 0"):
+        run_ablation(acfg)
 
 
 @pytest.mark.parametrize(
@@ -544,8 +557,8 @@ def test_every_shipped_preset_plans_its_runs_and_names_cells_it_has(preset, synt
     assert len({r["dir"] for r in runs}) == len(runs)
     records = [{k: r[k] for k in ("series", "value", "seed")} for r in runs]
     assert len(pair_list(records, acfg)) >= 1
-    cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
-    if cells:
+    check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
+    if acfg.DETECTION.CELLS:  # fine-tuned, or named for --detection-trials N
         assert os.path.isfile(os.path.join(REPO, acfg.DETECTION.CONFIG))
 
 
@@ -570,6 +583,8 @@ def test_v2_levers_shares_the_ladders_runs_and_reports_apart(synthetic_root):
     assert dict(ladder.LINEAR) == dict(levers.LINEAR)
     assert report_dir(levers) != report_dir(ladder)
     # their fine-tunes of those cells are the same stages too: one detector, the same trials
+    assert ladder.DETECTION.TRIALS == 0  # the ladder's AP50 is opt-in: --detection-trials 5
+    ladder.DETECTION.TRIALS = 5
     same = ("CONFIG", "OPTS", "TRIALS", "SEED", "PRETRAIN_SEED")
     assert [ladder.DETECTION[k] for k in same] == [levers.DETECTION[k] for k in same]
     assert set(levers.DETECTION.CELLS) < set(ladder.DETECTION.CELLS)

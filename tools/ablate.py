@@ -53,6 +53,12 @@ def build_parser():
         metavar="N",
         help="also linear classification for N epochs (0: kNN only)",
     )
+    p.add_argument(
+        "--detection-trials",
+        type=int,
+        metavar="N",
+        help="fine-tune the preset's DETECTION.CELLS in N paired trials each (0: no detection)",
+    )
     p.add_argument("--output-dir", metavar="DIR", help="sweep folder (runs, table, plot)")
     p.add_argument(
         "--report-only",
@@ -101,6 +107,8 @@ def run(args):
             acfg.JOBS = int(args.jobs)
     if args.linear_epochs is not None:
         acfg.LINEAR.EPOCHS = args.linear_epochs
+    if args.detection_trials is not None:
+        acfg.DETECTION.TRIALS = args.detection_trials
     if len(args.opts) % 2:
         raise ValueError(f"pretraining overrides must be KEY VALUE pairs, got {args.opts}")
     acfg.OPTS = list(acfg.OPTS) + list(args.opts)
