@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 
+from moco.utils.cli import RunFailed
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MEM = re.compile(r"^[0-9]+[KMGT]?$")
 # the process layout the job decides: dropped from the command line it runs
@@ -244,9 +246,9 @@ def submit_tool(tool, args, argv, output_dir, default_gpus=None):
     return result
 
 
-class JobFailed(RuntimeError):
+class JobFailed(RunFailed):
     """A submitted job failed; the message is one line naming its log (the tools' ``run_cli``
-    prints it as an error line)."""
+    prints it as an error line, exit code 1)."""
 
 
 def _wait(job):

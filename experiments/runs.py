@@ -29,6 +29,7 @@ import sys
 import time
 
 from moco.config import load_cfg
+from moco.utils.cli import RunFailed
 from moco.utils.file_io import atomic_write_json
 from moco.utils.run_files import CONFIG_FILE, STAGE_FILE
 
@@ -225,8 +226,9 @@ def _lane(tasks, results, threads, parent):
         results.put((i, "finished", outputs))
 
 
-class StageFailed(RuntimeError):
-    """A stage run by :meth:`Stages.run_many` failed; the message names it and its console log."""
+class StageFailed(RunFailed):
+    """A stage run by :meth:`Stages.run_many` failed; the message names it and its console log
+    (the tools print it as one line, exit code 1)."""
 
 
 class Stages:

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 
 from experiments.runs import StageFailed, Stages, resolve_jobs
+from moco.utils.cli import run_cli
 from moco.utils.run_files import STAGE_FILE
 
 
@@ -88,12 +89,20 @@ def test_jobs_1_runs_in_this_process(tmp_path):
     assert {o["pid"] for o in outputs} == {os.getpid()}
 
 
-def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_path):
+def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_path, capsys):
     stages = _stages(2) + [("bad", {"bad": 1}, _fail)]
     with pytest.raises(
         StageFailed, match=r"stage bad failed: ValueError: boom in the stage \(see .*console.log\)"
     ):
         Stages(str(tmp_path), total=3).run_many(stages, jobs=2, threads=1)
+    # a tool prints it as one line and exit code 1: the work failed, the input was not bad (2),
+    # and the tool has no bug to show a traceback of
+    capsys.readouterr()
+    again = Stages(str(tmp_path), total=1)
+    code = run_cli("ablate.py", lambda: again.run_many(stages[2:], jobs=2, threads=1))
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("ablate.py: error: stage bad failed: ValueError: boom in the stage (see ")
     (bad,) = [d for d in os.listdir(tmp_path) if d.startswith("bad-")]
     assert "Traceback" in (tmp_path / bad / "console.log").read_text()
     assert not (tmp_path / bad / STAGE_FILE).exists()

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from experiments.cluster import JobFailed, add_submit_args, check_submit_args
+from experiments.cluster import add_submit_args, check_submit_args
 from moco.config import apply_official_args, get_cfg, load_cfg
 from moco.utils.cli import Interrupted, resume_command, run_cli
 from moco.utils.config_loading import merge_opts
@@ -207,7 +207,7 @@ def main(argv=None):
         check_submit_args(args, argv)
         return (submit if args.submit else run)(args, argv)
 
-    return run_cli("pretrain.py", go, errors=(JobFailed,))
+    return run_cli("pretrain.py", go)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 
-from experiments.cluster import JobFailed, add_submit_args, check_submit_args
+from experiments.cluster import add_submit_args, check_submit_args
 from moco.utils.cli import Interrupted, resume_command, run_cli
 
 
@@ -88,7 +88,7 @@ def main(argv=None):
         check_submit_args(args, argv)
         return (submit if args.submit else run)(args, argv)
 
-    return run_cli("train_net.py", go, errors=(OSError, pickle.UnpicklingError, JobFailed))
+    return run_cli("train_net.py", go, errors=(OSError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":

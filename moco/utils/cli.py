@@ -1,4 +1,5 @@
-"""The command-line error helper of every tool: expected errors become one line and exit code 2.
+"""The command-line error helper of every tool: expected errors become one line and exit code 2,
+work that ran and failed (:class:`RunFailed`) one line and exit code 1.
 
 Kept free of heavy imports (torch, Detectron2), so a tool that needs neither starts fast.
 """
@@ -9,6 +10,12 @@ import sys
 import traceback
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+class RunFailed(RuntimeError):
+    """Work that ran and failed for a reason its message names, with the log to read (a stage of a
+    sweep, a submitted job): not bad input (exit 2) and not a bug in the tool (a traceback), so one
+    line and exit code 1."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -28,7 +35,8 @@ def run_cli(prog, fn, errors=(), rewrite=None):
     through it (``sys.exit(main())``).
 
     Bad input (INPUT_ERRORS and the tool's ``errors``) becomes one line ``prog: error: ...`` on
-    stderr (``rewrite``: maps the message, e.g. to flag names) and exit code 2. Errors raised inside
+    stderr (``rewrite``: maps the message, e.g. to flag names) and exit code 2; a
+    :class:`RunFailed` the same line and exit code 1. Errors raised inside
     processes started by ``launch`` arrive as a traceback text; its last line (``ValueError: ...``)
     is reported the same way. Ctrl-C is 130 (:class:`Interrupted`: its one line and 128 + signal);
     anything else prints its traceback and is 1.
@@ -39,6 +47,9 @@ def run_cli(prog, fn, errors=(), rewrite=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"{prog}: error: {rewrite(msg) if rewrite else msg}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)  # a bare Ctrl-C has no text
         return getattr(e, "exit_code", 130)
