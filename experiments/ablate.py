@@ -499,7 +499,7 @@ def run_ablation(acfg, jobs=None):
         done = read_marker(marker)
         if done is not None and (done.get("outputs") or {}).get("error"):
             os.remove(marker)
-    cells = check_cells(acfg, [cell_name(r["series"], r["value"]) for r in runs])
+    cells = check_cells(acfg, list(dict.fromkeys(cell_name(r["series"], r["value"]) for r in runs)))
     pair_list(runs, acfg)  # a COMPARE name that is no cell: one line now, not after the runs
     pretrain_seed = int(acfg.DETECTION.PRETRAIN_SEED)
     if cells and not any(r["seed"] == pretrain_seed for r in runs):

@@ -524,10 +524,11 @@ def test_named_cells_are_fine_tuned_in_paired_detection_trials(
 
 
 def test_detection_cells_must_be_cells_of_the_sweep(synthetic_root, tmp_path):
-    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="m", VALUES=[0.9])
+    acfg = _tiny_acfg(synthetic_root, tmp_path, SETTING="m", VALUES=[0.9, 0.5], SEEDS=[0, 1])
     acfg.DETECTION.CELLS = ["moco:0.99"]
-    with pytest.raises(
-        ValueError, match=r"DETECTION.CELLS: 'moco:0.99' is not a cell of this sweep \(moco:0.9\)"
+    with pytest.raises(  # each cell named once, not once per seed
+        ValueError,
+        match=r"DETECTION.CELLS: 'moco:0.99' is not a cell of this sweep \(moco:0.9, moco:0.5\)$",
     ):
         run_ablation(acfg)
     acfg.DETECTION.TRIALS = 0  # named but not fine-tuned: still a cell of the sweep
