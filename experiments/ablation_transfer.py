@@ -107,27 +107,23 @@ class Transfer:
         fine-tuned, each pair's AP50 paired by detection seed; returns (paths, verdict lines),
         (None, []) when no cell was fine-tuned."""
         from experiments.ablate import report_dir
-        from experiments.pipeline import _trial_run
+        from experiments.pipeline import diverged_lines, trial_runs
         from experiments.report import summarize, write_report
         from experiments.report.paired import comparisons
 
-        records = {r["name"]: r for r in self.stages.records}
-        groups = {
-            init: [
-                _trial_run(
-                    records[f"detect_{init}_s{seed}"]["folder"],
-                    records[f"detect_{init}_s{seed}"]["outputs"],
-                    seed,
-                    weights,
-                )
-                for seed in self.trials
-            ]
+        stage_of = {r["name"]: (r["folder"], r["outputs"]) for r in self.stages.records}
+        outcomes = {
+            init: trial_runs(stage_of, init, self.trials, weights)
             for init, weights in self.weights.items()
         }
+        # a cell whose every trial diverged has no row; its diverged trials are named
+        groups = {init: runs for init, (runs, _) in outcomes.items() if runs}
+        notes = diverged_lines({init: d for init, (_, d) in outcomes.items()})
         if not groups:
-            return None, []
+            return None, notes
         table = summarize(groups)
         _, verdicts = comparisons(table, itertools.combinations(groups, 2))
+        verdicts = notes + verdicts
         paths = write_report(
             table,
             os.path.join(report_dir(self.acfg), REPORT_DIR),

@@ -48,6 +48,7 @@ from fvcore.common.config import CfgNode as CN
 
 from experiments.runs import Stages, listing_fingerprint, resolve_jobs
 from moco.config import identity_dump, load_cfg
+from moco.utils.cli import RunFailed
 from moco.utils.config_loading import load_config
 from moco.utils.file_io import atomic_write_json, check_output_dir, file_sha256
 from moco.utils.run_files import FINAL_METRICS, PRETRAIN_SUMMARY, SUPERVISED_SUMMARY
@@ -432,7 +433,13 @@ def _detect_work(config_file, num_processes, opts, synthetic_root, out, resume):
         register_synthetic(synthetic_root)
     argv = ["--config-file", config_file, "--num-gpus", str(num_processes)]
     argv += ["--resume"] if resume else []
-    run(default_argument_parser().parse_args(argv + opts + ["OUTPUT_DIR", out]))
+    try:
+        run(default_argument_parser().parse_args(argv + opts + ["OUTPUT_DIR", out]))
+    except FloatingPointError as e:
+        # Detectron2's NaN or inf loss or boxes: an outcome of this init and seed, as an
+        # ablation's NaN run is labelled fail. Recorded with its reason (the stage finishes, a
+        # rerun reuses it), left out of the report's rows and pairs, and the sweep goes on.
+        return {"run_dir": out, "diverged": " ".join(str(e).split())}
     metrics = _read_json(os.path.join(out, FINAL_METRICS), "detection fine-tuning")
     return {"run_dir": out, "metrics": metrics["metrics"]}
 
@@ -493,6 +500,31 @@ def _trial_run(folder, outputs, seed, weights):
             f"remove {folder} to run the stage again"
         )
     return run
+
+
+def trial_runs(stage_of, init, seeds, weights, task="voc_det"):
+    """``init``'s trials on ``task`` from their stages (``stage_of``: stage name -> (folder,
+    outputs)): the run folders of the trained ones (checked by :func:`_trial_run`) and {seed:
+    reason} of the diverged ones."""
+    trained, diverged = [], {}
+    for seed in seeds:
+        folder, outputs = stage_of[_detect_name(task, init, seed)]
+        if isinstance(outputs, dict) and "diverged" in outputs:
+            diverged[seed] = str(outputs["diverged"])
+        else:
+            trained.append(_trial_run(folder, outputs, seed, weights))
+    return trained, diverged
+
+
+def diverged_lines(diverged):
+    """One note per init with diverged trials ({init: {seed: reason}}), naming the seeds and the
+    first reason."""
+    return [
+        f"{init} diverged in trial(s) {', '.join(f's{s}' for s in by_seed)}: "
+        f"{next(iter(by_seed.values()))}; left out of its row and pairs"
+        for init, by_seed in diverged.items()
+        if by_seed
+    ]
 
 
 def run_pipeline(cfg, submit=None):
@@ -564,7 +596,7 @@ def run_pipeline(cfg, submit=None):
 
     stages.run_many(first + later, resolve_jobs(cfg.JOBS), then=then, submit=submit)
     outputs = {r["name"]: r["outputs"] for r in stages.records}
-    folders = {r["name"]: r["folder"] for r in stages.records}
+    stage_of = {r["name"]: (r["folder"], r["outputs"]) for r in stages.records}
     pretrained = {name: outputs[f"pretrain_{name}"] for name in pretrainings}
     weights = {
         init: external[init]
@@ -573,21 +605,14 @@ def run_pipeline(cfg, submit=None):
         for init in inits
         if init != "random"
     }
-    runs = {
+    outcomes = {
         task: {
-            init: [
-                _trial_run(
-                    folders[_detect_name(task, init, seed)],
-                    outputs[_detect_name(task, init, seed)],
-                    seed,
-                    weights.get(init, ""),
-                )
-                for seed in trials
-            ]
-            for init in inits
+            init: trial_runs(stage_of, init, trials, weights.get(init, ""), task) for init in inits
         }
         for task in tasks
     }
+    runs = {task: {init: o[0] for init, o in by.items()} for task, by in outcomes.items()}
+    diverged = {task: {init: o[1] for init, o in by.items()} for task, by in outcomes.items()}
 
     stages.done += 1
     report_dir = os.path.join(run_dir, "report")
@@ -601,8 +626,18 @@ def run_pipeline(cfg, submit=None):
     embedded = cfg.DATA.SYNTHETIC and detection_sets <= set(SYNTHETIC_DATASETS) | set(TASK_DATASETS)
     reports = {}
     for i, task in enumerate(tasks):
-        table = summarize(runs[task], baseline="supervised")
-        comparisons, verdicts = paired_comparisons(table, pairs)
+        # an init whose every trial diverged has no row, and its pairs are not compared
+        trained = {init: folders for init, folders in runs[task].items() if folders}
+        if not trained:
+            raise RunFailed(
+                f"every {task} fine-tune diverged ({diverged_lines(diverged[task])[0]}); "
+                "nothing to report: lower the detector's SOLVER.BASE_LR (DETECTION.OPTS)"
+            )
+        table = summarize(trained, baseline="supervised" if "supervised" in trained else None)
+        comparisons, verdicts = paired_comparisons(
+            table, [(a, b) for a, b in pairs if a in trained and b in trained]
+        )
+        verdicts = diverged_lines(diverged[task]) + verdicts
         what = "Detection" if task == "voc_det" else TASKS[table.task].name
         # with the pretraining runs' loss, kNN and lr over iterations (their folders' metrics.json),
         # once: beside the first task's table
@@ -625,6 +660,7 @@ def run_pipeline(cfg, submit=None):
             "table": table,
             "comparisons": comparisons,
             "runs": runs[task],
+            "diverged": {init: sorted(by) for init, by in diverged[task].items() if by},
             "verdicts": verdicts,
             "report": paths,
         }
@@ -644,7 +680,8 @@ def run_pipeline(cfg, submit=None):
         },
         "inits": external,  # one's own checkpoints, by row name
         "comparisons": comparisons,
-        "runs": first_task["runs"],
+        "runs": first_task["runs"],  # the trained trials' folders
+        "diverged": first_task["diverged"],  # {init: [seeds]} of the diverged ones
         "verdicts": verdicts,
         "report": paths,
     }

@@ -23,7 +23,6 @@ variant, e.g. the schedule length) ``transfer_plot.{png,pdf}``: each method minu
 against it, with the 95% CI as error bars.
 """
 
-import functools
 import json
 import os
 import time
@@ -38,6 +37,7 @@ from experiments.pipeline import (
     _pretrain_stage,
     _trial_run,
     data_identity,
+    diverged_lines,
     ensure_data,
     get_pipeline_cfg,
     resolve_preset,
@@ -121,16 +121,6 @@ def _variant_cfg(cfg, config, opts):
     return vcfg
 
 
-def _guarded_detect(work, out, resume):
-    """A fine-tune that diverges (Detectron2's FloatingPointError: a NaN or inf loss or boxes) is
-    an outcome of its variant, as an ablation's NaN run is labelled ``fail``: recorded with its
-    reason (the stage finishes, a rerun reuses it), and the sweep goes on."""
-    try:
-        return work(out, resume)
-    except FloatingPointError as e:
-        return {"run_dir": out, "diverged": " ".join(str(e).split())}
-
-
 def run_transfer(cfg):
     """Run every stage of the transfer preset ``cfg`` and write its reports; returns the
     summary (also ``transfer_summary.json``)."""
@@ -174,7 +164,7 @@ def run_transfer(cfg):
                     "(the same config file and overrides); remove one"
                 )
             trial_of[key] = (name, init, seed)
-            out.append((*stage[:2], functools.partial(_guarded_detect, stage[2])))
+            out.append(stage)  # a diverged fine-tune is recorded as such (_detect_work)
         return out
 
     def trials_of(init, checkpoint):
@@ -241,11 +231,9 @@ def write_transfer_report(cfg, runs, run_dir):
     for k, (name, by_init) in enumerate(runs.items()):
         # diverged trials: named in the notes, left out of the rows (and so of the pairs)
         diverged = {i: [t for t in ts if isinstance(t, dict)] for i, ts in by_init.items()}
-        notes = []
-        for init, ts in diverged.items():
-            if ts:
-                seeds = ", ".join(f"s{t['seed']}" for t in ts)
-                notes.append(f"{init} diverged in trial(s) {seeds}: {ts[0]['diverged']}")
+        notes = diverged_lines(
+            {i: {t["seed"]: t["diverged"] for t in ts} for i, ts in diverged.items()}
+        )
         groups = {i: [t for t in ts if isinstance(t, str)] for i, ts in by_init.items()}
         groups = {i: ts for i, ts in groups.items() if ts}
         means, comparisons, paths = {i: None for i in by_init}, {}, {"md": None}

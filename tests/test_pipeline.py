@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, load_tool
 
 from detection.checkpoint import safe_load_pickle
+from detection.convert import save_d2_weights
 from experiments.pipeline import load_pipeline_cfg, run_pipeline, synthetic_spec
 from experiments.runs import stage_key
 
@@ -501,3 +502,32 @@ def test_moco_opts_change_the_moco_run_only():
     assert (demo_config["MODEL"]["MLP"], demo_config["SOLVER"]["COS"]) == (True, True)
     for method in ("supervised", "cmc"):
         assert stage(mine, method)[0] == stage(demo, method)[0] != stage(shared, method)[0]
+
+
+def test_an_init_whose_fine_tunes_diverge_is_named_and_left_out(pipeline_run, tmp_path, capsys):
+    """A fine-tune that diverges (Detectron2's NaN or inf loss or boxes; here from one's own
+    checkpoint whose weights are 1e30 times the converted MoCo's) is an outcome, not the end of the
+    run: its trials are recorded with the reason, its row and pairs are left out and named, the
+    other rows are reported as before, and a rerun reuses the diverged stages."""
+    cfg, first = pipeline_run
+    convert = _stage_dirs(cfg.RUN_DIR, "convert_moco")[0]  # any MoCo weights, blown up
+    model = safe_load_pickle(os.path.join(cfg.RUN_DIR, convert, "moco.pkl"))["model"]
+    blown = str(tmp_path / "blown.pkl")
+    save_d2_weights({k: v * 1e30 if v.dtype.kind == "f" else v for k, v in model.items()}, blown)
+    opts = ["RUN_DIR", cfg.RUN_DIR, "DATA.ROOT", cfg.DATA.ROOT, *TINY]
+    pcfg = load_pipeline_cfg("configs/pipeline/ci.yaml", opts + ["INITS", str([["blown", blown]])])
+    paths = run_pipeline(pcfg)
+    out = capsys.readouterr().out
+    assert out.count("running in") == 2  # the blown row's two trials; every other stage reused
+    with open(os.path.join(os.path.dirname(paths["md"]), "pipeline_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["diverged"] == {"blown": [0, 1]} and summary["runs"]["blown"] == []
+    (note,) = [v for v in summary["verdicts"] if v.startswith("blown")]
+    assert note.startswith("blown diverged in trial(s) s0, s1: ") and "left out" in note
+    assert not any("vs blown" in c or "blown_vs" in c for c in summary["comparisons"])
+    with open(paths["csv"]) as f:
+        assert [r["pretraining"] for r in csv.DictReader(f)] == ["moco", "supervised", "random"]
+    assert summary["comparisons"]["moco_vs_random"]["n_pairs"] == 2
+    assert note in open(paths["md"]).read()
+    run_pipeline(pcfg)
+    assert "running in" not in capsys.readouterr().out  # the diverged stages are finished ones
