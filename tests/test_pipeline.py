@@ -528,6 +528,7 @@ def test_an_init_whose_fine_tunes_diverge_is_named_and_left_out(pipeline_run, tm
     with open(paths["csv"]) as f:
         assert [r["pretraining"] for r in csv.DictReader(f)] == ["moco", "supervised", "random"]
     assert summary["comparisons"]["moco_vs_random"]["n_pairs"] == 2
-    assert note in open(paths["md"]).read()
+    with open(paths["md"]) as f:
+        assert note in f.read()  # the report names the diverged row
     run_pipeline(pcfg)
     assert "running in" not in capsys.readouterr().out  # the diverged stages are finished ones
