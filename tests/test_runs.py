@@ -114,6 +114,20 @@ def test_a_failing_stage_is_named_with_its_log_and_finished_ones_are_kept(tmp_pa
         assert (tmp_path / folder / STAGE_FILE).exists()
 
 
+def _abort(index):
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)  # no faulthandler dump: die as C++'s abort does
+    os.abort()
+
+
+def test_a_worker_process_killed_by_a_signal_is_one_line_and_exit_1(capsys):
+    import torch.multiprocessing as mp
+
+    code = run_cli("pretrain.py", lambda: mp.start_processes(_abort, nprocs=1))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err == "pretrain.py: error: process 0 terminated with signal SIGABRT\n", err
+
+
 def _dependants(calls, i, outputs):
     """Stage s0's finish adds d0 and d1; d0's finish adds d2; nothing else adds anything."""
     calls.append(outputs["value"])

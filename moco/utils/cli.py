@@ -38,8 +38,10 @@ def run_cli(prog, fn, errors=(), rewrite=None):
     stderr (``rewrite``: maps the message, e.g. to flag names) and exit code 2; a
     :class:`RunFailed` the same line and exit code 1. Errors raised inside
     processes started by ``launch`` arrive as a traceback text; its last line (``ValueError: ...``)
-    is reported the same way. Ctrl-C is 130 (:class:`Interrupted`: its one line and 128 + signal);
-    anything else prints its traceback and is 1.
+    is reported the same way, and a worker that died (a signal, an exit code) as torch's one line
+    (``process 1 terminated with signal SIGABRT``) and exit code 1. Ctrl-C is 130
+    (:class:`Interrupted`: its one line and 128 + signal); anything else prints its traceback and
+    is 1.
     """
     try:
         code = fn()
@@ -86,6 +88,7 @@ def resume_command(script, argv, resume=("--resume", "auto")):
 
 
 def _raised_in_worker(e):
-    """A worker process of ``launch`` (torch.multiprocessing) failed; only then is torch loaded."""
+    """A worker process of ``launch`` (torch.multiprocessing) raised or died; only then is torch
+    loaded."""
     mp = sys.modules.get("torch.multiprocessing")
-    return mp is not None and isinstance(e, mp.ProcessRaisedException)
+    return mp is not None and isinstance(e, (mp.ProcessRaisedException, mp.ProcessExitedException))
