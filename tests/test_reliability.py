@@ -308,20 +308,25 @@ def _alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root, tmp_path):
-    victim = 1
-    driver = tmp_path / "ddp_driver.py"
-    driver.write_text(_DDP_DRIVER)
-    opts = tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3})
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(driver), json.dumps(opts), str(victim), "4", str(tmp_path)],
+def _run_driver(tmp_path, source, *args):
+    """``source`` as a script in ``tmp_path`` (spawned workers import its functions), run to its end."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(source)
+    return subprocess.run(
+        [sys.executable, str(driver), *args],
         env=ENV,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_a_killed_rank_ends_every_process_nonzero_in_bounded_time(synthetic_root, tmp_path):
+    victim = 1
+    opts = tiny_opts(synthetic_root, tmp_path / "out", **{"SOLVER.EPOCHS": 3})
+    start = time.monotonic()
+    proc = _run_driver(tmp_path, _DDP_DRIVER, json.dumps(opts), str(victim), "4", str(tmp_path))
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert f"process {victim} terminated with signal SIGKILL" in proc.stderr, proc.stderr[-3000:]
@@ -451,16 +456,7 @@ if __name__ == "__main__":
 
 def test_a_finished_launch_ends_every_gloo_thread_before_the_process_exits(tmp_path):
     # threads still alive end in interpreter finalization, where about 1 exit in 60 aborted
-    driver = tmp_path / "close_driver.py"
-    driver.write_text(_CLOSE_DRIVER)
-    proc = subprocess.run(
-        [sys.executable, str(driver), str(tmp_path)],
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run_driver(tmp_path, _CLOSE_DRIVER, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = [json.loads(p.read_text()) for p in tmp_path.glob("threads*.json")]
     assert len(found) == 2, proc.stderr[-3000:]
