@@ -309,7 +309,8 @@ def _alive(pid):
 
 
 def _run_driver(tmp_path, source, *args):
-    """``source`` as a script in ``tmp_path`` (spawned workers import its functions), run to its end."""
+    """``source`` as a script in ``tmp_path`` (spawned workers import its functions), run to its
+    end."""
     driver = tmp_path / "driver.py"
     driver.write_text(source)
     return subprocess.run(
@@ -445,7 +446,10 @@ def work():
 
 def close_then_list_threads(out):
     _close_after(work)  # what launch_processes runs in each process
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{t}/comm") as f:
+            names.append(f.read().strip())
     with open(os.path.join(out, f"threads{os.getpid()}.json"), "w") as f:
         json.dump(names, f)
 
@@ -455,7 +459,8 @@ if __name__ == "__main__":
 
 
 def test_a_finished_launch_ends_every_gloo_thread_before_the_process_exits(tmp_path):
-    # threads still alive end in interpreter finalization, where 2 runs in 192 aborted (2-process pretraining)
+    # threads still alive end in interpreter finalization, where 2 runs of 2-process pretraining
+    # in 192 aborted
     proc = _run_driver(tmp_path, _CLOSE_DRIVER, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = [json.loads(p.read_text()) for p in tmp_path.glob("threads*.json")]

@@ -282,8 +282,8 @@ def _close_after(fn, *args):
 
 def _forget_detectron2_groups():
     """Drop the process groups Detectron2's comm keeps after ``destroy_process_group`` (the local
-    group and the cached gloo group), so their gloo threads end here. Kept, they ended in interpreter
-    finalization, where 2 runs in 192 aborted ("terminate called without an active
+    group and the cached gloo group), so their gloo threads end here. Kept, they ended in
+    interpreter finalization, where 2 runs in 192 aborted ("terminate called without an active
     exception", docs/RESULTS.md). Also lets a process create its groups again."""
     comm.create_local_process_group.cache_clear()
     comm._get_global_gloo_group.cache_clear()
